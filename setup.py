@@ -1,0 +1,35 @@
+"""Installation script for sharpscope (metadata lives here; pyproject.toml only names the backend)."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("sharpscope/_version.py").read_text()).group(1)
+
+setup(
+    name="sharpscope",
+    version=version,
+    description="Hessian-spectrum and sharpness diagnostics for PyTorch: does your learning rate transfer?",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sharpscope", "sharpscope.*"]),
+    include_package_data=True,
+    install_requires=[
+        # torch is pinned by scripts/*.sh (the CPU wheel on disk); a range here never pulls a CUDA build
+        "torch>=2.4",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "matplotlib>=3.7",
+        "h5py>=3.8",
+        "tqdm>=4.60",
+        "scikit-learn>=1.2",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-xdist>=3"],
+        "cupy": ["cupy-cuda12x"],
+        "dask": ["dask[distributed]"],
+        "lightning": ["lightning"],
+    },
+    entry_points={"console_scripts": ["sharpscope=sharpscope.cli:main"]},
+)

@@ -1,0 +1,27 @@
+"""sharpscope: Hessian-spectrum and sharpness diagnostics for PyTorch.
+
+Curvature operators (:func:`hessian_operator`, :func:`ggn_operator`, :func:`ntk_operator`,
+:func:`preconditioned_hessian_operator`), the Lanczos eigensolver (:func:`lanczos`) and
+randomized estimators (:func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`spectral_density`).
+"""
+from ._version import __version__
+from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
+from .estimators import (SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace,
+                         spectral_density)
+from .lanczos import LanczosResult, lanczos
+from .linop import NotSymmetricError, SymmetricOperator, SymmetryCheck, check_symmetry
+from .operators import (GGNOperator, HessianOperator, NTKOperator, ggn_operator, hessian_operator,
+                        ntk_operator)
+from .preconditioning import (PreconditionedOperator, effective_step_sizes,
+                              preconditioned_hessian_operator, stability_threshold)
+
+__all__ = [
+    "__version__",
+    "hessian_operator", "ggn_operator", "ntk_operator", "preconditioned_hessian_operator",
+    "HessianOperator", "GGNOperator", "NTKOperator", "PreconditionedOperator", "SymmetricOperator",
+    "stability_threshold", "effective_step_sizes",
+    "lanczos", "LanczosResult",
+    "hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
+    "check_symmetry", "SymmetryCheck", "NotSymmetricError",
+    "dense_hessian", "dense_ggn", "dense_jacobian", "ntk_gram",
+]

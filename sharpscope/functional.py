@@ -1,0 +1,257 @@
+"""A model as a deterministic function of a chosen subset of its parameters, and its data.
+
+Everything the curvature operators and the dense references share: which tensors are the
+variables (all trainable parameters by default, or a named subset), how a flat vector maps onto
+them, how batches are read and weighted, and the deterministic mode in which curvature is measured:
+
+* dropout (and anything else keyed on ``module.training``) is off: the model runs in ``eval()``
+  (with ``nn.MultiheadAttention``'s inference fast path disabled: it is not differentiable correctly);
+* BatchNorm, with ``batchnorm="batch"`` (default), normalizes with the batch's own statistics -- the
+  training loss the optimizer sees -- and its running statistics are *not* updated (the forward
+  pass receives throw-away copies of those buffers); with ``batchnorm="eval"`` it uses the stored
+  running statistics (the test-time function).
+
+The model's ``training`` flags are restored after every product.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["ModelFunction", "Batch", "as_batches"]
+
+BatchNormMode = Literal["batch", "eval"]
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch: positional model inputs, targets (or None) and its sample count."""
+
+    inputs: tuple[torch.Tensor, ...]
+    targets: Any
+    size: int
+
+
+def _to(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    if isinstance(x, torch.Tensor):
+        if dtype is not None and x.is_floating_point():
+            return x.to(device=device, dtype=dtype)
+        return x.to(device=device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(t, device, dtype) for t in x)
+    return x
+
+
+def _make_batch(inputs: Any, targets: Any, device: torch.device, dtype: torch.dtype | None) -> Batch:
+    inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not inputs or not isinstance(inputs[0], torch.Tensor):
+        raise TypeError("a batch's inputs must be a tensor or a tuple of tensors")
+    size = int(inputs[0].shape[0]) if inputs[0].ndim > 0 else 1
+    if size == 0:
+        raise ValueError("empty batch: inputs have 0 samples")
+    if isinstance(targets, torch.Tensor) and targets.ndim > 0 and targets.shape[0] != size:
+        raise ValueError(f"mismatched batch: inputs have {size} samples but targets have {targets.shape[0]}")
+    return Batch(tuple(_to(t, device, dtype) for t in inputs), _to(targets, device, dtype), size)
+
+
+def _is_single_batch(data: Any) -> bool:
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and isinstance(data[0], (torch.Tensor, tuple, list))
+            and (isinstance(data[1], torch.Tensor) or data[1] is None))
+
+
+class as_batches:
+    """A re-iterable view of ``data`` as :class:`Batch` objects on ``device``.
+
+    ``data`` is one ``(inputs, targets)`` pair, a sequence of such pairs, or a re-iterable loader
+    (a :class:`torch.utils.data.DataLoader` with a fixed order). A one-shot iterator is read once and
+    kept in memory. A shuffled DataLoader is refused: the operator would change between products.
+    """
+
+    def __init__(self, data: Any, device: torch.device, dtype: torch.dtype | None = None,
+                 with_targets: bool = True) -> None:
+        self.device, self.dtype, self.with_targets = device, dtype, with_targets
+        if data is None:
+            raise ValueError("no data: pass an (inputs, targets) batch or an iterable of batches")
+        if not with_targets and isinstance(data, torch.Tensor):
+            self._source: Any = [data]
+        elif with_targets and _is_single_batch(data):
+            self._source = [data]
+        else:
+            sampler = getattr(data, "sampler", None)
+            if isinstance(sampler, torch.utils.data.RandomSampler):
+                raise ValueError("the DataLoader shuffles (shuffle=True): curvature needs a fixed data order; "
+                                 "pass a DataLoader with shuffle=False")
+            if iter(data) is data:  # one-shot iterator: keep what it yields
+                data = list(data)
+            self._source = data
+        self._checked = False
+
+    def __iter__(self) -> Iterator[Batch]:
+        count = 0
+        for item in self._source:
+            if self.with_targets:
+                if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                    raise TypeError("each batch must be an (inputs, targets) pair, got "
+                                    f"{type(item).__name__}")
+                batch = _make_batch(item[0], item[1], self.device, self.dtype)
+            else:
+                batch = _make_batch(item, None, self.device, self.dtype)
+            count += 1
+            yield batch
+        if count == 0:
+            raise ValueError("empty data: the iterable yielded no batches")
+
+    def total_size(self) -> int:
+        return sum(b.size for b in self)
+
+
+def _select(model: nn.Module, params: Sequence[str] | str | None) -> list[tuple[str, nn.Parameter]]:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (all have requires_grad=False)")
+    if params is None:
+        return trainable
+    wanted = [params] if isinstance(params, str) else list(params)
+    chosen, unmatched = [], []
+    for key in wanted:
+        hits = [(n, p) for n, p in trainable if n == key or n.startswith(key + ".")]
+        if not hits:
+            unmatched.append(key)
+        chosen.extend(h for h in hits if h[0] not in {c[0] for c in chosen})
+    if unmatched:
+        names = ", ".join(n for n, _ in trainable[:8]) + (", ..." if len(trainable) > 8 else "")
+        raise ValueError(f"no trainable parameter matches {unmatched}; trainable parameters are: {names}")
+    return chosen
+
+
+class ModelFunction:
+    """``model`` as a pure function of the selected parameters, in a deterministic mode.
+
+    Args:
+        model: any ``nn.Module``; its parameters are read, never modified.
+        params: names (or module prefixes, e.g. ``"layers.0"``) of the trainable parameters that are
+            the variables; ``None`` for all trainable ones. Tied weights appear once.
+        batchnorm: ``"batch"`` (batch statistics, running stats untouched) or ``"eval"``.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[str] | str | None = None,
+                 batchnorm: BatchNormMode = "batch") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if batchnorm not in ("batch", "eval"):
+            raise ValueError(f"batchnorm must be 'batch' or 'eval', got {batchnorm!r}")
+        self.model, self.batchnorm = model, batchnorm
+        selected = _select(model, params)
+        self.names = [n for n, _ in selected]
+        self.params = [p for _, p in selected]
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.dim = sum(self.numels)
+        first = self.params[0]
+        self.dtype, self.device = first.dtype, first.device
+        for n, p in selected:
+            if p.dtype != self.dtype or p.device != self.device:
+                raise ValueError(f"parameter {n} is {p.dtype} on {p.device} but {self.names[0]} is "
+                                 f"{self.dtype} on {self.device}: select parameters of one dtype/device")
+            if not torch.isfinite(p).all():
+                raise FloatingPointError(f"parameter {n} contains NaN or inf")
+        chosen = set(self.names)
+        # non-selected trainable parameters enter as constants
+        self._constants = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+        self._bn_buffers = [f"{m}.{b}" if m else b for m, mod in model.named_modules()
+                            if isinstance(mod, _BN_TYPES) for b, _ in mod.named_buffers(recurse=False)]
+
+    # -- flat vectors <-> parameter tuples -------------------------------------------------
+    def unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of the flat vector ``v`` shaped like the selected parameters (no copy)."""
+        return tuple(t.view(s) for t, s in zip(torch.split(v, self.numels), self.shapes))
+
+    def flatten(self, ts: Iterable[torch.Tensor | None]) -> torch.Tensor:
+        """Concatenate per-parameter tensors (``None`` read as zeros) into one flat vector."""
+        parts = [torch.zeros(n, dtype=self.dtype, device=self.device) if t is None else t.reshape(-1)
+                 for t, n in zip(ts, self.numels)]
+        return torch.cat(parts)
+
+    def flat_params(self) -> torch.Tensor:
+        return self.flatten(p.detach() for p in self.params)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def deterministic(self) -> Iterator[None]:
+        """Dropout off (``eval()``), BatchNorm per ``self.batchnorm``; flags restored on exit."""
+        flags = [(m, m.training) for m in self.model.modules()]
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        try:
+            # nn.MultiheadAttention's inference fast path (taken in eval mode when no input requires
+            # grad, as under forward-mode AD) has wrong forward-mode derivatives: keep it off
+            torch.backends.mha.set_fastpath_enabled(False)
+            self.model.eval()
+            if self.batchnorm == "batch":
+                for m in self.model.modules():
+                    if isinstance(m, _BN_TYPES):
+                        m.train()
+            yield
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            for m, flag in flags:
+                m.training = flag
+
+    def __call__(self, params: Sequence[torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Model outputs with the selected parameters replaced by ``params`` (call inside ``deterministic``)."""
+        mapping: dict[str, torch.Tensor] = dict(self._constants)
+        mapping.update(zip(self.names, params))
+        if self.batchnorm == "batch":
+            # BatchNorm in train mode updates its running stats in place: give it copies to update
+            buffers = dict(self.model.named_buffers())
+            mapping.update({n: buffers[n].clone() for n in self._bn_buffers if n in buffers})
+        return functional_call(self.model, mapping, inputs)
+
+
+def check_loss(loss: torch.Tensor, where: str) -> None:
+    """A loss must be a finite scalar."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar (mean over the batch), got {shape} {where}")
+    if not torch.isfinite(loss.detach()).all():
+        raise FloatingPointError(f"the loss is {loss.item()} {where}: curvature of a non-finite loss is undefined")
+
+
+_CLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MultiMarginLoss)
+
+
+def check_targets(loss_fn: Callable, outputs: torch.Tensor, targets: Any) -> None:
+    """Refuse target shapes that a loss would silently broadcast (e.g. MSE of (N, C) vs (N,))."""
+    if not isinstance(targets, torch.Tensor) or not isinstance(outputs, torch.Tensor):
+        return
+    if isinstance(loss_fn, _CLASS_LOSSES):
+        ok = targets.shape == outputs.shape or (
+            targets.ndim == outputs.ndim - 1 and not targets.is_floating_point()
+            and targets.shape[0] == outputs.shape[0])
+    elif isinstance(loss_fn, nn.modules.loss._Loss):
+        ok = targets.shape == outputs.shape
+    else:
+        ok = targets.ndim == 0 or outputs.ndim == 0 or targets.shape[0] == outputs.shape[0]
+    if not ok:
+        raise ValueError(f"mismatched target shape: model outputs {tuple(outputs.shape)}, targets "
+                         f"{tuple(targets.shape)} for {type(loss_fn).__name__}")
+
+
+def loss_reduction_weight(loss_fn: Callable, batch_size: int, total: int) -> float:
+    """Weight of one batch's loss in the full-data loss: ``n_b / N`` for a mean, 1 for a sum."""
+    if getattr(loss_fn, "reduction", "mean") == "sum":
+        return 1.0
+    if getattr(loss_fn, "reduction", "mean") == "none":
+        raise ValueError("loss_fn has reduction='none': it must return a scalar (use 'mean')")
+    return batch_size / total
+
+
+def warn_once(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    warnings.warn(message, category, stacklevel=3)

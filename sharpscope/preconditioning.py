@@ -1,0 +1,162 @@
+r"""The Hessian seen through an optimizer's per-parameter step sizes, and its stability threshold.
+
+With reference learning rate :math:`\eta_{ref}` = ``optimizer.defaults["lr"]`` and the effective
+step size :math:`s_i` of parameter entry :math:`i` (its group's lr divided by the optimizer's
+preconditioner :math:`p_i`), the operator is
+
+.. math::  \tilde H = D^{1/2} H D^{1/2}, \qquad D = \mathrm{diag}(s / \eta_{ref}).
+
+Gradient descent with per-parameter steps :math:`D \eta_{ref}` on a quadratic is stable iff
+:math:`\lambda_{max}(\tilde H) < 2/\eta_{ref}` (heavy-ball momentum :math:`\mu`: :math:`(2+2\mu)/\eta_{ref}`),
+so this is the sharpness to compare with the thresholds of :func:`stability_threshold`
+(Cohen et al. 2021, "Gradient descent on neural networks typically occurs at the edge of
+stability"). For Adam (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"):
+:math:`p_i = (1-\beta_1^t)(\sqrt{\hat v_i} + \epsilon)` and the threshold is
+:math:`(2 + 2\beta_1)/((1-\beta_1)\eta_{ref})` (38/eta at beta1 = 0.9). Because :math:`D` absorbs the
+per-layer learning rates, :math:`\lambda_{max}(\tilde H)` is invariant under the abc-symmetry of
+parameterizations (Everett et al. 2024) and comparable across widths and parameterizations.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .linop import SymmetricOperator
+from .operators import HessianOperator, HvpMode, hessian_operator
+
+__all__ = ["preconditioned_hessian_operator", "stability_threshold", "effective_step_sizes",
+           "PreconditionedOperator"]
+
+_ADAM = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _lr(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _reference_lr(optimizer: torch.optim.Optimizer) -> float:
+    lr = optimizer.defaults.get("lr")
+    if lr is None:
+        raise ValueError(f"{type(optimizer).__name__} has no default lr (optimizer.defaults['lr']); "
+                         "pass reference_lr=")
+    return _lr(lr)
+
+
+def stability_threshold(optimizer: torch.optim.Optimizer, reference_lr: float | None = None) -> float:
+    r"""The edge-of-stability value of the preconditioned sharpness for this optimizer.
+
+    * SGD: :math:`2/\eta`; heavy-ball momentum :math:`\mu` with dampening :math:`d`:
+      :math:`(2+2\mu)/((1-d)\eta)`; Nesterov: :math:`(2+2\mu)/((1+2\mu)\eta)`
+      (largest :math:`\eta\lambda` with both roots of the quadratic's recurrence in the unit disc).
+    * Adam/AdamW: :math:`(2+2\beta_1)/((1-\beta_1)\eta)` (Cohen et al. 2022).
+    * Adafactor (torch's, no momentum): :math:`2/\eta`.
+    """
+    eta = reference_lr if reference_lr is not None else _reference_lr(optimizer)
+    d = optimizer.defaults
+    if isinstance(optimizer, torch.optim.SGD):
+        mu, damp = float(d.get("momentum", 0.0)), float(d.get("dampening", 0.0))
+        if mu == 0.0:
+            return 2.0 / eta
+        if d.get("nesterov", False):
+            return (2.0 + 2.0 * mu) / ((1.0 + 2.0 * mu) * eta)
+        return (2.0 + 2.0 * mu) / ((1.0 - damp) * eta)
+    if isinstance(optimizer, _ADAM):
+        beta1 = float(d["betas"][0])
+        return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * eta)
+    if isinstance(optimizer, torch.optim.Adafactor):
+        return 2.0 / eta
+    raise ValueError(_unsupported(optimizer))
+
+
+def _unsupported(optimizer: torch.optim.Optimizer) -> str:
+    name = type(optimizer).__name__
+    if name == "Muon":
+        return ("Muon's orthogonalized (Newton-Schulz) update is not a diagonal preconditioner: its "
+                "preconditioned sharpness is not defined here; use the raw Hessian (ss.hessian_operator)")
+    return f"preconditioned sharpness is implemented for SGD, Adam, AdamW and Adafactor, not {name}"
+
+
+def _adam_preconditioner(state: dict, group: dict, name: str) -> torch.Tensor:
+    if "exp_avg_sq" not in state:
+        raise ValueError(f"Adam has no second-moment state for {name} yet: take at least one optimizer step")
+    t = _lr(state["step"])
+    beta1, beta2 = group["betas"]
+    v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+    v_hat = v / (1.0 - beta2 ** t)
+    return (1.0 - beta1 ** t) * (v_hat.sqrt() + group["eps"])
+
+
+def _adafactor_step(state: dict, group: dict, param: torch.Tensor, name: str) -> torch.Tensor:
+    """torch.optim.Adafactor's step per entry, ``alpha_t / sqrt(v_est)`` (update clipping ignored: it only shrinks steps)."""
+    if "step" not in state:
+        raise ValueError(f"Adafactor has no state for {name} yet: take at least one optimizer step")
+    t = _lr(state["step"])
+    eps1 = group["eps"][0] if group["eps"][0] is not None else torch.finfo(param.dtype).eps
+    eps2 = group["eps"][1]
+    rho = min(_lr(group["lr"]), 1.0 / t ** 0.5)
+    alpha = max(eps2, float(param.detach().norm()) / param.numel() ** 0.5) * rho
+    if param.dim() > 1:
+        row, col = state["row_var"], state["col_var"]
+        v_est = (row @ col) / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+    else:
+        v_est = state["variance"]
+    return alpha * v_est.clamp(min=eps1 * eps1).rsqrt()
+
+
+def effective_step_sizes(optimizer: torch.optim.Optimizer, named_params: Sequence[tuple[str, torch.Tensor]]
+                         ) -> list[torch.Tensor]:
+    """Per-entry effective step size ``s_i = lr_group / p_i`` for each given parameter."""
+    where = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    steps = []
+    for name, p in named_params:
+        group = where.get(id(p))
+        if group is None:
+            raise ValueError(f"parameter {name} is not in the optimizer's param groups")
+        state = optimizer.state.get(p, {})
+        if isinstance(optimizer, torch.optim.SGD):
+            s = torch.full_like(p, _lr(group["lr"]))
+        elif isinstance(optimizer, _ADAM):
+            s = _lr(group["lr"]) / _adam_preconditioner(state, group, name)
+        elif isinstance(optimizer, torch.optim.Adafactor):
+            s = _adafactor_step(state, group, p, name)
+        else:
+            raise ValueError(_unsupported(optimizer))
+        steps.append(s.detach().to(p.dtype))
+    return steps
+
+
+class PreconditionedOperator(SymmetricOperator):
+    r""":math:`D^{1/2} H D^{1/2}` for a diagonal :math:`D` given as the flat vector ``d_sqrt`` = :math:`D^{1/2}`."""
+
+    def __init__(self, base: SymmetricOperator, d_sqrt: torch.Tensor, threshold: float | None = None) -> None:
+        super().__init__(base.shape[0], base.dtype, base.device)
+        if d_sqrt.shape != (base.shape[0],):
+            raise ValueError(f"diagonal has shape {tuple(d_sqrt.shape)}, expected ({base.shape[0]},)")
+        if not torch.isfinite(d_sqrt).all() or (d_sqrt < 0).any():
+            raise FloatingPointError("the preconditioner's step sizes contain NaN, inf or negative values")
+        self.base, self.d_sqrt, self.threshold = base, d_sqrt.to(base.dtype), threshold
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.d_sqrt * self.base.matvec(self.d_sqrt * v)
+
+
+def preconditioned_hessian_operator(model: nn.Module, loss_fn: Callable, data: Any,
+                                   optimizer: torch.optim.Optimizer, *,
+                                   params: Sequence[str] | str | None = None,
+                                   reference_lr: float | None = None, hvp_mode: HvpMode = "auto",
+                                   batchnorm: str = "batch", graph_memory_budget: int | None = None
+                                   ) -> PreconditionedOperator:
+    """``D^{1/2} H D^{1/2}`` with ``D = diag(s / eta_ref)`` from the optimizer's state (module docstring).
+
+    Its top eigenvalue is compared with ``op.threshold`` = :func:`stability_threshold`. The step
+    sizes are read once, here: build a new operator after further optimizer steps.
+    """
+    H: HessianOperator = hessian_operator(model, loss_fn, data, params=params, hvp_mode=hvp_mode,
+                                          batchnorm=batchnorm, graph_memory_budget=graph_memory_budget)
+    eta = reference_lr if reference_lr is not None else _reference_lr(optimizer)
+    named = list(zip(H.fn.names, H.fn.params))
+    steps = effective_step_sizes(optimizer, named)
+    d_sqrt = torch.sqrt(H.fn.flatten(steps) / eta)
+    return PreconditionedOperator(H, d_sqrt, stability_threshold(optimizer, eta))

@@ -1,0 +1,56 @@
+"""Small models and data shared by the tests (float64 unless a test casts them)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(1)  # two pytest workers on two cores
+
+
+class TinyAttention(nn.Module):
+    """Embedding -> multi-head self-attention (SDPA inside) with residual and LayerNorm -> mean pool -> readout."""
+
+    def __init__(self, d_in: int = 4, d: int = 8, heads: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.readout = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = self.norm(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.readout(torch.tanh(h).mean(dim=1))
+
+
+def make_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+
+
+def make_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(3 * 5 * 5, 4)).double()
+
+
+def make_attention(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyAttention(classes=4).double()
+
+
+def make_data(kind: str, seed: int = 0, n: int = 16, classes: int = 4):
+    g = torch.Generator().manual_seed(1000 + seed)
+    shape = {"mlp": (n, 6), "cnn": (n, 1, 5, 5), "attention": (n, 5, 4)}[kind]
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+MODELS = {"mlp": make_mlp, "cnn": make_cnn, "attention": make_attention}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_kind(request) -> str:
+    return request.param
