@@ -152,6 +152,7 @@ class SpectralDensity:
         ax.plot(grid, np.maximum(dens, 1e-12) if log else dens, **kwargs)
         if log:
             ax.set_yscale("log")
+            ax.set_ylim(bottom=max(float(dens.max()) * 1e-8, 1e-12))
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         return ax
