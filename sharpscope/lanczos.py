@@ -99,14 +99,19 @@ class _Basis:
     def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
         self.Q = torch.empty(m + 1, n, dtype=dtype, device=device)
 
-    def orthogonalize(self, w: torch.Tensor, j: int) -> torch.Tensor:
-        """Two classical Gram-Schmidt passes of ``w`` against rows ``0..j-1``; returns the coefficients."""
+    def orthogonalize(self, w: torch.Tensor, j: int) -> np.ndarray:
+        """Classical Gram-Schmidt of ``w`` against rows ``0..j-1``, repeated once when the first pass
+        cancelled more than half of ``w``'s norm (the DGKS criterion; Daniel, Gragg, Kaufman & Stewart
+        1976) -- "twice is enough" -- returns the projection coefficients."""
         Qj = self.Q[:j]
+        before = float(w.norm())
         h = torch.mv(Qj, w)
         w.sub_(torch.mv(Qj.T, h))
-        h2 = torch.mv(Qj, w)
-        w.sub_(torch.mv(Qj.T, h2))
-        return (h + h2).double().cpu().numpy()
+        if float(w.norm()) < before / math.sqrt(2.0):
+            h2 = torch.mv(Qj, w)
+            w.sub_(torch.mv(Qj.T, h2))
+            h += h2
+        return h.double().cpu().numpy()
 
 
 def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float = 1e-6,
@@ -204,18 +209,17 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
             reorths += 1
         else:
             if j > start:
+                back, alpha = torch.mv(Q[j - 1: j + 1], w).tolist()
                 # free symmetry probe: q_{j-1} . A q_j must equal beta_{j-1} = q_j . A q_{j-1}
-                back = float(torch.dot(Q[j - 1], w))
                 if abs(back - T[j, j - 1]) > 100 * math.sqrt(eps) * anorm:
                     raise NotSymmetricError(
                         f"the operator is not symmetric: q_(j-1).A q_j = {back:.6g} but q_j.A q_(j-1) = "
                         f"{T[j, j - 1]:.6g} (step {j}); is the model stochastic (dropout in train mode)?")
                 w.sub_(Q[j - 1], alpha=T[j, j - 1])
-            alpha = float(torch.dot(Q[j], w))
+            else:
+                alpha = float(torch.dot(Q[j], w))
             w.sub_(Q[j], alpha=alpha)
-            corr = float(torch.dot(Q[j], w))  # second local pass keeps q_{j+1} . q_j at rounding level
-            w.sub_(Q[j], alpha=corr)
-            T[j, j] = alpha + corr
+            T[j, j] = alpha
         beta = float(w.norm())
         if not math.isfinite(beta + T[j, j]):
             raise FloatingPointError("the operator returned NaN or inf; check the model, loss and data")

@@ -114,6 +114,13 @@ def loss_output_hvp(loss_fn: Callable, outputs: torch.Tensor, targets: Any,
     return torch.zeros_like(u) if hu is None else hu
 
 
+def _accumulate(acc: torch.Tensor | None, part: torch.Tensor, weight: float) -> torch.Tensor:
+    """``acc + weight * part``, reusing ``part`` as the accumulator on the first call (no extra pass)."""
+    if acc is None:
+        return part if weight == 1.0 else part.mul_(weight)
+    return acc.add_(part, alpha=weight)
+
+
 class CurvatureOperator(SymmetricOperator):
     """Shared machinery: data, deterministic evaluation, HVP-mode choice and fallbacks."""
 
@@ -258,10 +265,10 @@ class HessianOperator(CurvatureOperator):
 
     def _apply_graphs(self, graphs, v, retain):
         vs = self.fn.unflatten(v)
-        acc = torch.zeros_like(v)
+        acc = None
         for weight, grads in graphs:
-            hv = _grad(grads, self.fn.params, vs, retain_graph=retain)
-            acc.add_(self.fn.flatten(hv), alpha=weight)
+            part = self.fn.flatten(_grad(grads, self.fn.params, vs, retain_graph=retain))
+            acc = _accumulate(acc, part, weight)
         return acc
 
     def _forward_product(self, v):
