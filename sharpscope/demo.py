@@ -32,6 +32,11 @@ def digits_data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch
 
 
 def run_demo(out: Path, steps: int = 100, lr: float = 0.5, k: int = 5, seed: int = 0) -> dict:
+    """Train, measure, print the table, save ``demo.json`` and ``demo_density.png`` under ``out``."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    if steps < 0 or not lr > 0:
+        raise ValueError(f"need steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
     torch.manual_seed(seed)
     x, y = digits_data()
     model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))

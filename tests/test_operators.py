@@ -199,3 +199,51 @@ def test_attention_falls_back_to_math_kernel_with_warning():
     H = ss.hessian_operator(model, CE, (x.float(), y), hvp_mode="reverse")
     with pytest.warns(RuntimeWarning, match="math attention kernel"):
         H.matvec(torch.randn(H.shape[0]))
+
+
+def test_attention_hessian_matches_finite_differences():
+    """The attention block's operator against central differences of its gradient (independent of
+    any second-order autodiff path)."""
+    model = MODELS["attention"](1)
+    data = make_data("attention", 1)
+    H = _quiet(ss.hessian_operator, model, CE, data)
+    theta = H.fn.flat_params()
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(H.shape[0], generator=g, dtype=torch.float64)
+    h = 1e-5
+
+    def grad_at(flat):
+        with torch.no_grad():
+            for p, t in zip(H.fn.params, H.fn.unflatten(flat)):
+                p.copy_(t)
+        return _quiet(H.gradient)
+
+    fd = (grad_at(theta + h * v) - grad_at(theta - h * v)) / (2 * h)
+    grad_at(theta)
+    hv = _quiet(H.matvec, v)
+    assert (hv - fd).norm() <= 1e-7 * hv.norm()
+
+
+def test_adafactor_preconditioned_operator():
+    model, (x, y) = make_mlp(12), make_data("mlp", 12)
+    opt = torch.optim.Adafactor(model.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        CE(model(x), y).backward()
+        opt.step()
+    P = ss.preconditioned_hessian_operator(model, CE, (x, y), opt)
+    steps = []
+    for p in model.parameters():  # torch.optim.Adafactor's step, written out (no update clipping)
+        st = opt.state[p]
+        t = float(st["step"])
+        alpha = max(1e-3, (p.detach().norm() / p.numel() ** 0.5).item()) * min(0.05, t ** -0.5)
+        if p.ndim > 1:
+            v = st["row_var"] @ st["col_var"] / st["row_var"].mean(dim=-2, keepdim=True)
+        else:
+            v = st["variance"]
+        eps1 = torch.finfo(p.dtype).eps
+        steps.append((alpha / v.clamp(min=eps1 ** 2).sqrt()).reshape(-1))
+    d = torch.sqrt(torch.cat(steps) / 0.05)
+    dense = d[:, None] * ss.dense_hessian(model, CE, (x, y)) * d[None, :]
+    torch.testing.assert_close(P.to_dense(), dense)
+    assert P.threshold == pytest.approx(2 / 0.05)
