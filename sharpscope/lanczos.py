@@ -24,8 +24,13 @@ When the basis reaches ``max_basis`` vectors the method restarts thickly (Wu & S
 keeps the best Ritz vectors, whose projected matrix is diagonal plus one coupling row (an
 "arrowhead"), and continues the recurrence from the last residual. The projected eigenproblem is
 solved in float64 (``scipy.linalg.eigh_tridiagonal`` before the first restart, ``eigh`` after).
-An exhausted Krylov space (:math:`\beta_j \approx 0`, e.g. repeated eigenvalues) is continued from
-a fresh random vector orthogonal to the basis, so multiplicities are found and never duplicated.
+An exhausted Krylov space (:math:`\beta_j \approx 0`, e.g. a low-rank operator) is continued from
+a fresh random vector orthogonal to the basis, so its repeated eigenvalues are found.
+
+Limitation shared by every single-vector Krylov method (ARPACK/``scipy.sparse.linalg.eigsh``,
+PyHessian's power iteration): an eigenvalue that is *exactly* repeated inside the wanted set, with
+the space not exhausted, is seen once; the next distinct eigenvalue then takes the copy's place.
+Exact repeats at the top of a network's Hessian need a constructed symmetry (e.g. identical units).
 """
 from __future__ import annotations
 
@@ -70,6 +75,12 @@ def _order(theta: np.ndarray, which: str) -> np.ndarray:
     if which == "SA":
         return np.argsort(theta, kind="stable")
     return np.argsort(-np.abs(theta), kind="stable")
+
+
+def _score(theta: np.ndarray, which: str) -> np.ndarray:
+    """Values as "bigger is better" scores for ``which``, sorted descending."""
+    score = {"LA": theta, "SA": -theta, "LM": np.abs(theta)}[which]
+    return np.sort(score)[::-1]
 
 
 def _default_max_basis(n: int, k: int, bytes_per_vector: int, device: torch.device) -> int:
@@ -194,6 +205,7 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
     arrow = False   # whether T has an arrowhead block (after a restart)
     force_reorth = False
     anorm = 0.0
+    block_scores = np.full(k, -np.inf)  # wanted values (as scores) when the last fresh block began
 
     while True:
         w = op.matvec(Q[j])
@@ -225,7 +237,9 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
             raise FloatingPointError("the operator returned NaN or inf; check the model, loss and data")
         anorm = max(anorm, abs(T[j, j]) + beta + (abs(T[j, j - 1]) if j > 0 else 0.0))
 
-        need = not coupled and j > 0 and (reorth == "full" or force_reorth)
+        # after a thick restart the kept Ritz vectors carry the previous cycle's semi-orthogonality
+        # (~sqrt(eps)), which the omega recurrence cannot see: reorthogonalize fully from then on
+        need = not coupled and j > 0 and (reorth == "full" or restarts > 0 or force_reorth)
         if not coupled and not need and j > start and beta > 0:
             # partial reorthogonalization: omega_{j+1, i} ~ q_{j+1} . q_i for i < j (Simon 1984),
             # from A q_i = sum_r T[r, i] q_r and beta_j q_{j+1} = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}
@@ -261,13 +275,22 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         wanted = order[:k]
         floor = math.sqrt(eps) * max(float(np.max(np.abs(theta))), anorm * eps)
         ok = residuals[wanted] <= tol * np.maximum(np.abs(theta[wanted]), floor)
-        breakdown = beta <= 10 * eps * max(anorm, 1e-300) or j >= n
+        breakdown = beta <= eps ** 0.75 * max(anorm, 1e-300) or j >= n
         if j >= n:
             residuals[:] = 0.0  # the Krylov space is the whole space: Ritz pairs are exact
         if callback is not None:
             callback(num_mv, theta[wanted].copy(), residuals[wanted].copy())
         enough = j >= k or j >= n
-        if enough and (bool(ok.all()) or j >= n):
+        done = enough and (bool(ok.all()) or j >= n)
+        if breakdown and j < n:
+            # an invariant subspace is exhausted: the rest of the space is unexplored. Go on from a
+            # fresh vector until a block no longer improves the wanted values (finds repeated copies)
+            scores = np.full(k, -np.inf)
+            scores[: len(wanted)] = _score(theta[wanted], which)
+            improved = bool(np.any(scores > block_scores + tol * np.maximum(np.abs(scores), floor)))
+            block_scores = scores
+            done = done and not improved
+        if done:
             result_idx = wanted
             break
         if num_mv >= max_iter:
