@@ -287,7 +287,8 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
             # fresh vector until a block no longer improves the wanted values (finds repeated copies)
             scores = np.full(k, -np.inf)
             scores[: len(wanted)] = _score(theta[wanted], which)
-            improved = bool(np.any(scores > block_scores + tol * np.maximum(np.abs(scores), floor)))
+            margin = tol * np.maximum(np.abs(np.where(np.isfinite(scores), scores, 0.0)), floor)
+            improved = bool(np.any(scores > block_scores + margin))
             block_scores = scores
             done = done and not improved
         if done:
