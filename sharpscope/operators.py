@@ -137,6 +137,7 @@ class CurvatureOperator(SymmetricOperator):
         self.graph_bytes: int | None = None
         self._graphs: list | None = None
         self._math_sdpa = False
+        self._switched_mode = False
         self._checked = False
         self._total: int | None = None
 
@@ -181,23 +182,19 @@ class CurvatureOperator(SymmetricOperator):
                 self._fall_back(err)
 
     def _fall_back(self, err: Exception) -> None:
+        """One rung down the ladder: the math attention kernel, then the other differentiation mode."""
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         self._graphs = None
         if not self._math_sdpa:
             self._math_sdpa = True
-            warnings.warn(f"{type(self).__name__}: an op lacks the derivative needed ({str(err).splitlines()[0]}); "
+            warnings.warn(f"{type(self).__name__}: an op lacks the derivative needed ({reason}); "
                           "retrying with the math attention kernel", RuntimeWarning, stacklevel=4)
             return
-        if self.hvp_mode != "forward" and self.requested_mode in ("auto", "cached", "reverse"):
-            warnings.warn(f"{type(self).__name__}: double backward unsupported ({str(err).splitlines()[0]}); "
-                          "switching to forward-over-reverse", RuntimeWarning, stacklevel=4)
-            self.hvp_mode = "forward"
-            self.requested_mode = "forward"
-            return
-        if self.hvp_mode == "forward" and self.requested_mode == "forward" and not getattr(self, "_tried_reverse", False):
-            self._tried_reverse = True
-            warnings.warn(f"{type(self).__name__}: forward-mode AD unsupported ({str(err).splitlines()[0]}); "
-                          "switching to double backward", RuntimeWarning, stacklevel=4)
-            self.hvp_mode = "reverse"
+        if not self._switched_mode:
+            self._switched_mode = True
+            self.hvp_mode = "reverse" if self.hvp_mode == "forward" else "forward"
+            warnings.warn(f"{type(self).__name__}: derivative still unsupported ({reason}); "
+                          f"switching to hvp_mode={self.hvp_mode!r}", RuntimeWarning, stacklevel=4)
             return
         raise err
 
