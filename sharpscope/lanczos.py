@@ -174,10 +174,13 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
                          "use op.to_dense() and torch.linalg.eigvalsh for all eigenvalues")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    dtype, device = op.dtype, op.device
-    if not dtype.is_floating_point:
-        raise TypeError(f"the operator's dtype must be floating point, got {dtype}")
+    if not op.dtype.is_floating_point:
+        raise TypeError(f"the operator's dtype must be floating point, got {op.dtype}")
+    # half-precision operators (bf16/fp16 models) get a float32 basis: the recurrence needs it
+    dtype = torch.float32 if torch.finfo(op.dtype).bits < 32 else op.dtype
+    device = op.device
     eps = torch.finfo(dtype).eps
+    op_eps = torch.finfo(op.dtype).eps  # the products' own rounding level (symmetry probe)
     max_iter = max(300, 30 * k) if max_iter is None else int(max_iter)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     m = _default_max_basis(n, k, n * itemsize, device) if max_basis is None else int(max_basis)
@@ -210,7 +213,9 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
     while True:
         w = op.matvec(Q[j])
         num_mv += 1
-        if w.data_ptr() == Q[j].data_ptr():
+        if w.dtype != dtype:
+            w = w.to(dtype)
+        elif w.data_ptr() == Q[j].data_ptr():
             w = w.clone()
         coupled = j == start and start > 0
         if coupled:
@@ -223,7 +228,7 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
             if j > start:
                 back, alpha = torch.mv(Q[j - 1: j + 1], w).tolist()
                 # free symmetry probe: q_{j-1} . A q_j must equal beta_{j-1} = q_j . A q_{j-1}
-                if abs(back - T[j, j - 1]) > 100 * math.sqrt(eps) * anorm:
+                if abs(back - T[j, j - 1]) > 100 * math.sqrt(op_eps) * anorm:
                     raise NotSymmetricError(
                         f"the operator is not symmetric: q_(j-1).A q_j = {back:.6g} but q_j.A q_(j-1) = "
                         f"{T[j, j - 1]:.6g} (step {j}); is the model stochastic (dropout in train mode)?")

@@ -232,3 +232,13 @@ def test_spectral_density_nodes_cover_extremes():
     dens = ss.spectral_density(_with_spectrum(eigs, seed=9), num_probes=3, num_steps=40)
     nodes = np.concatenate(dens.nodes)
     assert nodes.max() == pytest.approx(4.0, abs=1e-4) and nodes.min() == pytest.approx(-1.0, abs=1e-4)
+
+
+def test_bfloat16_model_gets_a_float32_basis():
+    model = make_mlp(13).to(torch.bfloat16)
+    x, y = make_data("mlp", 13)
+    H = ss.hessian_operator(model, CE, (x.to(torch.bfloat16), y))
+    assert H.dtype == torch.bfloat16
+    res = ss.lanczos(H, k=2, tol=1e-2)
+    ref = torch.linalg.eigvalsh(ss.dense_hessian(model.double(), CE, (x, y))).flip(0)[:2]
+    assert ((res.eigenvalues - ref).abs() / ref[0]).max() < 0.05  # bf16 products: ~1e-2 accuracy
