@@ -232,10 +232,12 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
                     raise NotSymmetricError(
                         f"the operator is not symmetric: q_(j-1).A q_j = {back:.6g} but q_j.A q_(j-1) = "
                         f"{T[j, j - 1]:.6g} (step {j}); is the model stochastic (dropout in train mode)?")
-                w.sub_(Q[j - 1], alpha=T[j, j - 1])
+                # w -= beta_{j-1} q_{j-1} + alpha_j q_j in one pass
+                coeffs = torch.tensor([-T[j, j - 1], -alpha], dtype=dtype, device=device)
+                w = torch.addmv(w, Q[j - 1: j + 1].T, coeffs)
             else:
                 alpha = float(torch.dot(Q[j], w))
-            w.sub_(Q[j], alpha=alpha)
+                w.sub_(Q[j], alpha=alpha)
             T[j, j] = alpha
         beta = float(w.norm())
         if not math.isfinite(beta + T[j, j]):
