@@ -5,6 +5,7 @@ Curvature operators (:func:`hessian_operator`, :func:`ggn_operator`, :func:`ntk_
 randomized estimators (:func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`spectral_density`).
 """
 from ._version import __version__
+from .capture import Recorder, every_schedule, log_schedule
 from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
 from .estimators import (SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace,
                          spectral_density)
@@ -14,6 +15,7 @@ from .operators import (GGNOperator, HessianOperator, NTKOperator, ggn_operator,
                         ntk_operator)
 from .preconditioning import (PreconditionedOperator, effective_step_sizes,
                               preconditioned_hessian_operator, stability_threshold)
+from .store import Run, RunFileError, RunWriter, open_run
 
 __all__ = [
     "__version__",
@@ -24,4 +26,5 @@ __all__ = [
     "hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
     "check_symmetry", "SymmetryCheck", "NotSymmetricError",
     "dense_hessian", "dense_ggn", "dense_jacobian", "ntk_gram",
+    "Recorder", "every_schedule", "log_schedule", "open_run", "Run", "RunWriter", "RunFileError",
 ]
