@@ -14,7 +14,7 @@ from typing import Sequence
 from ._version import __version__
 
 # modules that provide ``add_parser(subparsers)``; each sets ``func`` on its parser
-_SUBCOMMANDS: tuple[str, ...] = ("sharpscope.demo",)
+_SUBCOMMANDS: tuple[str, ...] = ("sharpscope.demo", "sharpscope.runs_cli")
 
 
 class UsageError(Exception):
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as err:
+    except (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"sharpscope {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -31,6 +31,16 @@ def digits_data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch
     return x, y
 
 
+def digits_mlp(hidden: int = 128, depth: int = 2) -> nn.Module:
+    """The demo's model factory (``"sharpscope.demo:digits_mlp"``): a tanh MLP 64 -> hidden^depth -> 10."""
+    layers: list[nn.Module] = []
+    width = 64
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.Tanh()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
 def run_demo(out: Path, steps: int = 100, lr: float = 0.5, k: int = 5, seed: int = 0) -> dict:
     """Train, measure, print the table, save ``demo.json`` and ``demo_density.png`` under ``out``."""
     if not isinstance(k, int) or k < 1:
@@ -39,7 +49,7 @@ def run_demo(out: Path, steps: int = 100, lr: float = 0.5, k: int = 5, seed: int
         raise ValueError(f"need steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
     torch.manual_seed(seed)
     x, y = digits_data()
-    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
+    model = digits_mlp()
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     for _ in range(steps):

@@ -217,7 +217,7 @@ def _create_checkpoint_datasets(grp: h5py.Group, specs: list[TensorSpec], lr_gro
     grp.create_dataset("step", shape=(0,), maxshape=(None,), dtype="i8", chunks=(1024,))
     grp.create_dataset("loss", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
     grp.create_dataset("time", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
-    grp.create_dataset("lr", shape=(0, lr_groups), maxshape=(None, lr_groups), dtype="f8",
+    grp.create_dataset("lr", shape=(0, lr_groups), maxshape=(None, None), dtype="f8",
                        chunks=(1024, max(lr_groups, 1)))
     grp.create_dataset("complete", shape=(0,), maxshape=(None,), dtype="u1", chunks=(1024,))
     for s in specs:

@@ -1,0 +1,134 @@
+"""Offline spectrum jobs: local, process pool and a real Dask LocalCluster (with a worker killed mid-job)."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sharpscope as ss
+from sharpscope.cli import main
+from sharpscope.demo import digits_data, digits_mlp
+from sharpscope.jobs import SpectraFile, SpectrumSettings, run_spectrum_job, spectra_path
+from sharpscope.store import RunFileError
+
+CE = nn.CrossEntropyLoss()
+
+
+def _record(path, steps=6, every=2, hidden=16, optimizer="adam"):
+    torch.manual_seed(0)
+    model = digits_mlp(hidden=hidden, depth=1)
+    x, y = digits_data()
+    x, y = x[:64], y[:64]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2) if optimizer == "adam" else \
+        torch.optim.SGD(model.parameters(), lr=0.1)
+    with ss.Recorder(path, model, opt, probe=(x, y), every=every, loss_fn=CE,
+                     meta={"model_factory": "sharpscope.demo:digits_mlp",
+                           "model_kwargs": {"hidden": hidden, "depth": 1}}) as rec:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = CE(model(x), y)
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    return model, (x, y)
+
+
+def test_local_job_all_quantities_and_resume(tmp_path):
+    path = tmp_path / "run.h5"
+    model, data = _record(path)
+    settings = SpectrumSettings(k=3, density_probes=2, density_steps=10, trace_matvecs=30)
+    quantities = ["hessian", "precond", "ggn", "ntk", "trace", "density", "layers"]
+    report = run_spectrum_job([path], quantities, settings, progress=False, steps=[2, 4, 6])
+    assert report.failures == [] and report.computed == 3 and report.written == 21
+    again = run_spectrum_job([path], quantities, settings, progress=False, steps=[2, 4, 6])
+    assert again.computed == 0 and again.skipped == 21  # resumable: nothing recomputed
+    with SpectraFile(spectra_path(path)) as sf:
+        rows = sf.rows("hessian")
+        assert [r["step"] for r in rows] == [2, 4, 6]
+        final = rows[-1]["values"]
+        direct = ss.lanczos(ss.hessian_operator(model, CE, data), k=3).eigenvalues.numpy()
+        np.testing.assert_allclose(final, direct, rtol=1e-6)  # the model is at step 6 now
+        pre = sf.rows("precond")[0]
+        assert pre["info"]["threshold"] == pytest.approx(38 / 1e-2)
+        layers = sf.rows("layers")[0]
+        assert layers["info"]["layers"] == ["0", "2"] and len(layers["values"]) == 2
+        dens = sf.rows("density")[0]
+        assert sum(dens["info"]["nodes_per_probe"]) == len(dens["values"])
+    assert main(["inspect", str(path)]) == 0
+
+
+def test_process_pool_matches_local(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _record(a)
+    _record(b)
+    run_spectrum_job([a], ["hessian", "trace"], SpectrumSettings(k=2, trace_matvecs=12), progress=False)
+    run_spectrum_job([b], ["hessian", "trace"], SpectrumSettings(k=2, trace_matvecs=12), executor="process:2",
+                     progress=False)
+    with SpectraFile(spectra_path(a)) as fa, SpectraFile(spectra_path(b)) as fb:
+        for ra, rb in zip(fa.rows(), fb.rows()):
+            assert (ra["step"], ra["quantity"]) == (rb["step"], rb["quantity"])
+            np.testing.assert_allclose(ra["values"], rb["values"], rtol=1e-9)
+
+
+def test_dask_local_cluster_survives_a_killed_worker(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    path = tmp_path / "run.h5"
+    _record(path, steps=8, every=1, hidden=32)
+    settings = SpectrumSettings(k=2, density_probes=4, density_steps=30)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        pids = client.run(os.getpid)
+        victim = sorted(pids.values())[0]
+
+        killed_at = []
+
+        def kill_after_first_result():  # mid-job: once one checkpoint is stored, others are in flight
+            deadline = time.time() + 60
+            while not spectra_path(path).exists() and time.time() < deadline:
+                time.sleep(0.01)
+            os.kill(victim, signal.SIGKILL)
+            killed_at.append(time.time())
+
+        killer = threading.Thread(target=kill_after_first_result)
+        killer.start()
+        report = run_spectrum_job([path], ["hessian", "density"], settings, executor=cluster.scheduler_address,
+                                  progress=False)
+        finished_at = time.time()
+        killer.join()
+    assert killed_at and killed_at[0] < finished_at
+    assert report.failures == [] and report.computed == 9
+    with SpectraFile(spectra_path(path)) as sf:
+        keys = [(r["step"], r["quantity"]) for r in sf.rows()]
+    assert len(keys) == len(set(keys)) == 18  # nothing lost, nothing duplicated
+    local = tmp_path / "local.h5"
+    _record(local, steps=8, every=1, hidden=32)
+    run_spectrum_job([local], ["hessian"], settings, progress=False, steps=[8])
+    with SpectraFile(spectra_path(path)) as sf, SpectraFile(spectra_path(local)) as sl:
+        np.testing.assert_allclose(sf.rows("hessian")[-1]["values"], sl.rows("hessian")[0]["values"], rtol=1e-9)
+
+
+def test_bad_inputs(tmp_path, capsys):
+    path = tmp_path / "run.h5"
+    _record(path, steps=2)
+    assert main(["spectrum", str(path), "--what", "hessian,wiggle", "--quiet"]) == 2
+    assert "unknown quantities ['wiggle']" in capsys.readouterr().err
+    assert main(["spectrum", str(path), "--executor", "gpu-farm", "--quiet"]) == 2
+    assert "unknown executor" in capsys.readouterr().err
+    torch.manual_seed(0)
+    model = digits_mlp(hidden=16, depth=1)
+    with ss.Recorder(tmp_path / "nofactory.h5", model, every=1) as rec:
+        rec.step()
+    with pytest.raises(ValueError, match="no model_factory"):
+        run_spectrum_job([tmp_path / "nofactory.h5"], ["hessian"], progress=False)
+    with ss.Recorder(tmp_path / "wrong.h5", model, probe=digits_data(), every=1, loss_fn=CE,
+                     meta={"model_factory": "sharpscope.demo:digits_mlp", "model_kwargs": {"hidden": 8, "depth": 1}}) as rec:
+        rec.step()
+    report = run_spectrum_job([tmp_path / "wrong.h5"], ["hessian"], progress=False)
+    assert report.computed == 0 and "has shape (16, 64) but the rebuilt model's has (8, 64)" in report.failures[0][2]
+    assert not spectra_path(tmp_path / "wrong.h5").exists()
