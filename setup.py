@@ -26,7 +26,7 @@ setup(
         "scikit-learn>=1.2",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1", "lightning>=2.0"],
         "cupy": ["cupy-cuda12x"],
         "dask": ["dask[distributed]"],
         "lightning": ["lightning"],

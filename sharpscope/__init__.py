@@ -5,6 +5,7 @@ Curvature operators (:func:`hessian_operator`, :func:`ggn_operator`, :func:`ntk_
 randomized estimators (:func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`spectral_density`).
 """
 from ._version import __version__
+from .callbacks import huggingface_callback, lightning_callback
 from .capture import Recorder, every_schedule, log_schedule
 from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
 from .estimators import (SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace,
@@ -26,5 +27,5 @@ __all__ = [
     "hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
     "check_symmetry", "SymmetryCheck", "NotSymmetricError",
     "dense_hessian", "dense_ggn", "dense_jacobian", "ntk_gram",
-    "Recorder", "every_schedule", "log_schedule", "open_run", "Run", "RunWriter", "RunFileError",
+    "Recorder", "every_schedule", "log_schedule", "lightning_callback", "huggingface_callback", "open_run", "Run", "RunWriter", "RunFileError",
 ]
