@@ -262,12 +262,12 @@ class Recorder:
         state = self.optimizer.state if self.optimizer is not None else {}
         for spec in self._specs:
             if spec.kind == "param":
-                tensors[spec.dataset] = self._params[spec.name]
+                tensors[spec.id] = self._params[spec.name]
             elif spec.kind == "buffer":
-                tensors[spec.dataset] = self._buffers[spec.name]
+                tensors[spec.id] = self._buffers[spec.name]
             else:
                 value = state.get(self._params[spec.name], {}).get(spec.key)
-                tensors[spec.dataset] = value if isinstance(value, torch.Tensor) else None
+                tensors[spec.id] = value if isinstance(value, torch.Tensor) else None
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups] if self.optimizer is not None else []
         self.writer.append(self.step_count, tensors, loss=getattr(self, "_loss", float("nan")), lrs=lrs)
         self._last_captured = self.step_count

@@ -5,11 +5,14 @@ Layout (format ``sharpscope.run``, version 1)::
     /                         attrs: format, format_version, created, versions (JSON)
     /meta                     attrs: json -- model factory + kwargs, loss, parameterization, optimizer, seed, user
     /probe/inputs/<i>, /probe/targets      the fixed probe batch (optional)
-    /checkpoints              attrs: tensors (JSON list: dataset, kind, name, key), lr_groups
+    /checkpoints              attrs: tensors (JSON list of TensorSpec: id, kind, name, shape, dtype, key,
+                                     dataset, offset)
         step, loss, time      (N,) int64 / float64 / float64
         lr                    (N, G) float64: each param group's lr
-        t<j>                  (N, *shape): parameter, buffer or optimizer-state tensor j (float32/64 as trained)
+        flat_<dtype>          (N, total): all tensors of one dtype (parameters, buffers, optimizer state),
+                              flattened and concatenated; tensor j is row[offset_j : offset_j + numel_j]
         complete              (N,) uint8 -- written last: row i exists iff complete has more than i rows
+    /scalars/<name>           (M, 2) float64: (step, value) logs, e.g. online sharpness
 
 Crash safety. Every dataset is created up front and the writer switches to HDF5's single-writer /
 multiple-reader mode (SWMR), in which the library orders its metadata writes so that the file stays
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -48,15 +51,40 @@ class RunFileError(ValueError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One stored tensor: its dataset, what it is (``param``, ``buffer``, ``optim``), its name, and for
-    optimizer state the state key (``exp_avg_sq``, ``step``...)."""
+    """One stored tensor: an id, what it is (``param``, ``buffer``, ``optim``), its name, shape and
+    dtype, for optimizer state the state key (``exp_avg_sq``, ``step``...), and where it lives (the
+    flat dataset of its dtype and its offset there; assigned by :class:`RunWriter`)."""
 
-    dataset: str
+    id: str
     kind: str
     name: str
     shape: tuple[int, ...]
     dtype: str
     key: str | None = None
+    dataset: str = ""
+    offset: int = 0
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def _layout(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """Assign each tensor its flat dataset (one per dtype) and offset."""
+    totals: dict[str, int] = {}
+    out = []
+    for s in specs:
+        name = f"flat_{s.dtype}"
+        out.append(replace(s, dataset=name, offset=totals.get(name, 0)))
+        totals[name] = totals.get(name, 0) + s.numel
+    return out
+
+
+def _totals(specs: list[TensorSpec]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for s in specs:
+        totals[s.dataset] = max(totals.get(s.dataset, 0), s.offset + s.numel)
+    return totals
 
 
 def _versions() -> dict[str, str]:
@@ -96,6 +124,7 @@ class RunWriter:
         if self.path.exists():
             raise FileExistsError(f"{self.path} exists: resume it (RunWriter.resume) or choose a new path")
         meta_json = _as_json(dict(meta), "meta")
+        tensors = _layout(tensors)
         tmp = self.path.with_name(self.path.name + ".creating")
         with h5py.File(tmp, "w", libver=_LIBVER) as f:
             f.attrs["format"] = FORMAT
@@ -131,6 +160,7 @@ class RunWriter:
         self._file.swmr_mode = True
         grp = self._file["checkpoints"]
         self._specs = _spec_list(grp.attrs["tensors"])
+        self._totals = _totals(self._specs)
         self._grp = grp
         self._count = grp["complete"].shape[0]
 
@@ -147,27 +177,28 @@ class RunWriter:
 
     def append(self, step: int, tensors: Mapping[str, torch.Tensor | None], loss: float = float("nan"),
                lrs: Iterable[float] = ()) -> None:
-        """Append one checkpoint; ``tensors`` maps each spec's dataset name to its tensor (None: NaN row)."""
+        """Append one checkpoint; ``tensors`` maps each spec's id to its tensor (None: a NaN slot)."""
         i = self._count
         grp = self._grp
-        rows: dict[str, np.ndarray] = {}
+        rows = {name: np.empty(total, dtype=grp[name].dtype) for name, total in self._totals.items()}
         for spec in self._specs:
-            value = tensors.get(spec.dataset)
+            value = tensors.get(spec.id)
+            slot = rows[spec.dataset][spec.offset: spec.offset + spec.numel]
             if value is None:
-                rows[spec.dataset] = np.full(spec.shape, np.nan, dtype=spec.dtype)
+                slot[:] = np.nan
                 continue
             arr = _np(value)
             if tuple(arr.shape) != spec.shape:
                 raise ValueError(f"{spec.kind} {spec.name}{'/' + spec.key if spec.key else ''} has shape "
                                  f"{tuple(arr.shape)}, the run stores {spec.shape}")
-            rows[spec.dataset] = arr
+            slot[:] = arr.reshape(-1)
         lr_row = np.asarray(list(lrs), dtype=np.float64)
         if lr_row.shape != (grp["lr"].shape[1],):
             raise ValueError(f"expected {grp['lr'].shape[1]} learning rates, got {lr_row.shape[0]}")
-        for name, arr in rows.items():
+        for name, row in rows.items():
             ds = grp[name]
             ds.resize(i + 1, axis=0)
-            ds[i] = arr
+            ds[i] = row
         for name, value in (("step", step), ("loss", loss), ("time", time.time())):
             grp[name].resize(i + 1, axis=0)
             grp[name][i] = value
@@ -213,16 +244,17 @@ def _write_probe(grp: h5py.Group, probe: tuple[Any, Any]) -> None:
 
 
 def _create_checkpoint_datasets(grp: h5py.Group, specs: list[TensorSpec], lr_groups: int) -> None:
-    grp.attrs["tensors"] = json.dumps([s.__dict__ for s in specs])
+    grp.attrs["tensors"] = json.dumps([asdict(s) for s in specs])
     grp.create_dataset("step", shape=(0,), maxshape=(None,), dtype="i8", chunks=(1024,))
     grp.create_dataset("loss", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
     grp.create_dataset("time", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
     grp.create_dataset("lr", shape=(0, lr_groups), maxshape=(None, None), dtype="f8",
                        chunks=(1024, max(lr_groups, 1)))
     grp.create_dataset("complete", shape=(0,), maxshape=(None,), dtype="u1", chunks=(1024,))
-    for s in specs:
-        grp.create_dataset(s.dataset, shape=(0, *s.shape), maxshape=(None, *s.shape), dtype=s.dtype,
-                           chunks=(1, *s.shape) if s.shape else (1024,))
+    dtypes = {s.dataset: s.dtype for s in specs}
+    for name, total in _totals(specs).items():
+        grp.create_dataset(name, shape=(0, total), maxshape=(None, total), dtype=dtypes[name],
+                           chunks=(1, max(1, min(total, 1 << 24))))
 
 
 def _create_scalar_logs(grp: h5py.Group, names: Iterable[str]) -> None:
@@ -244,7 +276,7 @@ def _copy_complete(src: Path, dst: Path, count: int) -> None:
         specs = _spec_list(src_grp.attrs["tensors"])
         dst_grp = g.create_group("checkpoints")
         _create_checkpoint_datasets(dst_grp, specs, src_grp["lr"].shape[1])
-        for name in ["step", "loss", "time", "lr", "complete"] + [s.dataset for s in specs]:
+        for name in ["step", "loss", "time", "lr", "complete", *_totals(specs)]:
             ds = dst_grp[name]
             ds.resize(count, axis=0)
             if count:
@@ -300,9 +332,8 @@ class Run:
 
     @property
     def incomplete(self) -> int:
-        rows = min(int(self._grp[name].shape[0]) for name in ["step", *(s.dataset for s in self.specs)]) \
-            if self.specs else int(self._grp["step"].shape[0])
-        return max(0, max(int(self._grp["step"].shape[0]), rows) - self.num_checkpoints)
+        rows = [int(self._grp[name].shape[0]) for name in ["step", *_totals(self.specs)]]
+        return max(0, max(rows) - self.num_checkpoints)
 
     @property
     def steps(self) -> list[int]:
@@ -318,10 +349,12 @@ class Run:
 
     def _tensors(self, step: int, kind: str) -> dict:
         i = self._row(step)
+        specs = [s for s in self.specs if s.kind == kind]
+        rows = {name: np.asarray(self._grp[name][i]) for name in {s.dataset for s in specs}}
         out = {}
-        for s in self.specs:
-            if s.kind == kind:
-                out[(s.name, s.key) if kind == "optim" else s.name] = torch.from_numpy(np.array(self._grp[s.dataset][i]))
+        for s in specs:
+            value = rows[s.dataset][s.offset: s.offset + s.numel].reshape(s.shape).copy()
+            out[(s.name, s.key) if kind == "optim" else s.name] = torch.from_numpy(value)
         return out
 
     def params(self, step: int) -> dict[str, torch.Tensor]:
