@@ -16,7 +16,6 @@ The model's ``training`` flags are restored after every product.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -92,7 +91,6 @@ class as_batches:
             if iter(data) is data:  # one-shot iterator: keep what it yields
                 data = list(data)
             self._source = data
-        self._checked = False
 
     def __iter__(self) -> Iterator[Batch]:
         count = 0
@@ -251,7 +249,3 @@ def loss_reduction_weight(loss_fn: Callable, batch_size: int, total: int) -> flo
     if getattr(loss_fn, "reduction", "mean") == "none":
         raise ValueError("loss_fn has reduction='none': it must return a scalar (use 'mean')")
     return batch_size / total
-
-
-def warn_once(message: str, category: type[Warning] = RuntimeWarning) -> None:
-    warnings.warn(message, category, stacklevel=3)

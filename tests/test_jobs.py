@@ -15,7 +15,6 @@ import sharpscope as ss
 from sharpscope.cli import main
 from sharpscope.demo import digits_data, digits_mlp
 from sharpscope.jobs import SpectraFile, SpectrumSettings, run_spectrum_job, spectra_path
-from sharpscope.store import RunFileError
 
 CE = nn.CrossEntropyLoss()
 

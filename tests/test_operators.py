@@ -187,7 +187,7 @@ def test_auto_mode_falls_back_to_recompute_when_graph_exceeds_budget():
     H = ss.hessian_operator(model, CE, data, graph_memory_budget=10)
     v = torch.randn(H.shape[0], dtype=torch.float64)
     torch.testing.assert_close(H.matvec(v), ss.dense_hessian(model, CE, data) @ v)
-    assert H.hvp_mode == "reverse" and H.graph_bytes > 10
+    assert H.hvp_mode == "measuring" and H.graph_bytes > 10  # graphs dropped; modes being timed
     H2 = ss.hessian_operator(model, CE, data)
     H2.matvec(v)
     assert H2.hvp_mode == "cached"
@@ -247,3 +247,14 @@ def test_adafactor_preconditioned_operator():
     dense = d[:, None] * ss.dense_hessian(model, CE, (x, y)) * d[None, :]
     torch.testing.assert_close(P.to_dense(), dense)
     assert P.threshold == pytest.approx(2 / 0.05)
+
+
+def test_auto_without_cache_measures_both_modes_and_keeps_the_faster():
+    model, data = make_mlp(14), make_data("mlp", 14)
+    H = ss.hessian_operator(model, CE, data, graph_memory_budget=0)
+    Hd = ss.dense_hessian(model, CE, data)
+    for i in range(6):
+        v = torch.randn(H.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(H.matvec(v), Hd @ v)  # every trial product is a real one
+        assert H.hvp_mode == ("measuring" if i < 3 else H.hvp_mode)
+    assert H.hvp_mode in ("reverse", "forward") and len(H._trial_times) == 4
