@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .store import FORMAT_VERSION, RunFileError, _open_for_reading, open_run
+from .store import FORMAT_VERSION, H5Handle, RunFileError, _open_for_reading, open_run
 
 __all__ = ["QUANTITIES", "SpectrumSettings", "run_spectrum_job", "SpectraFile", "spectra_path",
            "resolve_factory", "build_model", "build_loss"]
@@ -226,7 +226,7 @@ _COLUMNS = {"step": "i8", "quantity": _STR, "settings": _STR, "values": _VLEN, "
             "num_matvecs": "i8", "seconds": "f8", "info": _STR, "complete": "u1"}
 
 
-class SpectraFile:
+class SpectraFile(H5Handle):
     """The results of spectrum jobs for one run: an append-only SWMR table, one writer."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "r") -> None:
@@ -306,16 +306,6 @@ class SpectraFile:
                         "info": json.loads(f["info"].asstr()[i])})
         return sorted(out, key=lambda r: (r["quantity"], r["step"]))
 
-    def close(self) -> None:
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> "SpectraFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # -- executors and the driver ---------------------------------------------------------------------------------

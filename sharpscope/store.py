@@ -38,7 +38,7 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["RunWriter", "Run", "open_run", "RunFileError", "FORMAT", "FORMAT_VERSION", "TensorSpec"]
+__all__ = ["H5Handle", "RunWriter", "Run", "open_run", "RunFileError", "FORMAT", "FORMAT_VERSION", "TensorSpec"]
 
 FORMAT = "sharpscope.run"
 FORMAT_VERSION = 1
@@ -106,7 +106,24 @@ def _as_json(obj: Any, what: str) -> str:
         raise ValueError(f"{what} must be JSON-serializable (no objects are pickled): {err}") from None
 
 
-class RunWriter:
+class H5Handle:
+    """An object owning an open ``h5py.File`` in ``self._file``: ``close()`` and ``with`` support."""
+
+    _file: h5py.File | None = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RunWriter(H5Handle):
     """The one writer of a run file (used by :class:`sharpscope.Recorder`).
 
     Args:
@@ -221,16 +238,6 @@ class RunWriter:
         ds[i] = (step, value)
         ds.flush()
 
-    def close(self) -> None:
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> "RunWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _write_probe(grp: h5py.Group, probe: tuple[Any, Any]) -> None:
@@ -287,7 +294,7 @@ def _spec_list(raw: str) -> list[TensorSpec]:
     return [TensorSpec(**{**s, "shape": tuple(s["shape"])}) for s in json.loads(raw)]
 
 
-class Run:
+class Run(H5Handle):
     """Read side of a run file (use :func:`open_run`); can follow a file that is being written.
 
     Attributes:
@@ -393,17 +400,6 @@ class Run:
         inputs = tuple(torch.from_numpy(np.array(grp[f"inputs/{i}"])) for i in range(int(grp.attrs["num_inputs"])))
         targets = torch.from_numpy(np.array(grp["targets"])) if "targets" in grp else None
         return inputs, targets
-
-    def close(self) -> None:
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> "Run":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, steps={len(self.steps)}, incomplete={self.incomplete})"
