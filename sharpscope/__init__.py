@@ -2,7 +2,9 @@
 
 Curvature operators (:func:`hessian_operator`, :func:`ggn_operator`, :func:`ntk_operator`,
 :func:`preconditioned_hessian_operator`), the Lanczos eigensolver (:func:`lanczos`) and
-randomized estimators (:func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`spectral_density`).
+randomized estimators (:func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`spectral_density`);
+parameterizations (:func:`parametrize`) and scalable model families; capture (:class:`Recorder`,
+:func:`open_run`) and offline spectrum jobs (``sharpscope spectrum``).
 """
 from ._version import __version__
 from .callbacks import huggingface_callback, lightning_callback
@@ -16,6 +18,11 @@ from .operators import (GGNOperator, HessianOperator, NTKOperator, ggn_operator,
                         ntk_operator)
 from .preconditioning import (PreconditionedOperator, effective_step_sizes,
                               preconditioned_hessian_operator, stability_threshold)
+from .coordcheck import CoordCheckResult, coord_check, plot_coord_check
+from .models import CNN, FAMILIES, MLP, MoE, MoELayer, Transformer, build_model
+from .optim import OptimizerList, build_optimizer
+from .param import (PARAMETERIZATIONS, Exponents, Parameterization, ParamGroups, infer_roles, lr_exponent,
+                    parametrize, parametrize_from_record)
 from .store import Run, RunFileError, RunWriter, open_run
 
 __all__ = [
@@ -27,5 +34,8 @@ __all__ = [
     "hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
     "check_symmetry", "SymmetryCheck", "NotSymmetricError",
     "dense_hessian", "dense_ggn", "dense_jacobian", "ntk_gram",
-    "Recorder", "every_schedule", "log_schedule", "lightning_callback", "huggingface_callback", "open_run", "Run", "RunWriter", "RunFileError",
+    "Recorder", "every_schedule", "log_schedule", "lightning_callback", "huggingface_callback",
+    "parametrize", "parametrize_from_record", "infer_roles", "lr_exponent", "Parameterization", "Exponents",
+    "ParamGroups", "PARAMETERIZATIONS", "MLP", "CNN", "Transformer", "MoE", "MoELayer", "FAMILIES",
+    "build_model", "build_optimizer", "OptimizerList", "coord_check", "plot_coord_check", "CoordCheckResult", "open_run", "Run", "RunWriter", "RunFileError",
 ]

@@ -14,7 +14,7 @@ from typing import Sequence
 from ._version import __version__
 
 # modules that provide ``add_parser(subparsers)``; each sets ``func`` on its parser
-_SUBCOMMANDS: tuple[str, ...] = ("sharpscope.demo", "sharpscope.runs_cli")
+_SUBCOMMANDS: tuple[str, ...] = ("sharpscope.demo", "sharpscope.runs_cli", "sharpscope.coordcheck")
 
 
 class UsageError(Exception):

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models import build_model, resolve_factory
 from .store import FORMAT_VERSION, H5Handle, RunFileError, _open_for_reading, open_run
 
-__all__ = ["QUANTITIES", "SpectrumSettings", "run_spectrum_job", "SpectraFile", "spectra_path",
-           "resolve_factory", "build_model", "build_loss"]
+__all__ = ["QUANTITIES", "SpectrumSettings", "run_spectrum_job", "SpectraFile", "spectra_path", "build_loss",
+           "model_at"]
 
 QUANTITIES = ("hessian", "precond", "ggn", "ntk", "trace", "density", "layers")
 _SPECTRA_FORMAT = "sharpscope.spectra"
@@ -68,31 +69,6 @@ class SpectrumSettings:
 
 
 # -- rebuilding models without pickle ---------------------------------------------------------------
-def resolve_factory(spec: str) -> Callable:
-    """``"package.module:attribute"`` -> the attribute (a model or loss constructor)."""
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"a factory must be 'module:function', got {spec!r}")
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import {module_name!r} for factory {spec!r}: {err}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{module_name!r} has no attribute {attr!r} (factory {spec!r})")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"factory {spec!r} is not callable")
-    return obj
-
-
-def build_model(factory: str, kwargs: dict | None = None) -> nn.Module:
-    model = resolve_factory(factory)(**(kwargs or {}))
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"factory {factory!r} returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
 def build_loss(spec: str | None) -> Callable:
     """A loss from its name in ``torch.nn`` (``"CrossEntropyLoss"``) or a ``"module:function"`` factory."""
     if not spec:
@@ -104,12 +80,18 @@ def build_loss(spec: str | None) -> Callable:
     return getattr(nn, spec)()
 
 
-def _model_at(run, step: int, dtype: torch.dtype | None = None) -> nn.Module:
+def model_at(run, step: int, dtype: torch.dtype | None = None) -> nn.Module:
+    """The run's model rebuilt from its meta (factory + kwargs, then the recorded parameterization's
+    forward multipliers, without re-initializing) with the checkpoint at ``step`` loaded."""
     meta = run.meta
     if not meta.get("model_factory"):
         raise ValueError(f"{run.path}: meta has no model_factory ('module:function'): the model cannot be "
                          "rebuilt offline; pass meta={'model_factory': ..., 'model_kwargs': ...} to the Recorder")
     model = build_model(meta["model_factory"], meta.get("model_kwargs"))
+    if meta.get("parameterization"):
+        from .param import parametrize_from_record
+
+        parametrize_from_record(model, meta["parameterization"])
     state = {**run.params(step), **run.buffers(step)}
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for name, tensor in state.items():
@@ -149,16 +131,22 @@ def _optimizer_at(run, step: int, model: nn.Module) -> torch.optim.Optimizer:
 # -- one task ---------------------------------------------------------------------------------------------
 def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: SpectrumSettings,
                  loss: str | None = None) -> list[dict]:
-    """Measure ``quantities`` at one checkpoint (runs in a worker; returns plain, picklable dicts)."""
+    """Measure ``quantities`` at one checkpoint (runs in a worker; returns plain, picklable dicts; a
+    quantity that cannot be measured at this checkpoint comes back as ``{"error": ...}``)."""
     from .estimators import hutchpp_trace, spectral_density
     from .lanczos import lanczos
     from .operators import ggn_operator, hessian_operator, ntk_operator
     from .preconditioning import preconditioned_hessian_operator
 
     with open_run(run_path) as run:
-        model = _model_at(run, step)
+        model = model_at(run, step)
         probe = run.probe()
-        optimizer = _optimizer_at(run, step, model) if "precond" in quantities else None
+        optimizer, optimizer_error = None, None
+        if "precond" in quantities:
+            try:
+                optimizer = _optimizer_at(run, step, model)
+            except ValueError as err:  # e.g. no optimizer state yet at step 0: the others still run
+                optimizer_error = str(err)
         loss_spec = loss or run.meta.get("loss")
     if probe is None:
         raise ValueError(f"{run_path}: no probe batch stored (pass probe= to the Recorder)")
@@ -169,6 +157,9 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
     common = dict(batchnorm=settings.batchnorm)
     out = []
     for q in quantities:
+        if q == "precond" and optimizer_error:
+            out.append({"step": int(step), "quantity": q, "error": optimizer_error})
+            continue
         t0 = time.perf_counter()
         info: dict[str, Any] = {}
         if q in ("hessian", "ggn", "ntk", "precond"):
@@ -404,8 +395,11 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
             except Exception as err:  # noqa: BLE001 - one failed checkpoint does not stop the job
                 report.failures.append((path, step, f"{type(err).__name__}: {err}"))
             else:
-                sf = writers.get(path) or writers.setdefault(path, SpectraFile(spectra_path(path), "a"))
                 for row in rows:
+                    if "error" in row:
+                        report.failures.append((path, step, f"{row['quantity']}: {row['error']}"))
+                        continue
+                    sf = writers.get(path) or writers.setdefault(path, SpectraFile(spectra_path(path), "a"))
                     sf.append(row)
                     report.written += 1
                 report.computed += 1

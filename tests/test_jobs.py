@@ -131,3 +131,30 @@ def test_bad_inputs(tmp_path, capsys):
     report = run_spectrum_job([tmp_path / "wrong.h5"], ["hessian"], progress=False)
     assert report.computed == 0 and "has shape (16, 64) but the rebuilt model's has (8, 64)" in report.failures[0][2]
     assert not spectra_path(tmp_path / "wrong.h5").exists()
+
+
+def test_job_rebuilds_a_parametrized_model(tmp_path):
+    """A muP model (forward multipliers via torch.nn.utils.parametrize) is rebuilt from the run's meta."""
+    torch.manual_seed(0)
+    kwargs = {"width": 64, "depth": 2, "in_features": 64, "out_features": 10, "activation": "tanh"}
+    model = ss.build_model("sharpscope.models:MLP", kwargs)
+    groups = ss.parametrize(model, "mup", optimizer="adam", lr=1e-2, base_width=16)
+    opt = ss.build_optimizer(groups, "adam")
+    x, y = digits_data()
+    x, y = x[:64], y[:64]
+    with ss.Recorder(tmp_path / "mup.h5", model, opt, probe=(x, y), every=3, loss_fn=CE,
+                     meta={"model_factory": "sharpscope.models:MLP", "model_kwargs": kwargs,
+                           "parameterization": groups.record}) as rec:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = CE(model(x), y)
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    report = run_spectrum_job([tmp_path / "mup.h5"], ["hessian", "precond"], SpectrumSettings(k=2), progress=False)
+    assert len(report.failures) == 1 and "precond: " in report.failures[0][2] and "step 0" in report.failures[0][2]
+    assert report.written == 3  # hessian at steps 0 and 3, precond at step 3
+    with SpectraFile(spectra_path(tmp_path / "mup.h5")) as sf:
+        offline = sf.rows("hessian")[-1]["values"]
+    direct = ss.lanczos(ss.hessian_operator(model, CE, (x, y)), k=2).eigenvalues.numpy()
+    np.testing.assert_allclose(offline, direct, rtol=1e-6)
