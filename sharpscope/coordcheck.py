@@ -245,6 +245,7 @@ def plot_coord_check(result: CoordCheckResult, path: str | Path | None = None, *
     if path is not None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     steps = list(steps) if steps is not None else _default_steps(result.steps)
     fig, axes = plt.subplots(len(QUANTITIES), len(steps), figsize=(3.4 * len(steps), 6.2), squeeze=False,
@@ -263,6 +264,8 @@ def plot_coord_check(result: CoordCheckResult, path: str | Path | None = None, *
             ax.set_title(f"{'RMS(h)' if quantity == 'act_rms' else 'RMS(h - h0)'}, step {step}", fontsize=9)
             if row == len(QUANTITIES) - 1:
                 ax.set_xlabel("width")
+            ax.set_xticks(result.widths, [str(w) for w in result.widths], fontsize=7)
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             if ax.lines:
                 ax.legend(fontsize=6, loc="best", title="layer (slope)", title_fontsize=6)
     s = result.settings
