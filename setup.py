@@ -27,7 +27,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1", "lightning>=2.0"],
-        "cupy": ["cupy-cuda12x"],
         "dask": ["dask[distributed]"],
         "lightning": ["lightning"],
     },
