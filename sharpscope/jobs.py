@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .models import build_model, resolve_factory
-from .store import FORMAT_VERSION, H5Handle, RunFileError, _open_for_reading, open_run
+from .store import FORMAT_VERSION, H5Handle, RunFileError, WriterLock, _open_for_reading, open_run
 
 __all__ = ["QUANTITIES", "SpectrumSettings", "run_spectrum_job", "SpectraFile", "spectra_path", "build_loss",
            "model_at"]
@@ -223,6 +223,7 @@ class SpectraFile(H5Handle):
     def __init__(self, path: str | os.PathLike, mode: str = "r") -> None:
         self.path = Path(path)
         if mode == "a":
+            self._lock = WriterLock(self.path)
             if not self.path.exists():
                 tmp = self.path.with_name(self.path.name + ".creating")
                 with h5py.File(tmp, "w", libver="latest") as f:

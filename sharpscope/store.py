@@ -38,7 +38,7 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["H5Handle", "RunWriter", "Run", "open_run", "RunFileError", "FORMAT", "FORMAT_VERSION", "TensorSpec"]
+__all__ = ["H5Handle", "WriterLock", "RunWriter", "Run", "open_run", "RunFileError", "FORMAT", "FORMAT_VERSION", "TensorSpec"]
 
 FORMAT = "sharpscope.run"
 FORMAT_VERSION = 1
@@ -106,15 +106,43 @@ def _as_json(obj: Any, what: str) -> str:
         raise ValueError(f"{what} must be JSON-serializable (no objects are pickled): {err}") from None
 
 
+class WriterLock:
+    """One writer per file: an exclusive ``flock`` on ``<file>.lock``, held while the writer lives
+    (released by the OS if the process dies, so a crash never leaves a stale lock)."""
+
+    def __init__(self, path: Path) -> None:
+        import fcntl
+
+        self.path = path.with_name(path.name + ".lock")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise RunFileError(f"{path} is being written by another process (lock {self.path})") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
 class H5Handle:
-    """An object owning an open ``h5py.File`` in ``self._file``: ``close()`` and ``with`` support."""
+    """An object owning an open ``h5py.File`` in ``self._file`` (and, for writers, a
+    :class:`WriterLock`): ``close()`` and ``with`` support."""
 
     _file: h5py.File | None = None
+    _lock: WriterLock | None = None
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self):
         return self
@@ -142,38 +170,49 @@ class RunWriter(H5Handle):
             raise FileExistsError(f"{self.path} exists: resume it (RunWriter.resume) or choose a new path")
         meta_json = _as_json(dict(meta), "meta")
         tensors = _layout(tensors)
-        tmp = self.path.with_name(self.path.name + ".creating")
-        with h5py.File(tmp, "w", libver=_LIBVER) as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            f.attrs["versions"] = json.dumps(_versions())
-            f.create_group("meta").attrs["json"] = meta_json
-            if probe is not None:
-                _write_probe(f.create_group("probe"), probe)
-            _create_checkpoint_datasets(f.create_group("checkpoints"), tensors, lr_groups)
-            _create_scalar_logs(f.create_group("scalars"), scalars)
-        os.replace(tmp, self.path)  # the file appears complete or not at all
-        self._open()
+        self._lock = WriterLock(self.path)
+        try:
+            tmp = self.path.with_name(self.path.name + ".creating")
+            with h5py.File(tmp, "w", libver=_LIBVER) as f:
+                f.attrs["format"] = FORMAT
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                f.attrs["versions"] = json.dumps(_versions())
+                f.create_group("meta").attrs["json"] = meta_json
+                if probe is not None:
+                    _write_probe(f.create_group("probe"), probe)
+                _create_checkpoint_datasets(f.create_group("checkpoints"), tensors, lr_groups)
+                _create_scalar_logs(f.create_group("scalars"), scalars)
+            os.replace(tmp, self.path)  # the file appears complete or not at all
+            self._open()
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def resume(cls, path: str | os.PathLike) -> "RunWriter":
         """Reopen an existing run for appending, dropping an incomplete last checkpoint (after a crash)."""
         self = cls.__new__(cls)
         self.path = Path(path)
-        with open_run(self.path) as run:  # validates
-            run_steps = len(run.steps)
-        tmp = self.path.with_name(self.path.name + ".resuming")
-        _copy_complete(self.path, tmp, run_steps)
-        os.replace(tmp, self.path)
-        self._open()
+        self._lock = WriterLock(self.path)  # before touching the file: never under a live writer
+        try:
+            with open_run(self.path) as run:  # validates
+                run_steps = len(run.steps)
+            tmp = self.path.with_name(self.path.name + ".resuming")
+            _copy_complete(self.path, tmp, run_steps)
+            os.replace(tmp, self.path)
+            self._open()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def _open(self) -> None:
         try:
             self._file = h5py.File(self.path, "r+", libver=_LIBVER)
         except (OSError, BlockingIOError) as err:
-            raise RunFileError(f"{self.path}: cannot open for writing ({err}); is another process writing it?") from None
+            self.close()
+            raise RunFileError(f"{self.path}: cannot open for writing ({err})") from None
         self._file.swmr_mode = True
         grp = self._file["checkpoints"]
         self._specs = _spec_list(grp.attrs["tensors"])

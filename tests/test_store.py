@@ -179,6 +179,11 @@ def test_validation_errors_and_nothing_lost(tmp_path):
     size = (tmp_path / "run.h5").stat().st_size
     with pytest.raises(FileExistsError, match="resume it"):
         Recorder(tmp_path / "run.h5", model, opt, every=1)
+    with Recorder(tmp_path / "run.h5", model, opt, every=1, resume=True) as live:  # one writer at a time
+        with pytest.raises(RunFileError, match="being written by another process"):
+            Recorder(tmp_path / "run.h5", model, opt, every=1, resume=True)
+        assert open_run(tmp_path / "run.h5").steps == [0, 1]  # readers are welcome
+    assert live.step_count == 1
     bigger = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 3))
     with pytest.raises(RunFileError, match="cannot resume: param 0.weight has shape"):
         Recorder(tmp_path / "run.h5", bigger, torch.optim.Adam(bigger.parameters()), every=1, resume=True)
