@@ -2,9 +2,9 @@
 
 Every function takes plain data (dicts keyed by width of ``(steps, values)`` arrays, or
 ``{lr: loss}`` maps), draws on a new figure (or the given ``ax``), returns the figure, and saves it
-when ``path`` is given (the suffix picks PNG or PDF). Widths are coloured along a sequential colormap with a colorbar, so the eye reads
-"dark = small, light = large" whatever the number of widths. Plots know nothing of torch or of run
-files.
+when ``path`` is given (the suffix picks PNG or PDF). Widths are coloured along a sequential
+colormap with a colorbar, so the eye reads "dark = small, light = large" whatever the number of
+widths. Plots know nothing of torch or of run files.
 """
 from __future__ import annotations
 
