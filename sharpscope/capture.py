@@ -254,8 +254,11 @@ class Recorder:
             return True
         return False
 
-    def capture(self) -> None:
-        """Capture a checkpoint at the current step now (the on-demand schedule uses only this)."""
+    def capture(self, loss: float | None = None) -> None:
+        """Capture a checkpoint at the current step now (the on-demand schedule uses only this);
+        ``loss`` overrides the last loss passed to :meth:`step`."""
+        if loss is not None:
+            self._loss = float(loss)
         if self._last_captured == self.step_count:
             return
         tensors: dict[str, torch.Tensor | None] = {}

@@ -14,7 +14,8 @@ from typing import Sequence
 from ._version import __version__
 
 # modules that provide ``add_parser(subparsers)``; each sets ``func`` on its parser
-_SUBCOMMANDS: tuple[str, ...] = ("sharpscope.demo", "sharpscope.runs_cli", "sharpscope.coordcheck")
+_SUBCOMMANDS: tuple[str, ...] = ("sharpscope.demo", "sharpscope.runs_cli", "sharpscope.coordcheck",
+                                 "sharpscope.sweep")
 
 
 class UsageError(Exception):

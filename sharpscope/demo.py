@@ -15,20 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import digits as digits_data
 from .estimators import hutchpp_trace, spectral_density
 from .lanczos import lanczos
 from .operators import hessian_operator
 from .preconditioning import stability_threshold
-
-
-def digits_data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled digits (1,797 samples, 64 features scaled to [0, 1], 10 classes)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.as_tensor(digits.data, dtype=dtype) / 16.0
-    y = torch.as_tensor(digits.target, dtype=torch.long)
-    return x, y
 
 
 def digits_mlp(hidden: int = 128, depth: int = 2) -> nn.Module:

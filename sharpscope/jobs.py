@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -303,11 +304,13 @@ class SpectraFile(H5Handle):
 # -- executors and the driver ---------------------------------------------------------------------------------
 @dataclass
 class JobReport:
-    """What a job did: tasks run and skipped, results written, failures (task, error message)."""
+    """What a job did: tasks run, results skipped (already stored), results written, checkpoints
+    skipped because the run had diverged, failures (run, step, error message)."""
 
     computed: int = 0
     skipped: int = 0
     written: int = 0
+    diverged: int = 0
     failures: list[tuple[str, int, str]] = field(default_factory=list)
 
 
@@ -368,7 +371,9 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
     for path in runs:
         path = str(Path(path))
         with open_run(path) as run:
-            run_steps = run.steps
+            # a non-finite loss after step 0 marks a diverged run: its curvature is meaningless
+            run_steps = [s for s in run.steps if s == 0 or math.isfinite(run.loss(s))]
+            report.diverged += len(run.steps) - len(run_steps)
             if not run.meta.get("model_factory"):
                 raise ValueError(f"{path}: meta has no model_factory ('module:function'): the model cannot be rebuilt")
         done = set()

@@ -1,0 +1,272 @@
+"""Declarative probes: a TOML file describes a width x lr x parameterization x optimizer x seed grid;
+:func:`run_sweep` trains every run with a :class:`~sharpscope.Recorder` and measures the spectra.
+
+A probe file::
+
+    [probe]
+    name = "quickstart"
+    description = "..."            # what it shows
+    expected = "..."               # the outcome the source predicts
+    source = "Noci et al. 2024, arXiv 2402.17457"
+
+    [model]
+    factory = "sharpscope.models:MLP"          # or a family name: mlp, cnn, transformer, moe
+    kwargs = { depth = 2, in_features = 64, out_features = 10, activation = "tanh" }
+    widths = [64, 128, 256]
+    width_key = "width"                        # the factory's width argument
+    base_width = 64
+
+    [train]
+    parameterizations = ["mup", "sp"]
+    optimizers = ["sgd"]
+    lrs = [0.1, 0.2]
+    steps = 100
+    batch_size = 0                             # 0: full batch
+    seeds = [0]
+    data = "digits"                            # or "teacher-student"; [train.data_kwargs] for its options
+    loss = "CrossEntropyLoss"
+
+    [capture]
+    every = 10                                 # the last step is always captured
+    probe_size = 256                           # first samples of the data: the probe batch
+
+    [measure]
+    quantities = ["hessian", "precond"]
+    k = 1
+    executor = "local"
+
+Runs are files ``runs/<parameterization>-<optimizer>-w<width>-lr<lr>-s<seed>.h5`` under the output
+folder. A run whose file holds its final step (or stopped at a diverged, non-finite loss) is complete
+and skipped on a re-run; an incomplete one (interrupted) is trained again from scratch
+(training is deterministic for a seed). Spectra are resumable the same way (see :mod:`sharpscope.jobs`).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .capture import Recorder
+from .data import load as load_data
+from .jobs import JobReport, SpectrumSettings, build_loss, run_spectrum_job, spectra_path
+from .models import build_model
+from .optim import build_optimizer
+from .param import PARAMETERIZATIONS, parametrize
+from .store import RunFileError, open_run
+
+__all__ = ["Probe", "RunSpec", "load_probe", "plan", "train_run", "run_sweep", "SweepResult"]
+
+_OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "muon")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A parsed, validated probe file (see the module docstring for the format)."""
+
+    name: str
+    factory: str
+    widths: tuple[int, ...]
+    parameterizations: tuple[str, ...]
+    optimizers: tuple[str, ...]
+    lrs: tuple[float, ...]
+    steps: int
+    description: str = ""
+    expected: str = ""
+    source: str = ""
+    kwargs: dict = field(default_factory=dict)
+    width_key: str = "width"
+    base_width: int | None = None
+    batch_size: int = 0
+    seeds: tuple[int, ...] = (0,)
+    data: str = "digits"
+    data_kwargs: dict = field(default_factory=dict)
+    loss: str = "CrossEntropyLoss"
+    every: int = 10
+    probe_size: int = 256
+    quantities: tuple[str, ...] = ("hessian",)
+    k: int = 1
+    executor: str = "local"
+
+
+def _need(table: dict, key: str, where: str) -> Any:
+    if key not in table:
+        raise ValueError(f"probe file: [{where}] needs '{key}'")
+    return table[key]
+
+
+def load_probe(path: str | Path) -> Probe:
+    """Read and validate a probe TOML file; every problem is reported as a one-line ValueError."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such probe file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {err}") from None
+    meta, model, train = raw.get("probe", {}), raw.get("model", {}), raw.get("train", {})
+    capture, measure = raw.get("capture", {}), raw.get("measure", {})
+    probe = Probe(
+        name=str(meta.get("name", path.stem)), description=meta.get("description", ""),
+        expected=meta.get("expected", ""), source=meta.get("source", ""),
+        factory=str(_need(model, "factory", "model")), kwargs=dict(model.get("kwargs", {})),
+        widths=tuple(int(w) for w in _need(model, "widths", "model")), width_key=model.get("width_key", "width"),
+        base_width=model.get("base_width"),
+        parameterizations=tuple(_need(train, "parameterizations", "train")),
+        optimizers=tuple(o.lower() for o in _need(train, "optimizers", "train")),
+        lrs=tuple(float(x) for x in _need(train, "lrs", "train")), steps=int(_need(train, "steps", "train")),
+        batch_size=int(train.get("batch_size", 0)), seeds=tuple(int(s) for s in train.get("seeds", [0])),
+        data=train.get("data", "digits"), data_kwargs=dict(train.get("data_kwargs", {})),
+        loss=train.get("loss", "CrossEntropyLoss"), every=int(capture.get("every", 10)),
+        probe_size=int(capture.get("probe_size", 256)), quantities=tuple(measure.get("quantities", ["hessian"])),
+        k=int(measure.get("k", 1)), executor=measure.get("executor", "local"),
+    )
+    _validate(probe, path)
+    return probe
+
+
+def _validate(p: Probe, path: Path) -> None:
+    def bad(message: str) -> None:
+        raise ValueError(f"{path}: {message}")
+
+    if not p.widths or any(w < 1 for w in p.widths):
+        bad(f"widths must be positive integers, got {list(p.widths)}")
+    for name in p.parameterizations:
+        if name not in PARAMETERIZATIONS:
+            bad(f"unknown parameterization {name!r}; choose from {', '.join(PARAMETERIZATIONS)}")
+    for name in p.optimizers:
+        if name not in _OPTIMIZERS:
+            bad(f"unknown optimizer {name!r}; choose from {', '.join(_OPTIMIZERS)}")
+    if not p.lrs or any(not lr > 0 for lr in p.lrs):
+        bad(f"learning rates must be positive, got {list(p.lrs)}")
+    if p.steps < 1 or p.every < 1 or p.probe_size < 1 or p.batch_size < 0 or p.k < 1:
+        bad("steps, capture.every, capture.probe_size and measure.k must be >= 1 and batch_size >= 0")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the grid."""
+
+    parameterization: str
+    optimizer: str
+    width: int
+    lr: float
+    seed: int
+
+    @property
+    def filename(self) -> str:
+        return f"{self.parameterization}-{self.optimizer}-w{self.width}-lr{self.lr:g}-s{self.seed}.h5"
+
+
+def plan(probe: Probe) -> list[RunSpec]:
+    """Every combination, in a fixed order."""
+    return [RunSpec(p, o, w, lr, s) for p, o, w, lr, s in itertools.product(
+        probe.parameterizations, probe.optimizers, probe.widths, probe.lrs, probe.seeds)]
+
+
+def _complete(path: Path, steps: int) -> bool:
+    """The run holds its final step, or stopped at a non-finite (diverged) loss."""
+    try:
+        with open_run(path) as run:
+            done = run.steps
+            return bool(done) and (done[-1] == steps or not math.isfinite(run.loss(done[-1])))
+    except (RunFileError, OSError, KeyError):
+        return False
+
+
+def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
+    """Train one run of the grid into ``out_dir/runs/``; skip it when complete (returns its path)."""
+    path = Path(out_dir) / "runs" / spec.filename
+    if path.exists():
+        if _complete(path, probe.steps):
+            return path
+        path.unlink()  # interrupted: retrain from scratch (deterministic for the seed)
+        spectra_path(path).unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x, y = load_data(probe.data, **probe.data_kwargs)
+    kwargs = {**probe.kwargs, probe.width_key: spec.width}
+    torch.manual_seed(spec.seed)
+    model = build_model(probe.factory, kwargs)
+    groups = parametrize(model, spec.parameterization, optimizer=spec.optimizer, lr=spec.lr,
+                         base_width=probe.base_width or min(probe.widths), seed=spec.seed)
+    opt = build_optimizer(groups)
+    loss_fn = build_loss(probe.loss)
+    final = probe.steps
+    meta = {"model_factory": probe.factory, "model_kwargs": kwargs, "parameterization": groups.record,
+            "seed": spec.seed, "loss": probe.loss,
+            "probe": {"name": probe.name, "width": spec.width, "lr": spec.lr, "optimizer": spec.optimizer,
+                      "parameterization": spec.parameterization}}
+    gen = torch.Generator().manual_seed(spec.seed)
+    with Recorder(path, model, opt, probe=(x[: probe.probe_size], y[: probe.probe_size]),
+                  schedule=lambda s: s % probe.every == 0 or s == final, meta=meta, loss_fn=loss_fn) as rec:
+        for _ in range(probe.steps):
+            if probe.batch_size:
+                idx = torch.randint(0, x.shape[0], (probe.batch_size,), generator=gen)
+                xb, yb = x[idx], y[idx]
+            else:
+                xb, yb = x, y
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            if not torch.isfinite(loss):
+                rec.capture(loss=float(loss.detach()))  # the diverged loss, with a final checkpoint
+                break
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    return path
+
+
+@dataclass
+class SweepResult:
+    """The run files of a sweep and the spectrum job's report."""
+
+    probe: Probe
+    runs: list[Path]
+    trained: int
+    spectra: JobReport
+
+
+def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | None = None,
+              progress: bool = True) -> SweepResult:
+    """Train the probe's grid (skipping complete runs), then measure its spectra (skipping stored ones)."""
+    from tqdm.auto import tqdm
+
+    probe = load_probe(probe_path)
+    out = Path(out_dir)
+    specs = plan(probe)
+    runs, trained = [], 0
+    for spec in tqdm(specs, desc=f"train {probe.name}", unit="run", disable=not progress):
+        path = Path(out) / "runs" / spec.filename
+        fresh = not (path.exists() and _complete(path, probe.steps))
+        runs.append(train_run(probe, spec, out))
+        trained += fresh
+    settings = SpectrumSettings(k=probe.k)
+    report = run_spectrum_job(runs, probe.quantities, settings, executor=executor or probe.executor,
+                              progress=progress)
+    return SweepResult(probe, runs, trained, report)
+
+
+def _sweep_command(args) -> int:
+    result = run_sweep(args.probe, args.out, executor=args.executor, progress=not args.quiet)
+    print(f"{result.probe.name}: {len(result.runs)} runs ({result.trained} trained now) in {Path(args.out) / 'runs'}; "
+          f"spectra: {result.spectra.computed} checkpoints measured, {result.spectra.skipped} already stored, "
+          f"{result.spectra.diverged} diverged checkpoints skipped")
+    for path, step, message in result.spectra.failures:
+        print(f"FAILED {path} step {step}: {message}")
+    return 1 if result.spectra.failures else 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="train a probe's grid and measure its spectra",
+                              description="Run a probe file (see probes/): train the width x lr x "
+                                          "parameterization x optimizer x seed grid with a Recorder, then "
+                                          "measure the spectra. Complete runs and stored spectra are skipped.")
+    p.add_argument("probe", type=Path, metavar="PROBE.toml")
+    p.add_argument("--out", type=Path, required=True, help="output folder (runs/ and results)")
+    p.add_argument("--executor", help="override the probe's executor (local, process:N, dask-local:N, dask://...)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_sweep_command)

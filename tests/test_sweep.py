@@ -1,0 +1,94 @@
+"""Probe files and the sweep runner: train a small grid, resume, measure spectra."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sharpscope.cli import main
+from sharpscope.jobs import SpectraFile, spectra_path
+from sharpscope.store import open_run
+from sharpscope.sweep import load_probe, plan, run_sweep
+
+PROBE = """
+[probe]
+name = "tiny"
+[model]
+factory = "mlp"
+kwargs = { depth = 1, in_features = 64, out_features = 10, activation = "tanh" }
+widths = [16, 32]
+base_width = 16
+[train]
+parameterizations = ["mup", "sp"]
+optimizers = ["sgd"]
+lrs = [0.2, 1e38]
+steps = 6
+data = "digits"
+[capture]
+every = 3
+probe_size = 64
+[measure]
+quantities = ["hessian", "precond"]
+k = 1
+"""
+
+
+def test_sweep_trains_measures_and_resumes(tmp_path):
+    probe_file = tmp_path / "tiny.toml"
+    probe_file.write_text(PROBE)
+    probe = load_probe(probe_file)
+    assert len(plan(probe)) == 8
+    result = run_sweep(probe_file, tmp_path / "out", progress=False)
+    assert result.trained == 8 and len(result.runs) == 8
+    ok = [r for r in result.runs if "lr0.2-" in r.name]
+    diverged = [r for r in result.runs if "lr1e+38" in r.name]
+    for run_path in ok:
+        with open_run(run_path) as run:
+            assert run.steps == [0, 3, 6]
+            assert run.meta["parameterization"]["parameterization"]["name"] == run.meta["user"]["probe"]["parameterization"]
+        with SpectraFile(spectra_path(run_path)) as sf:
+            assert [r["step"] for r in sf.rows("hessian")] == [0, 3, 6]
+            assert [r["step"] for r in sf.rows("precond")] == [0, 3, 6]  # plain SGD: no state needed
+    assert result.spectra.diverged >= 1  # the huge lr blows up; its last checkpoint is not measured
+    for run_path in diverged:
+        with open_run(run_path) as run:
+            assert run.steps[-1] <= 6
+    again = run_sweep(probe_file, tmp_path / "out", progress=False)
+    assert again.trained == 0 and again.spectra.computed == 0  # everything skipped
+
+
+def test_interrupted_run_is_retrained(tmp_path):
+    probe_file = tmp_path / "tiny.toml"
+    probe_file.write_text(PROBE.replace('lrs = [0.2, 1e38]', 'lrs = [0.2]').replace('widths = [16, 32]', 'widths = [16]')
+                          .replace('["mup", "sp"]', '["mup"]'))
+    run_sweep(probe_file, tmp_path / "out", progress=False)
+    run_file = next((tmp_path / "out" / "runs").glob("*.h5"))
+    data = run_file.read_bytes()
+    run_file.write_bytes(data[: len(data) // 2])  # a broken file: retrained, not trusted
+    result = run_sweep(probe_file, tmp_path / "out", progress=False)
+    assert result.trained == 1
+    with open_run(run_file) as run:
+        assert run.steps == [0, 3, 6]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.replace('["mup", "sp"]', '["mup", "xp"]'), "unknown parameterization 'xp'"),
+    (lambda s: s.replace('["sgd"]', '["lion"]'), "unknown optimizer 'lion'"),
+    (lambda s: s.replace("lrs = [0.2, 1e38]", "lrs = [-1.0]"), "learning rates must be positive"),
+    (lambda s: s.replace('widths = [16, 32]\n', ''), r"\[model\] needs 'widths'"),
+    (lambda s: s + "[[[", "not valid TOML"),
+])
+def test_bad_probe_files(tmp_path, capsys, edit, message):
+    probe_file = tmp_path / "bad.toml"
+    probe_file.write_text(edit(PROBE))
+    assert main(["sweep", str(probe_file), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sharpscope sweep: error:")
+    import re
+    assert re.search(message, err[0])
+
+
+def test_shipped_probes_parse():
+    for path in sorted(Path(__file__).resolve().parent.parent.joinpath("probes").glob("*.toml")):
+        probe = load_probe(path)
+        assert probe.description and probe.expected and probe.source, path.name
