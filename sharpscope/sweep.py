@@ -59,7 +59,7 @@ from .optim import build_optimizer
 from .param import PARAMETERIZATIONS, parametrize
 from .store import RunFileError, open_run
 
-__all__ = ["Probe", "RunSpec", "load_probe", "plan", "train_run", "run_sweep", "SweepResult"]
+__all__ = ["Probe", "RunSpec", "load_probe", "plan", "train_run", "run_sweep", "SweepResult", "summary_rows"]
 
 _OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "muon")
 
@@ -250,8 +250,34 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
     return SweepResult(probe, runs, trained, report)
 
 
+def summary_rows(result: SweepResult) -> list[dict]:
+    """Per run and quantity: the top value at the first and last measured checkpoint."""
+    from .jobs import SpectraFile
+
+    rows = []
+    for path in result.runs:
+        results = spectra_path(path)
+        if not results.exists():
+            continue
+        with SpectraFile(results) as sf:
+            for quantity in result.probe.quantities:
+                measured = [r for r in sf.rows(quantity) if len(r["values"])]
+                if measured:
+                    rows.append({"run": path.stem, "quantity": quantity, "first_step": measured[0]["step"],
+                                 "first": float(measured[0]["values"][0]), "last_step": measured[-1]["step"],
+                                 "last": float(measured[-1]["values"][0])})
+    return rows
+
+
 def _sweep_command(args) -> int:
     result = run_sweep(args.probe, args.out, executor=args.executor, progress=not args.quiet)
+    rows = summary_rows(result)
+    if rows:
+        name_width = max(len(r["run"]) for r in rows)
+        print(f"{'run':<{name_width}}  {'quantity':<9} {'first (step)':>18} {'last (step)':>18}")
+        for r in rows:
+            print(f"{r['run']:<{name_width}}  {r['quantity']:<9} {r['first']:>11.4g} ({r['first_step']:>4}) "
+                  f"{r['last']:>11.4g} ({r['last_step']:>4})")
     print(f"{result.probe.name}: {len(result.runs)} runs ({result.trained} trained now) in {Path(args.out) / 'runs'}; "
           f"spectra: {result.spectra.computed} checkpoints measured, {result.spectra.skipped} already stored, "
           f"{result.spectra.diverged} diverged checkpoints skipped")

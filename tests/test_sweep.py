@@ -92,3 +92,12 @@ def test_shipped_probes_parse():
     for path in sorted(Path(__file__).resolve().parent.parent.joinpath("probes").glob("*.toml")):
         probe = load_probe(path)
         assert probe.description and probe.expected and probe.source, path.name
+
+
+def test_sweep_command_prints_a_summary(tmp_path, capsys):
+    probe_file = tmp_path / "tiny.toml"
+    probe_file.write_text(PROBE.replace("lrs = [0.2, 1e38]", "lrs = [0.2]"))
+    assert main(["sweep", str(probe_file), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["run", "quantity", "first", "(step)", "last", "(step)"]
+    assert sum(1 for line in out if line.startswith("mup-sgd-w16-lr0.2-s0")) == 2  # hessian and precond
