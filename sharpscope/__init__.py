@@ -18,6 +18,7 @@ from .operators import (GGNOperator, HessianOperator, NTKOperator, ggn_operator,
                         ntk_operator)
 from .preconditioning import (PreconditionedOperator, effective_step_sizes,
                               preconditioned_hessian_operator, stability_threshold)
+from .consistency import edge_of_stability, eos_threshold, lr_transfer, super_consistency, to_long_table
 from .coordcheck import CoordCheckResult, coord_check, plot_coord_check
 from .models import CNN, FAMILIES, MLP, MoE, MoELayer, Transformer, build_model
 from .optim import OptimizerList, build_optimizer
@@ -37,5 +38,6 @@ __all__ = [
     "Recorder", "every_schedule", "log_schedule", "lightning_callback", "huggingface_callback",
     "parametrize", "parametrize_from_record", "infer_roles", "lr_exponent", "Parameterization", "Exponents",
     "ParamGroups", "PARAMETERIZATIONS", "MLP", "CNN", "Transformer", "MoE", "MoELayer", "FAMILIES",
-    "build_model", "build_optimizer", "OptimizerList", "coord_check", "plot_coord_check", "CoordCheckResult", "open_run", "Run", "RunWriter", "RunFileError",
+    "build_model", "build_optimizer", "OptimizerList", "coord_check", "plot_coord_check", "CoordCheckResult",
+    "super_consistency", "lr_transfer", "edge_of_stability", "eos_threshold", "to_long_table", "open_run", "Run", "RunWriter", "RunFileError",
 ]
