@@ -15,7 +15,7 @@ from ._version import __version__
 
 # modules that provide ``add_parser(subparsers)``; each sets ``func`` on its parser
 _SUBCOMMANDS: tuple[str, ...] = ("sharpscope.demo", "sharpscope.runs_cli", "sharpscope.coordcheck",
-                                 "sharpscope.sweep")
+                                 "sharpscope.sweep", "sharpscope.report")
 
 
 class UsageError(Exception):

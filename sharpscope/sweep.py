@@ -222,17 +222,19 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
 
 @dataclass
 class SweepResult:
-    """The run files of a sweep and the spectrum job's report."""
+    """The run files of a sweep, the spectrum job's report and the written report.html."""
 
     probe: Probe
     runs: list[Path]
     trained: int
     spectra: JobReport
+    report: Path
 
 
 def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | None = None,
               progress: bool = True) -> SweepResult:
-    """Train the probe's grid (skipping complete runs), then measure its spectra (skipping stored ones)."""
+    """Train the probe's grid (skipping complete runs), measure its spectra (skipping stored ones) and
+    write the report (``out_dir/report.html``, ``report.md``, ``metrics.json``, ``figures/``)."""
     from tqdm.auto import tqdm
 
     probe = load_probe(probe_path)
@@ -247,7 +249,12 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
     settings = SpectrumSettings(k=probe.k)
     report = run_spectrum_job(runs, probe.quantities, settings, executor=executor or probe.executor,
                               progress=progress)
-    return SweepResult(probe, runs, trained, report)
+    from .report import write_report
+
+    page = write_report(runs, out, title=f"sharpscope: {probe.name}",
+                        settings={"probe": str(probe_path), "description": probe.description,
+                                  "expected": probe.expected, "source": probe.source})
+    return SweepResult(probe, runs, trained, report, page)
 
 
 def summary_rows(result: SweepResult) -> list[dict]:
@@ -283,6 +290,7 @@ def _sweep_command(args) -> int:
           f"{result.spectra.diverged} diverged checkpoints skipped")
     for path, step, message in result.spectra.failures:
         print(f"FAILED {path} step {step}: {message}")
+    print(f"report: {result.report}")
     return 1 if result.spectra.failures else 0
 
 
