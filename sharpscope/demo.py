@@ -3,7 +3,9 @@
 Run with ``./scripts/demo.sh`` (or ``sharpscope demo``): trains a 64-128-128-10 tanh MLP with
 full-batch SGD for a few steps on the 1,797 bundled 8x8 digits (no download), then reports the
 top Hessian eigenvalues (with Ritz residuals), the edge-of-stability threshold 2/lr, the Hessian
-trace (Hutch++) and the spectral density (stochastic Lanczos quadrature), and saves a plot.
+trace (Hutch++) and the spectral density (stochastic Lanczos quadrature), and saves a plot. With
+``--probe probes/quickstart.toml`` (what demo.sh passes) it then runs that probe: muP vs SP across
+widths, spectra, and the super-consistency report.
 """
 from __future__ import annotations
 
@@ -110,7 +112,31 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lr", type=float, default=0.5, help="learning rate (default 0.5)")
     p.add_argument("--k", type=int, default=5, help="number of top eigenvalues (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=lambda a: run_demo(a.out, a.steps, a.lr, a.k, a.seed) and 0)
+    p.add_argument("--probe", type=Path, help="then run this probe file (e.g. probes/quickstart.toml) "
+                                              "into OUT/<probe name> and print where its report is")
+    p.set_defaults(func=_demo_command)
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    if args.probe is not None and not args.probe.exists():
+        raise FileNotFoundError(f"{args.probe}: no such probe file")
+    run_demo(args.out, args.steps, args.lr, args.k, args.seed)
+    if args.probe is not None:
+        from .sweep import load_probe, run_sweep, summary_rows
+
+        name = load_probe(args.probe).name
+        print(f"\nrunning the {name} probe ({args.probe}): widths x parameterizations, then spectra and report")
+        result = run_sweep(args.probe, args.out / name)
+        for row in summary_rows(result):
+            print(f"  {row['run']:<24} {row['quantity']:<8} step {row['first_step']:>4}: {row['first']:8.3f}   "
+                  f"step {row['last_step']:>4}: {row['last']:8.3f}")
+        from .report import verdict_lines
+
+        print("verdicts:")
+        for line in verdict_lines(result.report.parent / "metrics.json"):
+            print(f"  {line}")
+        print(f"report: {result.report} (also report.md, metrics.json, figures/)")
+    return 0
 
 
 def main() -> None:

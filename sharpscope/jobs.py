@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -314,17 +314,20 @@ class JobReport:
     failures: list[tuple[str, int, str]] = field(default_factory=list)
 
 
+class _DeferredTask:
+    """A task of the in-process executor: computed by ``result()``."""
+
+    def __init__(self, fn: Callable, *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def result(self) -> Any:
+        return self.fn(*self.args)
+
+
 def _executor(spec: str):
     """``local`` | ``process:N`` | ``dask-local:N`` | ``dask://HOST:PORT`` -> (submit, shutdown)."""
-    if spec == "local":
-        def submit(fn, *args):
-            fut: Future = Future()
-            try:
-                fut.set_result(fn(*args))
-            except Exception as err:  # noqa: BLE001 - reported per task
-                fut.set_exception(err)
-            return fut
-        return submit, lambda: None, as_completed
+    if spec == "local":  # tasks run one by one, when their result is asked for (so progress shows)
+        return _DeferredTask, lambda: None, iter
     if spec.startswith("process:"):
         pool = ProcessPoolExecutor(max_workers=_count(spec))
         return pool.submit, pool.shutdown, as_completed

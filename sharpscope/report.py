@@ -26,7 +26,7 @@ from ._version import __version__
 from .jobs import SpectraFile, spectra_path
 from .store import open_run
 
-__all__ = ["RunSummary", "collect", "analyze", "write_report"]
+__all__ = ["RunSummary", "collect", "analyze", "write_report", "verdict_lines"]
 
 
 @dataclass
@@ -237,13 +237,17 @@ td.v{{font-weight:bold}}figure{{display:inline-block;margin:8px}}img{{max-width:
 </body></html>"""
 
 
+def verdict_lines(metrics_json: str | Path) -> list[str]:
+    """One line per verdict (and per problem) of a written ``metrics.json``."""
+    metrics = json.loads(Path(metrics_json).read_text())
+    lines = [f"{a:<26} {b:<12} {c:<15} {d}" for a, b, c, d in _verdict_rows(metrics)]
+    return lines + [f"note: {p}" for p in metrics["problems"]]
+
+
 def _report_command(args) -> int:
     page = write_report(args.runs, args.out, title=args.title)
-    metrics = json.loads((Path(args.out) / "metrics.json").read_text())
-    for a, b, c, d in _verdict_rows(metrics):
-        print(f"{a:<32} {b:<12} {c:<15} {d}")
-    for p in metrics["problems"]:
-        print(f"note: {p}")
+    for line in verdict_lines(Path(args.out) / "metrics.json"):
+        print(line)
     print(f"report: {page}")
     return 0
 

@@ -33,3 +33,31 @@ def test_demo_end_to_end(tmp_path):
     assert summary["top_eigenvalues"] == sorted(summary["top_eigenvalues"], reverse=True)
     assert (tmp_path / "demo_density.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "demo.json").read_text())["parameters"] == 26_122
+
+
+def test_demo_with_a_probe_prints_verdicts_and_report(tmp_path, capsys):
+    probe = tmp_path / "mini.toml"
+    probe.write_text("""
+[probe]
+name = "mini"
+[model]
+factory = "mlp"
+kwargs = { depth = 1, in_features = 64, out_features = 10, activation = "tanh" }
+widths = [16, 32]
+[train]
+parameterizations = ["mup"]
+optimizers = ["sgd"]
+lrs = [0.2]
+steps = 4
+[capture]
+every = 2
+probe_size = 64
+[measure]
+quantities = ["precond"]
+""")
+    assert main(["demo", "--steps", "3", "--k", "2", "--out", str(tmp_path / "o"), "--probe", str(probe)]) == 0
+    out = capsys.readouterr().out
+    assert "verdicts:" in out and "mup / sgd / lr 0.2" in out
+    assert (tmp_path / "o" / "mini" / "report.html").exists()
+    assert main(["demo", "--out", str(tmp_path / "o2"), "--probe", str(tmp_path / "nope.toml")]) == 2
+    assert "no such probe file" in capsys.readouterr().err
