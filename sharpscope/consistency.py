@@ -101,14 +101,19 @@ class Aligned:
         return iter((self.sizes, self.steps, self.values))
 
 
-def _check_size(key: Any) -> float:
+def _positive(value: Any, name: str) -> float:
+    """``value`` as a positive finite float, or a ValueError naming ``name``."""
     try:
-        v = float(key)
+        v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"sizes (widths/depths) must be numbers, got {key!r}") from None
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
     if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"sizes (widths/depths) must be positive and finite, got {key!r}")
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
     return v
+
+
+def _check_size(key: Any) -> float:
+    return _positive(key, "a size (width/depth)")
 
 
 def _check_trajectory(key: Any, traj: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -531,13 +536,7 @@ def super_consistency(trajectories: Mapping[Any, Trajectory] | Aligned, *, windo
 # ----------------------------------------------------------------------------------------------
 
 def _check_lr(lr: Any, name: str = "lr") -> float:
-    try:
-        v = float(lr)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {lr!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be positive and finite, got {lr!r}")
-    return v
+    return _positive(lr, name)
 
 
 def eos_threshold(optimizer: str, lr: float, momentum: float = 0.0, beta1: float = 0.9, *,

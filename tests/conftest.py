@@ -66,3 +66,31 @@ MODELS = {"mlp": make_mlp, "cnn": make_cnn, "attention": make_attention}
 @pytest.fixture(params=sorted(MODELS))
 def model_kind(request) -> str:
     return request.param
+
+
+def probe_text(name: str = "tiny", widths=(16, 32), parameterizations=("mup",), lrs=(0.2,), steps: int = 6,
+               every: int = 3, quantities=("precond",), base_width: int = 16) -> str:
+    """A small probe file (tanh MLP on digits, SGD) for sweep, report and demo tests."""
+    import json
+
+    return f"""
+[probe]
+name = "{name}"
+[model]
+factory = "mlp"
+kwargs = {{ depth = 1, in_features = 64, out_features = 10, activation = "tanh" }}
+widths = {json.dumps(list(widths))}
+base_width = {base_width}
+[train]
+parameterizations = {json.dumps(list(parameterizations))}
+optimizers = ["sgd"]
+lrs = {json.dumps(list(lrs))}
+steps = {steps}
+data = "digits"
+[capture]
+every = {every}
+probe_size = 64
+[measure]
+quantities = {json.dumps(list(quantities))}
+k = 1
+"""

@@ -8,6 +8,7 @@ import sys
 import sharpscope as ss
 from sharpscope.cli import main
 from sharpscope.demo import run_demo
+from conftest import probe_text
 
 
 def test_version_and_help(capsys):
@@ -37,24 +38,7 @@ def test_demo_end_to_end(tmp_path):
 
 def test_demo_with_a_probe_prints_verdicts_and_report(tmp_path, capsys):
     probe = tmp_path / "mini.toml"
-    probe.write_text("""
-[probe]
-name = "mini"
-[model]
-factory = "mlp"
-kwargs = { depth = 1, in_features = 64, out_features = 10, activation = "tanh" }
-widths = [16, 32]
-[train]
-parameterizations = ["mup"]
-optimizers = ["sgd"]
-lrs = [0.2]
-steps = 4
-[capture]
-every = 2
-probe_size = 64
-[measure]
-quantities = ["precond"]
-""")
+    probe.write_text(probe_text("mini", steps=4, every=2))
     assert main(["demo", "--steps", "3", "--k", "2", "--out", str(tmp_path / "o"), "--probe", str(probe)]) == 0
     out = capsys.readouterr().out
     assert "verdicts:" in out and "mup / sgd / lr 0.2" in out

@@ -6,27 +6,9 @@ import json
 from sharpscope.cli import main
 from sharpscope.report import write_report
 from sharpscope.sweep import run_sweep
+from conftest import probe_text
 
-PROBE = """
-[probe]
-name = "mini"
-[model]
-factory = "mlp"
-kwargs = { depth = 1, in_features = 64, out_features = 10, activation = "tanh" }
-widths = [16, 32, 64]
-base_width = 16
-[train]
-parameterizations = ["mup"]
-optimizers = ["sgd"]
-lrs = [0.1, 0.2, 0.4]
-steps = 8
-[capture]
-every = 4
-probe_size = 64
-[measure]
-quantities = ["precond"]
-k = 1
-"""
+PROBE = probe_text("mini", widths=(16, 32, 64), lrs=(0.1, 0.2, 0.4), steps=8, every=4)
 
 
 def test_sweep_writes_a_report_with_verdicts(tmp_path, capsys):

@@ -9,28 +9,9 @@ from sharpscope.cli import main
 from sharpscope.jobs import SpectraFile, spectra_path
 from sharpscope.store import open_run
 from sharpscope.sweep import load_probe, plan, run_sweep
+from conftest import probe_text
 
-PROBE = """
-[probe]
-name = "tiny"
-[model]
-factory = "mlp"
-kwargs = { depth = 1, in_features = 64, out_features = 10, activation = "tanh" }
-widths = [16, 32]
-base_width = 16
-[train]
-parameterizations = ["mup", "sp"]
-optimizers = ["sgd"]
-lrs = [0.2, 1e38]
-steps = 6
-data = "digits"
-[capture]
-every = 3
-probe_size = 64
-[measure]
-quantities = ["hessian", "precond"]
-k = 1
-"""
+PROBE = probe_text(parameterizations=("mup", "sp"), lrs=(0.2, 1e38), quantities=("hessian", "precond"))
 
 
 def test_sweep_trains_measures_and_resumes(tmp_path):
@@ -59,7 +40,7 @@ def test_sweep_trains_measures_and_resumes(tmp_path):
 
 def test_interrupted_run_is_retrained(tmp_path):
     probe_file = tmp_path / "tiny.toml"
-    probe_file.write_text(PROBE.replace('lrs = [0.2, 1e38]', 'lrs = [0.2]').replace('widths = [16, 32]', 'widths = [16]')
+    probe_file.write_text(PROBE.replace('lrs = [0.2, 1e+38]', 'lrs = [0.2]').replace('widths = [16, 32]', 'widths = [16]')
                           .replace('["mup", "sp"]', '["mup"]'))
     run_sweep(probe_file, tmp_path / "out", progress=False)
     run_file = next((tmp_path / "out" / "runs").glob("*.h5"))
@@ -74,7 +55,7 @@ def test_interrupted_run_is_retrained(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.replace('["mup", "sp"]', '["mup", "xp"]'), "unknown parameterization 'xp'"),
     (lambda s: s.replace('["sgd"]', '["lion"]'), "unknown optimizer 'lion'"),
-    (lambda s: s.replace("lrs = [0.2, 1e38]", "lrs = [-1.0]"), "learning rates must be positive"),
+    (lambda s: s.replace("lrs = [0.2, 1e+38]", "lrs = [-1.0]"), "learning rates must be positive"),
     (lambda s: s.replace('widths = [16, 32]\n', ''), r"\[model\] needs 'widths'"),
     (lambda s: s + "[[[", "not valid TOML"),
 ])
@@ -96,7 +77,7 @@ def test_shipped_probes_parse():
 
 def test_sweep_command_prints_a_summary(tmp_path, capsys):
     probe_file = tmp_path / "tiny.toml"
-    probe_file.write_text(PROBE.replace("lrs = [0.2, 1e38]", "lrs = [0.2]"))
+    probe_file.write_text(PROBE.replace("lrs = [0.2, 1e+38]", "lrs = [0.2]"))
     assert main(["sweep", str(probe_file), "--out", str(tmp_path / "o"), "--quiet"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["run", "quantity", "first", "(step)", "last", "(step)"]
