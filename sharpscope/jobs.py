@@ -324,8 +324,9 @@ class _DeferredTask:
         return self.fn(*self.args)
 
 
-def _executor(spec: str):
-    """``local`` | ``process:N`` | ``dask-local:N`` | ``dask://HOST:PORT`` -> (submit, shutdown)."""
+def executor_from_spec(spec: str):
+    """``local`` | ``process:N`` | ``dask-local:N`` | ``dask://HOST:PORT`` -> ``(submit, shutdown, completed)``:
+    ``submit(fn, *args)`` returns a future, ``completed(futures)`` yields them as they finish."""
     if spec == "local":  # tasks run one by one, when their result is asked for (so progress shows)
         return _DeferredTask, lambda: None, iter
     if spec.startswith("process:"):
@@ -392,7 +393,7 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
                 tasks.append((path, step, todo))
     if not tasks:
         return report
-    submit, shutdown, completed = _executor(executor)
+    submit, shutdown, completed = executor_from_spec(executor)
     writers: dict[str, SpectraFile] = {}
     try:
         futures = {submit(compute_task, path, step, todo, settings, loss): (path, step) for path, step, todo in tasks}

@@ -15,6 +15,9 @@ A probe file::
     widths = [64, 128, 256]
     width_key = "width"                        # the factory's width argument
     base_width = 64
+    depths = [2, 4, 8]                         # optional depth axis (residual models)
+    depth_key = "depth"                        # the factory's depth argument
+    base_depth = 1                             # L_0 of depth-muP's (L / L_0)^(-1/2)
 
     [train]
     parameterizations = ["mup", "sp"]
@@ -25,6 +28,7 @@ A probe file::
     seeds = [0]
     data = "digits"                            # or "teacher-student"; [train.data_kwargs] for its options
     loss = "CrossEntropyLoss"
+    depth_scaling = false                      # depth-muP: residual branches times (L / L_0)^(-1/2)
 
     [capture]
     every = 10                                 # the last step is always captured
@@ -33,10 +37,10 @@ A probe file::
     [measure]
     quantities = ["hessian", "precond"]
     k = 1
-    executor = "local"
+    executor = "local"                         # for training and spectra: local, process:N, dask-local:N, dask://HOST:PORT
 
-Runs are files ``runs/<parameterization>-<optimizer>-w<width>-lr<lr>-s<seed>.h5`` under the output
-folder. A run whose file holds its final step (or stopped at a diverged, non-finite loss) is complete
+Runs are files ``runs/<parameterization>-<optimizer>-w<width>[-d<depth>]-lr<lr>-s<seed>.h5`` under the
+output folder (with a remote ``dask://`` cluster the workers must see that folder: a shared file system). A run whose file holds its final step (or stopped at a diverged, non-finite loss) is complete
 and skipped on a re-run; an incomplete one (interrupted) is trained again from scratch
 (training is deterministic for a seed). Spectra are resumable the same way (see :mod:`sharpscope.jobs`).
 """
@@ -53,7 +57,7 @@ import torch
 
 from .capture import Recorder
 from .data import load as load_data
-from .jobs import JobReport, SpectrumSettings, build_loss, run_spectrum_job, spectra_path
+from .jobs import JobReport, SpectrumSettings, build_loss, executor_from_spec, run_spectrum_job, spectra_path
 from .models import build_model
 from .optim import build_optimizer
 from .param import PARAMETERIZATIONS, parametrize
@@ -91,6 +95,10 @@ class Probe:
     quantities: tuple[str, ...] = ("hessian",)
     k: int = 1
     executor: str = "local"
+    depths: tuple[int, ...] = ()
+    depth_key: str = "depth"
+    base_depth: int | None = None
+    depth_scaling: bool = False
 
 
 def _need(table: dict, key: str, where: str) -> Any:
@@ -124,6 +132,8 @@ def load_probe(path: str | Path) -> Probe:
         loss=train.get("loss", "CrossEntropyLoss"), every=int(capture.get("every", 10)),
         probe_size=int(capture.get("probe_size", 256)), quantities=tuple(measure.get("quantities", ["hessian"])),
         k=int(measure.get("k", 1)), executor=measure.get("executor", "local"),
+        depths=tuple(int(d) for d in model.get("depths", [])), depth_key=model.get("depth_key", "depth"),
+        base_depth=model.get("base_depth"), depth_scaling=bool(train.get("depth_scaling", False)),
     )
     _validate(probe, path)
     return probe
@@ -135,6 +145,8 @@ def _validate(p: Probe, path: Path) -> None:
 
     if not p.widths or any(w < 1 for w in p.widths):
         bad(f"widths must be positive integers, got {list(p.widths)}")
+    if any(d < 1 for d in p.depths):
+        bad(f"depths must be positive integers, got {list(p.depths)}")
     for name in p.parameterizations:
         if name not in PARAMETERIZATIONS:
             bad(f"unknown parameterization {name!r}; choose from {', '.join(PARAMETERIZATIONS)}")
@@ -156,16 +168,18 @@ class RunSpec:
     width: int
     lr: float
     seed: int
+    depth: int | None = None
 
     @property
     def filename(self) -> str:
-        return f"{self.parameterization}-{self.optimizer}-w{self.width}-lr{self.lr:g}-s{self.seed}.h5"
+        depth = "" if self.depth is None else f"-d{self.depth}"
+        return f"{self.parameterization}-{self.optimizer}-w{self.width}{depth}-lr{self.lr:g}-s{self.seed}.h5"
 
 
 def plan(probe: Probe) -> list[RunSpec]:
     """Every combination, in a fixed order."""
-    return [RunSpec(p, o, w, lr, s) for p, o, w, lr, s in itertools.product(
-        probe.parameterizations, probe.optimizers, probe.widths, probe.lrs, probe.seeds)]
+    return [RunSpec(p, o, w, lr, s, d) for p, o, w, d, lr, s in itertools.product(
+        probe.parameterizations, probe.optimizers, probe.widths, probe.depths or (None,), probe.lrs, probe.seeds)]
 
 
 def _complete(path: Path, steps: int) -> bool:
@@ -189,17 +203,20 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     x, y = load_data(probe.data, **probe.data_kwargs)
     kwargs = {**probe.kwargs, probe.width_key: spec.width}
+    if spec.depth is not None:
+        kwargs[probe.depth_key] = spec.depth
     torch.manual_seed(spec.seed)
     model = build_model(probe.factory, kwargs)
     groups = parametrize(model, spec.parameterization, optimizer=spec.optimizer, lr=spec.lr,
-                         base_width=probe.base_width or min(probe.widths), seed=spec.seed)
+                         base_width=probe.base_width or min(probe.widths), seed=spec.seed,
+                         depth_scaling=probe.depth_scaling, base_depth=probe.base_depth)
     opt = build_optimizer(groups)
     loss_fn = build_loss(probe.loss)
     final = probe.steps
     meta = {"model_factory": probe.factory, "model_kwargs": kwargs, "parameterization": groups.record,
             "seed": spec.seed, "loss": probe.loss,
-            "probe": {"name": probe.name, "width": spec.width, "lr": spec.lr, "optimizer": spec.optimizer,
-                      "parameterization": spec.parameterization}}
+            "probe": {"name": probe.name, "width": spec.width, "depth": spec.depth, "lr": spec.lr,
+                      "optimizer": spec.optimizer, "parameterization": spec.parameterization}}
     gen = torch.Generator().manual_seed(spec.seed)
     with Recorder(path, model, opt, probe=(x[: probe.probe_size], y[: probe.probe_size]),
                   schedule=lambda s: s % probe.every == 0 or s == final, meta=meta, loss_fn=loss_fn) as rec:
@@ -234,27 +251,35 @@ class SweepResult:
 def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | None = None,
               progress: bool = True) -> SweepResult:
     """Train the probe's grid (skipping complete runs), measure its spectra (skipping stored ones) and
-    write the report (``out_dir/report.html``, ``report.md``, ``metrics.json``, ``figures/``)."""
+    write the report (``out_dir/report.html``, ``report.md``, ``metrics.json``, ``figures/``).
+
+    ``executor`` (default: the probe's) runs both the training runs and the spectrum tasks: ``local``
+    one after the other, ``process:N`` / ``dask-local:N`` / ``dask://HOST:PORT`` in parallel."""
     from tqdm.auto import tqdm
 
     probe = load_probe(probe_path)
+    executor = executor or probe.executor
     out = Path(out_dir)
     specs = plan(probe)
-    runs, trained = [], 0
-    for spec in tqdm(specs, desc=f"train {probe.name}", unit="run", disable=not progress):
-        path = Path(out) / "runs" / spec.filename
-        fresh = not (path.exists() and _complete(path, probe.steps))
-        runs.append(train_run(probe, spec, out))
-        trained += fresh
+    todo = [s for s in specs if not _complete(out / "runs" / s.filename, probe.steps)]
+    if todo:
+        submit, shutdown, completed = executor_from_spec(executor)
+        try:
+            futures = [submit(train_run, probe, spec, out) for spec in todo]
+            for fut in tqdm(completed(futures), total=len(futures), desc=f"train {probe.name}", unit="run",
+                            disable=not progress):
+                fut.result()  # a failed run stops the sweep with its error (its file is retrained next time)
+        finally:
+            shutdown()
+    runs = [out / "runs" / s.filename for s in specs]
     settings = SpectrumSettings(k=probe.k)
-    report = run_spectrum_job(runs, probe.quantities, settings, executor=executor or probe.executor,
-                              progress=progress)
+    report = run_spectrum_job(runs, probe.quantities, settings, executor=executor, progress=progress)
     from .report import write_report
 
     page = write_report(runs, out, title=f"sharpscope: {probe.name}",
                         settings={"probe": str(probe_path), "description": probe.description,
                                   "expected": probe.expected, "source": probe.source})
-    return SweepResult(probe, runs, trained, report, page)
+    return SweepResult(probe, runs, len(todo), report, page)
 
 
 def summary_rows(result: SweepResult) -> list[dict]:

@@ -82,3 +82,15 @@ def test_sweep_command_prints_a_summary(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["run", "quantity", "first", "(step)", "last", "(step)"]
     assert sum(1 for line in out if line.startswith("mup-sgd-w16-lr0.2-s0")) == 2  # hessian and precond
+
+
+def test_training_runs_on_a_dask_cluster_and_matches_local(tmp_path):
+    pytest.importorskip("distributed")
+    probe_file = tmp_path / "tiny.toml"
+    probe_file.write_text(PROBE.replace("lrs = [0.2, 1e+38]", "lrs = [0.2]"))
+    local = run_sweep(probe_file, tmp_path / "local", progress=False)
+    remote = run_sweep(probe_file, tmp_path / "dask", executor="dask-local:2", progress=False)
+    assert remote.trained == 4 and not remote.spectra.failures
+    for a, b in zip(local.runs, remote.runs):
+        with open_run(a) as ra, open_run(b) as rb:
+            assert ra.steps == rb.steps and ra.loss(ra.steps[-1]) == rb.loss(rb.steps[-1])  # deterministic
