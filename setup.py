@@ -15,6 +15,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["sharpscope", "sharpscope.*"]),
     include_package_data=True,
+    # the CUDA kernels live in the repository's cuda/; an editable install reads them there, a regular
+    # install ships them here (sharpscope/backends/kernels.py searches both)
+    data_files=[("share/sharpscope/cuda", sorted(str(p) for p in Path("cuda").glob("*.cu*")))],
     install_requires=[
         # torch is pinned by scripts/*.sh (the CPU wheel on disk); a range here never pulls a CUDA build
         "torch>=2.4",
@@ -29,6 +32,7 @@ setup(
         "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1", "lightning>=2.0"],
         "dask": ["dask[distributed]"],
         "lightning": ["lightning"],
+        "cupy": ["cupy-cuda12x"],
     },
     entry_points={"console_scripts": ["sharpscope=sharpscope.cli:main"]},
 )

@@ -45,6 +45,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from .backends import make_basis, resolve_backend, storage_of
 from .linop import NotSymmetricError, SymmetricOperator
 
 __all__ = ["lanczos", "LanczosResult"]
@@ -107,30 +108,9 @@ def _random_unit(n: int, gen: torch.Generator, dtype: torch.dtype, device: torch
     return v / v.norm()
 
 
-class _Basis:
-    """The Krylov basis as rows of one preallocated ``(m + 1, n)`` tensor, with Gram-Schmidt passes."""
-
-    def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.Q = torch.empty(m + 1, n, dtype=dtype, device=device)
-
-    def orthogonalize(self, w: torch.Tensor, j: int) -> np.ndarray:
-        """Classical Gram-Schmidt of ``w`` against rows ``0..j-1``, repeated once when the first pass
-        cancelled more than half of ``w``'s norm (the DGKS criterion; Daniel, Gragg, Kaufman & Stewart
-        1976) -- "twice is enough" -- returns the projection coefficients."""
-        Qj = self.Q[:j]
-        before = float(w.norm())
-        h = torch.mv(Qj, w)
-        w.sub_(torch.mv(Qj.T, h))
-        if float(w.norm()) < before / math.sqrt(2.0):
-            h2 = torch.mv(Qj, w)
-            w.sub_(torch.mv(Qj.T, h2))
-            h += h2
-        return h.double().cpu().numpy()
-
-
 def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float = 1e-6,
             max_iter: int | None = None, seed: int = 0, backend: str = "torch",
-            return_eigenvectors: bool = False, *, v0: torch.Tensor | None = None,
+            return_eigenvectors: bool = False, *, v0: torch.Tensor | None = None, basis: str = "device",
             max_basis: int | None = None, reorth: Literal["partial", "full"] = "partial",
             callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> LanczosResult:
     """Top-``k`` eigenpairs of a symmetric operator by thick-restart Lanczos (module docstring).
@@ -146,9 +126,17 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         max_iter: cap on operator products (default ``max(300, 30 k)``); an unconverged result has
             ``converged`` False where it fell short, never a silently wrong value.
         seed: seeds the start vector (results are deterministic for a seed).
-        backend: ``"torch"`` (vector algebra on the operator's device).
+        backend: where the basis algebra runs (:mod:`sharpscope.backends`): ``"torch"`` (default, on
+            the operator's device), ``"cupy"`` (fused CUDA kernels; CUDA operators), ``"numpy"``
+            (the same array code on the CPU) or ``"auto"`` (cupy when available for a CUDA operator,
+            else torch). The operator's products are torch in every case.
         return_eigenvectors: also return the Ritz vectors as columns of an ``(n, k)`` tensor.
         v0: start vector (e.g. the previous top eigenvector, for warm starts).
+        basis: storage of the Krylov basis: ``"device"`` (default; the working dtype on the
+            operator's device), ``"device-bf16"`` (bfloat16 rows, half the memory, float32
+            accumulation; eigenvalues to ~1e-4, eigenvectors to ~4e-3 relative) or ``"host"`` (pinned
+            host memory streamed per pass, for bases that do not fit the GPU); see
+            :mod:`sharpscope.backends.base`.
         max_basis: basis vectors kept before a thick restart (default ``max(2k + 20, 60)``, capped by
             ``n`` and 1/8 of the memory).
         reorth: ``"partial"`` (default) or ``"full"`` reorthogonalization.
@@ -164,8 +152,8 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         [100.0, 99.0, 98.0]
     """
     n = op.shape[0]
-    if backend not in ("torch", "auto"):
-        raise ValueError(f"backend must be 'torch' or 'auto', got {backend!r}")
+    backend = resolve_backend(backend, op.device)
+    storage, placement = storage_of(basis)
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
     if reorth not in ("partial", "full"):
@@ -181,26 +169,34 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         raise TypeError(f"the operator's dtype must be floating point, got {op.dtype}")
     # half-precision operators (bf16/fp16 models) get a float32 basis: the recurrence needs it
     dtype = torch.float32 if torch.finfo(op.dtype).bits < 32 else op.dtype
+    if storage == "bfloat16" and dtype != torch.float32:
+        raise ValueError(f"basis='device-bf16' needs a float32 (or half-precision) operator, got {op.dtype}: "
+                         "a bfloat16 basis limits the accuracy to float32 level at best")
     device = op.device
     eps = torch.finfo(dtype).eps
     op_eps = torch.finfo(op.dtype).eps  # the products' own rounding level (symmetry probe)
     max_iter = max(300, 30 * k) if max_iter is None else int(max_iter)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    m = _default_max_basis(n, k, n * itemsize, device) if max_basis is None else int(max_basis)
+    itemsize = 2 if storage == "bfloat16" else torch.empty(0, dtype=dtype).element_size()
+    budget_device = torch.device("cpu") if placement == "host" else device
+    m = _default_max_basis(n, k, n * itemsize, budget_device) if max_basis is None else int(max_basis)
     m = min(m, n)
     if m < min(k + 2, n):
         raise ValueError(f"max_basis={m} is too small for k={k}: need at least k + 2")
 
     gen = torch.Generator().manual_seed(seed)
-    basis = _Basis(m, n, dtype, device)
-    Q = basis.Q
+    Q = make_basis(backend, basis, m, n, dtype, device)
+    # a bfloat16 basis stores rounded rows: inner products of rounded unit vectors are off by about
+    # u / sqrt(n) (u = 2^-8, random rounding errors), which the symmetry probe must tolerate and the
+    # omega recurrence cannot see (after a breakdown: reorthogonalize fully, as after a restart)
+    rounded = Q.storage == "bfloat16"
+    sym_floor = 100 * 2.0 ** -8 / math.sqrt(n) if rounded else 0.0
     if v0 is None:
-        Q[0] = _random_unit(n, gen, dtype, device)
+        Q.set(0, _random_unit(n, gen, dtype, device))
     else:
         v = torch.as_tensor(v0).reshape(-1).to(dtype=dtype, device=device)
         if v.shape[0] != n or not torch.isfinite(v).all() or float(v.norm()) == 0.0:
             raise ValueError(f"v0 must be a finite nonzero vector of length {n}")
-        Q[0] = v / v.norm()
+        Q.set(0, v / v.norm())
 
     T = np.zeros((m + 1, m + 1))
     omega_prev = np.zeros(m + 1)  # omega_{j-1, i} ~ q_{j-1} . q_i
@@ -214,48 +210,50 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
     block_scores = np.full(k, -np.inf)  # wanted values (as scores) when the last fresh block began
 
     while True:
-        w = op.matvec(Q[j])
+        qj = Q.get(j)
+        w = op.matvec(qj)
         num_mv += 1
         if w.dtype != dtype:
             w = w.to(dtype)
-        elif w.data_ptr() == Q[j].data_ptr():
+        elif w.data_ptr() == qj.data_ptr():
             w = w.clone()
+        w = w.detach().contiguous()
         noise = 2 * eps * anorm  # rounding added to q_{j+1}: raised below when the products are noisier
         coupled = j == start and start > 0
         if coupled:
             # first step after a restart: couple to every kept vector (the arrowhead column)
-            h = basis.orthogonalize(w, j + 1)
+            h = Q.orthogonalize(w, j + 1)
             T[: j + 1, j] = h
             T[j, : j + 1] = h
             reorths += 1
         else:
             if j > start:
-                back, alpha = torch.mv(Q[j - 1: j + 1], w).tolist()
+                back, alpha = Q.project(w, j - 1, j + 1).tolist()
                 # free symmetry probe: q_{j-1} . A q_j must equal beta_{j-1} = q_j . A q_{j-1}; the
                 # small mismatch of a symmetric operator measures its products' rounding (float32
                 # autograd through many layers is far noisier than eps * ||A||), which feeds the
                 # omega recurrence's noise term
                 mismatch = abs(back - T[j, j - 1])
                 noise = max(noise, mismatch)
-                if mismatch > 100 * math.sqrt(op_eps) * anorm:
+                if mismatch > max(100 * math.sqrt(op_eps), sym_floor) * anorm:
                     raise NotSymmetricError(
                         f"the operator is not symmetric: q_(j-1).A q_j = {back:.6g} but q_j.A q_(j-1) = "
                         f"{T[j, j - 1]:.6g} (step {j}); is the model stochastic (dropout in train mode)?")
                 # w -= beta_{j-1} q_{j-1} + alpha_j q_j in one pass
-                coeffs = torch.tensor([-T[j, j - 1], -alpha], dtype=dtype, device=device)
-                w = torch.addmv(w, Q[j - 1: j + 1].T, coeffs)
+                Q.axpy(w, j - 1, j + 1, [-T[j, j - 1], -alpha])
             else:
-                alpha = float(torch.dot(Q[j], w))
-                w.sub_(Q[j], alpha=alpha)
+                alpha = float(Q.project(w, j, j + 1)[0])
+                Q.axpy(w, j, j + 1, [-alpha])
             T[j, j] = alpha
-        beta = float(w.norm())
+        beta = Q.norm(w)
         if not math.isfinite(beta + T[j, j]):
             raise FloatingPointError("the operator returned NaN or inf; check the model, loss and data")
         anorm = max(anorm, abs(T[j, j]) + beta + (abs(T[j, j - 1]) if j > 0 else 0.0))
 
         # after a thick restart the kept Ritz vectors carry the previous cycle's semi-orthogonality
         # (~sqrt(eps)), which the omega recurrence cannot see: reorthogonalize fully from then on
-        need = not coupled and j > 0 and (reorth == "full" or restarts > 0 or force_reorth)
+        need = not coupled and j > 0 and (reorth == "full" or restarts > 0 or force_reorth
+                                          or (rounded and start > 0))
         if not coupled and not need and j > start and beta > 0:
             # partial reorthogonalization: omega_{j+1, i} ~ q_{j+1} . q_i for i < j (Simon 1984),
             # from A q_i = sum_r T[r, i] q_r and beta_j q_{j+1} = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}
@@ -272,9 +270,9 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         elif not need:
             omega_prev, omega = omega, np.full(m + 1, eps)
         if need:
-            basis.orthogonalize(w, j + 1)
+            Q.orthogonalize(w, j + 1)
             reorths += 1
-            beta = float(w.norm())
+            beta = Q.norm(w)
             force_reorth = not force_reorth and reorth == "partial"  # the next vector too (Simon)
             omega_prev, omega = omega, np.full(m + 1, eps)
         T[j + 1, j] = T[j, j + 1] = beta
@@ -317,27 +315,23 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         if breakdown:
             # invariant subspace found: continue from a fresh vector orthogonal to the basis
             q = _random_unit(n, gen, dtype, device)
-            basis.orthogonalize(q, j)
-            q = q / q.norm()
+            Q.orthogonalize(q, j)
+            q = q / Q.norm(q)
             T[j, j - 1] = T[j - 1, j] = 0.0
-            Q[j] = q
+            Q.set(j, q)
             start = j
             omega_prev, omega = np.zeros(m + 1), np.full(m + 1, eps)
             if j < m:
                 continue  # (at j == m: restart below, with zero coupling)
         else:
-            torch.div(w, beta, out=Q[j])
+            Q.set_scaled(j, w, beta)
 
         if j == m:  # thick restart (Wu & Simon 2000): keep the best Ritz vectors
             keep_n = min(m - 1, max(k + (m - k) // 2, k + 1))
             keep = order[:keep_n]
             Y = S[:, keep]                                                   # (m, l)
             coupling = beta * S[m - 1, keep] if not breakdown else np.zeros(keep_n)
-            newQ = torch.as_tensor(Y.T, dtype=dtype, device=device) @ Q[:m]  # (l, n)
-            last = Q[m].clone()
-            Q[:keep_n] = newQ
-            Q[keep_n] = last
-            del newQ
+            Q.restart(Y, m, keep_n)                                          # Q[:l] <- Y^T Q[:m]
             T[:] = 0.0
             T[np.arange(keep_n), np.arange(keep_n)] = theta[keep]
             T[keep_n, :keep_n] = T[:keep_n, keep_n] = coupling
@@ -350,9 +344,7 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
     conv = residuals[idx] <= tol * np.maximum(np.abs(theta[idx]), floor)
     vectors = None
     if return_eigenvectors:
-        Sk = torch.as_tensor(S[:, idx], dtype=dtype, device=device)
-        vectors = Q[:j].T @ Sk
-        vectors = vectors / vectors.norm(dim=0, keepdim=True)
+        vectors = Q.ritz_vectors(S[:, idx], j)
     return LanczosResult(
         eigenvalues=torch.as_tensor(theta[idx].copy(), dtype=torch.float64),
         residuals=torch.as_tensor(residuals[idx].copy(), dtype=torch.float64),

@@ -1,0 +1,84 @@
+"""Vector algebra of the Lanczos solver over its Krylov basis, on interchangeable backends.
+
+* ``"torch"`` (default): :class:`.torch_basis.TorchBasis`, torch BLAS on the operator's device.
+* ``"numpy"``: :class:`.array_basis.ArrayBasis` on NumPy with the kernels' NumPy references (CPU
+  operators only): the array code path of the GPU backend, run in CI.
+* ``"cupy"``: the same class on CuPy with the fused kernels of ``cuda/`` (CUDA operators only).
+* ``"auto"``: ``"cupy"`` when the operator is on a CUDA device and CuPy imports and the kernels
+  compile, else ``"torch"``.
+
+The operator's products stay in torch; only the basis algebra moves (see :mod:`.base` for the
+interface and the ``basis=`` storage options).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import BASIS_CHOICES, KrylovBasis, storage_of
+
+__all__ = ["BACKEND_CHOICES", "BASIS_CHOICES", "KrylovBasis", "resolve_backend", "make_basis",
+           "cupy_status"]
+
+BACKEND_CHOICES = ("torch", "numpy", "cupy", "auto")
+
+
+def cupy_status() -> str | None:
+    """``None`` when the CuPy backend can run here, else what is missing (one line)."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a CUDA library that fails to load
+        return f"CuPy is not importable ({type(exc).__name__}: {exc}); install it with pip install -e .[cupy]"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no CUDA device"
+    except Exception as exc:
+        return f"CuPy sees no CUDA device ({exc})"
+    try:
+        from .kernels import load_kernels
+
+        load_kernels()
+    except Exception as exc:
+        return f"sharpscope's CUDA kernels did not load ({type(exc).__name__}: {exc})"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend (``"torch"``, ``"numpy"`` or ``"cupy"``) for a ``backend=`` choice and the
+    operator's device; raises ValueError on a bad name or device, RuntimeError when CuPy is missing."""
+    device = torch.device(device)
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_CHOICES))}, got {backend!r}")
+    if backend == "auto":
+        return "cupy" if device.type == "cuda" and cupy_status() is None else "torch"
+    if backend == "numpy" and device.type != "cpu":
+        raise ValueError(f"backend='numpy' needs an operator on the CPU, got device {device}; "
+                         "use backend='cupy' or 'torch'")
+    if backend == "cupy":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cupy' needs an operator on a CUDA device, got device {device}; "
+                             "use backend='numpy' for the same code path on the CPU")
+        missing = cupy_status()
+        if missing is not None:
+            raise RuntimeError(f"backend='cupy' is unavailable: {missing}")
+    return backend
+
+
+def make_basis(backend: str, basis: str, m: int, n: int, dtype: torch.dtype, device: torch.device) -> KrylovBasis:
+    """A Krylov basis of ``m + 1`` rows of length ``n`` for a resolved backend and a ``basis=`` choice."""
+    storage_of(basis)  # validates the name
+    if backend == "torch":
+        from .torch_basis import TorchBasis
+
+        return TorchBasis(m, n, dtype, device, basis)
+    from .array_basis import ArrayBasis
+
+    if backend == "numpy":
+        return ArrayBasis(m, n, dtype, device, basis)
+    if backend == "cupy":
+        import cupy
+
+        from .kernels import load_kernels
+
+        with cupy.cuda.Device(torch.device(device).index or 0):
+            return ArrayBasis(m, n, dtype, device, basis, xp=cupy, ops=load_kernels())
+    raise ValueError(f"unresolved backend {backend!r}")

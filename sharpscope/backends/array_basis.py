@@ -1,0 +1,163 @@
+"""The array backend: the basis as one NumPy (CPU) or CuPy (GPU) array, written once against their
+common API, with the fused kernels of ``cuda/`` on CuPy and their NumPy references on the CPU.
+
+Vectors cross from torch without copies: ``tensor.numpy()`` on the CPU, DLPack
+(``cupy.from_dlpack`` / ``torch.from_dlpack``) on the GPU, so in-place updates of the array are
+updates of the tensor the recurrence holds. bfloat16 rows are ``uint16`` bit patterns (:mod:`.bf16`).
+
+Orthogonalization (CGS2 with the DGKS test) takes 2 sweeps over ``Q`` when one pass suffices and 3
+when it does not (``project``; ``update_project``, which applies the first update and computes the
+second projection and ``||w||`` in the same sweep; ``update``), against torch's 2 and 4.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import reference
+from .base import KrylovBasis
+from .bf16 import bf16_bits_to_float32, float32_to_bf16_bits
+
+__all__ = ["ArrayBasis"]
+
+
+class ArrayBasis(KrylovBasis):
+    """A :class:`~.base.KrylovBasis` on a ``(m + 1, n)`` NumPy or CuPy array :attr:`Q`.
+
+    Args:
+        xp: ``numpy`` or ``cupy``.
+        ops: the kernel functions (:mod:`.reference` or a :class:`.kernels.CupyKernels`); the
+            references are used for float64 working precision.
+    """
+
+    def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, basis: str = "device",
+                 xp=np, ops=reference) -> None:
+        super().__init__(m, n, dtype, device, basis)
+        self.xp = xp
+        self.name = "cupy" if xp is not np else "numpy"
+        self.np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        self.ops = ops if self.np_dtype == np.float32 else reference
+        store = np.uint16 if self.storage == "bfloat16" else self.np_dtype
+        self._host = self.placement == "host" and xp is not np
+        if self._host:
+            import cupyx
+
+            self.Q = cupyx.empty_pinned((m + 1, n), dtype=store)
+        else:
+            self.Q = xp.empty((m + 1, n), dtype=store)
+
+    # -- conversions -------------------------------------------------------------------------
+    def _arr(self, t: torch.Tensor):
+        t = t.detach()
+        if self.xp is np:
+            return t.numpy()
+        return self.xp.from_dlpack(t)
+
+    def _tensor(self, a) -> torch.Tensor:
+        return torch.from_numpy(a) if self.xp is np else torch.from_dlpack(a)
+
+    def _dev(self, a):
+        """An array on the compute device (a no-op unless the basis is in host memory)."""
+        return self.xp.asarray(np.ascontiguousarray(a)) if self._host else a
+
+    def _decode(self, block):
+        block = bf16_bits_to_float32(block, xp=self.xp) if block.dtype == np.uint16 else block
+        return block.astype(self.np_dtype, copy=False)
+
+    def _blocks(self, lo: int, hi: int):
+        """Row blocks of ``Q[lo:hi]`` on the device: one view, or streamed blocks from host memory."""
+        if not self._host:
+            yield lo, hi, self.Q[lo:hi]
+            return
+        for a, b in self._row_blocks(lo, hi):
+            yield a, b, self._dev(self.Q[a:b])
+
+    # -- storage ------------------------------------------------------------------------------
+    def set(self, j: int, v: torch.Tensor) -> None:
+        a = self._arr(v.contiguous())
+        if self.storage == "bfloat16":
+            bits = float32_to_bf16_bits(a, xp=self.xp)
+            self.Q[j] = bits.get() if self._host else bits
+        else:
+            self.Q[j] = a.get() if self._host else a
+        self._remember(j, v)
+
+    def set_scaled(self, j: int, w: torch.Tensor, beta: float) -> None:
+        a = self._arr(w)
+        q = self.xp.empty_like(a)
+        if self._host or self.np_dtype != np.float32:
+            self.ops.scale_store(a, 1.0 / beta, q)
+            self.set(j, self._tensor(q))
+        elif self.storage == "bfloat16":
+            self.ops.scale_store(a, 1.0 / beta, self.Q[j], q)  # fused: float32 copy + rounded row
+            self._remember(j, self._tensor(q))
+        else:
+            self.ops.scale_store(a, 1.0 / beta, self.Q[j])
+
+    def get(self, j: int) -> torch.Tensor:
+        if j in self.recent:
+            return self.recent[j]
+        row = self.Q[j]
+        if self.storage == "float32" and not self._host:
+            return self._tensor(row)
+        return self._tensor(self._decode(self._dev(row)))
+
+    # -- algebra ------------------------------------------------------------------------------
+    def project_stored(self, w: torch.Tensor, lo: int, hi: int) -> np.ndarray:
+        a = self._arr(w)
+        parts = [self.ops.project(block, a) for _, _, block in self._blocks(lo, hi)]
+        h = parts[0] if len(parts) == 1 else self.xp.concatenate(parts)
+        return np.asarray(h.get() if self.xp is not np else h, dtype=np.float64)
+
+    def axpy_stored(self, w: torch.Tensor, lo: int, hi: int, coeffs: np.ndarray) -> None:
+        a = self._arr(w)
+        h = self.xp.asarray(-np.asarray(coeffs), dtype=self.np_dtype)
+        for b0, b1, block in self._blocks(lo, hi):
+            self.ops.update(block, a, h[b0 - lo: b1 - lo])
+
+    def norm(self, w: torch.Tensor) -> float:
+        return float(self.ops.sumsq(self._arr(w))) ** 0.5
+
+    def _project_all(self, a, j: int):
+        parts = [self.ops.project(block, a) for _, _, block in self._blocks(0, j)]
+        return parts[0] if len(parts) == 1 else self.xp.concatenate(parts)
+
+    def _update_all(self, a, j: int, h) -> None:
+        for b0, b1, block in self._blocks(0, j):
+            self.ops.update(block, a, h[b0:b1])
+
+    def _orthogonalize_stored(self, w: torch.Tensor, j: int) -> np.ndarray:
+        a = self._arr(w)
+        before = float(self.ops.sumsq(a)) ** 0.5
+        h = self._project_all(a, j)
+        if self._host:
+            self._update_all(a, j, h)
+            h2 = self._project_all(a, j)
+            after = float(self.ops.sumsq(a)) ** 0.5
+        else:
+            h2, sq = self.ops.update_project(self.Q[:j], a, h)
+            after = float(sq) ** 0.5
+        if self._dgks(before, after):
+            self._update_all(a, j, h2)
+            h = h + h2
+        return np.asarray(h.get() if self.xp is not np else h, dtype=np.float64)
+
+    def restart(self, Y: np.ndarray, m: int, keep: int) -> None:
+        xp, Q = self.xp, self.Q
+        Yt = xp.asarray(np.ascontiguousarray(Y.T), dtype=self.np_dtype)
+        for a, b in self._col_blocks(m):  # column blocks are independent: recombine in place
+            new = Yt @ self._decode(self._dev(Q[:m, a:b]))
+            if Q.dtype == np.uint16:
+                new = float32_to_bf16_bits(new, xp=xp)
+            Q[:keep, a:b] = new.get() if self._host else new
+            Q[keep, a:b] = Q[m, a:b]
+        self._after_restart(m, keep)
+
+    def ritz_vectors(self, S: np.ndarray, j: int) -> torch.Tensor:
+        xp = self.xp
+        Sk = xp.asarray(S, dtype=self.np_dtype)
+        vectors = xp.zeros((self.n, S.shape[1]), dtype=self.np_dtype)
+        for a, b in self._col_blocks(j):
+            vectors[a:b] = self._decode(self._dev(self.Q[:j, a:b])).T @ Sk
+        vectors /= xp.linalg.norm(vectors, axis=0, keepdims=True)
+        return self._tensor(vectors)

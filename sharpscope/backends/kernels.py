@@ -1,0 +1,158 @@
+"""Load the CUDA kernels of ``cuda/`` with ``cupy.RawModule`` and call them like :mod:`.reference`.
+
+Where the ``.cu`` files are found (first hit wins):
+
+1. ``$SHARPSCOPE_CUDA_DIR``;
+2. ``<repo>/cuda`` next to the package -- the editable install (``pip install -e .``) this repository
+   uses, where ``sharpscope/`` is imported from the checkout;
+3. ``<sys.prefix>/share/sharpscope/cuda`` -- a regular install, where ``setup.py`` ships the files as
+   ``data_files``.
+
+``common.cuh`` is inlined into each source before compilation (NVRTC then needs no include path).
+Kernels are compiled once per process and device (CuPy also caches the binaries on disk).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["cuda_source_dir", "kernel_source", "CupyKernels", "load_kernels"]
+
+_FILES = ("orthogonalize.cu", "normalize.cu")
+_TPB, _VEC, _TPB_UP, _TPB_N = 256, 4, 128, 256  # must match the #defines in cuda/*.cu
+
+
+def cuda_source_dir() -> Path:
+    """The directory holding the ``.cu`` files (see the module docstring for the search order)."""
+    candidates = []
+    if os.environ.get("SHARPSCOPE_CUDA_DIR"):
+        candidates.append(Path(os.environ["SHARPSCOPE_CUDA_DIR"]))
+    candidates.append(Path(__file__).resolve().parents[2] / "cuda")
+    candidates.append(Path(sys.prefix) / "share" / "sharpscope" / "cuda")
+    for path in candidates:
+        if all((path / f).is_file() for f in _FILES):
+            return path
+    raise FileNotFoundError("sharpscope's CUDA kernels were not found; looked in: "
+                            + ", ".join(str(p) for p in candidates))
+
+
+def kernel_source(name: str) -> str:
+    """The source of ``cuda/<name>`` with ``common.cuh`` inlined."""
+    root = cuda_source_dir()
+    common = (root / "common.cuh").read_text().replace("#pragma once", "")
+    return (root / name).read_text().replace('#include "common.cuh"', common)
+
+
+class CupyKernels:
+    """The compiled kernels behind the functions of :mod:`.reference` (same signatures, CuPy arrays)."""
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.cp = cupy
+        options = ("--std=c++17",)
+        ortho = cupy.RawModule(code=kernel_source("orthogonalize.cu"), options=options)
+        norm = cupy.RawModule(code=kernel_source("normalize.cu"), options=options)
+        self._k = {name: ortho.get_function(name) for name in (
+            "project_f32", "project_bf16", "update_f32", "update_bf16", "update_project_f32",
+            "update_project_bf16", "reduce_rows")}
+        self._k.update({name: norm.get_function(name) for name in (
+            "sumsq_partial", "scale_store_f32", "scale_store_bf16")})
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        self._grid_cap = 32 * int(props["multiProcessorCount"])
+
+    @staticmethod
+    def _kind(Q) -> str:
+        if Q.dtype == np.uint16:
+            return "bf16"
+        if Q.dtype == np.float32:
+            return "f32"
+        raise TypeError(f"basis storage must be float32 or uint16 (bfloat16 bits), got {Q.dtype}")
+
+    @staticmethod
+    def _check(Q, w) -> None:
+        if Q.ndim != 2 or w.ndim != 1 or Q.shape[1] != w.shape[0] or w.dtype != np.float32:
+            raise ValueError(f"expected Q (rows, n) and float32 w (n,), got {Q.shape} and {w.shape} {w.dtype}")
+        if Q.strides[1] != Q.itemsize or not w.flags.c_contiguous:
+            raise ValueError("Q rows and w must be contiguous")
+
+    def _reduce(self, partial, rows: int, nblocks: int):
+        out = self.cp.empty(rows, dtype=self.cp.float32)
+        self._k["reduce_rows"]((rows,), (_TPB,), (partial, np.int32(nblocks), out))
+        return out
+
+    def project(self, Q, w):
+        """``Q @ w`` (float32 accumulation), Q read once."""
+        self._check(Q, w)
+        rows, n = Q.shape
+        ld = Q.strides[0] // Q.itemsize
+        nblocks = max(1, -(-n // (_TPB * _VEC)))
+        partial = self.cp.empty(rows * nblocks, dtype=self.cp.float32)
+        self._k["project_" + self._kind(Q)]((nblocks,), (_TPB,),
+                                            (Q, np.int64(ld), np.int32(rows), w, np.int64(n), partial))
+        return self._reduce(partial, rows, nblocks)
+
+    def update(self, Q, w, h) -> None:
+        """``w -= Q.T @ h`` in place."""
+        self._check(Q, w)
+        rows, n = Q.shape
+        h = self.cp.ascontiguousarray(h, dtype=self.cp.float32)
+        nblocks = max(1, min(self._grid_cap, -(-n // _TPB)))
+        self._k["update_" + self._kind(Q)]((nblocks,), (_TPB,),
+                                           (Q, np.int64(Q.strides[0] // Q.itemsize), np.int32(rows), h, w,
+                                            np.int64(n)), shared_mem=4 * max(rows, 1))
+
+    def update_project(self, Q, w, h):
+        """``w -= Q.T @ h`` in place, then ``(Q @ w, ||w||^2)``, reading Q once from DRAM."""
+        self._check(Q, w)
+        rows, n = Q.shape
+        h = self.cp.ascontiguousarray(h, dtype=self.cp.float32)
+        nblocks = max(1, -(-n // _TPB_UP))
+        partial = self.cp.empty((rows + 1) * nblocks, dtype=self.cp.float32)
+        self._k["update_project_" + self._kind(Q)](
+            (nblocks,), (_TPB_UP,),
+            (Q, np.int64(Q.strides[0] // Q.itemsize), np.int32(rows), h, w, np.int64(n), partial),
+            shared_mem=4 * max(rows, 1))
+        out = self._reduce(partial, rows + 1, nblocks)
+        return out[:rows], out[rows]
+
+    def sumsq(self, w):
+        """``||w||^2`` (float32, deterministic two-stage reduction)."""
+        n = w.shape[0]
+        nblocks = max(1, min(self._grid_cap, -(-n // _TPB_N)))
+        partial = self.cp.empty(nblocks, dtype=self.cp.float32)
+        self._k["sumsq_partial"]((nblocks,), (_TPB_N,), (w, np.int64(n), partial))
+        return self._reduce(partial, 1, nblocks)[0]
+
+    def scale_store(self, w, scale: float, out, out_f32=None) -> None:
+        """``out = scale * w``, encoded to bfloat16 bits when ``out`` is ``uint16`` (then ``out_f32``,
+        if given, receives the float32 values), in one pass."""
+        n = w.shape[0]
+        if out.shape != w.shape or not out.flags.c_contiguous:
+            raise ValueError("scale_store needs a contiguous output of w's shape")
+        nblocks = max(1, min(self._grid_cap, -(-n // _TPB_N)))
+        if self._kind(out) == "f32":
+            self._k["scale_store_f32"]((nblocks,), (_TPB_N,), (w, np.float32(scale), out, np.int64(n)))
+            return
+        if out_f32 is None:
+            out_f32 = self.cp.empty(n, dtype=self.cp.float32)
+        self._k["scale_store_bf16"]((nblocks,), (_TPB_N,), (w, np.float32(scale), out, out_f32, np.int64(n)))
+
+
+@lru_cache(maxsize=None)
+def _load(device_id: int) -> CupyKernels:
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return CupyKernels()
+
+
+def load_kernels() -> CupyKernels:
+    """The kernels compiled for CuPy's current device (cached per device)."""
+    import cupy
+
+    return _load(cupy.cuda.Device().id)

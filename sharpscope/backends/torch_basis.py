@@ -1,0 +1,118 @@
+"""The default backend: the basis as one torch tensor, the algebra as torch BLAS calls.
+
+With ``basis="device"`` this is exactly the code :func:`sharpscope.lanczos` always ran (same calls,
+same results). ``"device-bf16"`` stores a ``torch.bfloat16`` tensor and converts row blocks to the
+working dtype for each pass (float32 accumulation); ``"host"`` keeps the rows in pinned host memory
+and copies row blocks to the device per pass (see :mod:`.base`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import KrylovBasis
+
+__all__ = ["TorchBasis"]
+
+
+class TorchBasis(KrylovBasis):
+    """A :class:`~.base.KrylovBasis` on a ``(m + 1, n)`` torch tensor :attr:`Q`."""
+
+    name = "torch"
+
+    def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, basis: str = "device") -> None:
+        super().__init__(m, n, dtype, device, basis)
+        store_dtype = torch.bfloat16 if self.storage == "bfloat16" else dtype
+        if self.placement == "host":
+            pin = self.device.type == "cuda"
+            self.Q = torch.empty(m + 1, n, dtype=store_dtype, device="cpu", pin_memory=pin)
+        else:
+            self.Q = torch.empty(m + 1, n, dtype=store_dtype, device=self.device)
+        self._plain = self.Q.dtype == dtype and self.Q.device == self.device
+
+    def _rows(self, a: int, b: int) -> torch.Tensor:
+        return self.Q[a:b].to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    def set(self, j: int, v: torch.Tensor) -> None:
+        if self._plain:
+            self.Q[j] = v
+        else:
+            self.Q[j].copy_(v)
+            self._remember(j, v)
+
+    def set_scaled(self, j: int, w: torch.Tensor, beta: float) -> None:
+        if self._plain:
+            torch.div(w, beta, out=self.Q[j])
+        else:
+            self.set(j, w / beta)
+
+    def get(self, j: int) -> torch.Tensor:
+        if self._plain:
+            return self.Q[j]
+        return self.recent[j] if j in self.recent else self._rows(j, j + 1)[0]
+
+    def project_stored(self, w: torch.Tensor, lo: int, hi: int) -> np.ndarray:
+        if self._plain:
+            if hi - lo == 1:
+                return np.array([float(torch.dot(self.Q[lo], w))])
+            return np.array(torch.mv(self.Q[lo:hi], w).tolist())
+        return self._project_f(w, lo, hi).double().cpu().numpy()
+
+    def axpy_stored(self, w: torch.Tensor, lo: int, hi: int, coeffs: np.ndarray) -> None:
+        if self._plain and hi - lo == 1:
+            w.add_(self.Q[lo], alpha=float(coeffs[0]))
+        elif self._plain:
+            w.addmv_(self.Q[lo:hi].T, torch.tensor(coeffs, dtype=self.dtype, device=self.device))
+        else:
+            self._update(w, lo, hi, -torch.as_tensor(coeffs, dtype=self.dtype).to(self.device))
+
+    def _project_f(self, w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return torch.cat([torch.mv(self._rows(a, b), w) for a, b in self._row_blocks(lo, hi)])
+
+    def _update(self, w: torch.Tensor, lo: int, hi: int, h: torch.Tensor) -> None:
+        for a, b in self._row_blocks(lo, hi):
+            w.sub_(torch.mv(self._rows(a, b).T, h[a - lo: b - lo]))
+
+    def _orthogonalize_stored(self, w: torch.Tensor, j: int) -> np.ndarray:
+        before = float(w.norm())
+        if self._plain:
+            Qj = self.Q[:j]
+            h = torch.mv(Qj, w)
+            w.sub_(torch.mv(Qj.T, h))
+            if self._dgks(before, float(w.norm())):
+                h2 = torch.mv(Qj, w)
+                w.sub_(torch.mv(Qj.T, h2))
+                h += h2
+            return h.double().cpu().numpy()
+        h = self._project_f(w, 0, j)
+        self._update(w, 0, j, h)
+        if self._dgks(before, float(w.norm())):
+            h2 = self._project_f(w, 0, j)
+            self._update(w, 0, j, h2)
+            h += h2
+        return h.double().cpu().numpy()
+
+    def restart(self, Y: np.ndarray, m: int, keep: int) -> None:
+        Q = self.Q
+        if self._plain:
+            newQ = torch.as_tensor(Y.T, dtype=self.dtype, device=self.device) @ Q[:m]  # (keep, n)
+            last = Q[m].clone()
+            Q[:keep] = newQ
+            Q[keep] = last
+            return
+        Yt = torch.as_tensor(Y.T, dtype=self.dtype).to(self.device)
+        for a, b in self._col_blocks(m):  # column blocks are independent: recombine in place
+            block = Q[:m, a:b].to(device=self.device, dtype=self.dtype)
+            Q[:keep, a:b] = (Yt @ block).to(Q.device)
+            Q[keep, a:b] = Q[m, a:b]
+        self._after_restart(m, keep)
+
+    def ritz_vectors(self, S: np.ndarray, j: int) -> torch.Tensor:
+        Sk = torch.as_tensor(S, dtype=self.dtype, device=self.device)
+        if self._plain:
+            vectors = self.Q[:j].T @ Sk
+        else:
+            vectors = torch.zeros(self.n, S.shape[1], dtype=self.dtype, device=self.device)
+            for a, b in self._row_blocks(0, j):
+                vectors += self._rows(a, b).T @ Sk[a:b]
+        return vectors / vectors.norm(dim=0, keepdim=True)
