@@ -511,9 +511,14 @@ def super_consistency(trajectories: Mapping[Any, Trajectory] | Aligned, *, windo
         if clear:
             assert alpha is not None
             verdict = "converging"
+            error = (f" +- {alpha.stderr:.2g}" if math.isfinite(alpha.stderr)
+                     else " (exact fit through 2 distances, no error estimate)")
+            direction = ""
+            if math.isfinite(trend_sum) and abs(trend_sum) >= th.trend_min:
+                direction = f"; it {'grows' if trend_sum > 0 else 'falls'} with size (Spearman {trend_sum:.3g})"
             reason = (f"spread {spread_sum:.3g} > {th.spread_max:g} but the distance to the widest falls as "
-                      f"n^-alpha, alpha = {alpha.alpha:.3g} +- {alpha.stderr:.2g} >= {th.alpha_min:g}, "
-                      f"towards a limit {alpha.limit_ratio:.3g} x the widest's value")
+                      f"n^-alpha, alpha = {alpha.alpha:.3g}{error} >= {th.alpha_min:g}, "
+                      f"towards a limit {alpha.limit_ratio:.3g} x the widest's value{direction}")
         elif math.isfinite(trend_sum) and trend_sum >= th.trend_min:
             verdict = "diverging-up"
             reason = f"spread {spread_sum:.3g} > {th.spread_max:g} and grows with size (Spearman {trend_sum:.3g})"

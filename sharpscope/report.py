@@ -268,6 +268,11 @@ def _compare(c: Comparison, problems: list[str]) -> tuple[dict[str, Any], dict[s
     return entry, artifacts
 
 
+LABELS = {"hessian": "sharpness: top eigenvalue of H", "precond": "preconditioned sharpness: top eig. of P^-1 H",
+          "ggn": "top eigenvalue of the Gauss-Newton G", "ntk": "top eigenvalue of the NTK J J^T",
+          "trace": "trace of H (Hutch++)"}
+
+
 def _key(size: float) -> str:
     return str(float(size))
 
@@ -353,7 +358,7 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
         tag = f"{c.parameterization}-{c.optimizer}-lr{c.lr:g}" + (f"-{c.axis}s-at{c.fixed:g}" if c.fixed is not None else "")
         for q, (traj, res) in artifacts.items():
             thresholds = [m.thresholds[q] for m in c.members if q in m.thresholds]
-            keep(plots.trajectories(traj, quantity=q, threshold=thresholds[0] if thresholds else None,
+            keep(plots.trajectories(traj, quantity=LABELS.get(q, q), threshold=thresholds[0] if thresholds else None,
                                     size_label=c.axis, title=f"{q}: {c.label}"),
                  f"{q}-{tag}", f"{q} per {c.axis}, {c.label}")
             keep(plots.spread(res.steps, res.spread, quantity=f"relative spread across {c.axis}s ({res.spread_kind})",
@@ -370,6 +375,17 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
             keep(plots.layer_heatmap(names, steps, np.array(values).T,
                                      title=f"per-layer sharpness, {c.axis} {widest.size(c.axis):g}: {c.label}"),
                  f"layers-{tag}", f"per-layer top Hessian eigenvalue, {c.axis} {widest.size(c.axis):g}, {c.label}")
+    panels: dict[tuple, list] = defaultdict(list)
+    for c, _, artifacts in compared:
+        for q, (traj, _) in artifacts.items():
+            panels[(c.axis, c.optimizer, c.lr, c.fixed, q)].append((c, traj))
+    for (axis, optimizer, lr, fixed, q), row in sorted(panels.items(), key=lambda kv: str(kv[0])):
+        if len(row) > 1:
+            fig = _side_by_side(row, q)
+            names = " vs ".join(c.parameterization for c, _ in row)
+            tag = f"{q}-{'-vs-'.join(c.parameterization for c, _ in row)}-{optimizer}-lr{lr:g}"
+            keep(fig, tag + (f"-{axis}s-at{fixed:g}" if fixed is not None else ""),
+                 f"{q} per {axis}: {names}, {optimizer}, lr {lr:g}")
     for entry, (curves, res) in transfers:
         if max(sum(map(math.isfinite, curve.values())) for curve in curves.values()) < 2:
             continue  # no curve to draw (one lr, or all diverged): the verdict table says why
@@ -380,6 +396,21 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
         keep(plots.lr_sweep(curves, optima=optima, size_label=entry["axis"], title=f"final loss vs lr: {label}"),
              f"lr-{label.replace(' / ', '-').replace(' ', '')}", f"final training loss vs lr per {entry['axis']}, {label}")
     return figures
+
+
+def _side_by_side(row: list, q: str):
+    """One panel per parameterization, shared y axis: the trajectories across sizes side by side."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(row), figsize=(4.6 * len(row), 3.8), sharey=True, squeeze=False)
+    for ax, (c, traj) in zip(axes[0], row):
+        thresholds = [m.thresholds[q] for m in c.members if q in m.thresholds]
+        plots.trajectories(traj, quantity=LABELS.get(q, q), threshold=thresholds[0] if thresholds else None,
+                           size_label=c.axis, ax=ax, title=c.parameterization)
+    for ax in axes[0][1:]:
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
 
 
 def _density_curves(c: Comparison):
@@ -472,9 +503,13 @@ def _html(title: str, metrics: dict, figures) -> str:
     rows = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td class='v'>{esc(c)}</td><td>{esc(d)}</td></tr>"
                    for a, b, c, d in _verdict_rows(metrics))
     problems = "".join(f"<li>{esc(p)}</li>" for p in metrics["problems"])
-    images = "".join(
-        f"<figure><img alt='{esc(cap)}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
-        f"<figcaption>{esc(cap)}</figcaption></figure>" for cap, path in figures)
+    def figure(caption: str, path: Path) -> str:
+        png = path.read_bytes()
+        wide = int.from_bytes(png[16:20], "big") > 1200  # the PNG header's width: side-by-side panels
+        return (f"<figure{' class=wide' if wide else ''}><img alt='{esc(caption)}' "
+                f"src='data:image/png;base64,{base64.b64encode(png).decode()}'><figcaption>{esc(caption)}</figcaption></figure>")
+
+    images = "".join(figure(cap, path) for cap, path in figures)
     runs = "".join(f"<tr><td>{esc(Path(r['path']).name)}</td><td>{r['width']:g}</td>"
                    f"<td>{'' if r['depth'] is None else format(r['depth'], 'g')}</td><td>{r['lr']:g}</td>"
                    f"<td>{'diverged' if r['final_loss'] is None else format(r['final_loss'], '.4g')}</td></tr>"
@@ -482,7 +517,8 @@ def _html(title: str, metrics: dict, figures) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title><style>
 body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
-td.v{{font-weight:bold}}figure{{display:inline-block;margin:8px}}img{{max-width:520px}}
+td.v{{font-weight:bold}}figure{{display:inline-block;vertical-align:top;width:520px;margin:8px}}figure.wide{{width:100%}}img{{max-width:100%}}
+figcaption{{font-size:13px;color:#444}}
 </style></head><body><h1>{esc(title)}</h1>
 <h2>Verdicts</h2><table><tr><th>runs</th><th>quantity</th><th>verdict</th><th>evidence</th></tr>{rows}</table>
 {'<h2>Problems</h2><ul>' + problems + '</ul>' if problems else ''}

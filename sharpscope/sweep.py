@@ -26,7 +26,7 @@ A probe file::
     steps = 100
     batch_size = 0                             # 0: full batch
     seeds = [0]
-    data = "digits"                            # or "teacher-student"; [train.data_kwargs] for its options
+    data = "digits"                            # or "teacher-student", "cifar10"; [train.data_kwargs] for options
     loss = "CrossEntropyLoss"
     depth_scaling = false                      # depth-muP: residual branches times (L / L_0)^(-1/2)
 
@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from .capture import Recorder
-from .data import load as load_data
+from .data import DATASETS, load as load_data
 from .jobs import JobReport, SpectrumSettings, build_loss, executor_from_spec, run_spectrum_job, spectra_path
 from .models import build_model
 from .optim import build_optimizer
@@ -145,6 +145,8 @@ def _validate(p: Probe, path: Path) -> None:
 
     if not p.widths or any(w < 1 for w in p.widths):
         bad(f"widths must be positive integers, got {list(p.widths)}")
+    if p.data not in DATASETS:
+        bad(f"unknown data set {p.data!r}; choose from {', '.join(DATASETS)}")
     if any(d < 1 for d in p.depths):
         bad(f"depths must be positive integers, got {list(p.depths)}")
     for name in p.parameterizations:
