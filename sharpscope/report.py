@@ -250,7 +250,7 @@ def _compare(c: Comparison, problems: list[str]) -> tuple[dict[str, Any], dict[s
             entry["quantities"][q] = {"verdict": "undetermined", "reason": f"only {len(traj)} {c.axis}(s) measured"}
             continue
         try:
-            res = consistency.super_consistency(traj, spread="std")  # robust to EoS oscillations
+            res = consistency.super_consistency(traj)
         except ValueError as err:
             entry["quantities"][q] = {"verdict": "undetermined", "reason": str(err)}
             continue

@@ -120,11 +120,11 @@ def test_inverse_width_is_diverging_down():
 
 def test_spread_formulas_and_relative_distance():
     tr = {1: ([0, 1], [1.0, 2.0]), 2: ([0, 1], [3.0, 2.0])}
-    r = super_consistency(tr, window=0.0, thresholds=ConsistencyThresholds(spread_max=0.01))
+    r = super_consistency(tr, window=0.0, thresholds=ConsistencyThresholds(spread_max=0.01), spread="range")
     np.testing.assert_allclose(r.spread, [2 / 2, 0.0])
     np.testing.assert_allclose(r.distance[0], [2 / 3, 0.0])
     np.testing.assert_allclose(r.distance[1], [0.0, 0.0])
-    r2 = super_consistency(tr, window=0.0, spread="std")
+    r2 = super_consistency(tr, window=0.0)  # default: std / mean
     np.testing.assert_allclose(r2.spread, [1 / 2, 0.0])
     assert r.alpha is None and ">= 3" in r.alpha_note
 
@@ -350,7 +350,7 @@ def test_long_table():
     assert len(to_long_table(tr, "sharpness", drop_nan=True)) == 3
     rows_al = to_long_table(align(tr), "sharpness", size_name="depth")
     assert {r["depth"] for r in rows_al} == {1, 2}
-    r = super_consistency(tr, window=0.0)
+    r = super_consistency(tr, window=0.0, spread="range")
     rows_r = to_long_table(r, "sharpness")
     spread_rows = [x["value"] for x in rows_r if x["quantity"] == "sharpness/spread"]
     assert spread_rows[0] == 1.0 and math.isnan(spread_rows[1])  # one finite value at step 10
