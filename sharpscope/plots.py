@@ -73,11 +73,13 @@ def save(fig, path: str | Path | None) -> None:
 
 def trajectories(data: Trajectories, *, quantity: str = "sharpness", threshold: float | None = None,
                  size_label: str = "width", rescale_steps: Mapping[float, float] | None = None,
-                 logy: bool | None = None, ax=None, path: str | Path | None = None, title: str | None = None):
+                 logy: bool | None = None, ax=None, path: str | Path | None = None, title: str | None = None,
+                 step_label: str | None = None):
     """One curve per width of ``quantity`` against step, with the edge-of-stability line at ``threshold``.
 
     ``rescale_steps`` maps each width to a factor its steps are multiplied by (e.g. tokens per step,
-    or lr ratios for "steps rescaled" views); the x label then reads "rescaled step".
+    or lr ratios for "steps rescaled" views); the x label then reads ``step_label`` (default
+    "rescaled step").
     """
     if not data:
         raise ValueError("nothing to plot: no trajectories")
@@ -97,7 +99,7 @@ def trajectories(data: Trajectories, *, quantity: str = "sharpness", threshold: 
     values = np.concatenate(all_values)
     if logy if logy is not None else _spans_decades(values):
         ax.set_yscale("log")
-    ax.set_xlabel("rescaled step" if rescale_steps is not None else "step")
+    ax.set_xlabel(step_label or ("rescaled step" if rescale_steps is not None else "step"))
     ax.set_ylabel(quantity)
     ax.set_title(title or f"{quantity} per {size_label}")
     if threshold is not None:

@@ -386,6 +386,20 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
             tag = f"{q}-{'-vs-'.join(c.parameterization for c, _ in row)}-{optimizer}-lr{lr:g}"
             keep(fig, tag + (f"-{axis}s-at{fixed:g}" if fixed is not None else ""),
                  f"{q} per {axis}: {names}, {optimizer}, lr {lr:g}")
+    across_lrs: dict[tuple, list] = defaultdict(list)
+    for c, _, artifacts in compared:
+        for q, (traj, _) in artifacts.items():
+            across_lrs[(c.axis, c.parameterization, c.optimizer, c.fixed, q)].append((c, traj))
+    for (axis, param, optimizer, fixed, q), row in sorted(across_lrs.items(), key=lambda kv: str(kv[0])):
+        rescaled = _eos_normalized(row, q)
+        if rescaled is not None:
+            size, curves = rescaled
+            label = f"{param} / {optimizer}, {axis} {size:g}"
+            keep(plots.trajectories(curves, quantity=f"{q} / its EoS threshold", threshold=1.0, size_label="lr",
+                                    rescale_steps={lr: lr for lr in curves}, step_label="lr x step",
+                                    title=f"{q} across lrs: {label}"),
+                 f"{q}-lrs-{param}-{optimizer}-{axis}{size:g}" + (f"-at{fixed:g}" if fixed is not None else ""),
+                 f"{q} / EoS threshold against lr x step, one curve per lr, {label}")
     for entry, (curves, res) in transfers:
         if max(sum(map(math.isfinite, curve.values())) for curve in curves.values()) < 2:
             continue  # no curve to draw (one lr, or all diverged): the verdict table says why
@@ -396,6 +410,20 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
         keep(plots.lr_sweep(curves, optima=optima, size_label=entry["axis"], title=f"final loss vs lr: {label}"),
              f"lr-{label.replace(' / ', '-').replace(' ', '')}", f"final training loss vs lr per {entry['axis']}, {label}")
     return figures
+
+
+def _eos_normalized(row: list, q: str):
+    """For the largest size measured at >= 2 lrs: per lr, the quantity over its EoS threshold
+    (2/lr for SGD, 38/lr for Adam...), to be drawn against lr x step: at the edge of stability every
+    lr sits at 1, and progressive sharpening at different lrs lines up in "time" lr x step."""
+    per_size: dict[float, dict[float, tuple]] = defaultdict(dict)
+    for c, traj in row:
+        thresholds = {m.size(c.axis): m.thresholds[q] for m in c.members if q in m.thresholds}
+        for size, (steps, values) in traj.items():
+            if size in thresholds and thresholds[size] > 0:
+                per_size[size][c.lr] = (steps, [v / thresholds[size] for v in values])
+    sizes = [size for size, curves in per_size.items() if len(curves) >= 2]
+    return (max(sizes), per_size[max(sizes)]) if sizes else None
 
 
 def _side_by_side(row: list, q: str):

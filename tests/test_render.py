@@ -25,7 +25,7 @@ def test_report_renders_with_its_figures(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(page), "--screenshot", str(shot)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "7/7 figures in the DOM" in done.stdout and shot.stat().st_size > 10_000
+    assert "8/8 figures in the DOM" in done.stdout and shot.stat().st_size > 10_000
 
 
 def test_a_broken_page_fails_the_check(tmp_path):

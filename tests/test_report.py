@@ -23,7 +23,7 @@ def test_sweep_writes_a_report_with_verdicts(tmp_path, capsys):
     assert set(group["quantities"]["precond"]["edge_of_stability"]) == {"16.0", "32.0", "64.0"}
     assert metrics["transfer"][0]["verdict"] in ("transfers", "shifts", "undetermined")
     page = result.report.read_text()
-    assert page.count("data:image/png;base64,") == 7  # 3 lrs x (trajectories + spread), 1 lr sweep and "<td class='v'>" in page
+    assert page.count("data:image/png;base64,") == 8  # 3 lrs x (trajectories + spread), across lrs, lr sweep and "<td class='v'>" in page
     assert (tmp_path / "out" / "report.md").exists()
     assert main(["report", *map(str, result.runs[:3]), "--out", str(tmp_path / "r2")]) == 0
     assert "report:" in capsys.readouterr().out
