@@ -187,12 +187,11 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
             values, residuals, mv = np.concatenate(dens.nodes), np.concatenate(dens.weights), dens.num_matvecs
             info["nodes_per_probe"] = [len(n) for n in dens.nodes]
         elif q == "layers":
-            layers = [name for name, mod in model.named_modules()
-                      if any(p.requires_grad for p in mod.parameters(recurse=False))]
+            groups = layer_groups(model)
+            layers = list(groups)
             vals, mv = [], 0
             for name in layers:
-                op = hessian_operator(model, loss_fn, data, params=[f"{name}.{n}" if name else n
-                                                                    for n, _ in model.get_submodule(name).named_parameters(recurse=False)], **common)
+                op = hessian_operator(model, loss_fn, data, params=groups[name], **common)
                 res = lanczos(op, k=1, tol=settings.tol, seed=settings.seed) if op.shape[0] > 1 else None
                 vals.append(float(res.eigenvalues[0]) if res is not None else float(op.to_dense()[0, 0]))
                 mv += res.num_matvecs if res is not None else 1
@@ -207,6 +206,19 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
 
 
 # -- the results file ----------------------------------------------------------------------------------------
+def layer_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Trainable parameter names grouped by the layer (module) that owns them, in model order; a
+    parameter under ``torch.nn.utils.parametrize`` (``layer.parametrizations.weight.original``, as muP
+    multipliers are applied) belongs to ``layer``, not to the parametrization's internal module."""
+    groups: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner = name.split(".parametrizations.")[0] if ".parametrizations." in name else name.rpartition(".")[0]
+        groups.setdefault(owner or "(top level)", []).append(name)
+    return groups
+
+
 def spectra_path(run_path: str | os.PathLike) -> Path:
     p = Path(run_path)
     return p.with_name(p.stem + ".spectra.h5")

@@ -116,3 +116,14 @@ def test_all_diverged_lr_grid_and_unreadable_files_are_messages(tmp_path, capsys
     captured = capsys.readouterr()
     assert "no usable run" in captured.err and "Traceback" not in captured.err + captured.out
     assert "note: no usable run among the files given" in captured.out
+
+
+def test_density_and_layer_results_get_their_figures(tmp_path):
+    runs = _sweep(tmp_path, "full", widths=(16, 32), steps=2, every=2, quantities=("hessian", "layers", "density"))
+    metrics = _metrics(tmp_path, runs)
+    assert set(metrics["groups"][0]["quantities"]) == {"hessian"}  # density/layers are figures, not trajectories
+    names = {p.name for p in (tmp_path / "r" / "figures").glob("*.png")}
+    assert any(n.startswith("density-") for n in names) and any(n.startswith("layers-") for n in names)
+    from sharpscope.jobs import SpectraFile, spectra_path
+    with SpectraFile(spectra_path(runs[0])) as sf:  # muP's parametrizations belong to their layers
+        assert sf.rows("layers")[0]["info"]["layers"] == ["input", "hidden.0", "readout"]
