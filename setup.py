@@ -29,9 +29,11 @@ setup(
         "scikit-learn>=1.2",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1", "lightning>=2.0"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1", "lightning>=2.0",
+                 "transformers>=4.40", "accelerate>=1.1"],
         "dask": ["dask[distributed]"],
         "lightning": ["lightning"],
+        "huggingface": ["transformers>=4.40", "accelerate>=1.1"],
         "cupy": ["cupy-cuda12x"],
     },
     entry_points={"console_scripts": ["sharpscope=sharpscope.cli:main"]},

@@ -48,7 +48,9 @@ def lightning_callback(path: str, **recorder_kwargs: Any):
 
 
 def huggingface_callback(path: str, **recorder_kwargs: Any):
-    """A ``transformers.TrainerCallback`` recording the Trainer's model and optimizer."""
+    """A ``transformers.TrainerCallback`` recording the Trainer's model and (unwrapped) optimizer. The
+    Trainer logs its loss (averaged over ``logging_steps``) after the step's hooks, so checkpoints hold
+    no loss; the logged losses go to the run's ``loss`` scalar log, which the report falls back to."""
     try:
         from transformers import TrainerCallback
     except ImportError:
@@ -59,12 +61,17 @@ def huggingface_callback(path: str, **recorder_kwargs: Any):
             self.recorder: Recorder | None = None
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            self.recorder = Recorder(path, model, optimizer, **recorder_kwargs)
+            # the Trainer hands over accelerate's wrapper; its state lives in the torch optimizer inside
+            inner = getattr(optimizer, "optimizer", optimizer)
+            self.recorder = Recorder(path, model, inner, **recorder_kwargs)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.recorder is not None:
-                history = state.log_history[-1] if state.log_history else {}
-                self.recorder.step(loss=history.get("loss"))
+                self.recorder.step()  # the Trainer logs its loss after this hook: see on_log
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.recorder is not None and logs and "loss" in logs:
+                self.recorder.log_loss(float(logs["loss"]), state.global_step)
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.recorder is not None:

@@ -254,6 +254,11 @@ class Recorder:
             return True
         return False
 
+    def log_loss(self, value: float, step: int | None = None) -> None:
+        """Log a training loss known apart from :meth:`step` (e.g. a framework's averaged logged loss)
+        to the run's ``loss`` scalar log, at ``step`` (default: the current step)."""
+        self.writer.log_scalar("loss", self.step_count if step is None else int(step), float(value))
+
     def capture(self, loss: float | None = None) -> None:
         """Capture a checkpoint at the current step now (the on-demand schedule uses only this);
         ``loss`` overrides the last loss passed to :meth:`step`."""

@@ -206,6 +206,14 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
 
 
 # -- the results file ----------------------------------------------------------------------------------------
+def _logs_loss(run) -> bool:
+    """Whether the run's ``loss`` scalar log holds anything (a loop that reported its loss)."""
+    try:
+        return len(run.scalars("loss")[0]) > 0
+    except KeyError:
+        return False
+
+
 def layer_groups(model: nn.Module) -> dict[str, list[str]]:
     """Trainable parameter names grouped by the layer (module) that owns them, in model order; a
     parameter under ``torch.nn.utils.parametrize`` (``layer.parametrizations.weight.original``, as muP
@@ -387,8 +395,11 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
     for path in runs:
         path = str(Path(path))
         with open_run(path) as run:
-            # a non-finite loss after step 0 marks a diverged run: its curvature is meaningless
-            run_steps = [s for s in run.steps if s == 0 or math.isfinite(run.loss(s))]
+            # in a run that records its loss, a non-finite loss after step 0 marks divergence: its
+            # curvature is meaningless (a run whose loop never passed a loss has NaN everywhere: kept)
+            losses = {s: run.loss(s) for s in run.steps}
+            records_loss = any(math.isfinite(v) for s, v in losses.items() if s > 0) or _logs_loss(run)
+            run_steps = [s for s in run.steps if s == 0 or not records_loss or math.isfinite(losses[s])]
             report.diverged += len(run.steps) - len(run_steps)
             if not run.meta.get("model_factory"):
                 raise ValueError(f"{path}: meta has no model_factory ('module:function'): the model cannot be rebuilt")

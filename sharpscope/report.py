@@ -53,6 +53,7 @@ class RunSummary:
     thresholds: dict[str, float] = field(default_factory=dict)
     densities: dict[int, Any] = field(default_factory=dict)
     layers: tuple[list[str], list[int], list[list[float]]] | None = None
+    loss_source: str = "checkpoint"
 
     def size(self, axis: str) -> float | None:
         return self.width if axis == "width" else self.depth
@@ -79,6 +80,22 @@ def _coordinates(meta: dict) -> dict[str, Any]:
         "seed": first(meta.get("seed"), user.get("seed")),
         "probe_name": probe.get("name"),
     }
+
+
+def _final_loss(run) -> tuple[float, str]:
+    """The run's final training loss and where it comes from: the last checkpoint's loss
+    ("checkpoint"; NaN/inf there = diverged), else the last value of the ``loss`` scalar log
+    ("logged", e.g. a framework's logged loss), else NaN ("unknown": the loop passed no loss)."""
+    losses = [run.loss(s) for s in run.steps if s > 0]
+    if any(map(math.isfinite, losses)):
+        return float(losses[-1]), "checkpoint"
+    try:
+        _, logged = run.scalars("loss")
+    except KeyError:
+        logged = []
+    if len(logged):
+        return float(logged[-1]), "logged"
+    return float("nan"), "unknown"
 
 
 def _digest(probe) -> str | None:
@@ -126,7 +143,7 @@ def collect(runs: Sequence[str | Path]) -> tuple[list[RunSummary], list[str]]:
             with open_run(path) as run:
                 c = _coordinates(run.meta)
                 steps = run.steps
-                final = run.loss(steps[-1]) if steps else float("nan")
+                final, loss_source = _final_loss(run)
                 digest = _digest(run.probe())
         except (OSError, ValueError, KeyError) as err:
             problems.append(f"{path.name}: not a readable sharpscope run ({err}): left out")
@@ -139,7 +156,11 @@ def collect(runs: Sequence[str | Path]) -> tuple[list[RunSummary], list[str]]:
             continue
         summary = RunSummary(str(path), c["parameterization"], c["optimizer"], float(c["lr"]), float(c["width"]),
                              float(final), depth=None if c["depth"] is None else float(c["depth"]),
-                             seed=c["seed"], probe_name=c["probe_name"], probe_digest=digest)
+                             seed=c["seed"], probe_name=c["probe_name"], probe_digest=digest,
+                             loss_source=loss_source)
+        if loss_source == "unknown":
+            problems.append(f"{path.name}: records no training loss (pass loss= to Recorder.step or use "
+                            f"Recorder.log_loss): left out of the lr transfer")
         results = spectra_path(path)
         if results.exists():
             try:
@@ -285,7 +306,8 @@ def _lr_curves(c_members: Sequence[RunSummary], axis: str) -> dict[float, dict[f
     """size -> lr -> final loss, the mean over seeds (a diverged seed makes the point diverged)."""
     points: dict[float, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for s in c_members:
-        points[s.size(axis)][s.lr].append(s.final_loss)
+        if s.loss_source != "unknown":
+            points[s.size(axis)][s.lr].append(s.final_loss)
     return {size: {lr: float(np.mean(v)) if all(math.isfinite(x) for x in v) else float("nan")
                    for lr, v in curve.items()} for size, curve in sorted(points.items())}
 
@@ -303,7 +325,7 @@ def _transfers(summaries: Sequence[RunSummary], problems: list[str]) -> list[tup
             curves = _lr_curves(members, axis)
             head = {"axis": axis, "parameterization": param, "optimizer": opt, "fixed": fixed}
             label = f"{param} / {opt}" + (f" / {other} {fixed:g}" if fixed is not None else "")
-            n_lrs = max(len(curve) for curve in curves.values())
+            n_lrs = max((len(curve) for curve in curves.values()), default=0)
             dead = [size for size, curve in curves.items() if not any(math.isfinite(v) for v in curve.values())]
             if dead:
                 problems.append(f"{label}: every lr diverged for {axis}s {_fmt(dead)}: lower the lr grid")
@@ -401,7 +423,7 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
                  f"{q}-lrs-{param}-{optimizer}-{axis}{size:g}" + (f"-at{fixed:g}" if fixed is not None else ""),
                  f"{q} / EoS threshold against lr x step, one curve per lr, {label}")
     for entry, (curves, res) in transfers:
-        if max(sum(map(math.isfinite, curve.values())) for curve in curves.values()) < 2:
+        if max((sum(map(math.isfinite, curve.values())) for curve in curves.values()), default=0) < 2:
             continue  # no curve to draw (one lr, or all diverged): the verdict table says why
         optima = {o.size: o.lr_opt for o in res.optima if o.lr_opt is not None} if res is not None else None
         label = f"{entry['parameterization']} / {entry['optimizer']}"

@@ -12,7 +12,7 @@ Layout (format ``sharpscope.run``, version 1)::
         flat_<dtype>          (N, total): all tensors of one dtype (parameters, buffers, optimizer state),
                               flattened and concatenated; tensor j is row[offset_j : offset_j + numel_j]
         complete              (N,) uint8 -- written last: row i exists iff complete has more than i rows
-    /scalars/<name>           (M, 2) float64: (step, value) logs, e.g. online sharpness
+    /scalars/<name>           (M, 2) float64: (step, value) logs: online sharpness, logged training loss
 
 Crash safety. Every dataset is created up front and the writer switches to HDF5's single-writer /
 multiple-reader mode (SWMR), in which the library orders its metadata writes so that the file stays
@@ -164,7 +164,7 @@ class RunWriter(H5Handle):
 
     def __init__(self, path: str | os.PathLike, meta: Mapping[str, Any], tensors: list[TensorSpec],
                  lr_groups: int = 0, probe: tuple[Any, Any] | None = None,
-                 scalars: Iterable[str] = ("sharpness",)) -> None:
+                 scalars: Iterable[str] = ("sharpness", "loss")) -> None:
         self.path = Path(path)
         if self.path.exists():
             raise FileExistsError(f"{self.path} exists: resume it (RunWriter.resume) or choose a new path")

@@ -231,7 +231,8 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
             opt.zero_grad()
             loss = loss_fn(model(xb), yb)
             if not torch.isfinite(loss):
-                rec.capture(loss=float(loss.detach()))  # the diverged loss, with a final checkpoint
+                rec.log_loss(float(loss.detach()))  # the diverged loss, logged and with a final checkpoint
+                rec.capture(loss=float(loss.detach()))
                 break
             loss.backward()
             opt.step()

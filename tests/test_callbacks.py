@@ -1,6 +1,7 @@
 """Framework adapters and the TensorBoard hook, when their packages are importable."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -72,3 +73,32 @@ def test_huggingface_callback_needs_transformers():
 
         with pytest.raises(ImportError, match="transformers"):
             huggingface_callback("x.h5")
+
+
+def test_huggingface_callback_records_the_trainers_steps(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, inputs, labels=None):
+            logits = self.net(inputs)
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    data = [{"inputs": a, "labels": b} for a, b in zip(x, y)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8,
+                                          max_steps=6, logging_steps=1, save_strategy="no", report_to=[],
+                                          use_cpu=True, learning_rate=1e-2, disable_tqdm=True)
+    callback = ss.huggingface_callback(str(tmp_path / "hf.h5"), probe=(x[:16], y[:16]), every=2)
+    trainer = transformers.Trainer(model=Net(), args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    with ss.open_run(tmp_path / "hf.h5") as run:
+        assert run.steps == [0, 2, 4, 6]
+        assert "net.0.weight" in run.params(6)
+        assert set(run.optimizer_state(6)["net.0.weight"]) >= {"exp_avg", "exp_avg_sq"}  # the Trainer's AdamW
+        steps, losses = run.scalars("loss")
+        assert steps.tolist() == [1, 2, 3, 4, 5, 6] and np.isfinite(losses).all()  # logging_steps=1

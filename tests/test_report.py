@@ -127,3 +127,34 @@ def test_density_and_layer_results_get_their_figures(tmp_path):
     from sharpscope.jobs import SpectraFile, spectra_path
     with SpectraFile(spectra_path(runs[0])) as sf:  # muP's parametrizations belong to their layers
         assert sf.rows("layers")[0]["info"]["layers"] == ["input", "hidden.0", "readout"]
+
+
+def test_a_loop_without_losses_is_measured_and_left_out_of_lr_transfer(tmp_path):
+    import torch
+    import sharpscope as ss
+    from sharpscope.jobs import run_spectrum_job
+    from sharpscope.models import MLP
+
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    runs = []
+    for width in (8, 16):
+        torch.manual_seed(0)
+        model = MLP(width=width, in_features=8, out_features=4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        path = tmp_path / f"w{width}.h5"
+        with ss.Recorder(path, model, opt, probe=(x, y), every=2, loss_fn=torch.nn.CrossEntropyLoss(),
+                         meta={"model_factory": "sharpscope.models:MLP",
+                               "model_kwargs": {"width": width, "in_features": 8, "out_features": 4},
+                               "width": width, "lr": 0.1}) as rec:
+            for _ in range(4):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                rec.step()  # no loss passed: unknown, not diverged
+        runs.append(path)
+    job = run_spectrum_job(runs, ["hessian"], progress=False)
+    assert job.diverged == 0 and job.computed == 6
+    metrics = _metrics(tmp_path, runs)
+    assert metrics["groups"][0]["quantities"]["hessian"]["verdict"] != "undetermined"
+    assert any("w8.h5: records no training loss" in p for p in metrics["problems"])
+    assert metrics["transfer"][0]["verdict"] == "undetermined"
