@@ -25,6 +25,10 @@ from .optim import OptimizerList, build_optimizer
 from .param import (PARAMETERIZATIONS, Exponents, Parameterization, ParamGroups, infer_roles, lr_exponent,
                     parametrize, parametrize_from_record)
 from .store import Run, RunFileError, RunWriter, open_run
+from .comparisons import analyze, collect
+from .jobs import run_spectrum_job
+from .report import write_report
+from .sweep import load_probe, run_sweep
 
 __all__ = [
     "__version__",
@@ -39,5 +43,7 @@ __all__ = [
     "parametrize", "parametrize_from_record", "infer_roles", "lr_exponent", "Parameterization", "Exponents",
     "ParamGroups", "PARAMETERIZATIONS", "MLP", "CNN", "Transformer", "MoE", "MoELayer", "FAMILIES",
     "build_model", "build_optimizer", "OptimizerList", "coord_check", "plot_coord_check", "CoordCheckResult",
-    "super_consistency", "lr_transfer", "edge_of_stability", "eos_threshold", "to_long_table", "open_run", "Run", "RunWriter", "RunFileError",
+    "super_consistency", "lr_transfer", "edge_of_stability", "eos_threshold", "to_long_table",
+    "open_run", "Run", "RunWriter", "RunFileError", "run_spectrum_job",
+    "collect", "analyze", "write_report", "load_probe", "run_sweep",
 ]
