@@ -51,6 +51,12 @@ class RunSummary:
     densities: dict[int, Any] = field(default_factory=dict)
     layers: tuple[list[str], list[int], list[list[float]]] | None = None
     loss_source: str = "checkpoint"
+    initial_loss: float = float("nan")
+
+    @property
+    def blew_up(self) -> bool:
+        """Training ended above the initial loss: for the lr sweep as good as diverged."""
+        return math.isfinite(self.final_loss) and self.final_loss > self.initial_loss
 
     def size(self, axis: str) -> float | None:
         return self.width if axis == "width" else self.depth
@@ -79,20 +85,25 @@ def _coordinates(meta: dict) -> dict[str, Any]:
     }
 
 
-def _final_loss(run) -> tuple[float, str]:
-    """The run's final training loss and where it comes from: the last checkpoint's loss
-    ("checkpoint"; NaN/inf there = diverged), else the last value of the ``loss`` scalar log
-    ("logged", e.g. a framework's logged loss), else NaN ("unknown": the loop passed no loss)."""
+def _losses(run) -> tuple[float, float, str]:
+    """The run's initial and final training loss and where the final one comes from: the last
+    checkpoint's loss ("checkpoint"; NaN/inf there = diverged), else the last value of the ``loss``
+    scalar log ("logged", e.g. a framework's logged loss), else NaN ("unknown": the loop passed no
+    loss). The initial loss is the log's step-0 value (sweeps log the initial model's loss there),
+    else the first finite loss recorded."""
     losses = [run.loss(s) for s in run.steps if s > 0]
-    if any(map(math.isfinite, losses)):
-        return float(losses[-1]), "checkpoint"
     try:
-        _, logged = run.scalars("loss")
+        log_steps, logged = run.scalars("loss")
     except KeyError:
-        logged = []
+        log_steps, logged = np.zeros(0), np.zeros(0)
+    finite = [v for v in (*logged, *losses) if math.isfinite(v)]
+    at_zero = [v for s, v in zip(log_steps, logged) if s == 0 and math.isfinite(v)]
+    initial = at_zero[0] if at_zero else (finite[0] if finite else float("nan"))
+    if any(map(math.isfinite, losses)):
+        return float(initial), float(losses[-1]), "checkpoint"
     if len(logged):
-        return float(logged[-1]), "logged"
-    return float("nan"), "unknown"
+        return float(initial), float(logged[-1]), "logged"
+    return float(initial), float("nan"), "unknown"
 
 
 def _digest(probe) -> str | None:
@@ -140,7 +151,7 @@ def collect(runs: Sequence[str | Path]) -> tuple[list[RunSummary], list[str]]:
             with open_run(path) as run:
                 c = _coordinates(run.meta)
                 steps = run.steps
-                final, loss_source = _final_loss(run)
+                initial, final, loss_source = _losses(run)
                 digest = _digest(run.probe())
         except (OSError, ValueError, KeyError) as err:
             problems.append(f"{path.name}: not a readable sharpscope run ({err}): left out")
@@ -154,7 +165,7 @@ def collect(runs: Sequence[str | Path]) -> tuple[list[RunSummary], list[str]]:
         summary = RunSummary(str(path), c["parameterization"], c["optimizer"], float(c["lr"]), float(c["width"]),
                              float(final), depth=None if c["depth"] is None else float(c["depth"]),
                              seed=c["seed"], probe_name=c["probe_name"], probe_digest=digest,
-                             loss_source=loss_source)
+                             loss_source=loss_source, initial_loss=initial)
         if loss_source == "unknown":
             problems.append(f"{path.name}: records no training loss (pass loss= to Recorder.step or use "
                             f"Recorder.log_loss): left out of the lr transfer")
@@ -295,11 +306,13 @@ def _fmt(sizes) -> str:
 
 
 def _lr_curves(c_members: Sequence[RunSummary], axis: str) -> dict[float, dict[float, float]]:
-    """size -> lr -> final loss, the mean over seeds (a diverged seed makes the point diverged)."""
+    """size -> lr -> final loss, the mean over seeds; a seed that diverged, or blew up (ended above
+    its initial loss: a finite but meaningless loss that would bend the quadratic fit of the optimum),
+    makes the point diverged (NaN)."""
     points: dict[float, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for s in c_members:
         if s.loss_source != "unknown":
-            points[s.size(axis)][s.lr].append(s.final_loss)
+            points[s.size(axis)][s.lr].append(float("nan") if s.blew_up else s.final_loss)
     return {size: {lr: float(np.mean(v)) if all(math.isfinite(x) for x in v) else float("nan")
                    for lr, v in curve.items()} for size, curve in sorted(points.items())}
 
@@ -314,9 +327,13 @@ def _transfers(summaries: Sequence[RunSummary], problems: list[str]) -> list[tup
                 families[(s.parameterization, s.optimizer, s.size(other))].append(s)
         for (param, opt, fixed), members in sorted(families.items(), key=lambda kv: tuple(
                 (x is None, x) for x in kv[0])):
-            curves = _lr_curves(members, axis)
-            head = {"axis": axis, "parameterization": param, "optimizer": opt, "fixed": fixed}
             label = f"{param} / {opt}" + (f" / {other} {fixed:g}" if fixed is not None else "")
+            curves = _lr_curves(members, axis)
+            blown = sorted(f"{s.size(axis):g}@{s.lr:g}" for s in members if s.blew_up)
+            if blown:
+                problems.append(f"{label}: {len(blown)} run(s) ended above their initial loss ({axis}@lr: "
+                                f"{', '.join(blown)}): counted as diverged in the lr transfer")
+            head = {"axis": axis, "parameterization": param, "optimizer": opt, "fixed": fixed}
             n_lrs = max((len(curve) for curve in curves.values()), default=0)
             dead = [size for size, curve in curves.items() if not any(math.isfinite(v) for v in curve.values())]
             if dead:

@@ -840,7 +840,8 @@ def lr_transfer(losses: Mapping[Any, Mapping[float, float] | tuple[Sequence[floa
     * cost of transferring: the largest size's loss at the smallest size's optimal lr
       (interpolated on the largest size's curve in log2 lr: local quadratic through 3 finite grid
       points, linear with 2; +inf if that lr sits next to a diverged run; NaN outside the grid)
-      minus the largest size's optimal loss; ``cost_relative`` divides by |that optimal loss|.
+      minus the largest size's optimal loss, clipped at 0 (an interpolation that dips below the
+      fitted optimum measures no cost); ``cost_relative`` divides by |that optimal loss|.
     * verdict: "transfers" if shift_range <= ``shift_max`` (default 0.5 octave) and
       cost_relative <= ``cost_max`` (default 0.05); "shifts" otherwise; "undetermined" when a
       size's runs all diverged, when a size's best lr is at an end of its grid (the optimum may
@@ -874,6 +875,8 @@ def lr_transfer(losses: Mapping[Any, Mapping[float, float] | tuple[Sequence[floa
     if small.log2_lr_opt is not None and large.loss_opt is not None:
         at, cnote = _interp_loss(large, small.log2_lr_opt)
         cost = at - large.loss_opt
+        if cost < 0:  # the interpolating parabola dips below the fitted optimum: no measurable cost
+            cost, cnote = 0.0, f"{cnote}; below the fitted optimum by {-cost:.3g}, clipped to 0"
         cost_rel = cost / abs(large.loss_opt) if large.loss_opt != 0 else (0.0 if cost == 0 else float("inf"))
     div_note = ", ".join(f"{_k(o.size)}: {o.n_diverged}/{o.lrs.size}" for o in optima if o.n_diverged)
     div_note = f"; diverged runs per size {div_note}" if div_note else ""

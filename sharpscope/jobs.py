@@ -107,6 +107,10 @@ def model_at(run, step: int, dtype: torch.dtype | None = None) -> nn.Module:
     return model.to(dtype) if dtype is not None else model
 
 
+class NoOptimizerState(ValueError):
+    """The checkpoint precedes the optimizer's first step (e.g. Adam at step 0): 'precond' does not apply."""
+
+
 def _optimizer_at(run, step: int, model: nn.Module) -> torch.optim.Optimizer:
     """Rebuild the optimizer (class, groups, hyper-parameters) and load its state at ``step``."""
     info = run.meta.get("optimizer")
@@ -124,7 +128,8 @@ def _optimizer_at(run, step: int, model: nn.Module) -> torch.optim.Optimizer:
     opt.defaults.update(defaults)
     for name, st in run.optimizer_state(step).items():
         if any(torch.isnan(v).any() for v in st.values()):
-            raise ValueError(f"{run.path}: no optimizer state at step {step} (the optimizer had not stepped yet)")
+            raise NoOptimizerState(f"no optimizer state at step {step}: the optimizer had not stepped yet, "
+                                   f"its preconditioner is undefined")
         opt.state[params[name]] = dict(st)
     return opt
 
@@ -142,11 +147,13 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
     with open_run(run_path) as run:
         model = model_at(run, step)
         probe = run.probe()
-        optimizer, optimizer_error = None, None
+        optimizer, optimizer_error, not_applicable = None, None, None
         if "precond" in quantities:
             try:
                 optimizer = _optimizer_at(run, step, model)
-            except ValueError as err:  # e.g. no optimizer state yet at step 0: the others still run
+            except NoOptimizerState as err:  # stored as an empty result: done, not a failure
+                not_applicable = str(err)
+            except ValueError as err:  # the others still run
                 optimizer_error = str(err)
         loss_spec = loss or run.meta.get("loss")
     if probe is None:
@@ -160,6 +167,11 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
     for q in quantities:
         if q == "precond" and optimizer_error:
             out.append({"step": int(step), "quantity": q, "error": optimizer_error})
+            continue
+        if q == "precond" and not_applicable:
+            out.append({"step": int(step), "quantity": q, "settings": settings.key(q), "values": np.zeros(0),
+                        "residuals": np.zeros(0), "num_matvecs": 0, "seconds": 0.0,
+                        "info": json.dumps({"not_applicable": not_applicable})})
             continue
         t0 = time.perf_counter()
         info: dict[str, Any] = {}
@@ -325,12 +337,14 @@ class SpectraFile(H5Handle):
 @dataclass
 class JobReport:
     """What a job did: tasks run, results skipped (already stored), results written, checkpoints
-    skipped because the run had diverged, failures (run, step, error message)."""
+    skipped because the run had diverged, results that do not apply (e.g. Adam's preconditioned
+    sharpness before its first step; stored empty), failures (run, step, error message)."""
 
     computed: int = 0
     skipped: int = 0
     written: int = 0
     diverged: int = 0
+    not_applicable: int = 0
     failures: list[tuple[str, int, str]] = field(default_factory=list)
 
 
@@ -435,6 +449,7 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
                     sf = writers.get(path) or writers.setdefault(path, SpectraFile(spectra_path(path), "a"))
                     sf.append(row)
                     report.written += 1
+                    report.not_applicable += "not_applicable" in json.loads(row["info"])
                 report.computed += 1
             bar.update(1)
         bar.close()

@@ -168,7 +168,9 @@ def write_report(runs: Sequence[str | Path], out_dir: str | Path, title: str = "
         metrics["problems"].append("no usable run among the files given: nothing to analyse")
     metrics["runs"] = [{"path": s.path, "parameterization": s.parameterization, "optimizer": s.optimizer,
                         "lr": s.lr, "width": s.width, "depth": s.depth, "seed": s.seed,
-                        "final_loss": s.final_loss if math.isfinite(s.final_loss) else None}
+                        "final_loss": s.final_loss if math.isfinite(s.final_loss) else None,
+                        "initial_loss": s.initial_loss if math.isfinite(s.initial_loss) else None,
+                        "blew_up": s.blew_up}
                        for s in summaries]
     metrics["settings"] = settings or {}
     import torch

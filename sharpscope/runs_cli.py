@@ -18,7 +18,8 @@ def _spectrum(args: argparse.Namespace) -> int:
     report = run_spectrum_job(args.runs, quantities, settings, executor=args.executor, steps=steps,
                               loss=args.loss, progress=not args.quiet)
     print(f"computed {report.computed} checkpoint(s), wrote {report.written} result(s), "
-          f"skipped {report.skipped} already stored")
+          f"skipped {report.skipped} already stored"
+          + (f", {report.not_applicable} not applicable (no optimizer state yet)" if report.not_applicable else ""))
     for path, step, message in report.failures:
         print(f"FAILED {path} step {step}: {message}")
     return 1 if report.failures else 0

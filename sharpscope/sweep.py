@@ -40,8 +40,9 @@ A probe file::
     executor = "local"                         # for training and spectra: local, process:N, dask-local:N, dask://HOST:PORT
 
 Runs are files ``runs/<parameterization>-<optimizer>-w<width>[-d<depth>]-lr<lr>-s<seed>.h5`` under the
-output folder (with a remote ``dask://`` cluster the workers must see that folder: a shared file system). A run whose file holds its final step (or stopped at a diverged, non-finite loss) is complete
-and skipped on a re-run; an incomplete one (interrupted) is trained again from scratch
+output folder (with a remote ``dask://`` cluster the workers must see that folder: a shared file
+system). A run whose file holds its final step (or stopped at a diverged, non-finite loss) is
+complete and skipped on a re-run; an incomplete one (interrupted) is trained again from scratch
 (training is deterministic for a seed). Spectra are resumable the same way (see :mod:`sharpscope.jobs`).
 """
 from __future__ import annotations
@@ -234,6 +235,8 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
                 rec.log_loss(float(loss.detach()))  # the diverged loss, logged and with a final checkpoint
                 rec.capture(loss=float(loss.detach()))
                 break
+            if rec.step_count == 0:  # the initial model's loss: the reference for "blew up"
+                rec.log_loss(float(loss.detach()), step=0)
             loss.backward()
             opt.step()
             rec.step(loss=loss)
@@ -315,7 +318,9 @@ def _sweep_command(args) -> int:
                   f"{r['last']:>11.4g} ({r['last_step']:>4})")
     print(f"{result.probe.name}: {len(result.runs)} runs ({result.trained} trained now) in {Path(args.out) / 'runs'}; "
           f"spectra: {result.spectra.computed} checkpoints measured, {result.spectra.skipped} already stored, "
-          f"{result.spectra.diverged} diverged checkpoints skipped")
+          f"{result.spectra.diverged} diverged checkpoints skipped"
+          + (f", {result.spectra.not_applicable} results not applicable (e.g. Adam's preconditioner before "
+             f"its first step)" if result.spectra.not_applicable else ""))
     for path, step, message in result.spectra.failures:
         print(f"FAILED {path} step {step}: {message}")
     print(f"report: {result.report}")

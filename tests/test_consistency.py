@@ -357,3 +357,10 @@ def test_long_table():
     with pytest.raises(ValueError, match="reuse"):
         to_long_table(tr, "sharpness", value=1)
     assert isinstance(align(tr), Aligned)
+
+
+def test_transfer_cost_is_clipped_when_the_interpolation_dips_below_the_optimum():
+    small = {1: 1.0, 2: 0.6, 4: 0.55, 8: 3.0}
+    large = {1: 1.0, 2: 0.5, 4: 0.52, 8: 3.0}
+    res = lr_transfer({1: small, 2: large})
+    assert res.cost == 0.0 and res.cost_relative == 0.0 and "clipped to 0" in res.cost_note

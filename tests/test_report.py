@@ -158,3 +158,17 @@ def test_a_loop_without_losses_is_measured_and_left_out_of_lr_transfer(tmp_path)
     assert metrics["groups"][0]["quantities"]["hessian"]["verdict"] != "undetermined"
     assert any("w8.h5: records no training loss" in p for p in metrics["problems"])
     assert metrics["transfer"][0]["verdict"] == "undetermined"
+
+
+def test_blown_up_runs_count_as_diverged_in_the_lr_transfer():
+    from sharpscope.comparisons import RunSummary, analyze
+
+    def run(width, lr, final):
+        return RunSummary(f"w{width}-lr{lr}.h5", "mup", "sgd", lr, width, final, initial_loss=2.3)
+
+    grid = {0.25: 0.9, 0.5: 0.6, 1.0: 0.7, 2.0: 40.0}  # lr 2 blew up: finite, far above the initial 2.3
+    metrics = analyze([run(w, lr, loss) for w in (16, 32) for lr, loss in grid.items()])
+    (transfer,) = metrics["transfer"]
+    assert transfer["n_diverged"] == {16: 1, 32: 1}
+    assert any("2 run(s) ended above their initial loss (width@lr: 16@2, 32@2)" in p for p in metrics["problems"])
+    assert 0.5 < transfer["lr_opt"][16] < 1.0  # the optimum from the finite bracket 0.25, 0.5, 1
