@@ -76,19 +76,21 @@ def optimizer_state_specs(optimizer: torch.optim.Optimizer | None, names: Mappin
     if optimizer is None:
         return []
     out = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = names.get(id(p))
-            if name is None:
-                continue
-            state = optimizer.state.get(p, {})
-            if state:
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor):
-                        out.append((name, key, tuple(value.shape), value.dtype))
-                continue
-            for key, shape, dtype in _predicted_state(optimizer, group, p):
-                out.append((name, key, shape, dtype))
+    # an OptimizerList (Muon + AdamW) is predicted member by member
+    for member in getattr(optimizer, "optimizers", [optimizer]):
+        for group in member.param_groups:
+            for p in group["params"]:
+                name = names.get(id(p))
+                if name is None:
+                    continue
+                state = member.state.get(p, {})
+                if state:
+                    for key, value in state.items():
+                        if isinstance(value, torch.Tensor):
+                            out.append((name, key, tuple(value.shape), value.dtype))
+                    continue
+                for key, shape, dtype in _predicted_state(member, group, p):
+                    out.append((name, key, shape, dtype))
     return out
 
 

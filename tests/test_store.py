@@ -197,3 +197,27 @@ def test_validation_errors_and_nothing_lost(tmp_path):
     with pytest.raises(ValueError, match="JSON-serializable"):
         Recorder(tmp_path / "meta.h5", model, opt, meta={"bad": object()})
     assert not (tmp_path / "meta.h5").exists()
+
+
+def test_muon_plus_adamw_state_is_captured(tmp_path):
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    model = ss.MLP(width=16, depth=1, in_features=8, out_features=4)
+    groups = ss.parametrize(model, "mup", optimizer="muon", lr=0.02, base_width=16)
+    opt = ss.build_optimizer(groups)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    with ss.Recorder(tmp_path / "muon.h5", model, opt, probe=(x, y), every=2) as rec:
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            rec.step()
+    with ss.open_run(tmp_path / "muon.h5") as run:
+        state = run.optimizer_state(2)
+    hidden = [n for n in state if n.startswith("hidden.0") and "weight" in n]
+    assert hidden and set(state[hidden[0]]) == {"momentum_buffer"}  # Muon's matrix
+    readout = [n for n in state if n.startswith("readout")]
+    assert readout and {"exp_avg", "exp_avg_sq"} <= set(state[readout[0]])  # AdamW's
+    live = {n: s for n, s in zip([n for n, _ in model.named_parameters()], [opt.state[p] for p in model.parameters()])}
+    torch.testing.assert_close(state[hidden[0]]["momentum_buffer"], live[hidden[0]]["momentum_buffer"])
