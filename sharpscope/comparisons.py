@@ -29,6 +29,7 @@ __all__ = ["RunSummary", "Comparison", "collect", "analyze", "analyze_in_detail"
 
 
 AXES = ("width", "depth")
+BLOWUP_FACTOR = 2.0  # a run ending above this multiple of its initial loss blew up
 
 
 @dataclass
@@ -55,8 +56,9 @@ class RunSummary:
 
     @property
     def blew_up(self) -> bool:
-        """Training ended above the initial loss: for the lr sweep as good as diverged."""
-        return math.isfinite(self.final_loss) and self.final_loss > self.initial_loss
+        """Training ended above twice its initial loss (a margin over mini-batch noise, and over runs
+        whose lr is merely too small to learn): for the lr sweep as good as diverged."""
+        return math.isfinite(self.final_loss) and self.final_loss > BLOWUP_FACTOR * self.initial_loss
 
     def size(self, axis: str) -> float | None:
         return self.width if axis == "width" else self.depth
@@ -307,8 +309,8 @@ def _fmt(sizes) -> str:
 
 def _lr_curves(c_members: Sequence[RunSummary], axis: str) -> dict[float, dict[float, float]]:
     """size -> lr -> final loss, the mean over seeds; a seed that diverged, or blew up (ended above
-    its initial loss: a finite but meaningless loss that would bend the quadratic fit of the optimum),
-    makes the point diverged (NaN)."""
+    twice its initial loss: a finite but meaningless loss that would bend the quadratic fit of the
+    optimum), makes the point diverged (NaN)."""
     points: dict[float, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for s in c_members:
         if s.loss_source != "unknown":
@@ -331,7 +333,7 @@ def _transfers(summaries: Sequence[RunSummary], problems: list[str]) -> list[tup
             curves = _lr_curves(members, axis)
             blown = sorted(f"{s.size(axis):g}@{s.lr:g}" for s in members if s.blew_up)
             if blown:
-                problems.append(f"{label}: {len(blown)} run(s) ended above their initial loss ({axis}@lr: "
+                problems.append(f"{label}: {len(blown)} run(s) ended above twice their initial loss ({axis}@lr: "
                                 f"{', '.join(blown)}): counted as diverged in the lr transfer")
             head = {"axis": axis, "parameterization": param, "optimizer": opt, "fixed": fixed}
             n_lrs = max((len(curve) for curve in curves.values()), default=0)

@@ -170,5 +170,5 @@ def test_blown_up_runs_count_as_diverged_in_the_lr_transfer():
     metrics = analyze([run(w, lr, loss) for w in (16, 32) for lr, loss in grid.items()])
     (transfer,) = metrics["transfer"]
     assert transfer["n_diverged"] == {16: 1, 32: 1}
-    assert any("2 run(s) ended above their initial loss (width@lr: 16@2, 32@2)" in p for p in metrics["problems"])
+    assert any("2 run(s) ended above twice their initial loss (width@lr: 16@2, 32@2)" in p for p in metrics["problems"])
     assert 0.5 < transfer["lr_opt"][16] < 1.0  # the optimum from the finite bracket 0.25, 0.5, 1
