@@ -205,3 +205,30 @@ def test_cupy_backend_matches_torch(basis, rtol):
     rel = ((res.eigenvalues - ref.eigenvalues).abs() / ref.eigenvalues.abs().max()).max().item()
     assert rel <= rtol and res.all_converged and res.eigenvectors.device.type == "cuda"
     assert resolve_backend("auto", torch.device("cuda")) == "cupy"
+
+
+def test_the_load_time_kernel_check_passes_the_references_and_catches_a_wrong_kernel():
+    from sharpscope.backends import reference
+    from sharpscope.backends.selfcheck import KernelMismatch, check_kernels
+
+    check_kernels(reference)  # the references against themselves, through the same code path
+
+    class WrongUpdate:
+        def __getattr__(self, name):
+            return getattr(reference, name)
+
+        def update(self, Q, w, h):
+            reference.update(Q, w, -h)
+
+    class WrongRounding(WrongUpdate):
+        update = staticmethod(reference.update)
+
+        def scale_store(self, w, scale, out, out_f32=None):
+            reference.scale_store(w, scale, out, out_f32)
+            if out.dtype == np.uint16:
+                out ^= 1  # off by one unit in the last place
+
+    with pytest.raises(KernelMismatch, match=r"kernel update \(float32\) disagrees"):
+        check_kernels(WrongUpdate())
+    with pytest.raises(KernelMismatch, match="does not round like the reference"):
+        check_kernels(WrongRounding())

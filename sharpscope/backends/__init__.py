@@ -5,12 +5,15 @@
   operators only): the array code path of the GPU backend, run in CI.
 * ``"cupy"``: the same class on CuPy with the fused kernels of ``cuda/`` (CUDA operators only).
 * ``"auto"``: ``"cupy"`` when the operator is on a CUDA device and CuPy imports and the kernels
-  compile, else ``"torch"``.
+  compile and pass their load-time check against the references (:mod:`.selfcheck`), else
+  ``"torch"`` (with a warning when CuPy is there but its kernels are not usable).
 
 The operator's products stay in torch; only the basis algebra moves (see :mod:`.base` for the
 interface and the ``basis=`` storage options).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -49,7 +52,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_CHOICES))}, got {backend!r}")
     if backend == "auto":
-        return "cupy" if device.type == "cuda" and cupy_status() is None else "torch"
+        if device.type != "cuda":
+            return "torch"
+        missing = cupy_status()
+        if missing is not None and "did not load" in missing:  # installed but broken: say so once
+            warnings.warn(f"backend='auto' uses torch: {missing}", RuntimeWarning, stacklevel=3)
+        return "cupy" if missing is None else "torch"
     if backend == "numpy" and device.type != "cpu":
         raise ValueError(f"backend='numpy' needs an operator on the CPU, got device {device}; "
                          "use backend='cupy' or 'torch'")

@@ -9,7 +9,8 @@ Where the ``.cu`` files are found (first hit wins):
    ``data_files``.
 
 ``common.cuh`` is inlined into each source before compilation (NVRTC then needs no include path).
-Kernels are compiled once per process and device (CuPy also caches the binaries on disk).
+Kernels are compiled once per process and device (CuPy also caches the binaries on disk), and
+checked against their NumPy references before first use (:mod:`.selfcheck`).
 """
 from __future__ import annotations
 
@@ -147,8 +148,12 @@ class CupyKernels:
 def _load(device_id: int) -> CupyKernels:
     import cupy
 
+    from .selfcheck import check_kernels
+
     with cupy.cuda.Device(device_id):
-        return CupyKernels()
+        kernels = CupyKernels()
+        check_kernels(kernels, xp=cupy)  # a kernel that computes wrong here never runs a solve
+        return kernels
 
 
 def load_kernels() -> CupyKernels:
