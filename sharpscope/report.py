@@ -251,7 +251,9 @@ figcaption{{font-size:13px;color:#444}}
 def verdict_lines(metrics_json: str | Path) -> list[str]:
     """One line per verdict (and per problem) of a written ``metrics.json``."""
     metrics = json.loads(Path(metrics_json).read_text())
-    lines = [f"{a:<26} {b:<24} {c:<15} {d}" for a, b, c, d in _verdict_rows(metrics)]
+    rows = _verdict_rows(metrics)
+    wa, wb = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    lines = [f"{a:<{wa}}  {b:<{wb}}  {c:<13} {d}" for a, b, c, d in rows]
     return lines + [f"note: {p}" for p in metrics["problems"]]
 
 
