@@ -161,10 +161,10 @@ class SpectralDensity:
 def spectral_density(op: SymmetricOperator, num_probes: int = 10, num_steps: int = 80, seed: int = 0) -> SpectralDensity:
     """Stochastic Lanczos quadrature with Rademacher probes (module docstring); ``num_probes * num_steps`` products.
 
-    Each probe's small tridiagonal eigenproblem is solved on the host by ``scipy.linalg.eigh_tridiagonal``
-    (LAPACK): about 0.25 ms for 80 steps on one CPU core (measured 2026-11-25), against 80 products of
-    a network's Hessian per probe, so a batched GPU eigensolver would not change the run time
-    (the design note of the GPU backend, docs/perf-gpu.md)."""
+    Each probe's small tridiagonal eigenproblem is solved on the host by
+    ``scipy.linalg.eigh_tridiagonal`` (LAPACK): about 0.25 ms for 80 steps on one CPU core
+    (``scripts/bench_basis_cpu.py``), against 80 products of a network's Hessian per probe, so a
+    batched GPU eigensolver would not change the run time (docs/perf-gpu.md)."""
     _check_probes(num_probes)
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
