@@ -236,8 +236,9 @@ class ConsistencyThresholds:
     """Verdict thresholds for :func:`super_consistency` (see the module docstring for the rules).
 
     spread_max: window-median relative spread at or below which the sizes are "consistent".
-      Calibrated (std spread) on the MLP/digits probes (probes/README.md): muP 0.034-0.061 at every
-      lr below the edge, SP 0.25-1.2, NTK 0.20-0.28 -- 0.1 separates them with a margin of ~2x.
+      Calibrated (std spread) on probe (b) (probes/README.md): muP 0.033-0.061 at every lr below
+      the edge, NTK 0.25-0.41, SP 1.2-1.7 at lr >= 0.5 (0.08-0.11 at small lrs, where SP's width
+      dependence shows in the trend and the lr shift instead).
     alpha_min: smallest alpha counted as converging (with ``alpha - 2*stderr > 0`` when known).
     limit_min: smallest extrapolated ``lambda_inf / lambda_widest`` counted as converging (below
       it the quantity vanishes with width: not converging).
