@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import consistency
-from .jobs import SpectraFile, spectra_path
+from .jobs import SpectraFile, first_diverged_step, logged_losses, spectra_path
 from .store import open_run
 
 __all__ = ["RunSummary", "Comparison", "collect", "analyze", "analyze_in_detail", "AXES"]
@@ -56,9 +56,10 @@ class RunSummary:
 
     @property
     def blew_up(self) -> bool:
-        """Training ended above twice its initial loss (a margin over mini-batch noise, and over runs
-        whose lr is merely too small to learn): for the lr sweep as good as diverged."""
-        return math.isfinite(self.final_loss) and self.final_loss > BLOWUP_FACTOR * self.initial_loss
+        """Training ended above twice its (known, positive) initial loss -- a margin over mini-batch
+        noise and over runs whose lr is merely too small to learn: for the lr sweep as good as diverged."""
+        return (math.isfinite(self.final_loss) and self.initial_loss > 0
+                and self.final_loss > BLOWUP_FACTOR * self.initial_loss)
 
     def size(self, axis: str) -> float | None:
         return self.width if axis == "width" else self.depth
@@ -88,24 +89,23 @@ def _coordinates(meta: dict) -> dict[str, Any]:
 
 
 def _losses(run) -> tuple[float, float, str]:
-    """The run's initial and final training loss and where the final one comes from: the last
-    checkpoint's loss ("checkpoint"; NaN/inf there = diverged), else the last value of the ``loss``
-    scalar log ("logged", e.g. a framework's logged loss), else NaN ("unknown": the loop passed no
-    loss). The initial loss is the log's step-0 value (sweeps log the initial model's loss there),
-    else the first finite loss recorded."""
-    losses = [run.loss(s) for s in run.steps if s > 0]
-    try:
-        log_steps, logged = run.scalars("loss")
-    except KeyError:
-        log_steps, logged = np.zeros(0), np.zeros(0)
-    finite = [v for v in (*logged, *losses) if math.isfinite(v)]
-    at_zero = [v for s, v in zip(log_steps, logged) if s == 0 and math.isfinite(v)]
-    initial = at_zero[0] if at_zero else (finite[0] if finite else float("nan"))
-    if any(map(math.isfinite, losses)):
-        return float(initial), float(losses[-1]), "checkpoint"
-    if len(logged):
-        return float(initial), float(logged[-1]), "logged"
-    return float(initial), float("nan"), "unknown"
+    """``(initial, final, source)`` of the run's training loss. ``final``: NaN for a run that
+    diverged (:func:`~sharpscope.jobs.first_diverged_step`; source "diverged"), else the last
+    checkpoint's loss ("checkpoint"), else the last logged loss after step 0 ("logged", e.g. a
+    framework's), else NaN ("unknown": the loop passed no loss). ``initial``: the loss logged at step
+    0 (sweeps log the initial model's loss there), else NaN -- then no blow-up test is made."""
+    log_steps, logged = logged_losses(run)
+    at_zero = [float(v) for s, v in zip(log_steps, logged) if s == 0 and math.isfinite(v)]
+    initial = at_zero[0] if at_zero else float("nan")
+    if math.isfinite(first_diverged_step(run)):
+        return initial, float("nan"), "diverged"
+    checkpoints = [run.loss(s) for s in run.steps if s > 0]
+    if any(map(math.isfinite, checkpoints)):
+        return initial, float(checkpoints[-1]), "checkpoint"
+    later = [float(v) for s, v in zip(log_steps, logged) if s > 0]
+    if later:
+        return initial, later[-1], "logged"
+    return initial, float("nan"), "unknown"
 
 
 def _digest(probe) -> str | None:

@@ -218,12 +218,26 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
 
 
 # -- the results file ----------------------------------------------------------------------------------------
-def _logs_loss(run) -> bool:
-    """Whether the run's ``loss`` scalar log holds anything (a loop that reported its loss)."""
+def logged_losses(run) -> tuple[np.ndarray, np.ndarray]:
+    """The run's ``loss`` scalar log as ``(steps, values)`` (empty for files without one)."""
     try:
-        return len(run.scalars("loss")[0]) > 0
+        return run.scalars("loss")
     except KeyError:
-        return False
+        return np.zeros(0), np.zeros(0)
+
+
+def first_diverged_step(run) -> float:
+    """The first step whose recorded training loss is NaN/inf -- the run diverged there -- or inf.
+
+    Two records count: the ``loss`` scalar log (sweeps log the loss of the step that diverged, a
+    framework callback its logged losses) and the checkpoints' losses, the latter only when the loop
+    passed losses at all (some checkpoint after step 0 has a finite one): a loop that never passed a
+    loss leaves NaN there, which means "unknown", not "diverged"."""
+    bad = [float(s) for s, v in zip(*logged_losses(run)) if not math.isfinite(v)]
+    checkpoints = [(s, run.loss(s)) for s in run.steps if s > 0]
+    if any(math.isfinite(v) for _, v in checkpoints):
+        bad += [float(s) for s, v in checkpoints if not math.isfinite(v)]
+    return min(bad, default=math.inf)
 
 
 def layer_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -409,11 +423,9 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
     for path in runs:
         path = str(Path(path))
         with open_run(path) as run:
-            # in a run that records its loss, a non-finite loss after step 0 marks divergence: its
-            # curvature is meaningless (a run whose loop never passed a loss has NaN everywhere: kept)
-            losses = {s: run.loss(s) for s in run.steps}
-            records_loss = any(math.isfinite(v) for s, v in losses.items() if s > 0) or _logs_loss(run)
-            run_steps = [s for s in run.steps if s == 0 or not records_loss or math.isfinite(losses[s])]
+            # checkpoints from the diverged step on are meaningless (step 0, the initial model, stays)
+            bad = first_diverged_step(run)
+            run_steps = [s for s in run.steps if s == 0 or s < bad]
             report.diverged += len(run.steps) - len(run_steps)
             if not run.meta.get("model_factory"):
                 raise ValueError(f"{path}: meta has no model_factory ('module:function'): the model cannot be rebuilt")

@@ -58,7 +58,8 @@ import torch
 
 from .capture import Recorder
 from .data import DATASETS, load as load_data
-from .jobs import JobReport, SpectrumSettings, build_loss, executor_from_spec, run_spectrum_job, spectra_path
+from .jobs import (JobReport, SpectrumSettings, build_loss, executor_from_spec, first_diverged_step, run_spectrum_job,
+                   spectra_path)
 from .models import build_model
 from .optim import build_optimizer
 from .param import PARAMETERIZATIONS, parametrize
@@ -186,11 +187,12 @@ def plan(probe: Probe) -> list[RunSpec]:
 
 
 def _complete(path: Path, steps: int) -> bool:
-    """The run holds its final step, or stopped at a non-finite (diverged) loss."""
+    """The run holds its final step, or stopped because it diverged (a non-finite recorded loss);
+    a run interrupted before that has neither and is trained again."""
     try:
         with open_run(path) as run:
             done = run.steps
-            return bool(done) and (done[-1] == steps or not math.isfinite(run.loss(done[-1])))
+            return bool(done) and (done[-1] == steps or first_diverged_step(run) < math.inf)
     except (RunFileError, OSError, KeyError):
         return False
 

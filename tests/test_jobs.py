@@ -164,3 +164,25 @@ def test_job_rebuilds_a_parametrized_model(tmp_path):
         offline = sf.rows("hessian")[-1]["values"]
     direct = ss.lanczos(ss.hessian_operator(model, CE, (x, y)), k=2).eigenvalues.numpy()
     np.testing.assert_allclose(offline, direct, rtol=1e-6)
+
+
+def test_losses_logged_apart_from_the_checkpoints_do_not_hide_them(tmp_path):
+    """A framework callback (e.g. Hugging Face) steps the Recorder without a loss and logs the loss
+    separately: every checkpoint is measured; a non-finite logged loss marks where the run diverged."""
+    torch.manual_seed(0)
+    model = digits_mlp(hidden=16, depth=1)
+    x, y = digits_data()
+    x, y = x[:64], y[:64]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "logged.h5"
+    with ss.Recorder(path, model, opt, probe=(x, y), every=2, loss_fn=CE,
+                     meta={"model_factory": "sharpscope.demo:digits_mlp", "model_kwargs": {"hidden": 16, "depth": 1}}) as rec:
+        for step in range(6):
+            opt.zero_grad()
+            loss = CE(model(x), y)
+            loss.backward()
+            opt.step()
+            rec.step()
+            rec.log_loss(float("nan") if step == 4 else float(loss))  # "diverged" at step 5
+    report = run_spectrum_job([path], ["hessian"], SpectrumSettings(k=1), progress=False)
+    assert report.computed == 3 and report.diverged == 1  # steps 0, 2, 4 measured; 6 is past the divergence

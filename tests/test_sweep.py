@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from sharpscope.cli import main
 from sharpscope.jobs import SpectraFile, spectra_path
@@ -94,3 +95,19 @@ def test_training_runs_on_a_dask_cluster_and_matches_local(tmp_path):
     for a, b in zip(local.runs, remote.runs):
         with open_run(a) as ra, open_run(b) as rb:
             assert ra.steps == rb.steps and ra.loss(ra.steps[-1]) == rb.loss(rb.steps[-1])  # deterministic
+
+
+def test_a_run_interrupted_before_its_first_loss_is_not_complete(tmp_path):
+    from sharpscope.sweep import _complete
+    import sharpscope as ss
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "early.h5"
+    with ss.Recorder(path, model, opt, every=10) as rec:  # step 0 captured with no loss yet
+        rec.step()
+    assert not _complete(path, 100)
+    diverged = tmp_path / "diverged.h5"
+    with ss.Recorder(diverged, model, opt, every=10) as rec:
+        rec.log_loss(float("nan"))  # what a sweep does when the first loss is already non-finite
+    assert _complete(diverged, 100)
