@@ -258,8 +258,15 @@ class Recorder:
 
     def log_loss(self, value: float, step: int | None = None) -> None:
         """Log a training loss known apart from :meth:`step` (e.g. a framework's averaged logged loss)
-        to the run's ``loss`` scalar log, at ``step`` (default: the current step)."""
-        self.writer.log_scalar("loss", self.step_count if step is None else int(step), float(value))
+        to the run's ``loss`` scalar log, at ``step`` (default: the current step). A run file from
+        before that log existed (resumed) cannot grow one: the loss is then dropped, with one warning."""
+        try:
+            self.writer.log_scalar("loss", self.step_count if step is None else int(step), float(value))
+        except KeyError:
+            if not getattr(self, "_warned_no_loss_log", False):
+                warnings.warn(f"{self.writer.path} has no loss log (an older run file): logged losses are "
+                              "not stored", RuntimeWarning, stacklevel=2)
+                self._warned_no_loss_log = True
 
     def capture(self, loss: float | None = None) -> None:
         """Capture a checkpoint at the current step now (the on-demand schedule uses only this);

@@ -24,6 +24,7 @@ import importlib
 import json
 import math
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -240,6 +241,9 @@ def first_diverged_step(run) -> float:
     return min(bad, default=math.inf)
 
 
+_PARAMETRIZED = re.compile(r"(?:^|\.)parametrizations\.")  # torch.nn.utils.parametrize's inserted path
+
+
 def layer_groups(model: nn.Module) -> dict[str, list[str]]:
     """Trainable parameter names grouped by the layer (module) that owns them, in model order; a
     parameter under ``torch.nn.utils.parametrize`` (``layer.parametrizations.weight.original``, as muP
@@ -248,7 +252,7 @@ def layer_groups(model: nn.Module) -> dict[str, list[str]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        owner = name.split(".parametrizations.")[0] if ".parametrizations." in name else name.rpartition(".")[0]
+        owner = _PARAMETRIZED.split(name)[0] if _PARAMETRIZED.search(name) else name.rpartition(".")[0]
         groups.setdefault(owner or "(top level)", []).append(name)
     return groups
 
@@ -379,7 +383,7 @@ def executor_from_spec(spec: str):
         return _DeferredTask, lambda: None, iter
     if spec.startswith("process:"):
         pool = ProcessPoolExecutor(max_workers=_count(spec))
-        return pool.submit, pool.shutdown, as_completed
+        return pool.submit, lambda: pool.shutdown(cancel_futures=True), as_completed
     if spec.startswith("dask-local:") or spec.startswith("dask://") or spec.startswith("tcp://"):
         try:
             from distributed import Client, LocalCluster

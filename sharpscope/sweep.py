@@ -161,6 +161,13 @@ def _validate(p: Probe, path: Path) -> None:
         bad(f"learning rates must be positive, got {list(p.lrs)}")
     if p.steps < 1 or p.every < 1 or p.probe_size < 1 or p.batch_size < 0 or p.k < 1:
         bad("steps, capture.every, capture.probe_size and measure.k must be >= 1 and batch_size >= 0")
+    if p.base_depth is not None and not (isinstance(p.base_depth, int) and p.base_depth >= 1):
+        bad(f"base_depth must be a positive integer, got {p.base_depth!r}")
+    if p.data == "cifar10" and "root" not in p.data_kwargs:
+        bad('data = "cifar10" needs [train.data_kwargs] root = "<folder holding cifar-10-batches-py>"')
+    names = [spec.filename for spec in plan(p)]
+    if len(set(names)) != len(names):
+        bad("the grid has duplicate runs (a repeated width, depth, lr or seed, or lrs equal to 6 digits)")
 
 
 @dataclass(frozen=True)
@@ -267,7 +274,7 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
 
     probe = load_probe(probe_path)
     executor = executor or probe.executor
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # workers of a remote cluster do not share our working directory
     specs = plan(probe)
     todo = [s for s in specs if not _complete(out / "runs" / s.filename, probe.steps)]
     if todo:

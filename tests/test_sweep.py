@@ -111,3 +111,15 @@ def test_a_run_interrupted_before_its_first_loss_is_not_complete(tmp_path):
     with ss.Recorder(diverged, model, opt, every=10) as rec:
         rec.log_loss(float("nan"))  # what a sweep does when the first loss is already non-finite
     assert _complete(diverged, 100)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.replace("lrs = [0.2, 1e+38]", "lrs = [0.2, 0.2]"), "duplicate runs"),
+    (lambda s: s.replace('data = "digits"', 'data = "cifar10"'), "needs \\[train.data_kwargs\\] root"),
+    (lambda s: s.replace("base_width = 16", "base_width = 16\nbase_depth = 0"), "base_depth must be a positive"),
+])
+def test_more_bad_probe_files(tmp_path, edit, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(PROBE))
+    with pytest.raises(ValueError, match=message):
+        load_probe(path)
