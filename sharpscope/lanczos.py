@@ -37,7 +37,9 @@ Exact repeats at the top of a network's Hessian need a constructed symmetry (e.g
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -134,9 +136,12 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         v0: start vector (e.g. the previous top eigenvector, for warm starts).
         basis: storage of the Krylov basis: ``"device"`` (default; the working dtype on the
             operator's device), ``"device-bf16"`` (bfloat16 rows, half the memory, float32
-            accumulation; eigenvalues to ~1e-4, eigenvectors to ~4e-3 relative) or ``"host"`` (pinned
-            host memory streamed per pass, for bases that do not fit the GPU); see
-            :mod:`sharpscope.backends.base`.
+            accumulation; eigenvalues to ~1e-4, eigenvectors to ~4e-3 relative; its residuals are
+            the float32 recurrence's, which certify the eigenvalues but not the rounding carried by
+            the returned eigenvectors; should the rounded basis lose orthogonality, the solve is
+            repeated with ``"device"``, with a warning and the products of both counted) or
+            ``"host"`` (pinned host memory streamed per pass, for bases that do not fit the GPU);
+            see :mod:`sharpscope.backends.base`.
         max_basis: basis vectors kept before a thick restart (default ``max(2k + 20, 60)``, capped by
             ``n`` and 1/8 of the memory).
         reorth: ``"partial"`` (default) or ``"full"`` reorthogonalization.
@@ -151,6 +156,32 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         >>> [round(x, 6) for x in res.eigenvalues.tolist()]
         [100.0, 99.0, 98.0]
     """
+    args = dict(k=k, which=which, tol=tol, max_iter=max_iter, seed=seed, backend=backend,
+                return_eigenvectors=return_eigenvectors, v0=v0, max_basis=max_basis, reorth=reorth,
+                callback=callback)
+    try:
+        return _lanczos(op, basis=basis, **args)
+    except _RoundedBasisLost as lost:
+        # a bfloat16 basis can lose orthogonality where a float32 one keeps it (seen on operators of
+        # low rank, whose Krylov space is exhausted between thick restarts): solve again, in float32
+        warnings.warn(f"basis='device-bf16' lost orthogonality ({lost}); solved again with basis='device'",
+                      RuntimeWarning, stacklevel=2)
+        res = _lanczos(op, basis="device", **args)
+        return dataclasses.replace(res, num_matvecs=res.num_matvecs + lost.num_matvecs)
+
+
+class _RoundedBasisLost(RuntimeError):
+    """The bfloat16-stored basis lost orthogonality (seen as a symmetry mismatch of the recurrence)."""
+
+    def __init__(self, message: str, num_matvecs: int) -> None:
+        super().__init__(message)
+        self.num_matvecs = num_matvecs
+
+
+def _lanczos(op: SymmetricOperator, k: int, which: Which, tol: float, max_iter: int | None, seed: int,
+             backend: str, return_eigenvectors: bool, *, v0: torch.Tensor | None, basis: str,
+             max_basis: int | None, reorth: str, callback) -> LanczosResult:
+    """:func:`lanczos` for one basis storage (the module docstring describes the method)."""
     n = op.shape[0]
     backend = resolve_backend(backend, op.device)
     storage, placement = storage_of(basis)
@@ -236,6 +267,8 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
                 mismatch = abs(back - T[j, j - 1])
                 noise = max(noise, mismatch)
                 if mismatch > max(100 * math.sqrt(op_eps), sym_floor) * anorm:
+                    if rounded:  # the rounded rows, not necessarily the operator: lanczos() retries in float32
+                        raise _RoundedBasisLost(f"symmetry mismatch {mismatch:.3g} at step {j}", num_mv)
                     raise NotSymmetricError(
                         f"the operator is not symmetric: q_(j-1).A q_j = {back:.6g} but q_j.A q_(j-1) = "
                         f"{T[j, j - 1]:.6g} (step {j}); is the model stochastic (dropout in train mode)?")

@@ -232,3 +232,26 @@ def test_the_load_time_kernel_check_passes_the_references_and_catches_a_wrong_ke
         check_kernels(WrongUpdate())
     with pytest.raises(KernelMismatch, match="does not round like the reference"):
         check_kernels(WrongRounding())
+
+
+def test_a_bf16_basis_that_loses_orthogonality_is_solved_again_in_float32():
+    # rank 3 with a repeated eigenvalue, k=5 and a tiny basis: exhausted Krylov spaces between thick
+    # restarts, where the rounded kept Ritz vectors lose orthogonality (found in review)
+    torch.manual_seed(1)
+    n = 60
+    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    ev = torch.zeros(n, dtype=torch.float64)
+    ev[:3] = torch.tensor([5.0, 3.0, 3.0])
+    A = ((U * ev) @ U.T).float()
+
+    class LowRank(ss.SymmetricOperator):
+        def _matvec(self, v):
+            return A @ v
+
+    for backend in ("torch", "numpy"):
+        with pytest.warns(RuntimeWarning, match="lost orthogonality.*solved again with basis='device'"):
+            res = ss.lanczos(LowRank(n, torch.float32, "cpu"), k=5, backend=backend, basis="device-bf16",
+                             max_basis=8)
+        direct = ss.lanczos(LowRank(n, torch.float32, "cpu"), k=5, backend=backend, max_basis=8)
+        np.testing.assert_allclose(res.eigenvalues, direct.eigenvalues, atol=1e-5)
+        assert res.all_converged and res.num_matvecs > direct.num_matvecs  # the lost products are counted
