@@ -13,6 +13,7 @@ interface and the ``basis=`` storage options).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -20,13 +21,19 @@ import torch
 from .base import BASIS_CHOICES, KrylovBasis, storage_of
 
 __all__ = ["BACKEND_CHOICES", "BASIS_CHOICES", "KrylovBasis", "resolve_backend", "make_basis",
-           "cupy_status"]
+           "cupy_status", "cuda_index"]
 
 BACKEND_CHOICES = ("torch", "numpy", "cupy", "auto")
 
 
-def cupy_status() -> str | None:
-    """``None`` when the CuPy backend can run here, else what is missing (one line)."""
+def cuda_index(device: torch.device | str) -> int:
+    """The CUDA device index of ``device`` (a bare ``"cuda"`` means torch's current device)."""
+    device = torch.device(device)
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def cupy_status(device: torch.device | str = "cuda") -> str | None:
+    """``None`` when the CuPy backend can run on ``device``, else what is missing (one line)."""
     try:
         import cupy
     except Exception as exc:  # ImportError, or a CUDA library that fails to load
@@ -36,10 +43,19 @@ def cupy_status() -> str | None:
             return "CuPy sees no CUDA device"
     except Exception as exc:
         return f"CuPy sees no CUDA device ({exc})"
+    return _kernel_status(cuda_index(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_status(index: int) -> str | None:
+    """Compile and check the kernels on one device, once per process (a failure is remembered too)."""
+    import cupy
+
     try:
         from .kernels import load_kernels
 
-        load_kernels()
+        with cupy.cuda.Device(index):
+            load_kernels()
     except Exception as exc:
         return f"sharpscope's CUDA kernels did not load ({type(exc).__name__}: {exc})"
     return None
@@ -54,7 +70,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        missing = cupy_status()
+        missing = cupy_status(device)
         if missing is not None and "did not load" in missing:  # installed but broken: say so once
             warnings.warn(f"backend='auto' uses torch: {missing}", RuntimeWarning, stacklevel=3)
         return "cupy" if missing is None else "torch"
@@ -65,7 +81,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise ValueError(f"backend='cupy' needs an operator on a CUDA device, got device {device}; "
                              "use backend='numpy' for the same code path on the CPU")
-        missing = cupy_status()
+        missing = cupy_status(device)
         if missing is not None:
             raise RuntimeError(f"backend='cupy' is unavailable: {missing}")
     return backend
@@ -87,6 +103,6 @@ def make_basis(backend: str, basis: str, m: int, n: int, dtype: torch.dtype, dev
 
         from .kernels import load_kernels
 
-        with cupy.cuda.Device(torch.device(device).index or 0):
+        with cupy.cuda.Device(cuda_index(device)):
             return ArrayBasis(m, n, dtype, device, basis, xp=cupy, ops=load_kernels())
     raise ValueError(f"unresolved backend {backend!r}")

@@ -5,9 +5,10 @@ Vectors cross from torch without copies: ``tensor.numpy()`` on the CPU, DLPack
 (``cupy.from_dlpack`` / ``torch.from_dlpack``) on the GPU, so in-place updates of the array are
 updates of the tensor the recurrence holds. bfloat16 rows are ``uint16`` bit patterns (:mod:`.bf16`).
 
-Orthogonalization (CGS2 with the DGKS test) takes 2 sweeps over ``Q`` when one pass suffices and 3
-when it does not (``project``; ``update_project``, which applies the first update and computes the
-second projection and ``||w||`` in the same sweep; ``update``), against torch's 2 and 4.
+Orthogonalization (CGS2 with the DGKS test) with the CuPy kernels takes 2 sweeps over ``Q`` when one
+pass suffices and 3 when it does not (``project``; ``update_project``, which applies the first update
+and computes the second projection and ``||w||`` in the same sweep; ``update``), against torch's 2
+and 4; the NumPy references compute the same values without the fusion.
 """
 from __future__ import annotations
 
@@ -45,6 +46,32 @@ class ArrayBasis(KrylovBasis):
             self.Q = cupyx.empty_pinned((m + 1, n), dtype=store)
         else:
             self.Q = xp.empty((m + 1, n), dtype=store)
+        if xp is not np:
+            self._on_operator_stream()
+
+    def _on_operator_stream(self) -> None:
+        """Run every basis method on the operator's GPU and on torch's current stream there, so that
+        the kernels are ordered after the products that wrote ``w`` (CuPy would otherwise use its own
+        current device and stream)."""
+        import contextlib
+
+        from . import cuda_index
+
+        index = cuda_index(self.device)
+        stream = self.xp.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream)
+        device = self.xp.cuda.Device(index)
+
+        def on_stream(method):
+            def run(*args, **kwargs):
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(device)
+                    stack.enter_context(stream)
+                    return method(*args, **kwargs)
+            return run
+
+        for name in ("set", "set_scaled", "get", "project_stored", "axpy_stored", "norm",
+                     "_orthogonalize_stored", "restart", "ritz_vectors"):
+            setattr(self, name, on_stream(getattr(self, name)))
 
     # -- conversions -------------------------------------------------------------------------
     def _arr(self, t: torch.Tensor):
@@ -104,9 +131,7 @@ class ArrayBasis(KrylovBasis):
 
     # -- algebra ------------------------------------------------------------------------------
     def project_stored(self, w: torch.Tensor, lo: int, hi: int) -> np.ndarray:
-        a = self._arr(w)
-        parts = [self.ops.project(block, a) for _, _, block in self._blocks(lo, hi)]
-        h = parts[0] if len(parts) == 1 else self.xp.concatenate(parts)
+        h = self._project_rows(self._arr(w), lo, hi)
         return np.asarray(h.get() if self.xp is not np else h, dtype=np.float64)
 
     def axpy_stored(self, w: torch.Tensor, lo: int, hi: int, coeffs: np.ndarray) -> None:
@@ -118,8 +143,9 @@ class ArrayBasis(KrylovBasis):
     def norm(self, w: torch.Tensor) -> float:
         return float(self.ops.sumsq(self._arr(w))) ** 0.5
 
-    def _project_all(self, a, j: int):
-        parts = [self.ops.project(block, a) for _, _, block in self._blocks(0, j)]
+    def _project_rows(self, a, lo: int, hi: int):
+        """``Q[lo:hi] a`` as an array of the backend (block by block for a host basis)."""
+        parts = [self.ops.project(block, a) for _, _, block in self._blocks(lo, hi)]
         return parts[0] if len(parts) == 1 else self.xp.concatenate(parts)
 
     def _update_all(self, a, j: int, h) -> None:
@@ -129,10 +155,10 @@ class ArrayBasis(KrylovBasis):
     def _orthogonalize_stored(self, w: torch.Tensor, j: int) -> np.ndarray:
         a = self._arr(w)
         before = float(self.ops.sumsq(a)) ** 0.5
-        h = self._project_all(a, j)
+        h = self._project_rows(a, 0, j)
         if self._host:
             self._update_all(a, j, h)
-            h2 = self._project_all(a, j)
+            h2 = self._project_rows(a, 0, j)
             after = float(self.ops.sumsq(a)) ** 0.5
         else:
             h2, sq = self.ops.update_project(self.Q[:j], a, h)

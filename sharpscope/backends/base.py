@@ -12,7 +12,7 @@ Storage (``basis=``):
 
 * ``"device"``: float32 (or the operator's float64) rows on the operator's device.
 * ``"device-bf16"``: bfloat16 rows (half the memory and traffic; float32 accumulation). Stored rows
-  carry a relative rounding error of :math:`2^{-9}`, so the recurrence itself runs on float32 copies of
+  carry a relative rounding error of up to :math:`2^{-8}` (bfloat16's unit roundoff), so the recurrence itself runs on float32 copies of
   the last two vectors (:attr:`KrylovBasis.recent`): without reorthogonalizations and restarts ``T``
   is exactly float32 Lanczos'; reorthogonalization against rounded rows, the kept Ritz vectors of a
   thick restart and the returned eigenvectors carry the rounding (eigenvalues to about 1e-4 relative,
@@ -154,6 +154,3 @@ class KrylovBasis:
         step = max(1, budget_bytes // max(4 * rows, 1))
         for a in range(0, self.n, step):
             yield a, min(a + step, self.n)
-
-    def bytes_per_vector(self) -> int:
-        return self.n * (2 if self.storage == "bfloat16" else torch.empty(0, dtype=self.dtype).element_size())

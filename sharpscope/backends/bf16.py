@@ -4,7 +4,7 @@ bfloat16 keeps float32's sign and 8-bit exponent and the top 7 mantissa bits. Ro
 ties to even, is done on the integer bits (the same trick as ``torch``/CUDA's ``__float2bfloat16_rn``):
 ``bits + 0x7FFF + ((bits >> 16) & 1)``, then the upper half. NaNs are kept quiet NaNs. These two
 functions are written against the NumPy/CuPy common API (pass ``xp=cupy`` for device arrays) and are
-the reference that ``cuda/normalize.cu``'s ``bf16_encode`` is tested against.
+the reference that ``ss_bf16_encode`` of ``cuda/common.cuh`` is tested against.
 """
 from __future__ import annotations
 

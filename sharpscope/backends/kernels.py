@@ -25,6 +25,7 @@ __all__ = ["cuda_source_dir", "kernel_source", "CupyKernels", "load_kernels"]
 
 _FILES = ("orthogonalize.cu", "normalize.cu")
 _TPB, _VEC, _TPB_UP, _TPB_N = 256, 4, 128, 256  # must match the #defines in cuda/*.cu
+_MAX_ROWS = 48 * 1024 // 4 - 1  # float32 coefficients (+ the norm row) in 48 KiB of shared memory
 
 
 def cuda_source_dir() -> Path:
@@ -78,6 +79,8 @@ class CupyKernels:
     def _check(Q, w) -> None:
         if Q.ndim != 2 or w.ndim != 1 or Q.shape[1] != w.shape[0] or w.dtype != np.float32:
             raise ValueError(f"expected Q (rows, n) and float32 w (n,), got {Q.shape} and {w.shape} {w.dtype}")
+        if Q.shape[0] > _MAX_ROWS:  # the update kernels keep the coefficients in shared memory
+            raise ValueError(f"at most {_MAX_ROWS} basis rows per kernel call, got {Q.shape[0]}")
         if Q.strides[1] != Q.itemsize or not w.flags.c_contiguous:
             raise ValueError("Q rows and w must be contiguous")
 
@@ -90,6 +93,8 @@ class CupyKernels:
         """``Q @ w`` (float32 accumulation), Q read once."""
         self._check(Q, w)
         rows, n = Q.shape
+        if rows == 0:
+            return self.cp.zeros(0, dtype=self.cp.float32)
         ld = Q.strides[0] // Q.itemsize
         nblocks = max(1, -(-n // (_TPB * _VEC)))
         partial = self.cp.empty(rows * nblocks, dtype=self.cp.float32)

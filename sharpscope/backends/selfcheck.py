@@ -25,10 +25,11 @@ def _host(a) -> np.ndarray:
     return np.asarray(a.get() if hasattr(a, "get") else a, dtype=np.float64)
 
 
-def check_kernels(ops, xp=np, rows: int = 7, n: int = 3001, seed: int = 0, rtol: float = 1e-4) -> None:
+def check_kernels(ops, xp=np, rows: int = 37, n: int = 70001, seed: int = 0, rtol: float = 1e-4) -> None:
     """Run every operation of ``ops`` (:class:`.kernels.CupyKernels`, or anything with the same
     methods) on random inputs in the array module ``xp`` and compare with :mod:`.reference`;
-    raises :class:`KernelMismatch` naming the first operation that disagrees."""
+    raises :class:`KernelMismatch` naming the first operation that disagrees. The defaults take the
+    row loops past one 32-row chunk and the grid-stride loops past one sweep."""
     rng = np.random.default_rng(seed)
     q32 = (rng.standard_normal((rows, n)) / np.sqrt(n)).astype(np.float32)
     storages = {"float32": q32, "bfloat16": float32_to_bf16_bits(q32)}
@@ -58,7 +59,7 @@ def check_kernels(ops, xp=np, rows: int = 7, n: int = 3001, seed: int = 0, rtol:
         agree(f"update_project ({kind}): w", w, want)
         agree(f"update_project ({kind}): Q w", got_h, want_h)
         agree(f"update_project ({kind}): ||w||^2", got_s, want_s)
-        out = xp.full(n, np.nan, dtype=np.float32) if kind == "float32" else xp.zeros(n, dtype=np.uint16)
+        out = xp.full(n, np.nan, dtype=np.float32) if kind == "float32" else xp.full(n, 0xFFFF, dtype=np.uint16)
         out_f32 = xp.full(n, np.nan, dtype=np.float32)
         ops.scale_store(xp.asarray(w0), 0.5, out, out_f32 if kind == "bfloat16" else None)
         want_out = np.empty(n, dtype=Q.dtype)
@@ -70,3 +71,14 @@ def check_kernels(ops, xp=np, rows: int = 7, n: int = 3001, seed: int = 0, rtol:
         else:
             agree("scale_store (float32)", out, want_out)
     agree("sumsq", ops.sumsq(xp.asarray(w0)), reference.sumsq(w0.astype(np.float64)))
+    # bfloat16 rounding of the special cases: infinities, NaNs (kept quiet, with their sign), the
+    # largest finite float32 (rounds to inf), ties to even, subnormals
+    special = np.array([np.inf, -np.inf, np.nan, -np.nan, np.finfo(np.float32).max, 1.0 + 2.0 ** -8,
+                        1.0 + 3 * 2.0 ** -8, 1e-40, -1e-40, 0.0, -0.0], dtype=np.float32)
+    out = xp.full(special.size, 0xFFFF, dtype=np.uint16)
+    ops.scale_store(xp.asarray(special), 1.0, out)
+    want = np.empty(special.size, dtype=np.uint16)
+    reference.scale_store(special, 1.0, want)
+    if not np.array_equal(_host(out).astype(np.uint16), want):
+        raise KernelMismatch(f"kernel scale_store (bfloat16) rounds special values unlike the reference: "
+                             f"{_host(out).astype(np.uint16).tolist()} vs {want.tolist()}")
