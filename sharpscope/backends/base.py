@@ -12,8 +12,8 @@ Storage (``basis=``):
 
 * ``"device"``: float32 (or the operator's float64) rows on the operator's device.
 * ``"device-bf16"``: bfloat16 rows (half the memory and traffic; float32 accumulation). Stored rows
-  carry a relative rounding error of up to :math:`2^{-8}` (bfloat16's unit roundoff), so the recurrence itself runs on float32 copies of
-  the last two vectors (:attr:`KrylovBasis.recent`): without reorthogonalizations and restarts ``T``
+  carry a relative rounding error of up to :math:`2^{-8}` (bfloat16's unit roundoff), so the
+  recurrence itself runs on float32 copies of the last two vectors (:attr:`KrylovBasis.recent`): without reorthogonalizations and restarts ``T``
   is exactly float32 Lanczos'; reorthogonalization against rounded rows, the kept Ritz vectors of a
   thick restart and the returned eigenvectors carry the rounding (eigenvalues to about 1e-4 relative,
   eigenvectors to about 4e-3).
