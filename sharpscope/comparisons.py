@@ -17,7 +17,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -197,8 +197,7 @@ class Comparison:
 
     @property
     def label(self) -> str:
-        other = "depth" if self.axis == "width" else "width"
-        fixed = f" / {other} {self.fixed:g}" if self.fixed is not None else ""
+        fixed = f" / {_other(self.axis)} {self.fixed:g}" if self.fixed is not None else ""
         return f"{self.parameterization} / {self.optimizer} / lr {self.lr:g}{fixed}"
 
     @property
@@ -218,18 +217,25 @@ def _axes_of(summaries: Sequence[RunSummary]) -> list[str]:
     return varying or ["width"]
 
 
-def _comparisons(summaries: Sequence[RunSummary]) -> list[Comparison]:
-    out = []
+def _other(axis: str) -> str:
+    return "depth" if axis == "width" else "width"
+
+
+def _by_axis(summaries: Sequence[RunSummary], coords: Callable[[RunSummary], tuple]):
+    """For each axis the runs vary along: ``(axis, key, runs)`` for the groups of runs that share
+    ``coords(run)`` and the other axis' value (the last element of ``key``), in sorted order."""
     for axis in _axes_of(summaries):
-        other = "depth" if axis == "width" else "width"
         groups: dict[tuple, list[RunSummary]] = defaultdict(list)
         for s in summaries:
             if s.size(axis) is not None:
-                groups[(s.parameterization, s.optimizer, s.lr, s.size(other))].append(s)
-        for (param, opt, lr, fixed), members in sorted(groups.items(), key=lambda kv: tuple(
-                (x is None, x) for x in kv[0])):
-            out.append(Comparison(axis, param, opt, lr, fixed, members))
-    return out
+                groups[(*coords(s), s.size(_other(axis)))].append(s)
+        for key, members in sorted(groups.items(), key=lambda kv: tuple((x is None, x) for x in kv[0])):
+            yield axis, key, members
+
+
+def _comparisons(summaries: Sequence[RunSummary]) -> list[Comparison]:
+    return [Comparison(axis, *key, members) for axis, key, members in
+            _by_axis(summaries, lambda s: (s.parameterization, s.optimizer, s.lr))]
 
 
 def _mean_trajectory(trajs: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[float]]:
@@ -321,35 +327,28 @@ def _lr_curves(c_members: Sequence[RunSummary], axis: str) -> dict[float, dict[f
 
 def _transfers(summaries: Sequence[RunSummary], problems: list[str]) -> list[tuple[dict[str, Any], Any]]:
     out = []
-    for axis in _axes_of(summaries):
-        other = "depth" if axis == "width" else "width"
-        families: dict[tuple, list[RunSummary]] = defaultdict(list)
-        for s in summaries:
-            if s.size(axis) is not None:
-                families[(s.parameterization, s.optimizer, s.size(other))].append(s)
-        for (param, opt, fixed), members in sorted(families.items(), key=lambda kv: tuple(
-                (x is None, x) for x in kv[0])):
-            label = f"{param} / {opt}" + (f" / {other} {fixed:g}" if fixed is not None else "")
-            curves = _lr_curves(members, axis)
-            blown = sorted(f"{s.size(axis):g}@{s.lr:g}" for s in members if s.blew_up)
-            if blown:
-                problems.append(f"{label}: {len(blown)} run(s) ended above twice their initial loss ({axis}@lr: "
-                                f"{', '.join(blown)}): counted as diverged in the lr transfer")
-            head = {"axis": axis, "parameterization": param, "optimizer": opt, "fixed": fixed}
-            n_lrs = max((len(curve) for curve in curves.values()), default=0)
-            dead = [size for size, curve in curves.items() if not any(math.isfinite(v) for v in curve.values())]
-            if dead:
-                problems.append(f"{label}: every lr diverged for {axis}s {_fmt(dead)}: lower the lr grid")
-            if len(curves) < 2 or n_lrs < 3:
-                out.append(({**head, "verdict": "undetermined",
-                             "reason": f"needs >= 2 {axis}s and >= 3 lrs, has {len(curves)} {axis}(s) and "
-                                       f"{n_lrs} lr(s)"}, (curves, None)))
-                continue
-            try:
-                res = consistency.lr_transfer(curves)
-                out.append(({**head, **res.evidence}, (curves, res)))
-            except ValueError as err:
-                out.append(({**head, "verdict": "undetermined", "reason": str(err)}, (curves, None)))
+    for axis, (param, opt, fixed), members in _by_axis(summaries, lambda s: (s.parameterization, s.optimizer)):
+        label = f"{param} / {opt}" + (f" / {_other(axis)} {fixed:g}" if fixed is not None else "")
+        curves = _lr_curves(members, axis)
+        blown = sorted(f"{s.size(axis):g}@{s.lr:g}" for s in members if s.blew_up)
+        if blown:
+            problems.append(f"{label}: {len(blown)} run(s) ended above twice their initial loss ({axis}@lr: "
+                            f"{', '.join(blown)}): counted as diverged in the lr transfer")
+        head = {"axis": axis, "parameterization": param, "optimizer": opt, "fixed": fixed}
+        n_lrs = max((len(curve) for curve in curves.values()), default=0)
+        dead = [size for size, curve in curves.items() if not any(math.isfinite(v) for v in curve.values())]
+        if dead:
+            problems.append(f"{label}: every lr diverged for {axis}s {_fmt(dead)}: lower the lr grid")
+        if len(curves) < 2 or n_lrs < 3:
+            out.append(({**head, "verdict": "undetermined",
+                         "reason": f"needs >= 2 {axis}s and >= 3 lrs, has {len(curves)} {axis}(s) and "
+                                   f"{n_lrs} lr(s)"}, (curves, None)))
+            continue
+        try:
+            res = consistency.lr_transfer(curves)
+            out.append(({**head, **res.evidence}, (curves, res)))
+        except ValueError as err:
+            out.append(({**head, "verdict": "undetermined", "reason": str(err)}, (curves, None)))
     return out
 
 

@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+import sharpscope as ss
+
 torch.set_num_threads(1)  # two pytest workers on two cores
 
 
@@ -94,3 +96,22 @@ probe_size = 64
 quantities = {json.dumps(list(quantities))}
 k = 1
 """
+
+
+class Dense(ss.SymmetricOperator):
+    """A dense symmetric matrix as an operator (synthetic spectra)."""
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__(A.shape[0], A.dtype, A.device)
+        self.A = A
+
+    def _matvec(self, v):
+        return self.A @ v
+
+
+def with_spectrum(eigs, seed: int = 0, dtype: torch.dtype = torch.float64) -> Dense:
+    """A random orthogonal similarity of ``diag(eigs)`` (symmetrised), as a :class:`Dense` operator."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.as_tensor(eigs, dtype=torch.float64)) @ Q.T
+    return Dense(((A + A.T) / 2).to(dtype))

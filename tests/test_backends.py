@@ -11,23 +11,11 @@ from torch import nn
 import sharpscope as ss
 from sharpscope.backends import reference, resolve_backend
 from sharpscope.backends.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
-from conftest import make_data, make_mlp
-
-
-class Dense(ss.SymmetricOperator):
-    def __init__(self, A: torch.Tensor) -> None:
-        super().__init__(A.shape[0], A.dtype, A.device)
-        self.A = A
-
-    def _matvec(self, v):
-        return self.A @ v
+from conftest import Dense, make_data, make_mlp, with_spectrum
 
 
 def _with_spectrum(eigs, seed=0, dtype=torch.float32) -> Dense:
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
-    A = Q @ torch.diag(torch.as_tensor(eigs, dtype=torch.float64)) @ Q.T
-    return Dense(((A + A.T) / 2).to(dtype))
+    return with_spectrum(eigs, seed, dtype)
 
 
 def _mlp_hessian():

@@ -9,27 +9,13 @@ import torch
 from torch import nn
 
 import sharpscope as ss
-from conftest import MODELS, make_data, make_mlp
+from conftest import MODELS, Dense, make_data, make_mlp, with_spectrum
 
 CE = nn.CrossEntropyLoss()
 
 
-class Dense(ss.SymmetricOperator):
-    """A dense symmetric matrix as an operator (synthetic spectra)."""
-
-    def __init__(self, A: torch.Tensor) -> None:
-        super().__init__(A.shape[0], A.dtype, A.device)
-        self.A = A
-
-    def _matvec(self, v):
-        return self.A @ v
-
-
 def _with_spectrum(eigs, seed=0, dtype=torch.float64) -> Dense:
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
-    A = Q @ torch.diag(torch.as_tensor(eigs, dtype=torch.float64)) @ Q.T
-    return Dense(((A + A.T) / 2).to(dtype))
+    return with_spectrum(eigs, seed, dtype)
 
 
 def _operator(kind: str, model_kind: str, seed: int, dtype=torch.float64):
