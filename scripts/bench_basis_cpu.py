@@ -18,7 +18,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from sharpscope.backends import make_basis
+from sharpscope.lanczos.backends import make_basis
 
 VARIANTS = [("torch", "device"), ("numpy", "device"), ("torch", "device-bf16"), ("numpy", "device-bf16")]
 

@@ -19,7 +19,7 @@ import numpy as np
 
 
 def _need_gpu():
-    from sharpscope.backends import cupy_status
+    from sharpscope.lanczos.backends import cupy_status
 
     missing = cupy_status()
     if missing is not None:
@@ -55,8 +55,8 @@ def copy_bandwidth(cp, nbytes=1 << 30, repeats=20):
 
 
 def check_kernels(cp, K, rows, n, repeats=3):
-    from sharpscope.backends import reference
-    from sharpscope.backends.bf16 import float32_to_bf16_bits
+    from sharpscope.lanczos.backends import reference
+    from sharpscope.lanczos.backends.bf16 import float32_to_bf16_bits
 
     for rep in range(repeats):
         rng = np.random.default_rng(rep)
@@ -93,7 +93,7 @@ def check_kernels(cp, K, rows, n, repeats=3):
 
 def time_orthogonalization(cp, K, rows, n, repeats, bandwidth):
     """One fused CGS pass (update_project): bytes = Q once + w read and written."""
-    from sharpscope.backends.bf16 import float32_to_bf16_bits
+    from sharpscope.lanczos.backends.bf16 import float32_to_bf16_bits
 
     result = {}
     for storage in ("float32", "bf16"):
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     cp, torch = _need_gpu()
-    from sharpscope.backends.kernels import load_kernels
+    from sharpscope.lanczos.backends.kernels import load_kernels
 
     K = load_kernels()
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)

@@ -7,8 +7,6 @@ parameterizations (:func:`parametrize`) and scalable model families; capture (:c
 :func:`open_run`) and offline spectrum jobs (``sharpscope spectrum``).
 """
 from ._version import __version__
-from .callbacks import huggingface_callback, lightning_callback
-from .capture import Recorder, every_schedule, log_schedule
 from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
 from .estimators import (SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace,
                          spectral_density)
@@ -18,16 +16,18 @@ from .operators import (GGNOperator, HessianOperator, NTKOperator, ggn_operator,
                         ntk_operator)
 from .preconditioning import (PreconditionedOperator, effective_step_sizes,
                               preconditioned_hessian_operator, stability_threshold)
-from .consistency import edge_of_stability, eos_threshold, lr_transfer, super_consistency, to_long_table
+from .analysis.consistency import edge_of_stability, eos_threshold, lr_transfer, super_consistency, to_long_table
 from .coordcheck import CoordCheckResult, coord_check, plot_coord_check
 from .models import CNN, FAMILIES, MLP, MoE, MoELayer, Transformer, build_model
 from .optim import OptimizerList, build_optimizer
 from .param import (PARAMETERIZATIONS, Exponents, Parameterization, ParamGroups, infer_roles, lr_exponent,
                     parametrize, parametrize_from_record)
-from .store import Run, RunFileError, RunWriter, open_run
-from .comparisons import analyze, collect
-from .jobs import run_spectrum_job
-from .report import write_report
+from .runs.callbacks import huggingface_callback, lightning_callback
+from .runs.capture import Recorder, every_schedule, log_schedule
+from .runs.store import Run, RunFileError, RunWriter, open_run
+from .runs.jobs import run_spectrum_job
+from .analysis.comparisons import analyze, collect
+from .analysis.report import write_report
 from .sweep import load_probe, run_sweep
 
 __all__ = [

@@ -14,8 +14,8 @@ from typing import Sequence
 from ._version import __version__
 
 # modules that provide ``add_parser(subparsers)``; each sets ``func`` on its parser
-_SUBCOMMANDS: tuple[str, ...] = ("sharpscope.demo", "sharpscope.runs_cli", "sharpscope.coordcheck",
-                                 "sharpscope.sweep", "sharpscope.report")
+_SUBCOMMANDS: tuple[str, ...] = ("sharpscope.demo", "sharpscope.runs.cli", "sharpscope.coordcheck",
+                                 "sharpscope.sweep", "sharpscope.analysis.report")
 
 
 class UsageError(Exception):

@@ -43,7 +43,7 @@ Runs are files ``runs/<parameterization>-<optimizer>-w<width>[-d<depth>]-lr<lr>-
 output folder (with a remote ``dask://`` cluster the workers must see that folder: a shared file
 system). A run whose file holds its final step (or stopped at a diverged, non-finite loss) is
 complete and skipped on a re-run; an incomplete one (interrupted) is trained again from scratch
-(training is deterministic for a seed). Spectra are resumable the same way (see :mod:`sharpscope.jobs`).
+(training is deterministic for a seed). Spectra are resumable the same way (see :mod:`sharpscope.runs.jobs`).
 """
 from __future__ import annotations
 
@@ -56,14 +56,16 @@ from typing import Any
 
 import torch
 
-from .capture import Recorder
 from .data import DATASETS, load as load_data
-from .jobs import (JobReport, SpectrumSettings, build_loss, executor_from_spec, first_diverged_step, run_spectrum_job,
-                   spectra_path)
 from .models import build_model
 from .optim import build_optimizer
 from .param import PARAMETERIZATIONS, parametrize
-from .store import RunFileError, open_run
+from .runs.capture import Recorder
+from .runs.executors import executor_from_spec
+from .runs.jobs import JobReport, SpectrumSettings, run_spectrum_job
+from .runs.rebuild import build_loss
+from .runs.spectra import spectra_path
+from .runs.store import RunFileError, first_diverged_step, open_run
 
 __all__ = ["Probe", "RunSpec", "load_probe", "plan", "train_run", "run_sweep", "SweepResult", "summary_rows"]
 
@@ -289,7 +291,7 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
     runs = [out / "runs" / s.filename for s in specs]
     settings = SpectrumSettings(k=probe.k)
     report = run_spectrum_job(runs, probe.quantities, settings, executor=executor, progress=progress)
-    from .report import write_report
+    from .analysis.report import write_report
 
     page = write_report(runs, out, title=f"sharpscope: {probe.name}",
                         settings={"probe": str(probe_path), "description": probe.description,
@@ -299,7 +301,7 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
 
 def summary_rows(result: SweepResult) -> list[dict]:
     """Per run and quantity: the top value at the first and last measured checkpoint."""
-    from .jobs import SpectraFile
+    from .runs.spectra import SpectraFile
 
     rows = []
     for path in result.runs:

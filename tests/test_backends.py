@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import sharpscope as ss
-from sharpscope.backends import reference, resolve_backend
-from sharpscope.backends.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
+from sharpscope.lanczos.backends import reference, resolve_backend
+from sharpscope.lanczos.backends.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 from conftest import Dense, make_data, make_mlp, with_spectrum
 
 
@@ -109,7 +109,7 @@ def test_kernel_references_against_float64(storage):
 
 
 def test_orthogonalize_and_restart_on_numpy_and_torch_agree():
-    from sharpscope.backends import make_basis
+    from sharpscope.lanczos.backends import make_basis
 
     rng = np.random.default_rng(2)
     n, m = 400, 12
@@ -136,7 +136,7 @@ def test_orthogonalize_and_restart_on_numpy_and_torch_agree():
 # -- GPU: the kernels against their references, and cupy against torch --------------------------
 
 def _cupy_or_skip():
-    from sharpscope.backends import cupy_status
+    from sharpscope.lanczos.backends import cupy_status
 
     missing = cupy_status()
     if missing is not None:
@@ -151,7 +151,7 @@ def _cupy_or_skip():
 @pytest.mark.parametrize("rows,n", [(1, 1), (3, 1000), (61, 100_003), (130, 4099)])
 def test_kernels_match_references(storage, rows, n):
     cp = _cupy_or_skip()
-    from sharpscope.backends.kernels import load_kernels
+    from sharpscope.lanczos.backends.kernels import load_kernels
 
     K = load_kernels()
     rng = np.random.default_rng(rows * n)
@@ -196,8 +196,8 @@ def test_cupy_backend_matches_torch(basis, rtol):
 
 
 def test_the_load_time_kernel_check_passes_the_references_and_catches_a_wrong_kernel():
-    from sharpscope.backends import reference
-    from sharpscope.backends.selfcheck import KernelMismatch, check_kernels
+    from sharpscope.lanczos.backends import reference
+    from sharpscope.lanczos.backends.selfcheck import KernelMismatch, check_kernels
 
     check_kernels(reference)  # the references against themselves, through the same code path
 

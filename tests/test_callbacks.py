@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sharpscope as ss
-from sharpscope.callbacks import lightning_callback
+from sharpscope.runs.callbacks import lightning_callback
 
 
 class _Writer:
@@ -69,7 +69,7 @@ def test_huggingface_callback_needs_transformers():
     try:
         import transformers  # noqa: F401
     except ImportError:
-        from sharpscope.callbacks import huggingface_callback
+        from sharpscope.runs.callbacks import huggingface_callback
 
         with pytest.raises(ImportError, match="transformers"):
             huggingface_callback("x.h5")

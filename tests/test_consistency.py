@@ -1,4 +1,4 @@
-"""Tests of sharpscope.consistency on synthetic data with known answers (numpy only)."""
+"""Tests of sharpscope.analysis.consistency on synthetic data with known answers (numpy only)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sharpscope import consistency as C
-from sharpscope.consistency import (Aligned, ConsistencyThresholds, align, edge_of_stability, eos_threshold,
+from sharpscope.analysis.consistency import (Aligned, ConsistencyThresholds, align, edge_of_stability, eos_threshold,
                                     fit_alpha, lr_optimum, lr_transfer, super_consistency, to_long_table)
 
 WIDTHS = [1, 2, 4, 8, 16]

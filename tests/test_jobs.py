@@ -14,7 +14,8 @@ from torch import nn
 import sharpscope as ss
 from sharpscope.cli import main
 from sharpscope.demo import digits_data, digits_mlp
-from sharpscope.jobs import SpectraFile, SpectrumSettings, run_spectrum_job, spectra_path
+from sharpscope.runs.jobs import SpectrumSettings, run_spectrum_job
+from sharpscope.runs.spectra import SpectraFile, spectra_path
 
 CE = nn.CrossEntropyLoss()
 

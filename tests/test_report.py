@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from sharpscope.cli import main
-from sharpscope.report import write_report
+from sharpscope.analysis.report import write_report
 from sharpscope.sweep import run_sweep
 from conftest import probe_text
 
@@ -63,7 +63,7 @@ def test_depth_axis_is_compared_and_seeds_are_averaged(tmp_path):
     probe.write_text(text)
     result = run_sweep(probe, tmp_path / "out", progress=False)
     assert len(result.runs) == 6 and "-w16-d4-lr0.1-s1" in result.runs[-1].name
-    from sharpscope.store import open_run
+    from sharpscope.runs.store import open_run
     with open_run(result.runs[-1]) as run:
         assert run.meta["parameterization"]["depth"]["branch_multiplier"] == 0.5  # 1/sqrt(4)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -124,7 +124,7 @@ def test_density_and_layer_results_get_their_figures(tmp_path):
     assert set(metrics["groups"][0]["quantities"]) == {"hessian"}  # density/layers are figures, not trajectories
     names = {p.name for p in (tmp_path / "r" / "figures").glob("*.png")}
     assert any(n.startswith("density-") for n in names) and any(n.startswith("layers-") for n in names)
-    from sharpscope.jobs import SpectraFile, spectra_path
+    from sharpscope.runs.spectra import SpectraFile, spectra_path
     with SpectraFile(spectra_path(runs[0])) as sf:  # muP's parametrizations belong to their layers
         assert sf.rows("layers")[0]["info"]["layers"] == ["input", "hidden.0", "readout"]
 
@@ -132,7 +132,7 @@ def test_density_and_layer_results_get_their_figures(tmp_path):
 def test_a_loop_without_losses_is_measured_and_left_out_of_lr_transfer(tmp_path):
     import torch
     import sharpscope as ss
-    from sharpscope.jobs import run_spectrum_job
+    from sharpscope.runs.jobs import run_spectrum_job
     from sharpscope.models import MLP
 
     x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
@@ -161,7 +161,7 @@ def test_a_loop_without_losses_is_measured_and_left_out_of_lr_transfer(tmp_path)
 
 
 def test_blown_up_runs_count_as_diverged_in_the_lr_transfer():
-    from sharpscope.comparisons import RunSummary, analyze
+    from sharpscope.analysis.comparisons import RunSummary, analyze
 
     def run(width, lr, final):
         return RunSummary(f"w{width}-lr{lr}.h5", "mup", "sgd", lr, width, final, initial_loss=2.3)

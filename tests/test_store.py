@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import sharpscope as ss
-from sharpscope.capture import Recorder, log_schedule
-from sharpscope.store import RunFileError, open_run
+from sharpscope.runs.capture import Recorder, log_schedule
+from sharpscope.runs.store import RunFileError, open_run
 
 CE = nn.CrossEntropyLoss()
 
@@ -106,7 +106,7 @@ def test_schedules(tmp_path):
 _WRITER = textwrap.dedent("""
     import sys, torch
     from torch import nn
-    from sharpscope.capture import Recorder
+    from sharpscope.runs.capture import Recorder
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

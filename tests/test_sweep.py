@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sharpscope.cli import main
-from sharpscope.jobs import SpectraFile, spectra_path
-from sharpscope.store import open_run
+from sharpscope.runs.spectra import SpectraFile, spectra_path
+from sharpscope.runs.store import open_run
 from sharpscope.sweep import load_probe, plan, run_sweep
 from conftest import probe_text
 

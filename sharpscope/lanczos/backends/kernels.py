@@ -33,7 +33,7 @@ def cuda_source_dir() -> Path:
     candidates = []
     if os.environ.get("SHARPSCOPE_CUDA_DIR"):
         candidates.append(Path(os.environ["SHARPSCOPE_CUDA_DIR"]))
-    candidates.append(Path(__file__).resolve().parents[2] / "cuda")
+    candidates.append(Path(__file__).resolve().parents[3] / "cuda")
     candidates.append(Path(sys.prefix) / "share" / "sharpscope" / "cuda")
     for path in candidates:
         if all((path / f).is_file() for f in _FILES):

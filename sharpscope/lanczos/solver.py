@@ -47,8 +47,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ..linop import NotSymmetricError, SymmetricOperator
 from .backends import make_basis, resolve_backend, storage_of
-from .linop import NotSymmetricError, SymmetricOperator
 
 __all__ = ["lanczos", "LanczosResult"]
 
@@ -128,7 +128,7 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         max_iter: cap on operator products (default ``max(300, 30 k)``); an unconverged result has
             ``converged`` False where it fell short, never a silently wrong value.
         seed: seeds the start vector (results are deterministic for a seed).
-        backend: where the basis algebra runs (:mod:`sharpscope.backends`): ``"torch"`` (default, on
+        backend: where the basis algebra runs (:mod:`sharpscope.lanczos.backends`): ``"torch"`` (default, on
             the operator's device), ``"cupy"`` (fused CUDA kernels; CUDA operators), ``"numpy"``
             (the same array code on the CPU) or ``"auto"`` (cupy when available for a CUDA operator,
             else torch). The operator's products are torch in every case.
@@ -141,7 +141,7 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
             the returned eigenvectors; should the rounded basis lose orthogonality, the solve is
             repeated with ``"device"``, with a warning and the products of both counted) or
             ``"host"`` (pinned host memory streamed per pass, for bases that do not fit the GPU);
-            see :mod:`sharpscope.backends.base`.
+            see :mod:`sharpscope.lanczos.backends.base`.
         max_basis: basis vectors kept before a thick restart (default ``max(2k + 20, 60)``, capped by
             ``n`` and 1/8 of the memory).
         reorth: ``"partial"`` (default) or ``"full"`` reorthogonalization.

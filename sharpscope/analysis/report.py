@@ -1,0 +1,279 @@
+"""The report over a set of runs: metrics.json, report.md, a self-contained report.html and figures/.
+
+The analysis (grouping, verdicts, problems) is :mod:`sharpscope.analysis.comparisons`; this module draws the
+figures with :mod:`sharpscope.analysis.plots` -- trajectories per size with the edge-of-stability line,
+parameterizations side by side, spread per step, EoS-normalised sharpness against lr x step, loss
+against lr, spectral densities, per-layer heatmaps -- and writes the files. The HTML embeds the
+figures (base64 PNG) and opens without a server. Every problem (one width only, no results, all
+runs diverged, mismatched probes) becomes a line in the report, never a crash or an empty figure.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import plots
+from .._version import __version__
+from .comparisons import Comparison, RunSummary, analyze_in_detail, collect
+
+__all__ = ["write_report", "verdict_lines"]
+
+LABELS = {"hessian": "sharpness: top eigenvalue of H", "precond": "preconditioned sharpness: top eig. of P^-1 H",
+          "ggn": "top eigenvalue of the Gauss-Newton G", "ntk": "top eigenvalue of the NTK J J^T",
+          "trace": "trace of H (Hutch++)"}
+
+
+
+def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) -> list[tuple[str, Path]]:
+    import matplotlib.pyplot as plt
+
+    figures: list[tuple[str, Path]] = []
+
+    def keep(fig, name: str, caption: str) -> None:
+        path = out / "figures" / f"{name}.png"
+        plots.save(fig, path)
+        fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+        plt.close(fig)
+        figures.append((caption, path))
+
+    for c, _, artifacts in compared:
+        tag = f"{c.parameterization}-{c.optimizer}-lr{c.lr:g}" + (f"-{c.axis}s-at{c.fixed:g}" if c.fixed is not None else "")
+        for q, (traj, res) in artifacts.items():
+            thresholds = [m.thresholds[q] for m in c.members if q in m.thresholds]
+            keep(plots.trajectories(traj, quantity=LABELS.get(q, q), threshold=thresholds[0] if thresholds else None,
+                                    size_label=c.axis, title=f"{q}: {c.label}"),
+                 f"{q}-{tag}", f"{q} per {c.axis}, {c.label}")
+            keep(plots.spread(res.steps, res.spread, quantity=f"relative spread across {c.axis}s ({res.spread_kind})",
+                              threshold=res.thresholds.spread_max, title=f"{q} spread: {c.label}"),
+                 f"{q}-spread-{tag}", f"{q}: spread across {c.axis}s, {c.label} (verdict {res.verdict})")
+        density = _density_curves(c)
+        if density:
+            step, curves = density
+            keep(plots.density_overlay(curves, size_label=c.axis, title=f"Hessian density at step {step}: {c.label}"),
+                 f"density-{tag}", f"Hessian spectral density per {c.axis} at step {step}, {c.label}")
+        widest = max((m for m in c.members if m.layers), key=lambda m: m.size(c.axis), default=None)
+        if widest is not None:
+            names, steps, values = widest.layers
+            keep(plots.layer_heatmap(names, steps, np.array(values).T,
+                                     title=f"per-layer sharpness, {c.axis} {widest.size(c.axis):g}: {c.label}"),
+                 f"layers-{tag}", f"per-layer top Hessian eigenvalue, {c.axis} {widest.size(c.axis):g}, {c.label}")
+    panels: dict[tuple, list] = defaultdict(list)
+    for c, _, artifacts in compared:
+        for q, (traj, _) in artifacts.items():
+            panels[(c.axis, c.optimizer, c.lr, c.fixed, q)].append((c, traj))
+    for (axis, optimizer, lr, fixed, q), row in sorted(panels.items(), key=lambda kv: str(kv[0])):
+        if len(row) > 1:
+            fig = _side_by_side(row, q)
+            names = " vs ".join(c.parameterization for c, _ in row)
+            tag = f"{q}-{'-vs-'.join(c.parameterization for c, _ in row)}-{optimizer}-lr{lr:g}"
+            keep(fig, tag + (f"-{axis}s-at{fixed:g}" if fixed is not None else ""),
+                 f"{q} per {axis}: {names}, {optimizer}, lr {lr:g}")
+    across_lrs: dict[tuple, list] = defaultdict(list)
+    for c, _, artifacts in compared:
+        for q, (traj, _) in artifacts.items():
+            across_lrs[(c.axis, c.parameterization, c.optimizer, c.fixed, q)].append((c, traj))
+    for (axis, param, optimizer, fixed, q), row in sorted(across_lrs.items(), key=lambda kv: str(kv[0])):
+        rescaled = _eos_normalized(row, q)
+        if rescaled is not None:
+            size, curves = rescaled
+            label = f"{param} / {optimizer}, {axis} {size:g}"
+            keep(plots.trajectories(curves, quantity=f"{q} / its EoS threshold", threshold=1.0, size_label="lr",
+                                    rescale_steps={lr: lr for lr in curves}, step_label="lr x step",
+                                    title=f"{q} across lrs: {label}"),
+                 f"{q}-lrs-{param}-{optimizer}-{axis}{size:g}" + (f"-at{fixed:g}" if fixed is not None else ""),
+                 f"{q} / EoS threshold against lr x step, one curve per lr, {label}")
+    for entry, (curves, res) in transfers:
+        if max((sum(map(math.isfinite, curve.values())) for curve in curves.values()), default=0) < 2:
+            continue  # no curve to draw (one lr, or all diverged): the verdict table says why
+        optima = {o.size: o.lr_opt for o in res.optima if o.lr_opt is not None} if res is not None else None
+        label = f"{entry['parameterization']} / {entry['optimizer']}"
+        if entry["fixed"] is not None:
+            label += f" / {'depth' if entry['axis'] == 'width' else 'width'} {entry['fixed']:g}"
+        keep(plots.lr_sweep(curves, optima=optima, size_label=entry["axis"], title=f"final loss vs lr: {label}"),
+             f"lr-{label.replace(' / ', '-').replace(' ', '')}", f"final training loss vs lr per {entry['axis']}, {label}")
+    return figures
+
+
+def _eos_normalized(row: list, q: str):
+    """For the largest size measured at >= 2 lrs: per lr, the quantity over its EoS threshold
+    (2/lr for SGD, 38/lr for Adam...), to be drawn against lr x step: at the edge of stability every
+    lr sits at 1, and progressive sharpening at different lrs lines up in "time" lr x step."""
+    per_size: dict[float, dict[float, tuple]] = defaultdict(dict)
+    for c, traj in row:
+        thresholds = {m.size(c.axis): m.thresholds[q] for m in c.members if q in m.thresholds}
+        for size, (steps, values) in traj.items():
+            if size in thresholds and thresholds[size] > 0:
+                per_size[size][c.lr] = (steps, [v / thresholds[size] for v in values])
+    sizes = [size for size, curves in per_size.items() if len(curves) >= 2]
+    return (max(sizes), per_size[max(sizes)]) if sizes else None
+
+
+def _side_by_side(row: list, q: str):
+    """One panel per parameterization, shared y axis: the trajectories across sizes side by side."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(row), figsize=(4.6 * len(row), 3.8), sharey=True, squeeze=False)
+    for ax, (c, traj) in zip(axes[0], row):
+        thresholds = [m.thresholds[q] for m in c.members if q in m.thresholds]
+        plots.trajectories(traj, quantity=LABELS.get(q, q), threshold=thresholds[0] if thresholds else None,
+                           size_label=c.axis, ax=ax, title=c.parameterization)
+    for ax in axes[0][1:]:
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def _density_curves(c: Comparison):
+    """SLQ densities of each size at the last step all sizes measured (first seed), on one grid."""
+    from ..estimators import SpectralDensity
+
+    firsts = {size: runs[0] for size, runs in c.by_size().items() if runs[0].densities}
+    if len(firsts) < 1:
+        return None
+    common = set.intersection(*(set(m.densities) for m in firsts.values()))
+    if not common:
+        return None
+    step = max(common)
+    dens = {}
+    for size, m in firsts.items():
+        nodes, weights, per_probe = m.densities[step]
+        cuts = np.cumsum(per_probe or [len(nodes)])[:-1]
+        dens[size] = SpectralDensity(np.split(np.asarray(nodes), cuts), np.split(np.asarray(weights), cuts), 0, 0)
+    lo = min(float(np.concatenate(d.nodes).min()) for d in dens.values())
+    hi = max(float(np.concatenate(d.nodes).max()) for d in dens.values())
+    sigma = max(d.default_sigma() for d in dens.values())
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 800)
+    return step, {size: (grid, d.pdf(grid, sigma)) for size, d in dens.items()}
+
+
+def write_report(runs: Sequence[str | Path], out_dir: str | Path, title: str = "sharpscope report",
+                 settings: dict | None = None) -> Path:
+    """Write metrics.json, report.md, report.html and figures/ under ``out_dir``; returns report.html."""
+    if not runs:
+        raise ValueError("no run files given")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries, problems = collect(runs)
+    metrics, compared, transfers = analyze_in_detail(summaries)
+    metrics["problems"] = problems + metrics["problems"]
+    if not summaries:
+        metrics["problems"].append("no usable run among the files given: nothing to analyse")
+    metrics["runs"] = [{"path": s.path, "parameterization": s.parameterization, "optimizer": s.optimizer,
+                        "lr": s.lr, "width": s.width, "depth": s.depth, "seed": s.seed,
+                        "final_loss": s.final_loss if math.isfinite(s.final_loss) else None,
+                        "initial_loss": s.initial_loss if math.isfinite(s.initial_loss) else None,
+                        "blew_up": s.blew_up}
+                       for s in summaries]
+    metrics["settings"] = settings or {}
+    import torch
+
+    metrics["versions"] = {"sharpscope": __version__, "torch": torch.__version__, "numpy": np.__version__}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    figures = _figures(summaries, compared, transfers, out)
+    (out / "report.md").write_text(_markdown(title, metrics, figures, out))
+    page = out / "report.html"
+    page.write_text(_html(title, metrics, figures))
+    return page
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _verdict_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    def other(entry: dict) -> str:
+        fixed = entry.get("fixed")
+        return "" if fixed is None else f" / {'depth' if entry['axis'] == 'width' else 'width'} {fixed:g}"
+
+    for g in metrics["groups"]:
+        for q, ev in g["quantities"].items():
+            rows.append((f"{g['parameterization']} / {g['optimizer']} / lr {g['lr']:g}{other(g)}",
+                         f"{q} across {g['axis']}s", ev.get("verdict", "?"), ev.get("reason", "")))
+    for t in metrics["transfer"]:
+        rows.append((f"{t['parameterization']} / {t['optimizer']}{other(t)}", f"lr transfer across {t['axis']}s",
+                     t.get("verdict", "?"), t.get("reason", "")))
+    return rows
+
+
+def _markdown(title: str, metrics: dict, figures, out: Path) -> str:
+    lines = [f"# {title}", "", "| runs | quantity | verdict | evidence |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | **{c}** | {d} |" for a, b, c, d in _verdict_rows(metrics)]
+    if metrics["problems"]:
+        lines += ["", "Problems:", ""] + [f"- {p}" for p in metrics["problems"]]
+    lines += [""] + [f"![{cap}]({path.relative_to(out)})" for cap, path in figures]
+    lines += ["", f"Software: {json.dumps(metrics['versions'])}", ""]
+    return "\n".join(lines)
+
+
+def _html(title: str, metrics: dict, figures) -> str:
+    esc = html.escape
+    rows = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td class='v'>{esc(c)}</td><td>{esc(d)}</td></tr>"
+                   for a, b, c, d in _verdict_rows(metrics))
+    problems = "".join(f"<li>{esc(p)}</li>" for p in metrics["problems"])
+    def figure(caption: str, path: Path) -> str:
+        png = path.read_bytes()
+        wide = int.from_bytes(png[16:20], "big") > 1200  # the PNG header's width: side-by-side panels
+        return (f"<figure{' class=wide' if wide else ''}><img alt='{esc(caption)}' "
+                f"src='data:image/png;base64,{base64.b64encode(png).decode()}'><figcaption>{esc(caption)}</figcaption></figure>")
+
+    images = "".join(figure(cap, path) for cap, path in figures)
+    runs = "".join(f"<tr><td>{esc(Path(r['path']).name)}</td><td>{r['width']:g}</td>"
+                   f"<td>{'' if r['depth'] is None else format(r['depth'], 'g')}</td><td>{r['lr']:g}</td>"
+                   f"<td>{'diverged' if r['final_loss'] is None else format(r['final_loss'], '.4g')}</td></tr>"
+                   for r in metrics["runs"])
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title><style>
+body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
+td.v{{font-weight:bold}}figure{{display:inline-block;vertical-align:top;width:520px;margin:8px}}figure.wide{{width:100%}}img{{max-width:100%}}
+figcaption{{font-size:13px;color:#444}}
+</style></head><body><h1>{esc(title)}</h1>
+<h2>Verdicts</h2><table><tr><th>runs</th><th>quantity</th><th>verdict</th><th>evidence</th></tr>{rows}</table>
+{'<h2>Problems</h2><ul>' + problems + '</ul>' if problems else ''}
+<h2>Figures</h2>{images or '<p>No spectra to plot.</p>'}
+<h2>Runs</h2><table><tr><th>run</th><th>width</th><th>depth</th><th>lr</th><th>final loss</th></tr>{runs}</table>
+<h2>Settings and software</h2><pre>{esc(json.dumps({'settings': metrics['settings'], 'versions': metrics['versions']}, indent=2))}</pre>
+</body></html>"""
+
+
+def verdict_lines(metrics_json: str | Path) -> list[str]:
+    """One line per verdict (and per problem) of a written ``metrics.json``."""
+    metrics = json.loads(Path(metrics_json).read_text())
+    rows = _verdict_rows(metrics)
+    wa, wb = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    lines = [f"{a:<{wa}}  {b:<{wb}}  {c:<13} {d}" for a, b, c, d in rows]
+    return lines + [f"note: {p}" for p in metrics["problems"]]
+
+
+def _report_command(args) -> int:
+    page = write_report(args.runs, args.out, title=args.title)
+    for line in verdict_lines(Path(args.out) / "metrics.json"):
+        print(line)
+    print(f"report: {page}")
+    if not json.loads((Path(args.out) / "metrics.json").read_text())["runs"]:
+        print("sharpscope report: error: no usable run among the files given (see the notes above)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("report", help="verdicts, figures and report.html over run files",
+                              description="Analyse runs (grouped by parameterization, optimizer and lr; "
+                                          "compared across widths, and across depths when they vary) and write metrics.json, report.md, "
+                                          "report.html and figures/ to --out.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN.h5")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--title", default="sharpscope report")
+    p.set_defaults(func=_report_command)

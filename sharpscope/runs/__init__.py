@@ -1,0 +1,3 @@
+"""Runs: the HDF5 file formats (:mod:`.store` for run files, :mod:`.spectra` for results), capture in a
+training loop (:mod:`.capture`, :mod:`.callbacks`), rebuilding a run's model (:mod:`.rebuild`) and the
+offline spectrum jobs (:mod:`.jobs`) with their executors (:mod:`.executors`)."""

@@ -1,0 +1,315 @@
+"""Training-loop hooks: :class:`Recorder` captures checkpoints (and optional online sharpness) into a run file.
+
+Two or three lines in an existing loop::
+
+    rec = ss.Recorder("run.h5", model, optimizer=opt, probe=(x, y), every=100, loss_fn=loss_fn)
+    for step in ...:
+        ...; opt.step()
+        rec.step(loss=loss)       # once per optimizer step: captures when the schedule says so
+    rec.close()                   # or use the Recorder as a context manager
+
+Step ``t`` counts optimizer steps taken: the checkpoint at ``t`` holds the parameters after ``t`` steps
+(``t = 0``: at construction, the initialization) and the optimizer state that the next step will use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .store import RunFileError, RunWriter, TensorSpec, open_run
+
+__all__ = ["Recorder", "every_schedule", "log_schedule", "optimizer_state_specs"]
+
+
+# -- schedules -------------------------------------------------------------------------------------
+def every_schedule(n: int) -> Callable[[int], bool]:
+    """Capture at steps 0, n, 2n, ..."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"every must be a positive integer, got {n!r}")
+    return lambda step: step % n == 0
+
+
+def log_schedule(per_decade: int = 10, max_step: int = 10**9) -> Callable[[int], bool]:
+    """Log-spaced steps (dense early, where edge-of-stability dynamics happen): 0, 1, 2, ..., then
+    ``round(10 ** (i / per_decade))`` for i = 0, 1, ...; ``per_decade`` points per factor of 10."""
+    if per_decade < 1:
+        raise ValueError(f"per_decade must be >= 1, got {per_decade}")
+    steps = {0}
+    i = 0
+    while True:
+        s = int(round(10 ** (i / per_decade)))
+        if s > max_step:
+            break
+        steps.add(s)
+        i += 1
+    return steps.__contains__
+
+
+def _schedule(every: int | None, schedule: Any) -> Callable[[int], bool]:
+    if every is not None and schedule is not None:
+        raise ValueError("give either every= or schedule=, not both")
+    if every is not None:
+        return every_schedule(every)
+    if schedule is None or schedule == "on_demand":
+        return lambda step: False
+    if schedule == "log":
+        return log_schedule()
+    if callable(schedule):
+        return schedule
+    if isinstance(schedule, Iterable) and not isinstance(schedule, (str, bytes)):
+        wanted = {int(s) for s in schedule}
+        return wanted.__contains__
+    raise ValueError(f"schedule must be 'log', 'on_demand', a list of steps or a callable, got {schedule!r}")
+
+
+# -- what is stored ----------------------------------------------------------------------------------
+def optimizer_state_specs(optimizer: torch.optim.Optimizer | None, names: Mapping[int, str]
+                          ) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
+    """``(param name, state key, shape, dtype)`` of the optimizer state to capture, for every managed
+    parameter. Taken from the state when it exists, else predicted from torch's SGD (momentum), Adam,
+    AdamW, Adafactor and Muon (their state appears only at the first step)."""
+    if optimizer is None:
+        return []
+    out = []
+    # an OptimizerList (Muon + AdamW) is predicted member by member
+    for member in getattr(optimizer, "optimizers", [optimizer]):
+        for group in member.param_groups:
+            for p in group["params"]:
+                name = names.get(id(p))
+                if name is None:
+                    continue
+                state = member.state.get(p, {})
+                if state:
+                    for key, value in state.items():
+                        if isinstance(value, torch.Tensor):
+                            out.append((name, key, tuple(value.shape), value.dtype))
+                    continue
+                for key, shape, dtype in _predicted_state(member, group, p):
+                    out.append((name, key, shape, dtype))
+    return out
+
+
+def _predicted_state(optimizer, group, p) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    shape = tuple(p.shape)
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        keys = [("step", (), torch.float32), ("exp_avg", shape, p.dtype), ("exp_avg_sq", shape, p.dtype)]
+        if group.get("amsgrad"):
+            keys.append(("max_exp_avg_sq", shape, p.dtype))
+        return keys
+    if isinstance(optimizer, torch.optim.SGD):
+        return [("momentum_buffer", shape, p.dtype)] if group.get("momentum", 0) else []
+    if isinstance(optimizer, torch.optim.Adafactor):
+        if p.dim() > 1:
+            return [("step", (), torch.float32), ("row_var", shape[:-1] + (1,), p.dtype),
+                    ("col_var", shape[:-2] + (1,) + shape[-1:], p.dtype)]
+        return [("step", (), torch.float32), ("variance", shape, p.dtype)]
+    if type(optimizer).__name__ == "Muon":
+        return [("momentum_buffer", shape, p.dtype)]
+    return []
+
+
+def _np_dtype(dtype: torch.dtype) -> str:
+    if dtype == torch.bfloat16:
+        return "float32"
+    return str(torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def optimizer_meta(optimizer: torch.optim.Optimizer | None, names: Mapping[int, str]) -> dict | None:
+    """JSON description of the optimizer: class, defaults and per-group hyper-parameters and members."""
+    if optimizer is None:
+        return None
+    groups = []
+    for g in optimizer.param_groups:
+        hyper = {k: _jsonable(v) for k, v in g.items() if k != "params"}
+        hyper["params"] = [names.get(id(p), "?") for p in g["params"]]
+        groups.append(hyper)
+    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+            "defaults": {k: _jsonable(v) for k, v in optimizer.defaults.items()}, "param_groups": groups}
+
+
+class Recorder:
+    """Captures checkpoints of ``model`` (and ``optimizer``) into a run file on a schedule.
+
+    Args:
+        path: the run file (``.h5``). An existing file is refused unless ``resume=True``.
+        model: the model being trained.
+        optimizer: its optimizer (state captured for preconditioned sharpness; lrs logged).
+        probe: a fixed ``(inputs, targets)`` batch stored once, on which spectra are measured.
+        every: capture every ``every`` steps (and at step 0); or give ``schedule``:
+            ``"log"``, ``"on_demand"`` (only :meth:`capture`), a list of steps, or ``callable(step) -> bool``.
+        meta: user metadata (JSON). Keys ``model_factory`` (``"module:function"``) and
+            ``model_kwargs`` let offline jobs rebuild the model without pickle; ``loss`` names the loss.
+        loss_fn: needed for online sharpness; its class name is recorded.
+        sharpness_every: also measure the top Hessian eigenvalue of the probe batch every K steps
+            (warm-started from the previous eigenvector), logged in the run file and to ``summary_writer``.
+        summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (optional).
+        resume: append to an existing run (dropping a checkpoint a crash left incomplete); training
+            continues from ``start_step`` (default: the last captured step).
+    """
+
+    def __init__(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 probe: tuple[Any, Any] | None = None, every: int | None = None, schedule: Any = None,
+                 meta: Mapping[str, Any] | None = None, *, loss_fn: Callable | None = None,
+                 sharpness_every: int | None = None, summary_writer: Any = None, resume: bool = False,
+                 start_step: int | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if sharpness_every is not None and (loss_fn is None or probe is None):
+            raise ValueError("sharpness_every needs loss_fn= and probe=")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.probe = probe
+        self.should_capture = _schedule(every, schedule)
+        self.sharpness_every = sharpness_every
+        self.summary_writer = summary_writer
+        self._params = dict(model.named_parameters())
+        self._buffers = dict(model.named_buffers())
+        self._names = {id(p): n for n, p in self._params.items()}
+        self._specs = self._tensor_specs()
+        self._warm: torch.Tensor | None = None
+        self.sharpness_log: list[tuple[int, float]] = []
+        if resume and os.path.exists(path):
+            with open_run(path) as run:  # check before rewriting anything
+                self._check_compatible(run.specs, path)
+            self.writer = RunWriter.resume(path)
+            self._specs = self.writer.specs
+            steps = self.writer.steps()
+            self.step_count = start_step if start_step is not None else (steps[-1] if steps else 0)
+            self._last_captured = steps[-1] if steps else None
+        else:
+            self.writer = RunWriter(path, self._meta(meta), self._specs, lr_groups=self._lr_groups(), probe=probe)
+            self.step_count = 0 if start_step is None else int(start_step)
+            self._last_captured = None
+            if self.should_capture(self.step_count):
+                self.capture()
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _lr_groups(self) -> int:
+        return len(self.optimizer.param_groups) if self.optimizer is not None else 0
+
+    def _tensor_specs(self) -> list[TensorSpec]:
+        specs = []
+        for name, p in self._params.items():
+            specs.append(TensorSpec(f"t{len(specs)}", "param", name, tuple(p.shape), _np_dtype(p.dtype)))
+        for name, b in self._buffers.items():
+            specs.append(TensorSpec(f"t{len(specs)}", "buffer", name, tuple(b.shape), _np_dtype(b.dtype)))
+        for name, key, shape, dtype in optimizer_state_specs(self.optimizer, self._names):
+            specs.append(TensorSpec(f"t{len(specs)}", "optim", name, shape, _np_dtype(dtype), key))
+        if self.optimizer is not None and not any(s.kind == "optim" for s in specs) \
+                and not isinstance(self.optimizer, torch.optim.SGD):
+            warnings.warn(f"{type(self.optimizer).__name__}'s state is not known before its first step: "
+                          "optimizer state will not be captured", RuntimeWarning, stacklevel=3)
+        return specs
+
+    def _meta(self, user: Mapping[str, Any] | None) -> dict:
+        user = dict(user or {})
+        meta = {
+            "model_factory": user.pop("model_factory", None),
+            "model_kwargs": user.pop("model_kwargs", {}),
+            "model_class": f"{type(self.model).__module__}.{type(self.model).__name__}",
+            "loss": user.pop("loss", type(self.loss_fn).__name__ if self.loss_fn is not None else None),
+            "optimizer": optimizer_meta(self.optimizer, self._names),
+            "parameterization": user.pop("parameterization", None),
+            "seed": user.pop("seed", None),
+            "user": user,
+        }
+        try:
+            json.dumps(meta)
+        except TypeError as err:
+            raise ValueError(f"meta must be JSON-serializable (no objects are pickled): {err}") from None
+        return meta
+
+    def _check_compatible(self, stored_specs: list[TensorSpec], path) -> None:
+        stored = {(s.kind, s.name, s.key): s for s in stored_specs}
+        for s in self._specs:
+            old = stored.get((s.kind, s.name, s.key))
+            if old is None or old.shape != s.shape:
+                raise RunFileError(f"{path}: cannot resume: {s.kind} {s.name} has shape {s.shape}, "
+                                   f"the run stores {None if old is None else old.shape}")
+
+    # -- the loop --------------------------------------------------------------------------------
+    def step(self, loss: float | torch.Tensor | None = None) -> bool:
+        """Call once after each optimizer step; captures when the schedule says so. Returns whether it did."""
+        self.step_count += 1
+        self._loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else (
+            float("nan") if loss is None else float(loss))
+        if self.sharpness_every and self.step_count % self.sharpness_every == 0:
+            self.measure_sharpness()
+        if self.should_capture(self.step_count):
+            self.capture()
+            return True
+        return False
+
+    def log_loss(self, value: float, step: int | None = None) -> None:
+        """Log a training loss known apart from :meth:`step` (e.g. a framework's averaged logged loss)
+        to the run's ``loss`` scalar log, at ``step`` (default: the current step). A run file from
+        before that log existed (resumed) cannot grow one: the loss is then dropped, with one warning."""
+        try:
+            self.writer.log_scalar("loss", self.step_count if step is None else int(step), float(value))
+        except KeyError:
+            if not getattr(self, "_warned_no_loss_log", False):
+                warnings.warn(f"{self.writer.path} has no loss log (an older run file): logged losses are "
+                              "not stored", RuntimeWarning, stacklevel=2)
+                self._warned_no_loss_log = True
+
+    def capture(self, loss: float | None = None) -> None:
+        """Capture a checkpoint at the current step now (the on-demand schedule uses only this);
+        ``loss`` overrides the last loss passed to :meth:`step`."""
+        if loss is not None:
+            self._loss = float(loss)
+        if self._last_captured == self.step_count:
+            return
+        tensors: dict[str, torch.Tensor | None] = {}
+        state = self.optimizer.state if self.optimizer is not None else {}
+        for spec in self._specs:
+            if spec.kind == "param":
+                tensors[spec.id] = self._params[spec.name]
+            elif spec.kind == "buffer":
+                tensors[spec.id] = self._buffers[spec.name]
+            else:
+                value = state.get(self._params[spec.name], {}).get(spec.key)
+                tensors[spec.id] = value if isinstance(value, torch.Tensor) else None
+        lrs = [float(g["lr"]) for g in self.optimizer.param_groups] if self.optimizer is not None else []
+        self.writer.append(self.step_count, tensors, loss=getattr(self, "_loss", float("nan")), lrs=lrs)
+        self._last_captured = self.step_count
+
+    def measure_sharpness(self) -> float:
+        """Top Hessian eigenvalue on the probe batch (warm-started Lanczos), logged as a scalar."""
+        from ..lanczos import lanczos
+        from ..operators import hessian_operator
+
+        H = hessian_operator(self.model, self.loss_fn, self.probe)
+        v0 = self._warm if self._warm is not None and self._warm.shape[0] == H.shape[0] else None
+        res = lanczos(H, k=1, tol=1e-4, v0=v0, return_eigenvectors=True)
+        self._warm = res.eigenvectors[:, 0]
+        value = float(res.eigenvalues[0])
+        self.sharpness_log.append((self.step_count, value))
+        self.writer.log_scalar("sharpness", self.step_count, value)
+        if self.summary_writer is not None:
+            self.summary_writer.add_scalar("sharpscope/sharpness", value, self.step_count)
+        return value
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,92 @@
+"""``sharpscope spectrum`` and ``sharpscope inspect``: offline jobs over run files, and what a run holds."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .jobs import QUANTITIES, SpectrumSettings, run_spectrum_job
+from .spectra import SpectraFile, spectra_path
+from .store import open_run
+
+
+def _spectrum(args: argparse.Namespace) -> int:
+    quantities = [q.strip() for q in args.what.split(",") if q.strip()]
+    settings = SpectrumSettings(k=args.k, tol=args.tol, seed=args.seed, trace_matvecs=args.trace_matvecs,
+                                density_probes=args.density_probes, density_steps=args.density_steps,
+                                batchnorm=args.batchnorm)
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
+    report = run_spectrum_job(args.runs, quantities, settings, executor=args.executor, steps=steps,
+                              loss=args.loss, progress=not args.quiet)
+    print(f"computed {report.computed} checkpoint(s), wrote {report.written} result(s), "
+          f"skipped {report.skipped} already stored"
+          + (f", {report.not_applicable} not applicable (no optimizer state yet)" if report.not_applicable else ""))
+    for path, step, message in report.failures:
+        print(f"FAILED {path} step {step}: {message}")
+    return 1 if report.failures else 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    with open_run(args.run) as run:
+        steps = run.steps
+        info = {
+            "file": str(run.path), "versions": run.versions, "meta": run.meta,
+            "checkpoints": len(steps), "steps": steps if len(steps) <= 20 else steps[:10] + ["..."] + steps[-5:],
+            "incomplete_checkpoints": run.incomplete,
+            "tensors": {kind: sum(1 for s in run.specs if s.kind == kind) for kind in ("param", "buffer", "optim")},
+            "parameters": sum(int(__import__("math").prod(s.shape)) for s in run.specs if s.kind == "param"),
+            "probe": None if run.probe() is None else [list(t.shape) for t in run.probe()[0]],
+        }
+    results = spectra_path(args.run)
+    if results.exists():
+        with SpectraFile(results) as sf:
+            counts: dict[str, int] = {}
+            for step, quantity, _ in sf.keys():
+                counts[quantity] = counts.get(quantity, 0) + 1
+        info["results"] = {"file": str(results), "rows": counts}
+    else:
+        info["results"] = None
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['file']}  (sharpscope {info['versions'].get('sharpscope')}, torch {info['versions'].get('torch')})")
+    meta = info["meta"]
+    print(f"  model:       {meta.get('model_factory') or meta.get('model_class')} {json.dumps(meta.get('model_kwargs') or {})}")
+    print(f"  loss:        {meta.get('loss')}")
+    opt = meta.get("optimizer")
+    print(f"  optimizer:   {opt['class'] if opt else None}" + (f", {len(opt['param_groups'])} param group(s)" if opt else ""))
+    print(f"  parameters:  {info['parameters']:,} in {info['tensors']['param']} tensors; "
+          f"{info['tensors']['buffer']} buffers; {info['tensors']['optim']} optimizer-state tensors")
+    print(f"  probe:       {info['probe']}")
+    print(f"  checkpoints: {info['checkpoints']} complete, steps {info['steps']}")
+    if info["incomplete_checkpoints"]:
+        print(f"  incomplete:  {info['incomplete_checkpoints']} (being written, or lost in a crash)")
+    print(f"  results:     {info['results']['rows'] if info['results'] else 'none (run sharpscope spectrum)'}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("spectrum", help="measure spectra at the checkpoints of run files",
+                              description=f"Offline spectrum jobs. Quantities: {', '.join(QUANTITIES)}. "
+                                          "Results go to RUN.spectra.h5; finished ones are skipped on re-runs.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN.h5")
+    p.add_argument("--what", default="hessian", help="comma-separated quantities (default: hessian)")
+    p.add_argument("--k", type=int, default=5, help="eigenvalues per operator (default 5)")
+    p.add_argument("--tol", type=float, default=1e-6, help="Lanczos relative residual tolerance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace-matvecs", type=int, default=99, help="Hutch++ products for trace (default 99)")
+    p.add_argument("--density-probes", type=int, default=10)
+    p.add_argument("--density-steps", type=int, default=80)
+    p.add_argument("--batchnorm", choices=["batch", "eval"], default="batch")
+    p.add_argument("--steps", help="comma-separated checkpoint steps (default: all)")
+    p.add_argument("--loss", help="override the run's loss (torch.nn name or module:function)")
+    p.add_argument("--executor", default="local",
+                   help="local (default), process:N, dask-local:N (a LocalCluster) or dask://HOST:PORT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_spectrum)
+
+    q = subparsers.add_parser("inspect", help="what a run file holds", description="Show a run file's meta, "
+                              "checkpoints (and incomplete ones) and stored results.")
+    q.add_argument("run", type=Path, metavar="RUN.h5")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=_inspect)

@@ -1,0 +1,488 @@
+"""The HDF5 run file: schema, crash-safe appends, validated reading. Nothing is ever unpickled.
+
+Layout (format ``sharpscope.run``, version 1)::
+
+    /                         attrs: format, format_version, created, versions (JSON)
+    /meta                     attrs: json -- model factory + kwargs, loss, parameterization, optimizer, seed, user
+    /probe/inputs/<i>, /probe/targets      the fixed probe batch (optional)
+    /checkpoints              attrs: tensors (JSON list of TensorSpec: id, kind, name, shape, dtype, key,
+                                     dataset, offset)
+        step, loss, time      (N,) int64 / float64 / float64
+        lr                    (N, G) float64: each param group's lr
+        flat_<dtype>          (N, total): all tensors of one dtype (parameters, buffers, optimizer state),
+                              flattened and concatenated; tensor j is row[offset_j : offset_j + numel_j]
+        complete              (N,) uint8 -- written last: row i exists iff complete has more than i rows
+    /scalars/<name>           (M, 2) float64: (step, value) logs: online sharpness, logged training loss
+
+Crash safety. Every dataset is created up front and the writer switches to HDF5's single-writer /
+multiple-reader mode (SWMR), in which the library orders its metadata writes so that the file stays
+readable whatever moment the writer dies at. A checkpoint is appended by growing every dataset by
+one row, writing and flushing it, and only then growing ``complete``: a reader sees exactly the rows
+that ``complete`` covers and reports any row beyond as incomplete. After a crash the file can be
+read at once; appending again (``RunWriter.resume``) first copies the complete checkpoints into a
+fresh file that atomically replaces the old one (HDF5 refuses to reopen a crashed SWMR file for
+writing), so the row being written at the crash is the only loss.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import h5py
+import numpy as np
+import torch
+
+from .._version import __version__
+
+__all__ = ["H5Handle", "WriterLock", "RunWriter", "Run", "open_run", "RunFileError", "FORMAT", "FORMAT_VERSION", "TensorSpec",
+           "logged_losses", "first_diverged_step"]
+
+FORMAT = "sharpscope.run"
+FORMAT_VERSION = 1
+_LIBVER = "latest"
+
+
+class RunFileError(ValueError):
+    """A run file that cannot be used: not a sharpscope run, unknown version, truncated, mismatched."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One stored tensor: an id, what it is (``param``, ``buffer``, ``optim``), its name, shape and
+    dtype, for optimizer state the state key (``exp_avg_sq``, ``step``...), and where it lives (the
+    flat dataset of its dtype and its offset there; assigned by :class:`RunWriter`)."""
+
+    id: str
+    kind: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    key: str | None = None
+    dataset: str = ""
+    offset: int = 0
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def _layout(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """Assign each tensor its flat dataset (one per dtype) and offset."""
+    totals: dict[str, int] = {}
+    out = []
+    for s in specs:
+        name = f"flat_{s.dtype}"
+        out.append(replace(s, dataset=name, offset=totals.get(name, 0)))
+        totals[name] = totals.get(name, 0) + s.numel
+    return out
+
+
+def _totals(specs: list[TensorSpec]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for s in specs:
+        totals[s.dataset] = max(totals.get(s.dataset, 0), s.offset + s.numel)
+    return totals
+
+
+def _versions() -> dict[str, str]:
+    return {"sharpscope": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version, "numpy": np.__version__}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: stored as float32 (exact)
+        t = t.float()
+    return t.cpu().numpy()
+
+
+def _as_json(obj: Any, what: str) -> str:
+    try:
+        return json.dumps(obj, sort_keys=True)
+    except TypeError as err:
+        raise ValueError(f"{what} must be JSON-serializable (no objects are pickled): {err}") from None
+
+
+class WriterLock:
+    """One writer per file: an exclusive ``flock`` on ``<file>.lock``, held while the writer lives
+    (released by the OS if the process dies, so a crash never leaves a stale lock)."""
+
+    def __init__(self, path: Path) -> None:
+        import fcntl
+
+        self.path = path.with_name(path.name + ".lock")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise RunFileError(f"{path} is being written by another process (lock {self.path})") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+class H5Handle:
+    """An object owning an open ``h5py.File`` in ``self._file`` (and, for writers, a
+    :class:`WriterLock`): ``close()`` and ``with`` support."""
+
+    _file: h5py.File | None = None
+    _lock: WriterLock | None = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RunWriter(H5Handle):
+    """The one writer of a run file (used by :class:`sharpscope.Recorder`).
+
+    Args:
+        path: the run file to create (refused if it exists; use :meth:`resume`).
+        meta: JSON-able description (model factory, kwargs, loss, optimizer, seed, user data).
+        tensors: the tensors captured at every checkpoint (see :class:`TensorSpec`).
+        lr_groups: number of optimizer param groups (columns of ``lr``).
+        probe: optional ``(inputs, targets)`` batch stored once.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: Mapping[str, Any], tensors: list[TensorSpec],
+                 lr_groups: int = 0, probe: tuple[Any, Any] | None = None,
+                 scalars: Iterable[str] = ("sharpness", "loss")) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            raise FileExistsError(f"{self.path} exists: resume it (RunWriter.resume) or choose a new path")
+        meta_json = _as_json(dict(meta), "meta")
+        tensors = _layout(tensors)
+        self._lock = WriterLock(self.path)
+        try:
+            tmp = self.path.with_name(self.path.name + ".creating")
+            with h5py.File(tmp, "w", libver=_LIBVER) as f:
+                f.attrs["format"] = FORMAT
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                f.attrs["versions"] = json.dumps(_versions())
+                f.create_group("meta").attrs["json"] = meta_json
+                if probe is not None:
+                    _write_probe(f.create_group("probe"), probe)
+                _create_checkpoint_datasets(f.create_group("checkpoints"), tensors, lr_groups)
+                _create_scalar_logs(f.create_group("scalars"), scalars)
+            os.replace(tmp, self.path)  # the file appears complete or not at all
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike) -> "RunWriter":
+        """Reopen an existing run for appending, dropping an incomplete last checkpoint (after a crash)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._lock = WriterLock(self.path)  # before touching the file: never under a live writer
+        try:
+            with open_run(self.path) as run:  # validates
+                run_steps = len(run.steps)
+            tmp = self.path.with_name(self.path.name + ".resuming")
+            _copy_complete(self.path, tmp, run_steps)
+            os.replace(tmp, self.path)
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open(self) -> None:
+        try:
+            self._file = h5py.File(self.path, "r+", libver=_LIBVER)
+        except (OSError, BlockingIOError) as err:
+            self.close()
+            raise RunFileError(f"{self.path}: cannot open for writing ({err})") from None
+        self._file.swmr_mode = True
+        grp = self._file["checkpoints"]
+        self._specs = _spec_list(grp.attrs["tensors"])
+        self._totals = _totals(self._specs)
+        self._grp = grp
+        self._count = grp["complete"].shape[0]
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return list(self._specs)
+
+    @property
+    def num_checkpoints(self) -> int:
+        return self._count
+
+    def steps(self) -> list[int]:
+        return [int(s) for s in self._grp["step"][: self._count]]
+
+    def append(self, step: int, tensors: Mapping[str, torch.Tensor | None], loss: float = float("nan"),
+               lrs: Iterable[float] = ()) -> None:
+        """Append one checkpoint; ``tensors`` maps each spec's id to its tensor (None: a NaN slot)."""
+        i = self._count
+        grp = self._grp
+        rows = {name: np.empty(total, dtype=grp[name].dtype) for name, total in self._totals.items()}
+        for spec in self._specs:
+            value = tensors.get(spec.id)
+            slot = rows[spec.dataset][spec.offset: spec.offset + spec.numel]
+            if value is None:
+                slot[:] = np.nan
+                continue
+            arr = _np(value)
+            if tuple(arr.shape) != spec.shape:
+                raise ValueError(f"{spec.kind} {spec.name}{'/' + spec.key if spec.key else ''} has shape "
+                                 f"{tuple(arr.shape)}, the run stores {spec.shape}")
+            slot[:] = arr.reshape(-1)
+        lr_row = np.asarray(list(lrs), dtype=np.float64)
+        if lr_row.shape != (grp["lr"].shape[1],):
+            raise ValueError(f"expected {grp['lr'].shape[1]} learning rates, got {lr_row.shape[0]}")
+        for name, row in rows.items():
+            ds = grp[name]
+            ds.resize(i + 1, axis=0)
+            ds[i] = row
+        for name, value in (("step", step), ("loss", loss), ("time", time.time())):
+            grp[name].resize(i + 1, axis=0)
+            grp[name][i] = value
+        grp["lr"].resize(i + 1, axis=0)
+        grp["lr"][i] = lr_row
+        self._file.flush()
+        grp["complete"].resize(i + 1, axis=0)
+        grp["complete"][i] = 1
+        self._file.flush()
+        self._count = i + 1
+
+    def log_scalar(self, name: str, step: int, value: float) -> None:
+        """Append ``(step, value)`` to the scalar log ``name`` (e.g. online sharpness)."""
+        grp = self._file["scalars"]
+        if name not in grp:
+            raise KeyError(f"{self.path} has no scalar log {name!r} (has: {sorted(grp)})")
+        ds = grp[name]
+        i = ds.shape[0]
+        ds.resize(i + 1, axis=0)
+        ds[i] = (step, value)
+        ds.flush()
+
+
+
+def _write_probe(grp: h5py.Group, probe: tuple[Any, Any]) -> None:
+    inputs, targets = probe
+    inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    grp.attrs["num_inputs"] = len(inputs)
+    for i, t in enumerate(inputs):
+        grp.create_dataset(f"inputs/{i}", data=_np(t))
+    if targets is not None:
+        grp.create_dataset("targets", data=_np(targets))
+
+
+def _create_checkpoint_datasets(grp: h5py.Group, specs: list[TensorSpec], lr_groups: int) -> None:
+    grp.attrs["tensors"] = json.dumps([asdict(s) for s in specs])
+    grp.create_dataset("step", shape=(0,), maxshape=(None,), dtype="i8", chunks=(1024,))
+    grp.create_dataset("loss", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
+    grp.create_dataset("time", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
+    grp.create_dataset("lr", shape=(0, lr_groups), maxshape=(None, None), dtype="f8",
+                       chunks=(1024, max(lr_groups, 1)))
+    grp.create_dataset("complete", shape=(0,), maxshape=(None,), dtype="u1", chunks=(1024,))
+    dtypes = {s.dataset: s.dtype for s in specs}
+    for name, total in _totals(specs).items():
+        grp.create_dataset(name, shape=(0, total), maxshape=(None, total), dtype=dtypes[name],
+                           chunks=(1, max(1, min(total, 1 << 24))))
+
+
+def _create_scalar_logs(grp: h5py.Group, names: Iterable[str]) -> None:
+    for name in names:
+        grp.create_dataset(name, shape=(0, 2), maxshape=(None, 2), dtype="f8", chunks=(256, 2))
+
+
+def _copy_complete(src: Path, dst: Path, count: int) -> None:
+    """Copy a run with its first ``count`` checkpoints into a fresh (non-SWMR-flagged) file."""
+    with h5py.File(src, "r", libver=_LIBVER, swmr=True) as f, h5py.File(dst, "w", libver=_LIBVER) as g:
+        for key, value in f.attrs.items():
+            g.attrs[key] = value
+        f.copy(f["meta"], g, "meta")
+        if "probe" in f:
+            f.copy(f["probe"], g, "probe")
+        if "scalars" in f:
+            f.copy(f["scalars"], g, "scalars")
+        src_grp = f["checkpoints"]
+        specs = _spec_list(src_grp.attrs["tensors"])
+        dst_grp = g.create_group("checkpoints")
+        _create_checkpoint_datasets(dst_grp, specs, src_grp["lr"].shape[1])
+        for name in ["step", "loss", "time", "lr", "complete", *_totals(specs)]:
+            ds = dst_grp[name]
+            ds.resize(count, axis=0)
+            if count:
+                ds[:count] = src_grp[name][:count]
+
+
+def _spec_list(raw: str) -> list[TensorSpec]:
+    return [TensorSpec(**{**s, "shape": tuple(s["shape"])}) for s in json.loads(raw)]
+
+
+class Run(H5Handle):
+    """Read side of a run file (use :func:`open_run`); can follow a file that is being written.
+
+    Attributes:
+        meta: the stored description (dict).
+        steps: sorted steps of complete checkpoints.
+        incomplete: number of rows present beyond the complete ones (a checkpoint being written or lost).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such run file")
+        self._file = _open_for_reading(self.path)
+        f = self._file
+        fmt = f.attrs.get("format")
+        if fmt != FORMAT:
+            self.close()
+            raise RunFileError(f"{self.path}: not a sharpscope run file (format attribute {fmt!r})")
+        version = int(f.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            self.close()
+            raise RunFileError(f"{self.path}: run format version {version} is not supported by this "
+                               f"sharpscope (reads version {FORMAT_VERSION})")
+        try:
+            self.meta: dict = json.loads(f["meta"].attrs["json"])
+            self._grp = f["checkpoints"]
+            self.specs = _spec_list(self._grp.attrs["tensors"])
+        except (KeyError, ValueError) as err:
+            self.close()
+            raise RunFileError(f"{self.path}: damaged run file ({err})") from None
+        self.versions = json.loads(f.attrs.get("versions", "{}"))
+
+    # -- following a live file -----------------------------------------------------------------
+    def refresh(self) -> None:
+        """Pick up checkpoints appended since opening (SWMR readers see new rows after a refresh)."""
+        for ds in self._grp.values():
+            ds.refresh()
+
+    @property
+    def num_checkpoints(self) -> int:
+        return int(self._grp["complete"].shape[0])
+
+    @property
+    def incomplete(self) -> int:
+        rows = [int(self._grp[name].shape[0]) for name in ["step", *_totals(self.specs)]]
+        return max(0, max(rows) - self.num_checkpoints)
+
+    @property
+    def steps(self) -> list[int]:
+        n = self.num_checkpoints
+        return [int(s) for s in self._grp["step"][:n]]
+
+    def _row(self, step: int) -> int:
+        steps = self.steps
+        if step not in steps:
+            raise KeyError(f"{self.path}: no complete checkpoint at step {step} (steps: {steps[:10]}"
+                           f"{'...' if len(steps) > 10 else ''})")
+        return steps.index(step)
+
+    def _tensors(self, step: int, kind: str) -> dict:
+        i = self._row(step)
+        specs = [s for s in self.specs if s.kind == kind]
+        rows = {name: np.asarray(self._grp[name][i]) for name in {s.dataset for s in specs}}
+        out = {}
+        for s in specs:
+            value = rows[s.dataset][s.offset: s.offset + s.numel].reshape(s.shape).copy()
+            out[(s.name, s.key) if kind == "optim" else s.name] = torch.from_numpy(value)
+        return out
+
+    def params(self, step: int) -> dict[str, torch.Tensor]:
+        """Trainable parameters at ``step`` as ``{name: tensor}`` (bit-exact as captured)."""
+        return self._tensors(step, "param")
+
+    def buffers(self, step: int) -> dict[str, torch.Tensor]:
+        return self._tensors(step, "buffer")
+
+    def optimizer_state(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Optimizer state at ``step`` as ``{param name: {state key: tensor}}``."""
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for (name, key), t in self._tensors(step, "optim").items():
+            state.setdefault(name, {})[key] = t
+        return state
+
+    def loss(self, step: int) -> float:
+        return float(self._grp["loss"][self._row(step)])
+
+    def lrs(self, step: int) -> list[float]:
+        return [float(x) for x in self._grp["lr"][self._row(step)]]
+
+    def scalars(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A scalar log (e.g. ``"sharpness"``) as ``(steps, values)``."""
+        grp = self._file.get("scalars")
+        if grp is None or name not in grp:
+            raise KeyError(f"{self.path} has no scalar log {name!r}")
+        data = np.array(grp[name])
+        return data[:, 0].astype(np.int64), data[:, 1]
+
+    def probe(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
+        """The stored probe batch ``(inputs, targets)`` or None."""
+        if "probe" not in self._file:
+            return None
+        grp = self._file["probe"]
+        inputs = tuple(torch.from_numpy(np.array(grp[f"inputs/{i}"])) for i in range(int(grp.attrs["num_inputs"])))
+        targets = torch.from_numpy(np.array(grp["targets"])) if "targets" in grp else None
+        return inputs, targets
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, steps={len(self.steps)}, incomplete={self.incomplete})"
+
+
+def _open_for_reading(path: Path) -> h5py.File:
+    """Open read-only. A plain open checks the file's integrity (end-of-file address); a file that
+    is being written -- or whose SWMR writer crashed -- refuses it and is read in SWMR mode instead."""
+    try:
+        return h5py.File(path, "r", libver=_LIBVER)
+    except OSError as err:
+        if "already open for write" not in str(err):
+            raise RunFileError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {err}") from None
+    try:
+        return h5py.File(path, "r", libver=_LIBVER, swmr=True)
+    except OSError as err:
+        raise RunFileError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {err}") from None
+
+
+def open_run(path: str | os.PathLike) -> Run:
+    """Open a run file for reading (validated; safe on a file that is being written)."""
+    return Run(path)
+
+
+def logged_losses(run) -> tuple[np.ndarray, np.ndarray]:
+    """The run's ``loss`` scalar log as ``(steps, values)`` (empty for files without one)."""
+    try:
+        return run.scalars("loss")
+    except KeyError:
+        return np.zeros(0), np.zeros(0)
+
+
+def first_diverged_step(run) -> float:
+    """The first step whose recorded training loss is NaN/inf -- the run diverged there -- or inf.
+
+    Two records count: the ``loss`` scalar log (sweeps log the loss of the step that diverged, a
+    framework callback its logged losses) and the checkpoints' losses, the latter only when the loop
+    passed losses at all (some checkpoint after step 0 has a finite one): a loop that never passed a
+    loss leaves NaN there, which means "unknown", not "diverged"."""
+    bad = [float(s) for s, v in zip(*logged_losses(run)) if not math.isfinite(v)]
+    checkpoints = [(s, run.loss(s)) for s in run.steps if s > 0]
+    if any(math.isfinite(v) for _, v in checkpoints):
+        bad += [float(s) for s, v in checkpoints if not math.isfinite(v)]
+    return min(bad, default=math.inf)
+
