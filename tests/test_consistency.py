@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sharpscope import consistency as C
+from sharpscope.analysis import consistency as C
 from sharpscope.analysis.consistency import (Aligned, ConsistencyThresholds, align, edge_of_stability, eos_threshold,
                                     fit_alpha, lr_optimum, lr_transfer, super_consistency, to_long_table)
 
