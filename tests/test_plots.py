@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from sharpscope import plots  # noqa: E402
+from sharpscope.analysis import plots  # noqa: E402
 
 WIDTHS = [64, 128, 256, 512]
 
