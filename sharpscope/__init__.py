@@ -11,7 +11,8 @@ from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
 from .estimators import (SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace,
                          spectral_density)
 from .lanczos import LanczosResult, lanczos
-from .linop import NotSymmetricError, SymmetricOperator, SymmetryCheck, check_symmetry
+from .linop import (NotSymmetricError, StaleOperatorError, StochasticForwardError, SymmetricOperator,
+                    SymmetryCheck, check_symmetry)
 from .operators import (GGNOperator, HessianOperator, NTKOperator, ggn_operator, hessian_operator,
                         ntk_operator)
 from .preconditioning import (PreconditionedOperator, effective_step_sizes,
@@ -37,7 +38,7 @@ __all__ = [
     "stability_threshold", "effective_step_sizes",
     "lanczos", "LanczosResult",
     "hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
-    "check_symmetry", "SymmetryCheck", "NotSymmetricError",
+    "check_symmetry", "SymmetryCheck", "NotSymmetricError", "StochasticForwardError", "StaleOperatorError",
     "dense_hessian", "dense_ggn", "dense_jacobian", "ntk_gram",
     "Recorder", "every_schedule", "log_schedule", "lightning_callback", "huggingface_callback",
     "parametrize", "parametrize_from_record", "infer_roles", "lr_exponent", "Parameterization", "Exponents",

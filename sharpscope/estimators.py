@@ -23,7 +23,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from .linop import SymmetricOperator
+from .linop import SymmetricOperator, pinned
 
 __all__ = ["hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
            "lanczos_tridiagonal"]
@@ -53,6 +53,11 @@ def _check_probes(num_probes: int, minimum: int = 1) -> None:
 def hutchinson_trace(op: SymmetricOperator, num_probes: int = 100, seed: int = 0) -> TraceEstimate:
     """Hutchinson's trace estimate with Rademacher probes (module docstring)."""
     _check_probes(num_probes, 2)
+    with pinned(op):
+        return _hutchinson(op, num_probes, seed)
+
+
+def _hutchinson(op: SymmetricOperator, num_probes: int, seed: int) -> TraceEstimate:
     gen = torch.Generator().manual_seed(seed)
     samples = np.empty(num_probes)
     n = op.shape[0]
@@ -71,6 +76,11 @@ def hutchpp_trace(op: SymmetricOperator, num_matvecs: int = 102, seed: int = 0) 
     third = num_matvecs // 3
     if third < 2:
         raise ValueError(f"hutchpp_trace needs num_matvecs >= 6, got {num_matvecs}")
+    with pinned(op):
+        return _hutchpp(op, third, seed)
+
+
+def _hutchpp(op: SymmetricOperator, third: int, seed: int) -> TraceEstimate:
     n = op.shape[0]
     third = min(third, n)
     gen = torch.Generator().manual_seed(seed)
@@ -168,6 +178,11 @@ def spectral_density(op: SymmetricOperator, num_probes: int = 10, num_steps: int
     _check_probes(num_probes)
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    with pinned(op):
+        return _slq(op, num_probes, num_steps, seed)
+
+
+def _slq(op: SymmetricOperator, num_probes: int, num_steps: int, seed: int) -> SpectralDensity:
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
     before = op.num_matvecs

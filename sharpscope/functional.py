@@ -12,6 +12,11 @@ them, how batches are read and weighted, and the deterministic mode in which cur
   running statistics (the test-time function).
 
 The model's ``training`` flags are restored after every product.
+
+Live models change (optimizer steps, ``model.half()``, a swapped Parameter): :meth:`ModelFunction.fingerprint`
+reads, cheaply, everything the function's value depends on -- each parameter's identity, version
+counter, storage, dtype, device and ``requires_grad``, the buffers the forward pass reads and the
+training flags -- so that operators can tell when they are stale (:mod:`sharpscope.operators`).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["ModelFunction", "Batch", "as_batches"]
+__all__ = ["ModelFunction", "Batch", "as_batches", "Fingerprint", "describe_change"]
 
 BatchNormMode = Literal["batch", "eval"]
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -84,10 +89,7 @@ class as_batches:
         elif with_targets and _is_single_batch(data):
             self._source = [data]
         else:
-            sampler = getattr(data, "sampler", None)
-            if isinstance(sampler, torch.utils.data.RandomSampler):
-                raise ValueError("the DataLoader shuffles (shuffle=True): curvature needs a fixed data order; "
-                                 "pass a DataLoader with shuffle=False")
+            _check_fixed_order(data)
             if iter(data) is data:  # one-shot iterator: keep what it yields
                 data = list(data)
             self._source = data
@@ -109,6 +111,21 @@ class as_batches:
 
     def total_size(self) -> int:
         return sum(b.size for b in self)
+
+
+def _check_fixed_order(data: Any) -> None:
+    """Refuse a DataLoader whose batches come in a random order (any sampler but a sequential one)."""
+    if not isinstance(data, torch.utils.data.DataLoader):
+        return
+    sampler = data.batch_sampler.sampler if data.batch_sampler is not None else data.sampler
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        raise ValueError("the DataLoader shuffles (shuffle=True): curvature needs a fixed data order; "
+                         "pass a DataLoader with shuffle=False")
+    iterable = isinstance(data.dataset, torch.utils.data.IterableDataset)
+    if not iterable and not isinstance(sampler, torch.utils.data.SequentialSampler):
+        raise ValueError(f"the DataLoader draws its batches with a {type(sampler).__name__}: curvature needs a "
+                         "fixed data order (batches differ between products, e.g. under BatchNorm); pass a "
+                         "DataLoader with a sequential sampler (shuffle=False, no sampler=)")
 
 
 def _select(model: nn.Module, params: Sequence[str] | str | None) -> list[tuple[str, nn.Parameter]]:
@@ -146,7 +163,7 @@ class ModelFunction:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batchnorm not in ("batch", "eval"):
             raise ValueError(f"batchnorm must be 'batch' or 'eval', got {batchnorm!r}")
-        self.model, self.batchnorm = model, batchnorm
+        self.model, self.batchnorm, self.selection = model, batchnorm, params
         selected = _select(model, params)
         self.names = [n for n, _ in selected]
         self.params = [p for _, p in selected]
@@ -167,6 +184,10 @@ class ModelFunction:
         self._bn_buffers = [f"{m}.{b}" if m else b for m, mod in model.named_modules()
                             if isinstance(mod, _BN_TYPES) for b, _ in mod.named_buffers(recurse=False)]
 
+    def rebuilt(self) -> "ModelFunction":
+        """The same selection on the model as it is now (after its parameters changed)."""
+        return ModelFunction(self.model, self.selection, self.batchnorm)
+
     # -- flat vectors <-> parameter tuples -------------------------------------------------
     def unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of the flat vector ``v`` shaped like the selected parameters (no copy)."""
@@ -180,6 +201,20 @@ class ModelFunction:
 
     def flat_params(self) -> torch.Tensor:
         return self.flatten(p.detach() for p in self.params)
+
+    # -- staleness -----------------------------------------------------------------------------
+    def fingerprint(self) -> "Fingerprint":
+        """What the function's value depends on, read without touching tensor data (no device sync):
+        parameters (identity, version counter, storage, dtype, device, requires_grad), the buffers the
+        forward pass reads (BatchNorm running statistics only with ``batchnorm="eval"``) and the
+        modules' training flags."""
+        params = tuple((n, id(p), p._version, p.data_ptr(), p.dtype, p.device, p.requires_grad)
+                       for n, p in self.model.named_parameters())
+        skip = set(self._bn_buffers) if self.batchnorm == "batch" else set()
+        buffers = tuple((n, id(b), b._version, b.data_ptr(), b.dtype, b.device)
+                        for n, b in self.model.named_buffers() if n not in skip)
+        flags = tuple(m.training for m in self.model.modules())
+        return Fingerprint(params, buffers, flags)
 
     # -- evaluation ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -211,6 +246,39 @@ class ModelFunction:
             buffers = dict(self.model.named_buffers())
             mapping.update({n: buffers[n].clone() for n in self._bn_buffers if n in buffers})
         return functional_call(self.model, mapping, inputs)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A cheap summary of a model's state (see :meth:`ModelFunction.fingerprint`)."""
+
+    params: tuple
+    buffers: tuple
+    flags: tuple
+
+
+_FIELDS = ("identity", "version", "storage", "dtype", "device", "requires_grad")
+_WHAT = {"identity": "was replaced by another tensor", "version": "was modified in place",
+         "storage": "now holds other data (.data was assigned)", "dtype": "changed dtype",
+         "device": "moved to another device", "requires_grad": "changed requires_grad"}
+
+
+def describe_change(old: Fingerprint, new: Fingerprint) -> str:
+    """The first difference between two fingerprints, in words (for error messages)."""
+    for kind, before, after in (("parameter", old.params, new.params), ("buffer", old.buffers, new.buffers)):
+        names_before, names_after = [e[0] for e in before], [e[0] for e in after]
+        if names_before != names_after:
+            gone = sorted(set(names_before) - set(names_after))
+            added = sorted(set(names_after) - set(names_before))
+            return f"the model's {kind}s changed (removed: {gone[:3]}, added: {added[:3]})"
+        for a, b in zip(before, after):
+            for field, x, y in zip(_FIELDS, a[1:], b[1:]):
+                if x != y:
+                    detail = f" ({x} -> {y})" if field in ("dtype", "device", "requires_grad") else ""
+                    return f"{kind} {a[0]} {_WHAT[field]}{detail}"
+    if old.flags != new.flags:
+        return "a module's training flag changed"
+    return "no change"
 
 
 def check_loss(loss: torch.Tensor, where: str) -> None:

@@ -6,16 +6,32 @@ multiples and a cheap symmetry probe. Shaped like :class:`scipy.sparse.linalg.Li
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["SymmetricOperator", "SymmetryCheck", "NotSymmetricError", "check_symmetry"]
+__all__ = ["SymmetricOperator", "SymmetryCheck", "NotSymmetricError", "StochasticForwardError",
+           "StaleOperatorError", "check_symmetry", "NOT_SYMMETRIC_HINT"]
+
+NOT_SYMMETRIC_HINT = ("either the products are random (a forward pass that stays stochastic in eval mode, e.g. "
+                      "F.dropout(training=True) or input noise, or a shuffled data order) or an op's double "
+                      "backward is wrong or missing (a custom autograd.Function with @once_differentiable)")
 
 
 class NotSymmetricError(RuntimeError):
-    """The operator failed the symmetry probe ``u.(A v) == v.(A u)`` (e.g. dropout active)."""
+    """The operator failed the symmetry probe ``u.(A v) == v.(A u)``: random products (stochastic
+    forward pass, shuffled data) or an op whose double backward is wrong or missing."""
+
+
+class StochasticForwardError(NotSymmetricError):
+    """Two forward passes over the same data disagreed: the operator would not be one fixed matrix."""
+
+
+class StaleOperatorError(RuntimeError):
+    """The model (or optimizer state) an operator reads changed between the products of one solve."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,7 @@ class SymmetricOperator:
         self.dtype = dtype
         self.device = torch.device(device)
         self.num_matvecs = 0
+        self._pins = 0
 
     # -- the one product subclasses implement ------------------------------------------
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -54,10 +71,35 @@ class SymmetricOperator:
     # -- public products -----------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``A v`` for a 1-D tensor ``v`` of length ``n`` (cast to the operator's dtype/device)."""
+        self._sync()
         v = self._check_vector(v)
         out = self._matvec(v)
         self.num_matvecs += 1
         return out
+
+    # -- one matrix per solve ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator["SymmetricOperator"]:
+        """A block in which the operator must stay one matrix: solvers and estimators run their
+        products inside it. An operator that reads live state (a model, an optimizer) raises
+        :class:`StaleOperatorError` if that state changes inside the block, since a Krylov space
+        built from two matrices is meaningless; outside, it follows the live state (:meth:`_sync`)."""
+        self._sync()
+        self._pins += 1
+        try:
+            with contextlib.ExitStack() as stack:
+                for dep in self._dependencies():
+                    stack.enter_context(dep.pinned())
+                yield self
+        finally:
+            self._pins -= 1
+
+    def _sync(self) -> None:
+        """Called before every product: operators over live state check it here (default: nothing)."""
+
+    def _dependencies(self) -> tuple["SymmetricOperator", ...]:
+        """Operators whose products this one takes (pinned together with it)."""
+        return ()
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``A V`` for a 2-D tensor ``V`` of shape ``(n, m)``, one column at a time."""
@@ -125,6 +167,9 @@ class ScaledOperator(SymmetricOperator):
         super().__init__(base.shape[0], base.dtype, base.device)
         self.base, self.scale = base, scale
 
+    def _dependencies(self) -> tuple[SymmetricOperator, ...]:
+        return (self.base,)
+
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.base.matvec(v) * self.scale
 
@@ -133,14 +178,17 @@ def check_symmetry(op: SymmetricOperator, seed: int = 0, tol: float | None = Non
     """Cheap symmetry probe: compare ``u.(A v)`` with ``v.(A u)`` for random ``u, v``.
 
     The relative error ``|u.Av - v.Au| / (|u||Av| + |v||Au|)`` is ~machine epsilon for a symmetric
-    operator; a stochastic forward pass (dropout) or a non-symmetric map gives O(1).
+    operator; random products or an op with a wrong double backward give O(1) (see
+    :data:`NOT_SYMMETRIC_HINT`). Curvature operators refuse a stochastic forward pass before their
+    first product (:class:`StochasticForwardError`), so a failure here points at the derivatives.
     The default tolerance is ``1e3 * eps`` of the operator's dtype (``1e-4`` for float32).
     """
     gen = torch.Generator().manual_seed(seed)
-    n = op.shape[0]
-    u = torch.randn(n, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
-    v = torch.randn(n, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
-    Av, Au = op.matvec(v), op.matvec(u)
+    with pinned(op):
+        n = op.shape[0]
+        u = torch.randn(n, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
+        v = torch.randn(n, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
+        Av, Au = op.matvec(v), op.matvec(u)
     uAv, vAu = float(torch.dot(u, Av)), float(torch.dot(v, Au))
     scale = float(u.norm() * Av.norm() + v.norm() * Au.norm())
     rel = abs(uAv - vAu) / scale if scale > 0 else 0.0
@@ -148,3 +196,9 @@ def check_symmetry(op: SymmetricOperator, seed: int = 0, tol: float | None = Non
         tol = 1e3 * torch.finfo(op.dtype).eps if op.dtype.is_floating_point else 1e-6
         tol = max(tol, 1e-12)
     return SymmetryCheck(u_Av=uAv, v_Au=vAu, relative_error=rel, tolerance=float(tol))
+
+
+def pinned(op) -> contextlib.AbstractContextManager:
+    """``op.pinned()`` for a :class:`SymmetricOperator`, a no-op block for other objects with a ``matvec``."""
+    pin = getattr(op, "pinned", None)
+    return pin() if callable(pin) else contextlib.nullcontext(op)

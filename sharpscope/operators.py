@@ -27,9 +27,19 @@ HVP strategies (``hvp_mode``):
   scripts/bench_eigs.py measured double backward 1.32x faster than forward-over-reverse on an MLP
   and 0.81x as fast on a CNN). If an op has no double backward (fused SDPA attention kernels) the
   product is retried with the math attention kernel, then with the other mode, with a warning.
+
+Operators follow the live model. Before every product an operator compares the model's
+:meth:`~sharpscope.functional.ModelFunction.fingerprint` with the one it was built on: inside one
+solve (:meth:`~sharpscope.linop.SymmetricOperator.pinned`, which :func:`~sharpscope.lanczos` and the
+estimators use) a change raises :class:`~sharpscope.linop.StaleOperatorError`; between solves the
+operator rebuilds itself on the model as it now is (new parameters, dtype, device; cached graphs
+dropped). Before its first product on a model, an operator evaluates the data twice and refuses a
+forward pass that is not deterministic (:class:`~sharpscope.linop.StochasticForwardError`): a cached
+graph would otherwise freeze one dropout mask or one noise draw into a symmetric, wrong matrix.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -39,9 +49,9 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from .functional import (BatchNormMode, ModelFunction, as_batches, check_loss, check_targets,
+from .functional import (BatchNormMode, ModelFunction, as_batches, check_loss, check_targets, describe_change,
                          loss_reduction_weight)
-from .linop import SymmetricOperator
+from .linop import StaleOperatorError, StochasticForwardError, SymmetricOperator
 
 __all__ = ["hessian_operator", "ggn_operator", "ntk_operator", "HessianOperator", "GGNOperator",
            "NTKOperator", "CurvatureOperator", "loss_output_hvp"]
@@ -133,7 +143,10 @@ class CurvatureOperator(SymmetricOperator):
             raise ValueError(f"hvp_mode must be one of {_MODES}, got {hvp_mode!r}")
         super().__init__(n, fn.dtype, fn.device)
         self.fn, self.loss_fn = fn, loss_fn
+        self._data, self._with_targets, self._data_dtype = data, with_targets, fn.dtype
         self.batches = as_batches(data, fn.device, with_targets=with_targets)
+        self._fingerprint = fn.fingerprint()
+        self._deterministic_checked = False
         self.requested_mode = hvp_mode
         self.hvp_mode: str = hvp_mode  # resolved on the first product
         self.graph_memory_budget = graph_memory_budget
@@ -163,6 +176,62 @@ class CurvatureOperator(SymmetricOperator):
             check_loss(loss, "on the first batch")
         return loss
 
+    # -- following the live model ----------------------------------------------------------------
+    def _sync(self) -> None:
+        now = self.fn.fingerprint()
+        if now == self._fingerprint:
+            return
+        change = describe_change(self._fingerprint, now)
+        if self._pins:
+            raise StaleOperatorError(f"{type(self).__name__}: the model changed during a solve ({change}): "
+                                     "products before and after belong to two different matrices; do not "
+                                     "train or modify the model while lanczos or an estimator runs")
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Rebuild on the model as it is now: its parameters, dtype and device; cached graphs dropped."""
+        fn = self.fn.rebuilt()
+        if fn.dim != self.fn.dim and not isinstance(self, NTKOperator):
+            raise ValueError(f"{type(self).__name__}: the selected parameters now hold {fn.dim} entries, not "
+                             f"{self.fn.dim}: the operator's dimension cannot change; build a new operator")
+        dtype = fn.dtype if fn.dtype != self._data_dtype else None  # data follows a model cast (e.g. .double())
+        self.fn, self.dtype, self.device = fn, fn.dtype, fn.device
+        self.batches = as_batches(self._data, fn.device, dtype, with_targets=self._with_targets)
+        self._fingerprint = fn.fingerprint()
+        self._graphs = None
+        self._deterministic_checked = False
+        self.hvp_mode, self._trial_times, self._checked = self.requested_mode, [], False
+        self._after_rebuild()
+
+    def _after_rebuild(self) -> None:
+        """Operator-specific state that depends on the model (the NTK's output shapes)."""
+
+    def _check_deterministic(self) -> None:
+        """Evaluate the data twice and refuse values that differ by more than rounding: a random
+        forward pass (dropout forced on, input noise) or a random batch order (a sampler that is not
+        sequential, with BatchNorm) would make every product a different matrix. A tolerance of a few
+        dozen ulps of the value, not bitwise: CUDA reductions with atomics reorder sums."""
+        rel = (64 if torch.finfo(self.dtype).bits >= 32 else 4) * torch.finfo(self.dtype).eps
+        with torch.no_grad(), self.fn.deterministic(), self._context():
+            first = [self._value(b) for b in self.batches]
+            for i, (batch, a) in enumerate(zip(self.batches, first)):
+                b = self._value(batch)
+                diff = float((a - b).abs().max()) if a.shape == b.shape else math.inf
+                scale = max(float(a.abs().max()), float(b.abs().max()), torch.finfo(self.dtype).tiny)
+                if not diff <= rel * scale:
+                    raise StochasticForwardError(
+                        f"{type(self).__name__}: two evaluations of batch {i} differ ({self._value_name} "
+                        f"{float(a.reshape(-1)[0]):.6g} vs {float(b.reshape(-1)[0]):.6g}, relative difference "
+                        f"{diff / scale:.2g}): the forward pass or the data order is random (dropout called with "
+                        "training=True, input noise, a shuffling sampler); curvature needs a fixed function")
+        self._deterministic_checked = True
+
+    _value_name = "loss"
+
+    def _value(self, batch) -> torch.Tensor:
+        """What the determinism check compares: the batch's loss (the NTK: its outputs)."""
+        return self._loss(self.fn(self.fn.params, batch.inputs), batch).detach()
+
     # -- evaluation context -------------------------------------------------------------------
     def _context(self):
         if self._math_sdpa:
@@ -172,6 +241,8 @@ class CurvatureOperator(SymmetricOperator):
 
     # -- products with fallbacks --------------------------------------------------------------
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        if not self._deterministic_checked:
+            self._check_deterministic()
         if self.hvp_mode == "auto":
             self.hvp_mode = "cached"
         while True:
@@ -309,6 +380,7 @@ class HessianOperator(CurvatureOperator):
 
     def gradient(self) -> torch.Tensor:
         """The full-data gradient as a flat vector (one backward per batch)."""
+        self._sync()
         acc = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         with torch.enable_grad(), self.fn.deterministic(), self._context():
             for batch in self.batches:
@@ -319,6 +391,7 @@ class HessianOperator(CurvatureOperator):
 
     def loss(self) -> float:
         """The full-data loss at the current parameters."""
+        self._sync()
         total = 0.0
         with torch.no_grad(), self.fn.deterministic(), self._context():
             for batch in self.batches:
@@ -397,8 +470,20 @@ class NTKOperator(CurvatureOperator):
         super().__init__(fn, None, inputs, n, hvp_mode, graph_memory_budget, with_targets=False)
         self._sizes = [int(torch.Size(s).numel()) for s in self.output_shapes]
 
+    def _after_rebuild(self) -> None:
+        with torch.no_grad(), self.fn.deterministic():
+            shapes = [self.fn(self.fn.params, b.inputs).shape for b in self.batches]
+        if shapes != self.output_shapes:
+            raise ValueError(f"NTKOperator: the model's outputs changed shape ({self.output_shapes[0]} -> "
+                             f"{shapes[0]}): the operator's dimension cannot change; build a new operator")
+
     def _weight(self, size: int) -> float:
         return 1.0
+
+    _value_name = "first output"
+
+    def _value(self, batch) -> torch.Tensor:
+        return self.fn(self.fn.params, batch.inputs).detach()
 
     def _build_graph(self, batch):
         return _JacobianGraph(self.fn, batch.inputs)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .linop import SymmetricOperator
+from .linop import StaleOperatorError, SymmetricOperator
 from .operators import HessianOperator, HvpMode, hessian_operator
 
 __all__ = ["preconditioned_hessian_operator", "stability_threshold", "effective_step_sizes",
@@ -128,15 +128,60 @@ def effective_step_sizes(optimizer: torch.optim.Optimizer, named_params: Sequenc
 
 
 class PreconditionedOperator(SymmetricOperator):
-    r""":math:`D^{1/2} H D^{1/2}` for a diagonal :math:`D` given as the flat vector ``d_sqrt`` = :math:`D^{1/2}`."""
+    r""":math:`D^{1/2} H D^{1/2}` for a diagonal :math:`D` given as the flat vector ``d_sqrt`` = :math:`D^{1/2}`.
 
-    def __init__(self, base: SymmetricOperator, d_sqrt: torch.Tensor, threshold: float | None = None) -> None:
+    Built by :func:`preconditioned_hessian_operator` with the optimizer, it follows the optimizer like
+    the Hessian follows the model: :math:`D` is read again when the optimizer's state or learning
+    rates changed since (between solves; inside one, a change raises :class:`StaleOperatorError`).
+    """
+
+    def __init__(self, base: SymmetricOperator, d_sqrt: torch.Tensor, threshold: float | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, reference_lr: float | None = None) -> None:
         super().__init__(base.shape[0], base.dtype, base.device)
-        if d_sqrt.shape != (base.shape[0],):
-            raise ValueError(f"diagonal has shape {tuple(d_sqrt.shape)}, expected ({base.shape[0]},)")
+        self.base, self.threshold = base, threshold
+        self.optimizer, self.reference_lr = optimizer, reference_lr
+        self._set_diagonal(d_sqrt)
+        self._state = self._optimizer_fingerprint()
+
+    def _set_diagonal(self, d_sqrt: torch.Tensor) -> None:
+        if d_sqrt.shape != (self.base.shape[0],):
+            raise ValueError(f"diagonal has shape {tuple(d_sqrt.shape)}, expected ({self.base.shape[0]},)")
         if not torch.isfinite(d_sqrt).all() or (d_sqrt < 0).any():
             raise FloatingPointError("the preconditioner's step sizes contain NaN, inf or negative values")
-        self.base, self.d_sqrt, self.threshold = base, d_sqrt.to(base.dtype), threshold
+        self.d_sqrt = d_sqrt.to(self.base.dtype)
+        self.dtype, self.device = self.base.dtype, self.base.device
+
+    def _optimizer_fingerprint(self) -> tuple:
+        """The optimizer state D is read from, cheaply: state tensors' versions and storage, the lrs,
+        and the base operator's parameters (a rebuilt Hessian means other tensors)."""
+        if self.optimizer is None or not isinstance(self.base, HessianOperator):
+            return ()
+        state = []
+        for p in self.base.fn.params:
+            for key, value in sorted(self.optimizer.state.get(p, {}).items()):
+                if isinstance(value, torch.Tensor):
+                    state.append((key, value._version, value.data_ptr()))
+                else:
+                    state.append((key, value))
+        lrs = tuple(_lr(g["lr"]) for g in self.optimizer.param_groups)
+        return (tuple(id(p) for p in self.base.fn.params), tuple(state), lrs)
+
+    def _sync(self) -> None:
+        self.base._sync()
+        now = self._optimizer_fingerprint()
+        if now == self._state:
+            return
+        if self._pins:
+            raise StaleOperatorError("PreconditionedOperator: the optimizer's state or learning rates changed "
+                                     "during a solve: do not step the optimizer while lanczos or an estimator runs")
+        H = self.base
+        steps = effective_step_sizes(self.optimizer, list(zip(H.fn.names, H.fn.params)))
+        self._set_diagonal(torch.sqrt(H.fn.flatten(steps) / self.reference_lr))
+        self.threshold = stability_threshold(self.optimizer, self.reference_lr)
+        self._state = now
+
+    def _dependencies(self) -> tuple[SymmetricOperator, ...]:
+        return (self.base,)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.d_sqrt * self.base.matvec(self.d_sqrt * v)
@@ -151,7 +196,7 @@ def preconditioned_hessian_operator(model: nn.Module, loss_fn: Callable, data: A
     """``D^{1/2} H D^{1/2}`` with ``D = diag(s / eta_ref)`` from the optimizer's state (module docstring).
 
     Its top eigenvalue is compared with ``op.threshold`` = :func:`stability_threshold`. The step
-    sizes are read once, here: build a new operator after further optimizer steps.
+    sizes are read here and again whenever the optimizer's state or lrs change between solves.
     """
     H: HessianOperator = hessian_operator(model, loss_fn, data, params=params, hvp_mode=hvp_mode,
                                           batchnorm=batchnorm, graph_memory_budget=graph_memory_budget)
@@ -159,4 +204,5 @@ def preconditioned_hessian_operator(model: nn.Module, loss_fn: Callable, data: A
     named = list(zip(H.fn.names, H.fn.params))
     steps = effective_step_sizes(optimizer, named)
     d_sqrt = torch.sqrt(H.fn.flatten(steps) / eta)
-    return PreconditionedOperator(H, d_sqrt, stability_threshold(optimizer, eta))
+    return PreconditionedOperator(H, d_sqrt, stability_threshold(optimizer, eta), optimizer=optimizer,
+                                  reference_lr=eta)

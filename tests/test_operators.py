@@ -168,18 +168,54 @@ def test_ggn_spectrum_is_scaled_ntk_spectrum_for_mse():
     torch.testing.assert_close(top_g, scale * top_k, rtol=1e-8, atol=0)
 
 
-def test_symmetry_probe_reports_a_stochastic_forward():
-    class AlwaysDropout(nn.Module):
-        def forward(self, x):
-            return nn.functional.dropout(x, 0.5, training=True)  # ignores eval(): truly stochastic
+class AlwaysDropout(nn.Module):
+    def forward(self, x):
+        return nn.functional.dropout(x, 0.5, training=True)  # ignores eval(): truly stochastic
 
+
+@pytest.mark.parametrize("mode", ["auto", "cached", "reverse", "forward"])
+def test_a_stochastic_forward_is_refused_in_every_mode(mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), AlwaysDropout(), nn.Linear(12, 4)).double()
-    H = ss.hessian_operator(model, CE, make_data("mlp", 0), hvp_mode="reverse")
-    check = H.check_symmetry()
-    assert not check.passed and check.relative_error > check.tolerance
-    with pytest.raises(ss.NotSymmetricError, match="not symmetric"):
+    H = ss.hessian_operator(model, CE, make_data("mlp", 0), hvp_mode=mode)
+    with pytest.raises(ss.StochasticForwardError, match="two evaluations of batch 0 differ"):
         ss.lanczos(H, k=3)
+    with pytest.raises(ss.NotSymmetricError):  # a subclass: except NotSymmetricError still catches it
+        H.check_symmetry()
+    K = ss.ntk_operator(model, make_data("mlp", 0)[0], hvp_mode=mode)
+    with pytest.raises(ss.StochasticForwardError, match="first output"):
+        ss.lanczos(K, k=2)
+
+
+class OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again: double backward silently misses its terms."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class CustomTanh(nn.Module):
+    def forward(self, x):
+        return OnceDifferentiableTanh.apply(x)
+
+
+def test_a_missing_double_backward_is_caught_and_the_hint_names_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), CustomTanh(), nn.Linear(12, 12), CustomTanh(), nn.Linear(12, 4)).double()
+    H = ss.hessian_operator(model, CE, make_data("mlp", 0), hvp_mode="cached")
+    assert not H.check_symmetry().passed
+    with pytest.raises(ss.NotSymmetricError, match="double backward is wrong or missing") as err:
+        ss.lanczos(H, k=3)
+    assert "random" in str(err.value)  # both causes named
 
 
 def test_auto_mode_falls_back_to_recompute_when_graph_exceeds_budget():

@@ -47,7 +47,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..linop import NotSymmetricError, SymmetricOperator
+from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError, SymmetricOperator, pinned
 from .backends import make_basis, resolve_backend, storage_of
 
 __all__ = ["lanczos", "LanczosResult"]
@@ -160,13 +160,15 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
                 return_eigenvectors=return_eigenvectors, v0=v0, max_basis=max_basis, reorth=reorth,
                 callback=callback)
     try:
-        return _lanczos(op, basis=basis, **args)
+        with pinned(op):
+            return _lanczos(op, basis=basis, **args)
     except _RoundedBasisLost as lost:
         # a bfloat16 basis can lose orthogonality where a float32 one keeps it (seen on operators of
         # low rank, whose Krylov space is exhausted between thick restarts): solve again, in float32
         warnings.warn(f"basis='device-bf16' lost orthogonality ({lost}); solved again with basis='device'",
                       RuntimeWarning, stacklevel=2)
-        res = _lanczos(op, basis="device", **args)
+        with pinned(op):
+            res = _lanczos(op, basis="device", **args)
         return dataclasses.replace(res, num_matvecs=res.num_matvecs + lost.num_matvecs)
 
 
@@ -271,7 +273,7 @@ def _lanczos(op: SymmetricOperator, k: int, which: Which, tol: float, max_iter: 
                         raise _RoundedBasisLost(f"symmetry mismatch {mismatch:.3g} at step {j}", num_mv)
                     raise NotSymmetricError(
                         f"the operator is not symmetric: q_(j-1).A q_j = {back:.6g} but q_j.A q_(j-1) = "
-                        f"{T[j, j - 1]:.6g} (step {j}); is the model stochastic (dropout in train mode)?")
+                        f"{T[j, j - 1]:.6g} (step {j}): {NOT_SYMMETRIC_HINT}")
                 # w -= beta_{j-1} q_{j-1} + alpha_j q_j in one pass
                 Q.axpy(w, j - 1, j + 1, [-T[j, j - 1], -alpha])
             else:
