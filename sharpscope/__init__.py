@@ -23,6 +23,7 @@ from .models import CNN, FAMILIES, MLP, MoE, MoELayer, Transformer, build_model
 from .optim import OptimizerList, build_optimizer
 from .param import (PARAMETERIZATIONS, Exponents, Parameterization, ParamGroups, infer_roles, lr_exponent,
                     parametrize, parametrize_from_record)
+from .registry import UntrustedNameError, register_loss, register_model, register_optimizer
 from .runs.callbacks import huggingface_callback, lightning_callback
 from .runs.capture import Recorder, every_schedule, log_schedule
 from .runs.store import Run, RunFileError, RunWriter, open_run
@@ -46,5 +47,6 @@ __all__ = [
     "build_model", "build_optimizer", "OptimizerList", "coord_check", "plot_coord_check", "CoordCheckResult",
     "super_consistency", "lr_transfer", "edge_of_stability", "eos_threshold", "to_long_table",
     "open_run", "Run", "RunWriter", "RunFileError", "run_spectrum_job",
+    "register_model", "register_loss", "register_optimizer", "UntrustedNameError",
     "collect", "analyze", "write_report", "load_probe", "run_sweep",
 ]

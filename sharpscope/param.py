@@ -22,6 +22,9 @@ Roles (inferred from which dimensions grow with width, by comparing shapes with 
 * ``router``    -- an MoE router (width -> #experts, fixed): treated as ``readout``;
 * ``expert``    -- an MoE expert's n x (k n) matrices: treated as ``hidden``;
 * ``fixed``     -- nothing grows with width (e.g. the readout bias): a = b = c = 0.
+* ``unknown``   -- the model *is* the base width and no third width says what grows (``base_model=``
+  with the same shapes, no ``delta_model=``): every multiplier and lr factor is 1 there whatever the
+  role, so nothing needs it; asking for what does (Muon's split, ``zero_readout``) raises.
 
 (a, b) per base role, Everett et al. Table 1 (embedding, hidden, readout):
 SP (0,0) (0,1/2) (0,1/2); NTK (0,0) (1/2,0) (1/2,0); muP (-1/2,1/2) (0,1/2) (1/2,1/2);
@@ -94,9 +97,9 @@ __all__ = [
 ]
 
 RECORD_FORMAT = "sharpscope.parameterization/1"
-ROLES = ("embedding", "hidden", "readout", "vector", "router", "expert", "fixed")
+ROLES = ("embedding", "hidden", "readout", "vector", "router", "expert", "fixed", "unknown")
 BASE_ROLE = {"embedding": "embedding", "vector": "embedding", "hidden": "hidden", "expert": "hidden",
-             "readout": "readout", "router": "readout", "fixed": "fixed"}
+             "readout": "readout", "router": "readout", "fixed": "fixed", "unknown": "fixed"}
 OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "muon")
 LR_SCALINGS = ("global", "full_alignment", "no_alignment")
 _FAMILY = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "adafactor": "adafactor", "muon": "muon"}
@@ -393,9 +396,7 @@ def _assign(model: nn.Module, base_model: nn.Module, delta_model: nn.Module | No
         raise ValueError(f"unsupported layers: {listed}{' ...' if len(unsupported) > 8 else ''}; sharpscope "
                          "knows Linear, Conv1d/2d/3d, Embedding, norms, MultiheadAttention and HF Conv1D; pass "
                          "roles={name: role} for these (their tensors are then read as (fan_out, fan_in, ...))")
-    if delta_model is None and all(shapes[n] == base[n] for n in shapes):
-        raise ValueError("the model and the base model have the same shapes: nothing grows with width, so no "
-                         "role can be inferred; give a base model of another width (or delta_model=)")
+    at_base = delta_model is None and all(shapes[n] == base[n] for n in shapes)
     used: set = set()
     out = []
     for s in slots:
@@ -403,7 +404,7 @@ def _assign(model: nn.Module, base_model: nn.Module, delta_model: nn.Module | No
         grows = [x != y for x, y in zip(base[s.name], ref[s.name])] if delta_model is not None else \
             [x != y for x, y in zip(shape, base[s.name])]
         layout = _layout(s.module, s.attr) or _Layout("matrix" if len(shape) >= 2 else "vector")
-        role = _override(s.name, roles, used) or _infer_one(s, shape, grows, layout)
+        role = _override(s.name, roles, used) or ("unknown" if at_base else _infer_one(s, shape, grows, layout))
         out.append(_make_assignment(s, role, shape, base[s.name], grows, layout, init_scale, zero_readout))
     unused = sorted(set(roles or {}) - used)
     if unused:
@@ -545,6 +546,7 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
     _strip_multipliers(model)
     base_model, delta_model = _base_models(model, base_width, base_model, delta_model)
     assignments = _assign(model, base_model, delta_model, roles, init_scale, zero_readout)
+    _need_roles(assignments, fam, zero_readout)
     depth = _depth_setup(model, depth_scaling, base_depth)
     attn = _attention_setup(model, base_model, p, attention)
     slots = {s.name: s for s in _slots(model)}
@@ -575,6 +577,20 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
               "frozen": [a.name for a in assignments if not slots[a.name].tensor.requires_grad],
               "params": entries}
     return ParamGroups(groups, record)
+
+
+def _need_roles(assignments: Sequence[_Assignment], family: str, zero_readout: bool) -> None:
+    """At the base width with no third width, roles are unknown: fine for multipliers and lrs (all 1),
+    not for what depends on the role itself."""
+    unknown = [a.name for a in assignments if a.role == "unknown"]
+    if not unknown:
+        return
+    wants = "Muon (which matrices are hidden)" if family == "muon" else "zero_readout (which layer reads out)" \
+        if zero_readout else None
+    if wants:
+        raise ValueError(f"{wants} needs the layer roles, but the model has the base model's shapes, so no role "
+                         f"can be inferred ({unknown[0]}, ...): pass delta_model= (the model at another width) "
+                         "or roles={name: role}")
 
 
 def _trainable_name(name: str, a: float) -> str:

@@ -47,6 +47,7 @@ complete and skipped on a re-run; an incomplete one (interrupted) is trained aga
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import tomllib
@@ -103,6 +104,8 @@ class Probe:
     depth_key: str = "depth"
     base_depth: int | None = None
     depth_scaling: bool = False
+    file: str = ""
+    sha256: str = ""
 
 
 def _need(table: dict, key: str, where: str) -> Any:
@@ -116,9 +119,10 @@ def load_probe(path: str | Path) -> Probe:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such probe file")
+    text = path.read_bytes()
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
+        raw = tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid TOML: {err}") from None
     meta, model, train = raw.get("probe", {}), raw.get("model", {}), raw.get("train", {})
     capture, measure = raw.get("capture", {}), raw.get("measure", {})
@@ -138,6 +142,7 @@ def load_probe(path: str | Path) -> Probe:
         k=int(measure.get("k", 1)), executor=measure.get("executor", "local"),
         depths=tuple(int(d) for d in model.get("depths", [])), depth_key=model.get("depth_key", "depth"),
         base_depth=model.get("base_depth"), depth_scaling=bool(train.get("depth_scaling", False)),
+        file=str(path.resolve()), sha256=hashlib.sha256(text).hexdigest(),
     )
     _validate(probe, path)
     return probe
@@ -230,7 +235,8 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
     meta = {"model_factory": probe.factory, "model_kwargs": kwargs, "parameterization": groups.record,
             "seed": spec.seed, "loss": probe.loss,
             "probe": {"name": probe.name, "width": spec.width, "depth": spec.depth, "lr": spec.lr,
-                      "optimizer": spec.optimizer, "parameterization": spec.parameterization}}
+                      "optimizer": spec.optimizer, "parameterization": spec.parameterization,
+                      "file": probe.file, "sha256": probe.sha256}}  # the probe file trusts its factory
     gen = torch.Generator().manual_seed(spec.seed)
     with Recorder(path, model, opt, probe=(x[: probe.probe_size], y[: probe.probe_size]),
                   schedule=lambda s: s % probe.every == 0 or s == final, meta=meta, loss_fn=loss_fn) as rec:
@@ -290,7 +296,8 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
             shutdown()
     runs = [out / "runs" / s.filename for s in specs]
     settings = SpectrumSettings(k=probe.k)
-    report = run_spectrum_job(runs, probe.quantities, settings, executor=executor, progress=progress)
+    report = run_spectrum_job(runs, probe.quantities, settings, executor=executor, progress=progress,
+                              allow_factories=[probe.factory, probe.loss])
     from .analysis.report import write_report
 
     page = write_report(runs, out, title=f"sharpscope: {probe.name}",

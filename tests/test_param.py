@@ -463,7 +463,7 @@ class GrowingKernel(nn.Module):
     (lambda: parametrize(MLP(width=64), "mup", base_width=16, base_model=MLP(width=16)), "not both"),
     (lambda: parametrize(MLP(width=64), "mup", base_model=MLP(width=16, depth=3)), "incompatible base model"),
     (lambda: parametrize(MLP(width=64), "mup", base_model=CNN(width=16)), "incompatible base model"),
-    (lambda: parametrize(MLP(width=64), "mup", base_model=MLP(width=64)), "nothing grows with width"),
+    (lambda: parametrize(MLP(width=64), "mup", optimizer="muon", base_model=MLP(width=64)), "needs the layer roles"),
     (lambda: parametrize(MLP(width=64), "mup", base_width=16, roles={"readout.weight": "output"}), "unknown role 'output'"),
     (lambda: parametrize(MLP(width=64), "mup", base_width=16, roles={"head.*": "readout"}), "match no tensor"),
     (lambda: parametrize(RouterTooWide(32), "mup", base_model=RouterTooWide(8)), "looks like an MoE router"),

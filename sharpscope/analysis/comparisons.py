@@ -68,7 +68,10 @@ class RunSummary:
 def _coordinates(meta: dict) -> dict[str, Any]:
     user = meta.get("user") or {}
     probe = user.get("probe") or {}
-    record = meta.get("parameterization") or {}
+    record = meta.get("parameterization")
+    # a parametrize() record names its parameterization; a plain string is a label (e.g. "sp")
+    named = (record.get("parameterization") or {}).get("name") if isinstance(record, dict) else \
+        record if isinstance(record, str) else None
     kwargs = meta.get("model_kwargs") or {}
     opt_meta = meta.get("optimizer") or {}
 
@@ -76,8 +79,7 @@ def _coordinates(meta: dict) -> dict[str, Any]:
         return next((v for v in values if v is not None), None)
 
     return {
-        "parameterization": str(first(probe.get("parameterization"), (record.get("parameterization") or {}).get("name"),
-                                      user.get("parameterization"), "unknown")),
+        "parameterization": str(first(probe.get("parameterization"), named, user.get("parameterization"), "unknown")),
         "optimizer": str(first(probe.get("optimizer"), user.get("optimizer"),
                                opt_meta.get("class", "unknown").rsplit(".", 1)[-1].lower())),
         "lr": first(probe.get("lr"), user.get("lr"), (opt_meta.get("defaults") or {}).get("lr")),

@@ -17,7 +17,7 @@ def _spectrum(args: argparse.Namespace) -> int:
                                 batchnorm=args.batchnorm)
     steps = [int(s) for s in args.steps.split(",")] if args.steps else None
     report = run_spectrum_job(args.runs, quantities, settings, executor=args.executor, steps=steps,
-                              loss=args.loss, progress=not args.quiet)
+                              loss=args.loss, progress=not args.quiet, allow_factories=args.allow_factory)
     print(f"computed {report.computed} checkpoint(s), wrote {report.written} result(s), "
           f"skipped {report.skipped} already stored"
           + (f", {report.not_applicable} not applicable (no optimizer state yet)" if report.not_applicable else ""))
@@ -82,6 +82,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--loss", help="override the run's loss (torch.nn name or module:function)")
     p.add_argument("--executor", default="local",
                    help="local (default), process:N, dask-local:N (a LocalCluster) or dask://HOST:PORT")
+    p.add_argument("--allow-factory", action="append", default=[], metavar="PATTERN",
+                   help="trust model factories, losses and optimizers matching this 'module:attr' glob "
+                        "(e.g. 'mypkg.models:*'); repeatable. Without it only sharpscope's own, torch's and "
+                        "registered names are imported from run files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_spectrum)
 

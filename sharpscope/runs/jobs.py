@@ -32,7 +32,7 @@ import numpy as np
 from torch import nn
 
 from .executors import executor_from_spec
-from .rebuild import NoOptimizerState, build_loss, model_at, optimizer_at
+from .rebuild import NoOptimizerState, allowed_by_probe, build_loss, check_trusted, model_at, optimizer_at
 from .spectra import SpectraFile, spectra_path
 from .store import first_diverged_step, open_run
 
@@ -68,32 +68,34 @@ class SpectrumSettings:
 
 # -- one task ---------------------------------------------------------------------------------------------
 def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: SpectrumSettings,
-                 loss: str | None = None) -> list[dict]:
+                 loss: str | None = None, allow: Sequence[str] = ()) -> list[dict]:
     """Measure ``quantities`` at one checkpoint (runs in a worker; returns plain, picklable dicts; a
-    quantity that cannot be measured at this checkpoint comes back as ``{"error": ...}``)."""
+    quantity that cannot be measured at this checkpoint comes back as ``{"error": ...}``). ``allow``:
+    patterns of factory names trusted beyond the built-in ones (:mod:`sharpscope.registry`)."""
     from ..estimators import hutchpp_trace, spectral_density
     from ..lanczos import lanczos
     from ..operators import ggn_operator, hessian_operator, ntk_operator
     from ..preconditioning import preconditioned_hessian_operator
 
     with open_run(run_path) as run:
-        model = model_at(run, step)
+        model = model_at(run, step, allow=allow)
         probe = run.probe()
         optimizer, optimizer_error, not_applicable = None, None, None
         if "precond" in quantities:
             try:
-                optimizer = optimizer_at(run, step, model)
+                optimizer = optimizer_at(run, step, model, allow=allow)
             except NoOptimizerState as err:  # stored as an empty result: done, not a failure
                 not_applicable = str(err)
             except ValueError as err:  # the others still run
                 optimizer_error = str(err)
         loss_spec = loss or run.meta.get("loss")
+        loss_allow = [*allow, *allowed_by_probe(run.meta), *([loss] if loss else [])]
     if probe is None:
         raise ValueError(f"{run_path}: no probe batch stored (pass probe= to the Recorder)")
     inputs, targets = probe
     inputs = inputs[0] if len(inputs) == 1 else inputs
     data = (inputs, targets)
-    loss_fn = build_loss(loss_spec) if any(q != "ntk" for q in quantities) else None
+    loss_fn = build_loss(loss_spec, loss_allow, run_path) if any(q != "ntk" for q in quantities) else None
     common = dict(batchnorm=settings.batchnorm)
     out = []
     for q in quantities:
@@ -184,8 +186,15 @@ class JobReport:
 
 def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str] = ("hessian",),
                      settings: SpectrumSettings = SpectrumSettings(), executor: str = "local",
-                     steps: Iterable[int] | None = None, loss: str | None = None, progress: bool = True) -> JobReport:
-    """Measure ``quantities`` at every complete checkpoint of every run; skip what is stored already."""
+                     steps: Iterable[int] | None = None, loss: str | None = None, progress: bool = True,
+                     allow_factories: Sequence[str] = ()) -> JobReport:
+    """Measure ``quantities`` at every complete checkpoint of every run; skip what is stored already.
+
+    Model factories, losses and optimizer classes named in the runs must be trusted
+    (:mod:`sharpscope.registry`): sharpscope's own, registered ones, or those matching
+    ``allow_factories`` (e.g. ``["mypkg.models:*"]``); any other run is refused before anything is
+    imported."""
+    allow = list(allow_factories)
     bad = [q for q in quantities if q not in QUANTITIES]
     if bad:
         raise ValueError(f"unknown quantities {bad}; choose from {', '.join(QUANTITIES)}")
@@ -203,6 +212,7 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
             report.diverged += len(run.steps) - len(run_steps)
             if not run.meta.get("model_factory"):
                 raise ValueError(f"{path}: meta has no model_factory ('module:function'): the model cannot be rebuilt")
+            check_trusted(run, allow, loss)
         done = set()
         if spectra_path(path).exists():
             with SpectraFile(spectra_path(path)) as sf:
@@ -219,7 +229,8 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
     submit, shutdown, completed = executor_from_spec(executor)
     writers: dict[str, SpectraFile] = {}
     try:
-        futures = {submit(compute_task, path, step, todo, settings, loss): (path, step) for path, step, todo in tasks}
+        futures = {submit(compute_task, path, step, todo, settings, loss, allow): (path, step)
+                   for path, step, todo in tasks}
         bar = _progress(len(futures), progress)
         for fut in completed(list(futures)):
             path, step = futures[fut]

@@ -1,52 +1,133 @@
-"""Rebuilding a run's model, loss and optimizer from its meta: no pickle, only named factories."""
+"""Rebuilding a run's model, loss and optimizer from its meta: no pickle, and only trusted names.
+
+Every name a run file holds (model factory, loss, optimizer class) goes through
+:func:`sharpscope.registry.resolve_trusted` before anything is imported: a crafted file cannot run
+code. The checkpoint must then cover the rebuilt model: every parameter and persistent buffer (by
+``state_dict`` key, tied weights once) stored with its shape -- a model rebuilt with other kwargs,
+or a row missing a tensor, would otherwise be measured partly at its fresh random initialization.
+"""
 from __future__ import annotations
 
-import importlib
-from typing import Callable
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ..models import build_model, resolve_factory
+from ..registry import is_trusted, resolve_trusted
 from .store import RunFileError
 
-__all__ = ["build_loss", "model_at", "optimizer_at", "NoOptimizerState"]
+__all__ = ["build_loss", "model_at", "optimizer_at", "NoOptimizerState", "allowed_by_probe", "check_trusted"]
 
 
-def build_loss(spec: str | None) -> Callable:
-    """A loss from its name in ``torch.nn`` (``"CrossEntropyLoss"``) or a ``"module:function"`` factory."""
+def build_loss(spec: str | None, allow: Iterable[str] = (), where: str = "the run file") -> Callable:
+    """A loss from its name in ``torch.nn`` (``"CrossEntropyLoss"``) or a trusted ``"module:function"``
+    factory (:mod:`sharpscope.registry`)."""
     if not spec:
         raise ValueError("the run's meta names no loss: pass loss= (a torch.nn loss name or 'module:function')")
-    if ":" in spec:
-        return resolve_factory(spec)()
-    if not hasattr(nn, spec):
-        raise ValueError(f"unknown loss {spec!r}: not in torch.nn; give 'module:function'")
-    return getattr(nn, spec)()
+    if not isinstance(spec, str):
+        raise ValueError(f"{where} names the loss {spec!r}: expected a torch.nn loss name or 'module:function'")
+    if ":" not in spec:
+        cls = getattr(nn, spec, None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.modules.loss._Loss)):
+            raise ValueError(f"unknown loss {spec!r}: not a torch.nn loss; give 'module:function'")
+        return cls()
+    return resolve_trusted("loss", spec, allow, where)()
 
 
-def model_at(run, step: int, dtype: torch.dtype | None = None) -> nn.Module:
-    """The run's model rebuilt from its meta (factory + kwargs, then the recorded parameterization's
-    forward multipliers, without re-initializing) with the checkpoint at ``step`` loaded."""
+def allowed_by_probe(meta: Mapping[str, Any]) -> list[str]:
+    """Names a run's own probe file allows: a sweep records its probe file's path and sha256; if that
+    file is still there, unchanged, its model factory and loss are trusted for the run (the user ran the
+    probe on purpose). A run file cannot forge this: the trust comes from the probe file on disk."""
+    probe = (meta.get("user") or {}).get("probe") if isinstance(meta.get("user"), Mapping) else None
+    if not isinstance(probe, Mapping) or not isinstance(probe.get("file"), str):
+        return []
+    path = Path(probe["file"])
+    try:
+        text = path.read_bytes()
+    except OSError:
+        return []
+    if hashlib.sha256(text).hexdigest() != probe.get("sha256"):
+        return []
+    try:
+        raw = tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return []
+    names = [(raw.get("model") or {}).get("factory"), (raw.get("train") or {}).get("loss")]
+    return [n for n in names if isinstance(n, str)]
+
+
+def check_trusted(run, allow: Iterable[str] = (), loss: str | None = None) -> None:
+    """Refuse, before any import, a run whose model factory, loss or optimizer class is not trusted."""
+    meta, where = run.meta, str(run.path)
+    allow = [*allow, *allowed_by_probe(meta)]
+    is_trusted("model", meta.get("model_factory"), allow, where)
+    stored_loss = meta.get("loss")
+    if loss is None and isinstance(stored_loss, str) and ":" in stored_loss:  # an override is the user's own
+        is_trusted("loss", stored_loss, allow, where)
+    info = meta.get("optimizer")
+    if isinstance(info, Mapping) and info.get("class"):
+        is_trusted("optimizer", info["class"], allow, where)
+
+
+def _rebuilt_model(run, allow: Iterable[str]) -> nn.Module:
     meta = run.meta
-    if not meta.get("model_factory"):
+    factory = meta.get("model_factory")
+    if not factory:
         raise ValueError(f"{run.path}: meta has no model_factory ('module:function'): the model cannot be "
                          "rebuilt offline; pass meta={'model_factory': ..., 'model_kwargs': ...} to the Recorder")
-    model = build_model(meta["model_factory"], meta.get("model_kwargs"))
-    if meta.get("parameterization"):
+    build = resolve_trusted("model", factory, [*allow, *allowed_by_probe(meta)], where=str(run.path))
+    kwargs = meta.get("model_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise RunFileError(f"{run.path}: model_kwargs must be a JSON object, got {type(kwargs).__name__}")
+    try:
+        model = build(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{run.path}: factory {factory!r} rejected kwargs {sorted(kwargs)}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{run.path}: factory {factory!r} returned {type(model).__name__}, not an nn.Module")
+    record = meta.get("parameterization")
+    if isinstance(record, Mapping):  # a parametrize() record: re-applied; a string is only a label
         from ..param import parametrize_from_record
 
-        parametrize_from_record(model, meta["parameterization"])
+        parametrize_from_record(model, record)
+    return model
+
+
+def _required_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer by ``state_dict`` key, a tied tensor under its first name."""
+    seen: set[int] = set()
+    required = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            required[name] = tensor
+    return required
+
+
+def model_at(run, step: int, dtype: torch.dtype | None = None, allow: Iterable[str] = ()) -> nn.Module:
+    """The run's model rebuilt from its meta (trusted factory + kwargs, then the recorded
+    parameterization's forward multipliers, without re-initializing) with the checkpoint at ``step``
+    loaded; the checkpoint must hold every tensor of the rebuilt model (module docstring)."""
+    model = _rebuilt_model(run, allow)
     state = {**run.params(step), **run.buffers(step)}
-    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    present = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for name, tensor in state.items():
-        if name not in expected:
+        if name not in present:
             raise RunFileError(f"{run.path}: checkpoint tensor {name} does not exist in the rebuilt model")
-        if tuple(expected[name].shape) != tuple(tensor.shape):
+        if tuple(present[name].shape) != tuple(tensor.shape):
             raise RunFileError(f"{run.path}: checkpoint tensor {name} has shape {tuple(tensor.shape)} but the "
-                               f"rebuilt model's has {tuple(expected[name].shape)}")
+                               f"rebuilt model's has {tuple(present[name].shape)}")
+    missing = [name for name in _required_tensors(model) if name not in state]
+    if missing:
+        raise RunFileError(f"{run.path}: the checkpoint at step {step} does not cover the rebuilt model: "
+                           f"{missing[0]} is not stored ({len(missing)} tensor(s) missing; was the model rebuilt "
+                           "with other kwargs than the run used?)")
     with torch.no_grad():
         for name, tensor in state.items():
-            expected[name].copy_(tensor)
+            present[name].copy_(tensor)
     return model.to(dtype) if dtype is not None else model
 
 
@@ -54,19 +135,28 @@ class NoOptimizerState(ValueError):
     """The checkpoint precedes the optimizer's first step (e.g. Adam at step 0): 'precond' does not apply."""
 
 
-def optimizer_at(run, step: int, model: nn.Module) -> torch.optim.Optimizer:
-    """Rebuild the optimizer (class, groups, hyper-parameters) and load its state at ``step``."""
+def _tuples(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}
+
+
+def optimizer_at(run, step: int, model: nn.Module, allow: Iterable[str] = ()) -> torch.optim.Optimizer:
+    """Rebuild the optimizer (trusted class, groups, hyper-parameters) and load its state at ``step``."""
     info = run.meta.get("optimizer")
     if not info:
         raise ValueError(f"{run.path}: no optimizer recorded: 'precond' needs the Recorder's optimizer=")
-    module_name, _, cls_name = info["class"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    if not isinstance(info, Mapping) or not isinstance(info.get("param_groups"), list):
+        raise RunFileError(f"{run.path}: the recorded optimizer is not a Recorder's description (got "
+                           f"{type(info).__name__})")
+    cls = resolve_trusted("optimizer", info.get("class"), allow, where=str(run.path))
     params = dict(model.named_parameters())
     groups = []
     for g in info["param_groups"]:
-        hyper = {k: (tuple(v) if isinstance(v, list) else v) for k, v in g.items() if k != "params"}
-        groups.append({**hyper, "params": [params[n] for n in g["params"]]})
-    defaults = {k: (tuple(v) if isinstance(v, list) else v) for k, v in info["defaults"].items()}
+        unknown = [n for n in g.get("params", []) if n not in params]
+        if unknown:
+            raise RunFileError(f"{run.path}: the optimizer's parameter {unknown[0]} is not in the rebuilt model")
+        groups.append({**_tuples({k: v for k, v in g.items() if k != "params"}),
+                       "params": [params[n] for n in g["params"]]})
+    defaults = _tuples(info.get("defaults") or {})
     opt = cls(groups, **{k: v for k, v in defaults.items() if k in ("lr",)})
     opt.defaults.update(defaults)
     for name, st in run.optimizer_state(step).items():
@@ -75,4 +165,3 @@ def optimizer_at(run, step: int, model: nn.Module) -> torch.optim.Optimizer:
                                    f"its preconditioner is undefined")
         opt.state[params[name]] = dict(st)
     return opt
-
