@@ -80,11 +80,19 @@ def test_the_stores_ptx_has_no_flushing_instruction_under_cupys_ftz(tmp_path):
     """CuPy compiles every RawModule with -ftz=true: the scale_store kernels must still hold no .ftz
     instruction and multiply with mul.rn.f32 (the reductions may flush; they are checked to a
     tolerance)."""
-    ptx = tmp_path / "normalize.ptx"
-    out = subprocess.run([NVCC, "-std=c++17", "-ptx", "-ftz=true", "-arch=sm_90", "-I", str(CUDA), "-o", str(ptx),
-                          str(CUDA / "normalize.cu")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    text = re.sub(r"//[^\n]*", "", ptx.read_text())
+    from sharpscope.lanczos.backends.kernels import NVRTC_OPTIONS, kernel_source
+
+    texts = {}
+    for name in ("normalize.cu", "orthogonalize.cu"):  # as the loader hands them to NVRTC: inlined
+        source, ptx = tmp_path / name, tmp_path / f"{name}.ptx"
+        source.write_text(kernel_source(name))
+        options = [option.replace("--std=", "-std=") for option in NVRTC_OPTIONS]
+        out = subprocess.run([NVCC, *options, "-ptx", "-ftz=true", "-arch=sm_90", "-o", str(ptx), str(source)],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        texts[name] = re.sub(r"//[^\n]*", "", ptx.read_text())
+    assert "update_project_bf16" in texts["orthogonalize.cu"]
+    text = texts["normalize.cu"]
     entries = re.split(r"\.visible \.entry ", text)[1:]
     bodies = {entry.split("(", 1)[0]: entry for entry in entries}
     assert set(bodies) == {"sumsq_partial", "scale_store_f32", "scale_store_bf16"}
