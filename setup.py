@@ -34,7 +34,12 @@ setup(
         "dask": ["dask[distributed]"],
         "lightning": ["lightning"],
         "huggingface": ["transformers>=4.40", "accelerate>=1.1"],
+        # CuPy's wheel must match torch's CUDA major version (sharpscope refuses a mismatch with the
+        # reason): [cupy-cuda12] for CUDA 12, [cupy-cuda13] for CUDA 13; [cupy] is kept as an alias
+        # of [cupy-cuda12] so that existing instructions keep working
         "cupy": ["cupy-cuda12x"],
+        "cupy-cuda12": ["cupy-cuda12x"],
+        "cupy-cuda13": ["cupy-cuda13x"],
     },
     entry_points={"console_scripts": ["sharpscope=sharpscope.cli:main"]},
 )

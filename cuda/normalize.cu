@@ -1,7 +1,10 @@
 // Fused norm and normalize for a float32 vector: sumsq_partial gives per-block shares of ||w||^2
 // (reduced by orthogonalize.cu's reduce_rows), scale_store_* writes q = s * w into a float32 or a
-// bfloat16 basis row in the same pass (the bf16 variant also keeps q in float32) (encoding round-to-nearest-even, as bf16.py's reference).
-// NumPy references: sharpscope/backends/reference.py (sumsq, scale_store).
+// bfloat16 basis row in the same pass (the bf16 variant also keeps q in float32).
+// scale_store_* are bit-exact: one IEEE multiplication (subnormals kept), the NaN rule and the
+// integer round-to-nearest-even of common.cuh; a NaN product becomes 0x7FC00000 | sign (float32)
+// and 0x7FC0 | sign (bfloat16), sign = sign(w) XOR sign(s).
+// NumPy references: sharpscope/lanczos/backends/reference.py (sumsq, scale_store).
 #include "common.cuh"
 
 #define TPB_N 256
@@ -25,18 +28,18 @@ __global__ void __launch_bounds__(TPB_N) sumsq_partial(const float* w, long long
     }
 }
 
-__global__ void __launch_bounds__(TPB_N) scale_store_f32(const float* w, float s, float* out, long long n) {
+__global__ void __launch_bounds__(TPB_N) scale_store_f32(const float* w, float s, unsigned int* out, long long n) {
     for (long long c = (long long)blockIdx.x * TPB_N + threadIdx.x; c < n; c += (long long)gridDim.x * TPB_N)
-        out[c] = w[c] * s;
+        out[c] = ss_scale_bits(w[c], s);
 }
 
 // q = s * w kept in float32 (out_f32: the recurrence's working copy) and stored rounded (out)
 __global__ void __launch_bounds__(TPB_N) scale_store_bf16(const float* w, float s, unsigned short* out,
-                                                          float* out_f32, long long n) {
+                                                          unsigned int* out_f32, long long n) {
     for (long long c = (long long)blockIdx.x * TPB_N + threadIdx.x; c < n; c += (long long)gridDim.x * TPB_N) {
-        float q = w[c] * s;
+        unsigned int q = ss_scale_bits(w[c], s);
         out_f32[c] = q;
-        out[c] = ss_bf16_encode(q);
+        out[c] = ss_bf16_from_bits(q);
     }
 }
 

@@ -1,6 +1,6 @@
 // Fused classical Gram-Schmidt passes over a Krylov basis Q (rows x n, row stride ld), stored as
 // float32 or bfloat16 (uint16 bit patterns), with float32 accumulation. NumPy references:
-// sharpscope/backends/reference.py (project, update, update_project).
+// sharpscope/lanczos/backends/reference.py (project, update, update_project).
 //
 // Layout: every kernel walks Q in column tiles, one tile per thread block, so that each element of
 // Q is read from DRAM once per pass. Dot products are reduced deterministically: warp shuffles,
@@ -9,11 +9,16 @@
 //
 //   project_*         h_partial = Q w                                  (reads Q, w)
 //   update_*          w -= Q^T h                                       (reads Q, w; writes w)
-//   update_project_*  w -= Q^T h; then partials of Q w and ||w||^2    (reads Q once from DRAM:
-//                     the second sweep over the block's tile is served from L1/L2, the tile being
-//                     TILE_UP columns x rows, e.g. 128 x 100 x 4 B = 51 kB)
+//   update_project_*  w -= Q^T h; then partials of Q w and ||w||^2    (reads Q once from DRAM: the
+//                     first sweep copies the block's tile, rows x TPB_UP elements, into shared
+//                     memory and the second sweep reads it there, when it fits the 48 KiB a block
+//                     gets without opting in: up to 93 float32 or 185 bfloat16 rows, the loader's
+//                     staged_rows(); beyond that the second sweep re-reads Q through L1/L2)
 // CGS2 = project, update_project (whose projection is the second pass), update: 3 sweeps of Q
 // instead of 4; the last one is skipped when the DGKS test says the first pass sufficed.
+//
+// The row loops are unrolled (#pragma unroll 8) so that a thread has several independent loads of Q
+// in flight: with one column per thread, a dependent chain of single loads cannot cover DRAM latency.
 #include "common.cuh"
 
 #define TPB 256          // threads per block, project and update
@@ -75,24 +80,39 @@ __device__ void update_body(const T* __restrict__ Q, long long ld, int rows, con
     for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < n;
          c += (long long)gridDim.x * blockDim.x) {
         float acc = 0.0f;
+#pragma unroll 8
         for (int r = 0; r < rows; ++r) acc += ss_load(Q, (long long)r * ld + c) * hs[r];
         w[c] -= acc;
     }
 }
 
-// partial has rows + 1 rows: the last holds the block's share of ||w_new||^2
+// partial has rows + 1 rows: the last holds the block's share of ||w_new||^2. With staged != 0 the
+// dynamic shared memory holds rows coefficients and then the block's tile of Q (rows x TPB_UP values
+// of T); each thread writes and reads only its own column of the tile, so no barrier is needed
+// between the sweeps.
 template <typename T>
 __device__ void update_project_body(const T* __restrict__ Q, long long ld, int rows, const float* __restrict__ h,
-                                    float* __restrict__ w, long long n, float* __restrict__ partial) {
+                                    float* __restrict__ w, long long n, float* __restrict__ partial, int staged) {
     __shared__ float red[ROWCHUNK][TPB / SS_WARP];
     extern __shared__ float hs[];
+    T* tile = reinterpret_cast<T*>(hs + rows);
     for (int r = threadIdx.x; r < rows; r += blockDim.x) hs[r] = h[r];
     __syncthreads();
     const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     float wn = 0.0f;
     if (c < n) {
         float acc = 0.0f;
-        for (int r = 0; r < rows; ++r) acc += ss_load(Q, (long long)r * ld + c) * hs[r];
+        if (staged) {
+#pragma unroll 8
+            for (int r = 0; r < rows; ++r) {
+                const T q = Q[(long long)r * ld + c];
+                tile[r * TPB_UP + threadIdx.x] = q;
+                acc += ss_value(q) * hs[r];
+            }
+        } else {
+#pragma unroll 8
+            for (int r = 0; r < rows; ++r) acc += ss_load(Q, (long long)r * ld + c) * hs[r];
+        }
         wn = w[c] - acc;
         w[c] = wn;
     }
@@ -102,7 +122,11 @@ __device__ void update_project_body(const T* __restrict__ Q, long long ld, int r
         for (int rl = 0; rl < count; ++rl) {
             int r = r0 + rl;
             float v = 0.0f;
-            if (c < n) v = (r < rows ? ss_load(Q, (long long)r * ld + c) : wn) * wn;  // re-read: L1/L2
+            if (c < n) {
+                float q = wn;
+                if (r < rows) q = staged ? ss_value(tile[r * TPB_UP + threadIdx.x]) : ss_load(Q, (long long)r * ld + c);
+                v = q * wn;
+            }
             block_row_sums(red, rl, v);
         }
         flush_rows(red, r0, count, nwarps, partial);
@@ -133,14 +157,14 @@ __global__ void __launch_bounds__(TPB) update_bf16(const unsigned short* Q, long
 
 __global__ void __launch_bounds__(TPB_UP) update_project_f32(const float* Q, long long ld, int rows,
                                                              const float* h, float* w, long long n,
-                                                             float* partial) {
-    update_project_body<float>(Q, ld, rows, h, w, n, partial);
+                                                             float* partial, int staged) {
+    update_project_body<float>(Q, ld, rows, h, w, n, partial, staged);
 }
 
 __global__ void __launch_bounds__(TPB_UP) update_project_bf16(const unsigned short* Q, long long ld, int rows,
                                                               const float* h, float* w, long long n,
-                                                              float* partial) {
-    update_project_body<unsigned short>(Q, ld, rows, h, w, n, partial);
+                                                              float* partial, int staged) {
+    update_project_body<unsigned short>(Q, ld, rows, h, w, n, partial, staged);
 }
 
 // out[r] = sum_b partial[r * nblocks + b], one block of TPB threads per row, fixed summation order

@@ -1,7 +1,15 @@
 """Backends of the Lanczos basis algebra: numpy (the array/CuPy code path on the CPU) and bfloat16 or
-host storage against the torch backend; the kernels' NumPy references against float64; CUDA kernels
-against their references under the ``gpu`` marker."""
+host storage against the torch backend; the kernels' NumPy references against float64 and their
+bit-exact rules; under the ``gpu`` marker the CUDA kernels against their references and every backend
+x basis x operator x estimator on CUDA against float64 CPU references (the same comparison code runs
+on the CPU without the marker)."""
 from __future__ import annotations
+
+import copy
+import functools
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,12 +143,22 @@ def test_orthogonalize_and_restart_on_numpy_and_torch_agree():
 
 # -- GPU: the kernels against their references, and cupy against torch --------------------------
 
+def _gpu_unavailable(reason: str):
+    """Skip with the reason (one line), or fail where a GPU is required (scripts/gpu_check.sh sets
+    SHARPSCOPE_GPU_REQUIRED=1 on a GPU machine, where a skipped GPU test would hide a failure)."""
+    if os.environ.get("SHARPSCOPE_GPU_REQUIRED") == "1":
+        pytest.fail(f"SHARPSCOPE_GPU_REQUIRED=1 but {reason}")
+    pytest.skip(reason)
+
+
 def _cupy_or_skip():
     from sharpscope.lanczos.backends import cupy_status
 
+    if not torch.cuda.is_available():
+        _gpu_unavailable("torch sees no CUDA device")
     missing = cupy_status()
     if missing is not None:
-        pytest.skip(missing)
+        _gpu_unavailable(missing)
     import cupy
 
     return cupy
@@ -148,7 +166,7 @@ def _cupy_or_skip():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("storage", ["float32", "bf16"])
-@pytest.mark.parametrize("rows,n", [(1, 1), (3, 1000), (61, 100_003), (130, 4099)])
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 1000), (61, 100_003), (130, 4099), (200, 1031)])
 def test_kernels_match_references(storage, rows, n):
     cp = _cupy_or_skip()
     from sharpscope.lanczos.backends.kernels import load_kernels
@@ -166,33 +184,144 @@ def test_kernels_match_references(storage, rows, n):
     reference.update(Q, w_ref, h)
     K.update(Qd, w_dev, hd)
     np.testing.assert_allclose(w_dev.get(), w_ref, **tol)
-    w_ref, w_dev = w.copy(), wd.copy()
-    h2_ref, sq_ref = reference.update_project(Q, w_ref, h)
-    h2, sq = K.update_project(Qd, w_dev, hd)
-    np.testing.assert_allclose(w_dev.get(), w_ref, **tol)
-    np.testing.assert_allclose(h2.get(), h2_ref, **tol)
-    assert float(sq) == pytest.approx(float(sq_ref), rel=1e-4)
+    h2_ref, sq_ref = reference.update_project(Q, w.copy(), h)
+    for staged in (None, True, False):  # automatic (tile in shared memory up to 93/185 rows), forced
+        w_dev = wd.copy()
+        h2, sq = K.update_project(Qd, w_dev, hd, staged=staged)
+        np.testing.assert_allclose(w_dev.get(), w_ref, **tol)
+        np.testing.assert_allclose(h2.get(), h2_ref, **tol)
+        assert float(sq) == pytest.approx(float(sq_ref), rel=1e-4)
     out = cp.empty(n, dtype=Q.dtype)
     out[...] = 0xFFFF if storage == "bf16" else np.nan  # poisoned
     K.scale_store(wd, 0.25, out)
     ref_out = np.empty(n, dtype=Q.dtype)
     reference.scale_store(w, 0.25, ref_out)
-    np.testing.assert_array_equal(out.get(), ref_out)
+    np.testing.assert_array_equal(out.get().view(np.uint16 if storage == "bf16" else np.uint32),
+                                  ref_out.view(np.uint16 if storage == "bf16" else np.uint32))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("basis,rtol", [("device", 1e-5), ("device-bf16", 1e-3), ("host", 1e-5)])
-def test_cupy_backend_matches_torch(basis, rtol):
-    _cupy_or_skip()
-    if not torch.cuda.is_available():
-        pytest.skip("torch sees no CUDA device")
-    op = _with_spectrum(TOP, seed=1)
-    op = Dense(op.A.cuda())
-    ref = ss.lanczos(op, k=4)
-    res = ss.lanczos(op, k=4, backend="cupy", basis=basis, return_eigenvectors=True)
-    rel = ((res.eigenvalues - ref.eigenvalues).abs() / ref.eigenvalues.abs().max()).max().item()
-    assert rel <= rtol and res.all_converged and res.eigenvectors.device.type == "cuda"
-    assert resolve_backend("auto", torch.device("cuda")) == "cupy"
+def test_the_kernels_load_and_store_the_h200_special_values_bit_for_bit():
+    cp = _cupy_or_skip()
+    from sharpscope.lanczos.backends.kernels import load_kernels
+    from sharpscope.lanczos.backends.selfcheck import H200_INPUTS, H200_REFERENCE, check_scale_store
+
+    K = load_kernels()  # the full load-time check has passed
+    out = cp.full(H200_INPUTS.size, 0xFFFF, dtype=cp.uint16)
+    K.scale_store(cp.asarray(H200_INPUTS), 1.0, out)
+    assert out.get().tolist() == H200_REFERENCE
+    check_scale_store(K, cp, np.random.default_rng(0).standard_normal(100_003).astype(np.float32))
+    with pytest.raises(TypeError, match="float32 basis or bfloat16 bits"):
+        K.project(cp.zeros((2, 3), dtype=cp.float64), cp.zeros(3, dtype=cp.float32))
+
+
+def test_the_cupy_backend_is_refused_with_a_one_line_reason_without_cuda():
+    from sharpscope.lanczos.backends import cupy_status
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    reason = cupy_status("cuda")
+    assert reason is not None and "\n" not in reason
+
+
+# -- every backend x basis x operator x estimator against float64 CPU references -------------------
+# The estimators other than Lanczos (Hutchinson, Hutch++, SLQ) do not use the Krylov-basis backends:
+# they run per operator and device. On the CPU the same comparisons run with the torch and numpy
+# backends (numpy is the array code path of the cupy backend).
+
+GRID_OPERATORS = ("hessian", "ggn", "ntk", "preconditioned")
+CE = nn.CrossEntropyLoss()
+GPU = pytest.mark.gpu
+DEVICE_BACKENDS = [pytest.param("cuda", "torch", marks=GPU, id="cuda-torch"),
+                   pytest.param("cuda", "cupy", marks=GPU, id="cuda-cupy"),
+                   pytest.param("cpu", "torch", id="cpu-torch"), pytest.param("cpu", "numpy", id="cpu-numpy")]
+DEVICES = [pytest.param("cuda", marks=GPU, id="cuda"), pytest.param("cpu", id="cpu")]
+
+
+def _need_device(device: str, backend: str = "torch") -> None:
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            _gpu_unavailable("torch sees no CUDA device")
+        if backend == "cupy":
+            _cupy_or_skip()
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_reference(kind: str):
+    """``(model, data, optimizer-derived d_sqrt or None, float64 CPU operator, its dense matrix)``."""
+    model, (x, y) = make_mlp(5), make_data("mlp", 5)
+    if kind == "preconditioned":
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(3):
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            opt.step()
+        ref = ss.preconditioned_hessian_operator(model, CE, (x, y), opt)
+    elif kind == "ntk":
+        ref = ss.ntk_operator(model, x)
+    else:
+        ref = (ss.hessian_operator if kind == "hessian" else ss.ggn_operator)(model, CE, (x, y))
+    return model, (x, y), ref, ref.to_dense()
+
+
+def _grid_operator(kind: str, device: str):
+    """The float32 operator on ``device`` of the same curvature as :func:`_grid_reference`'s."""
+    model64, (x, y), ref, _ = _grid_reference(kind)
+    model = copy.deepcopy(model64).float().to(device)
+    x, y = x.float().to(device), y.to(device)
+    if kind == "ntk":
+        return ss.ntk_operator(model, x)
+    if kind == "ggn":
+        return ss.ggn_operator(model, CE, (x, y))
+    H = ss.hessian_operator(model, CE, (x, y))
+    if kind == "hessian":
+        return H
+    return ss.PreconditionedOperator(H, ref.d_sqrt.float().to(device), ref.threshold)
+
+
+def check_lanczos_against_dense(op, dense: torch.Tensor, backend: str, basis: str, k: int = 3) -> float:
+    """Top-``k`` eigenvalues of ``op`` by ``lanczos`` against ``eigvalsh`` of the float64 dense matrix;
+    returns the relative error (and checks convergence and the eigenvectors' device)."""
+    res = ss.lanczos(op, k=k, backend=backend, basis=basis, return_eigenvectors=True)
+    want = np.sort(np.linalg.eigvalsh(dense.numpy()))[::-1][:k]
+    got = res.eigenvalues.double().cpu().numpy()
+    assert res.all_converged, (backend, basis, res)
+    assert res.eigenvectors.device.type == op.device.type
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", GRID_OPERATORS)
+@pytest.mark.parametrize("basis", ["device", "device-bf16", "host"])
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_lanczos_grid_against_float64_cpu(device, backend, basis, kind):
+    _need_device(device, backend)
+    _, _, _, dense = _grid_reference(kind)
+    rel = check_lanczos_against_dense(_grid_operator(kind, device), dense, backend, basis)
+    assert rel <= (1e-3 if basis == "device-bf16" else 1e-4), rel
+
+
+@pytest.mark.parametrize("kind", GRID_OPERATORS)
+@pytest.mark.parametrize("estimator", ["hutchinson", "hutch++", "slq"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_estimator_grid_against_float64_cpu(device, estimator, kind):
+    """The same estimator (same seed, so the same probes) on the float32 operator on ``device`` and on
+    the float64 CPU operator."""
+    _need_device(device)
+    _, _, ref, dense = _grid_reference(kind)
+    op = _grid_operator(kind, device)
+    scale = float(np.abs(np.linalg.eigvalsh(dense.numpy())).sum())  # bounds every |trace|
+    if estimator == "hutchinson":
+        got, want = ss.hutchinson_trace(op, 20), ss.hutchinson_trace(ref, 20)
+        np.testing.assert_allclose(got.samples, want.samples, rtol=1e-4, atol=1e-5 * scale)
+    elif estimator == "hutch++":
+        got, want = ss.hutchpp_trace(op, 30), ss.hutchpp_trace(ref, 30)
+        assert abs(got.estimate - want.estimate) <= 1e-4 * scale, (got, want)
+    else:
+        got, want = ss.spectral_density(op, 2, 12), ss.spectral_density(ref, 2, 12)
+        for power in (1, 2, 3):  # exact moments of the quadrature (power < 2 x steps)
+            norm = float(np.abs(np.linalg.eigvalsh(dense.numpy())).max()) ** power
+            assert abs(got.moment(power) - want.moment(power)) <= 1e-4 * norm, power
+    assert got.num_matvecs == want.num_matvecs
 
 
 def test_the_load_time_kernel_check_passes_the_references_and_catches_a_wrong_kernel():
@@ -218,8 +347,130 @@ def test_the_load_time_kernel_check_passes_the_references_and_catches_a_wrong_ke
 
     with pytest.raises(KernelMismatch, match=r"kernel update \(float32\) disagrees"):
         check_kernels(WrongUpdate())
-    with pytest.raises(KernelMismatch, match="does not round like the reference"):
+    with pytest.raises(KernelMismatch, match="rounds special values unlike the reference"):
         check_kernels(WrongRounding())
+
+
+# -- the bit-exact scaled store (the H200 case) -------------------------------------------------------
+
+class _H200ScaleStore:
+    """The scale_store kernel of the H200 run (2026-11-28) emulated on the CPU: the product in float32
+    flushed to zero (CuPy's -ftz=true), the GPU's canonical NaN 0x7FFFFFFF, the old NaN encoding
+    ``(bits >> 16) | 0x40``; every other operation is the reference's."""
+
+    def __getattr__(self, name):
+        return getattr(reference, name)
+
+    def scale_store(self, w, scale, out, out_f32=None):
+        with np.errstate(all="ignore"):
+            q = (w * np.float32(scale)).astype(np.float32)
+        bits = q.view(np.uint32).copy()
+        bits[np.isnan(q)] = 0x7FFFFFFF
+        sub = (bits & 0x7F800000) == 0
+        bits[sub] &= np.uint32(0x80000000)
+        if out.dtype != np.uint16:
+            out[...] = bits.view(np.float32)
+            return
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        enc = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        enc[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
+        out[...] = enc
+        if out_f32 is not None:
+            out_f32[...] = bits.view(np.float32)
+
+
+def test_the_h200_special_values_reference_is_pinned_and_the_h200_kernel_is_rejected():
+    from sharpscope.lanczos.backends.selfcheck import H200_INPUTS, KernelMismatch, check_kernels
+
+    inputs = np.array([np.inf, -np.inf, np.nan, -np.nan, np.finfo(np.float32).max, 1 + 2 ** -8, 1 + 3 * 2 ** -8,
+                       1e-40, -1e-40, 0.0, -0.0], dtype=np.float32)
+    np.testing.assert_array_equal(inputs.view(np.uint32), H200_INPUTS.view(np.uint32))
+    out = np.full(inputs.size, 0xFFFF, dtype=np.uint16)
+    reference.scale_store(inputs, 1.0, out)
+    # NaNs keep their sign as the quiet NaN 0x7FC0 | sign, +-1e-40 (subnormal) round to +-1 ulp of bfloat16
+    assert out.tolist() == [32640, 65408, 32704, 65472, 32640, 16256, 16258, 1, 32769, 0, 32768]
+    with pytest.raises(KernelMismatch) as caught:  # the H200 log's message, word for word
+        check_kernels(_H200ScaleStore())
+    assert str(caught.value) == (
+        "kernel scale_store (bfloat16) rounds special values unlike the reference: "
+        "[32640, 65408, 32767, 32767, 32640, 16256, 16258, 0, 32768, 0, 32768] vs "
+        "[32640, 65408, 32704, 65472, 32640, 16256, 16258, 1, 32769, 0, 32768]")
+
+
+def test_a_kernel_that_differs_only_past_the_h200_values_is_caught_bit_for_bit():
+    from sharpscope.lanczos.backends.selfcheck import KernelMismatch, check_scale_store
+
+    class PayloadNaN:  # right on the H200 inputs, but keeps a NaN's payload in the float32 row
+        def scale_store(self, w, scale, out, out_f32=None):
+            reference.scale_store(w, scale, out, out_f32)
+            if out.dtype == np.float32:
+                bits = out.view(np.uint32)
+                keep = np.isnan(w) & np.isnan(out)
+                bits[keep] = w.view(np.uint32)[keep]
+
+    with pytest.raises(KernelMismatch, match=r"scale_store \(float32\) differs from its reference bit for bit"):
+        check_scale_store(PayloadNaN())
+    check_scale_store(reference, np, np.random.default_rng(3).standard_normal(1000).astype(np.float32))
+
+
+def test_the_scaled_store_rules_against_independent_oracles():
+    from sharpscope.lanczos.backends.bf16 import scale_bits
+    from sharpscope.lanczos.backends.selfcheck import SPECIAL_BITS, SPECIAL_SCALES
+
+    rng = np.random.default_rng(4)
+    x = np.concatenate([SPECIAL_BITS, rng.integers(0, 2 ** 32, 20000, dtype=np.uint64).astype(np.uint32),
+                        rng.integers(0, 2 ** 24, 5000, dtype=np.uint32)]).view(np.float32)  # + subnormals
+    for scale in SPECIAL_SCALES:
+        bits = scale_bits(x, scale)
+        with np.errstate(all="ignore"):  # the exact product in float64, rounded once to float32
+            exact = (x.astype(np.float64) * float(np.float32(scale))).astype(np.float32)
+        nan = np.isnan(exact)
+        np.testing.assert_array_equal(bits[~nan], exact.view(np.uint32)[~nan])
+        sign = (x.view(np.uint32) ^ np.array(np.float32(scale)).view(np.uint32)) & np.uint32(0x80000000)
+        np.testing.assert_array_equal(bits[nan], sign[nan] | np.uint32(0x7FC00000))
+        q = bits.view(np.float32)
+        ours = float32_to_bf16_bits(q)
+        theirs = torch.from_numpy(q.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        np.testing.assert_array_equal(ours[~nan], theirs[~nan])  # torch: integer round-to-nearest-even
+        np.testing.assert_array_equal(ours[nan], (sign[nan] >> 16).astype(np.uint16) | np.uint16(0x7FC0))
+
+
+def test_auto_keeps_torch_unless_the_device_is_listed_and_cuda_versions_must_match(monkeypatch):
+    from sharpscope.lanczos import backends
+    from sharpscope.lanczos.backends import auto_prefers_cupy, cuda_version_mismatch, one_line
+
+    assert backends.AUTO_CUPY_DEVICES == ()  # no measurement has shown the kernels winning yet
+    assert not auto_prefers_cupy("NVIDIA H200")
+    assert auto_prefers_cupy("NVIDIA H200", ("h200",)) and not auto_prefers_cupy("NVIDIA A100", ("H200",))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert cuda_version_mismatch("13.0", 13000) is None and cuda_version_mismatch("12.8", 12040) is None
+    assert cuda_version_mismatch(None, 12000) is None  # a CPU build of torch
+    reason = cuda_version_mismatch("13.0", 12090)
+    assert reason == ("CuPy's CUDA 12.9 does not match torch's CUDA 13.0; install the CuPy wheel for CUDA 13: "
+                      "pip install -e .[cupy-cuda13]")
+    assert cuda_version_mismatch("12.4", 13000).endswith("[cupy-cuda12]")
+    assert one_line(RuntimeError("nvrtc: error\nline 2\nline 3")) == "RuntimeError: nvrtc: error [+2 more lines]"
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_is_torch_until_the_device_is_listed(monkeypatch):
+    _cupy_or_skip()
+    from sharpscope.lanczos import backends
+
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setattr(backends, "AUTO_CUPY_DEVICES", (torch.cuda.get_device_name(),))
+    assert resolve_backend("auto", torch.device("cuda")) == "cupy"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("basis,rtol", [("device", 1e-5), ("device-bf16", 1e-3), ("host", 1e-5)])
+def test_cupy_backend_matches_torch_through_restarts(basis, rtol):
+    _cupy_or_skip()
+    op = Dense(_with_spectrum(TOP, seed=1).A.cuda())
+    ref = ss.lanczos(op, k=4, max_basis=10)
+    res = ss.lanczos(op, k=4, max_basis=10, backend="cupy", basis=basis, return_eigenvectors=True)
+    rel = ((res.eigenvalues - ref.eigenvalues).abs() / ref.eigenvalues.abs().max()).max().item()
+    assert rel <= rtol and res.all_converged and res.eigenvectors.device.type == "cuda"
 
 
 def test_a_bf16_basis_that_loses_orthogonality_is_solved_again_in_float32():

@@ -11,6 +11,11 @@ Where the ``.cu`` files are found (first hit wins):
 ``common.cuh`` is inlined into each source before compilation (NVRTC then needs no include path).
 Kernels are compiled once per process and device (CuPy also caches the binaries on disk), and
 checked against their NumPy references before first use (:mod:`.selfcheck`).
+
+Compiler options: :data:`NVRTC_OPTIONS`, no fast-math. CuPy appends ``-ftz=true`` to every
+RawModule's options (NVRTC honours the last occurrence), so the reductions may flush subnormals (they
+are checked to a tolerance); the bit-exact scaled store does not depend on it (inline PTX
+``mul.rn.f32``, integer rounding: ``cuda/common.cuh``).
 """
 from __future__ import annotations
 
@@ -21,11 +26,33 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["cuda_source_dir", "kernel_source", "CupyKernels", "load_kernels"]
+__all__ = ["cuda_source_dir", "kernel_source", "CupyKernels", "load_kernels", "staged_rows", "basis_kind",
+           "NVRTC_OPTIONS"]
 
 _FILES = ("orthogonalize.cu", "normalize.cu")
 _TPB, _VEC, _TPB_UP, _TPB_N = 256, 4, 128, 256  # must match the #defines in cuda/*.cu
-_MAX_ROWS = 48 * 1024 // 4 - 1  # float32 coefficients (+ the norm row) in 48 KiB of shared memory
+_ROWCHUNK = 32  # cuda/orthogonalize.cu: rows per shared-memory round of the block reductions
+_SHARED = 48 * 1024  # shared memory a block gets without opting in
+_STATIC_UP = _ROWCHUNK * (_TPB // 32) * 4  # update_project's static shared memory (its `red`)
+_MAX_ROWS = (_SHARED - _STATIC_UP) // 4  # float32 coefficients in the dynamic shared memory
+NVRTC_OPTIONS = ("--std=c++17",)
+
+
+def staged_rows(itemsize: int) -> int:
+    """The most basis rows whose ``update_project`` tile (rows x 128 elements of ``itemsize`` bytes,
+    plus the rows' float32 coefficients) fits the dynamic shared memory: 93 float32, 185 bfloat16."""
+    return (_SHARED - _STATIC_UP) // (4 + _TPB_UP * itemsize)
+
+
+def basis_kind(dtype) -> str:
+    """``"f32"`` or ``"bf16"`` for a basis storage dtype; a one-line TypeError for any other."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint16:
+        return "bf16"
+    if dtype == np.float32:
+        return "f32"
+    raise TypeError(f"sharpscope's CUDA kernels take a float32 basis or bfloat16 bits (uint16), got {dtype}; "
+                    "convert with .astype(numpy.float32)")
 
 
 def cuda_source_dir() -> Path:
@@ -56,9 +83,8 @@ class CupyKernels:
         import cupy
 
         self.cp = cupy
-        options = ("--std=c++17",)
-        ortho = cupy.RawModule(code=kernel_source("orthogonalize.cu"), options=options)
-        norm = cupy.RawModule(code=kernel_source("normalize.cu"), options=options)
+        ortho = cupy.RawModule(code=kernel_source("orthogonalize.cu"), options=NVRTC_OPTIONS)
+        norm = cupy.RawModule(code=kernel_source("normalize.cu"), options=NVRTC_OPTIONS)
         self._k = {name: ortho.get_function(name) for name in (
             "project_f32", "project_bf16", "update_f32", "update_bf16", "update_project_f32",
             "update_project_bf16", "reduce_rows")}
@@ -69,16 +95,15 @@ class CupyKernels:
 
     @staticmethod
     def _kind(Q) -> str:
-        if Q.dtype == np.uint16:
-            return "bf16"
-        if Q.dtype == np.float32:
-            return "f32"
-        raise TypeError(f"basis storage must be float32 or uint16 (bfloat16 bits), got {Q.dtype}")
+        return basis_kind(Q.dtype)
 
     @staticmethod
     def _check(Q, w) -> None:
-        if Q.ndim != 2 or w.ndim != 1 or Q.shape[1] != w.shape[0] or w.dtype != np.float32:
-            raise ValueError(f"expected Q (rows, n) and float32 w (n,), got {Q.shape} and {w.shape} {w.dtype}")
+        basis_kind(Q.dtype)
+        if w.dtype != np.float32:
+            raise TypeError(f"sharpscope's CUDA kernels take a float32 vector w, got {w.dtype}")
+        if Q.ndim != 2 or w.ndim != 1 or Q.shape[1] != w.shape[0]:
+            raise ValueError(f"expected Q (rows, n) and w (n,), got {Q.shape} and {w.shape}")
         if Q.shape[0] > _MAX_ROWS:  # the update kernels keep the coefficients in shared memory
             raise ValueError(f"at most {_MAX_ROWS} basis rows per kernel call, got {Q.shape[0]}")
         if Q.strides[1] != Q.itemsize or not w.flags.c_contiguous:
@@ -112,17 +137,23 @@ class CupyKernels:
                                            (Q, np.int64(Q.strides[0] // Q.itemsize), np.int32(rows), h, w,
                                             np.int64(n)), shared_mem=4 * max(rows, 1))
 
-    def update_project(self, Q, w, h):
-        """``w -= Q.T @ h`` in place, then ``(Q @ w, ||w||^2)``, reading Q once from DRAM."""
+    def update_project(self, Q, w, h, staged: bool | None = None):
+        """``w -= Q.T @ h`` in place, then ``(Q @ w, ||w||^2)``, reading Q once from DRAM: the block's
+        tile of Q is kept in shared memory between the two sweeps when it fits (``staged=None``:
+        up to :func:`staged_rows` rows; ``True``/``False`` force it, for the self-check)."""
         self._check(Q, w)
         rows, n = Q.shape
         h = self.cp.ascontiguousarray(h, dtype=self.cp.float32)
+        fits = rows <= staged_rows(Q.itemsize)
+        staged = fits if staged is None else bool(staged) and fits
         nblocks = max(1, -(-n // _TPB_UP))
         partial = self.cp.empty((rows + 1) * nblocks, dtype=self.cp.float32)
+        shared = 4 * max(rows, 1) + (rows * _TPB_UP * Q.itemsize if staged else 0)
         self._k["update_project_" + self._kind(Q)](
             (nblocks,), (_TPB_UP,),
-            (Q, np.int64(Q.strides[0] // Q.itemsize), np.int32(rows), h, w, np.int64(n), partial),
-            shared_mem=4 * max(rows, 1))
+            (Q, np.int64(Q.strides[0] // Q.itemsize), np.int32(rows), h, w, np.int64(n), partial,
+             np.int32(staged)),
+            shared_mem=shared)
         out = self._reduce(partial, rows + 1, nblocks)
         return out[:rows], out[rows]
 
@@ -136,16 +167,20 @@ class CupyKernels:
 
     def scale_store(self, w, scale: float, out, out_f32=None) -> None:
         """``out = scale * w``, encoded to bfloat16 bits when ``out`` is ``uint16`` (then ``out_f32``,
-        if given, receives the float32 values), in one pass."""
+        if given, receives the float32 values), in one pass; bit-exact (see :mod:`.bf16`)."""
         n = w.shape[0]
-        if out.shape != w.shape or not out.flags.c_contiguous:
-            raise ValueError("scale_store needs a contiguous output of w's shape")
+        if w.dtype != np.float32:
+            raise TypeError(f"sharpscope's CUDA kernels take a float32 vector w, got {w.dtype}")
+        if out.shape != w.shape or not out.flags.c_contiguous or not w.flags.c_contiguous:
+            raise ValueError("scale_store needs a contiguous w and a contiguous output of w's shape")
         nblocks = max(1, min(self._grid_cap, -(-n // _TPB_N)))
         if self._kind(out) == "f32":
             self._k["scale_store_f32"]((nblocks,), (_TPB_N,), (w, np.float32(scale), out, np.int64(n)))
             return
         if out_f32 is None:
             out_f32 = self.cp.empty(n, dtype=self.cp.float32)
+        elif out_f32.dtype != np.float32 or out_f32.shape != w.shape or not out_f32.flags.c_contiguous:
+            raise ValueError("scale_store needs a contiguous float32 out_f32 of w's shape")
         self._k["scale_store_bf16"]((nblocks,), (_TPB_N,), (w, np.float32(scale), out, out_f32, np.int64(n)))
 
 

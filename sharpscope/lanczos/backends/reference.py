@@ -4,8 +4,11 @@ The array backend runs these on the CPU, so the exact code path of the GPU backe
 under the ``gpu`` test marker each kernel is checked against its reference. ``Q`` is a block of basis
 rows, ``(rows, n)``, stored as float32 or as bfloat16 bit patterns (``uint16``, see :mod:`.bf16`);
 ``w`` is a float32 vector of length ``n``, updated in place. Accumulation is in float32, as in the
-kernels (so a reference and a kernel agree to float32 rounding, not bitwise: the summation order
-differs).
+kernels (so the reductions of a reference and a kernel agree to float32 rounding, not bitwise: the
+summation order differs). ``scale_store`` is elementwise and agrees with its kernel bit for bit on
+every float32 input: one IEEE multiplication with subnormals kept, round-to-nearest-even to bfloat16
+by integer arithmetic, and the NaN rule of :mod:`.bf16` (a NaN product becomes the quiet NaN
+``0x7FC00000 | sign``, ``0x7FC0 | sign`` in bfloat16, with ``sign = sign(w) XOR sign(s)``).
 
 * ``project``: :math:`h = Q w`.
 * ``update``: :math:`w \leftarrow w - Q^\top h`.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bf16 import bf16_bits_to_float32, float32_to_bf16_bits
+from .bf16 import bf16_bits_to_float32, float32_to_bf16_bits, scale_bits
 
 __all__ = ["decode", "project", "update", "update_project", "sumsq", "scale_store"]
 
@@ -66,16 +69,25 @@ def _concat(parts):
     return parts[0] if len(parts) == 1 else _namespace(parts[0]).concatenate(parts)
 
 
-def update_project(Q: np.ndarray, w: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """``w -= Q.T @ h`` in place, then ``(Q @ w, ||w||^2)``."""
+def update_project(Q: np.ndarray, w: np.ndarray, h: np.ndarray, staged: bool | None = None
+                   ) -> tuple[np.ndarray, np.float32]:
+    """``w -= Q.T @ h`` in place, then ``(Q @ w, ||w||^2)``. (``staged`` is the kernel's choice of
+    keeping its tile of ``Q`` in shared memory; it changes nothing here.)"""
     update(Q, w, h)
     return project(Q, w), sumsq(w)
 
 
 def scale_store(w: np.ndarray, scale: float, out: np.ndarray, out_f32: np.ndarray | None = None) -> None:
     """``out = scale * w``; when ``out`` holds bfloat16 bits it gets ``scale * w`` rounded, and
-    ``out_f32`` (if given) the unrounded ``scale * w`` (the recurrence's working copy)."""
-    q = w * w.dtype.type(scale)
+    ``out_f32`` (if given) the unrounded ``scale * w`` (the recurrence's working copy).
+
+    For float32 NumPy input this is the kernels' bit-exact rule (:func:`.bf16.scale_bits`, NaN rule
+    included); float64 (and CuPy) input is a plain multiplication.
+    """
+    if w.dtype == np.float32 and isinstance(w, np.ndarray):
+        q = scale_bits(w, scale).view(np.float32)
+    else:
+        q = w * w.dtype.type(scale)
     if out.dtype == np.uint16:
         if out_f32 is not None:
             out_f32[...] = q
