@@ -7,6 +7,7 @@ bytes per checkpoint on disk.  Run: .venv/bin/python scripts/bench_capture.py [-
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="also print the medians as one JSON line (last)")
     args = parser.parse_args()
     plain, captured = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +81,9 @@ def main() -> None:
           f"({1e3 * inside / (n - 1):.1f} ms per checkpoint)")
     print(f"  file                {size / 1e6:.2f} MB, {size / n / 1e3:.0f} kB per checkpoint "
           f"(params + Adam state = {params * 4 * (3 if args.optimizer == 'adam' else 1) / 1e3:.0f} kB raw)")
+    if args.json:
+        print(json.dumps({"plain_seconds": t0, "recorded_seconds": t1, "recorder_seconds": inside,
+                          "ms_per_checkpoint": 1e3 * inside / (n - 1)}))
 
 
 if __name__ == "__main__":

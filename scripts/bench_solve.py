@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""One solve, timed: ``lanczos(H, k=5)`` (or an estimator) on bench_eigs.py's problems, as one JSON line.
+
+For A/B comparisons between commits (scripts/ab_compare.py runs this under two source trees): it
+builds the problem from bench_eigs.py's definitions in-process (same seed, same model after 5 SGD
+steps), makes the operator, runs the solve once untimed (warm-up: lazy imports, first-call set-up)
+and then ``--repeats`` times, and prints the median wall time of construction + solve, the HVP
+count and the median time of one product of the operator's chosen mode.
+
+    .venv/bin/python scripts/bench_solve.py --problem mlp [--what lanczos|hutchpp|slq] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eigs import build_model, make_problem, problem_spec  # noqa: E402
+
+import sharpscope as ss  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problem", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--what", choices=["lanczos", "hutchpp", "slq"], default="lanczos")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    problem = make_problem(problem_spec(args.problem, args.quick))
+    model = build_model(problem["spec"])
+    model.load_state_dict(problem["state"])
+    data, loss_fn = (problem["x"], problem["y"]), torch.nn.CrossEntropyLoss()
+
+    def solve() -> tuple[float, int]:
+        start = time.perf_counter()
+        H = ss.hessian_operator(model, loss_fn, data)
+        if args.what == "lanczos":
+            mv = ss.lanczos(H, k=5).num_matvecs
+        elif args.what == "hutchpp":
+            mv = ss.hutchpp_trace(H, 99).num_matvecs
+        else:
+            mv = ss.spectral_density(H, 4, 40).num_matvecs
+        return time.perf_counter() - start, mv
+
+    solve()
+    runs = [solve() for _ in range(args.repeats)]
+    H = ss.hessian_operator(model, loss_fn, data)
+    v = torch.randn(H.shape[0])
+    H.matvec(v)
+    products = []
+    for _ in range(5):
+        t = time.perf_counter()
+        H.matvec(v)
+        products.append(time.perf_counter() - t)
+    seconds, hvp = statistics.median(t for t, _ in runs), statistics.median(products)
+    hvps = runs[0][1]
+    print(json.dumps({"seconds": seconds, "hvps": hvps, "hvp_seconds": hvp, "overhead": seconds / (hvps * hvp)}))
+
+
+if __name__ == "__main__":
+    main()
