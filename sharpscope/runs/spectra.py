@@ -8,11 +8,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .store import FORMAT_VERSION, H5Handle, RunFileError, WriterLock, _open_for_reading
+from .h5file import LIBVER, H5Handle, RunFileError, WriterLock, open_for_reading
+from .table import AppendTable, Column, create_table, open_for_append
 
 __all__ = ["SpectraFile", "spectra_path", "SPECTRA_FORMAT"]
 
 SPECTRA_FORMAT = "sharpscope.spectra"
+SPECTRA_VERSION = 1
 
 
 def spectra_path(run_path: str | os.PathLike) -> Path:
@@ -23,7 +25,7 @@ def spectra_path(run_path: str | os.PathLike) -> Path:
 _STR = h5py.string_dtype()
 _VLEN = h5py.vlen_dtype(np.float64)
 _COLUMNS = {"step": "i8", "quantity": _STR, "settings": _STR, "values": _VLEN, "residuals": _VLEN,
-            "num_matvecs": "i8", "seconds": "f8", "info": _STR, "complete": "u1"}
+            "num_matvecs": "i8", "seconds": "f8", "info": _STR}
 
 
 class SpectraFile(H5Handle):
@@ -31,46 +33,28 @@ class SpectraFile(H5Handle):
 
     def __init__(self, path: str | os.PathLike, mode: str = "r") -> None:
         self.path = Path(path)
-        if mode == "a":
-            self._lock = WriterLock(self.path)
-            if not self.path.exists():
-                tmp = self.path.with_name(self.path.name + ".creating")
-                with h5py.File(tmp, "w", libver="latest") as f:
-                    f.attrs["format"] = SPECTRA_FORMAT
-                    f.attrs["format_version"] = FORMAT_VERSION
-                    for name, dtype in _COLUMNS.items():
-                        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
-                os.replace(tmp, self.path)
-            else:
-                self._recover()
-            self._file = h5py.File(self.path, "r+", libver="latest")
-            self._file.swmr_mode = True
-        else:
-            self._file = _open_for_reading(self.path)
-        if self._file.attrs.get("format") != SPECTRA_FORMAT:
-            self._file.close()
-            raise RunFileError(f"{self.path}: not a sharpscope spectra file")
-
-    def _recover(self) -> None:
-        """After a crashed writer HDF5 refuses write access: copy the complete rows into a fresh file."""
         try:
-            h5py.File(self.path, "r+", libver="latest").close()
-            return
-        except OSError:
-            pass
-        tmp = self.path.with_name(self.path.name + ".recovering")
-        with _open_for_reading(self.path) as src, h5py.File(tmp, "w", libver="latest") as dst:
-            for k, v in src.attrs.items():
-                dst.attrs[k] = v
-            n = src["complete"].shape[0]
-            for name, dtype in _COLUMNS.items():
-                ds = dst.create_dataset(name, shape=(n,), maxshape=(None,), dtype=dtype, chunks=(256,))
-                if n:
-                    ds[:] = src[name][:n]
-        os.replace(tmp, self.path)
+            self._file = self._open_append() if mode == "a" else open_for_reading(self.path)
+            if self._file.attrs.get("format") != SPECTRA_FORMAT:
+                raise RunFileError(f"{self.path}: not a sharpscope spectra file")
+            self._table = AppendTable(self._file)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_append(self) -> h5py.File:
+        self._lock = WriterLock(self.path)
+        if not self.path.exists():
+            tmp = self.path.with_name(self.path.name + ".creating")
+            with h5py.File(tmp, "w", libver=LIBVER) as f:
+                f.attrs["format"] = SPECTRA_FORMAT
+                f.attrs["format_version"] = SPECTRA_VERSION
+                create_table(f, {name: Column(dtype, chunk_rows=256) for name, dtype in _COLUMNS.items()})
+            os.replace(tmp, self.path)  # the file appears complete or not at all
+        return open_for_append(self.path, "/")
 
     def __len__(self) -> int:
-        return int(self._file["complete"].shape[0])
+        return len(self._table)
 
     def keys(self) -> set[tuple[int, str, str]]:
         n = len(self)
@@ -80,17 +64,7 @@ class SpectraFile(H5Handle):
         return {(int(a), str(b), str(c)) for a, b, c in zip(steps, qs, ss)}
 
     def append(self, row: dict) -> None:
-        n = len(self)
-        for name in _COLUMNS:
-            if name == "complete":
-                continue
-            ds = self._file[name]
-            ds.resize(n + 1, axis=0)
-            ds[n] = row[name]
-        self._file.flush()
-        self._file["complete"].resize(n + 1, axis=0)
-        self._file["complete"][n] = 1
-        self._file.flush()
+        self._table.append({name: row[name] for name in _COLUMNS})
 
     def rows(self, quantity: str | None = None) -> list[dict]:
         """All complete results (optionally of one quantity), sorted by step."""

@@ -38,17 +38,14 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from .h5file import LIBVER, H5Handle, RunFileError, WriterLock, open_for_reading
+from .table import AppendTable, Column, create_table, open_for_append
 
 __all__ = ["H5Handle", "WriterLock", "RunWriter", "Run", "open_run", "RunFileError", "FORMAT", "FORMAT_VERSION", "TensorSpec",
            "logged_losses", "first_diverged_step"]
 
 FORMAT = "sharpscope.run"
 FORMAT_VERSION = 1
-_LIBVER = "latest"
-
-
-class RunFileError(ValueError):
-    """A run file that cannot be used: not a sharpscope run, unknown version, truncated, mismatched."""
 
 
 @dataclass(frozen=True)
@@ -108,51 +105,6 @@ def _as_json(obj: Any, what: str) -> str:
         raise ValueError(f"{what} must be JSON-serializable (no objects are pickled): {err}") from None
 
 
-class WriterLock:
-    """One writer per file: an exclusive ``flock`` on ``<file>.lock``, held while the writer lives
-    (released by the OS if the process dies, so a crash never leaves a stale lock)."""
-
-    def __init__(self, path: Path) -> None:
-        import fcntl
-
-        self.path = path.with_name(path.name + ".lock")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise RunFileError(f"{path} is being written by another process (lock {self.path})") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-
-class H5Handle:
-    """An object owning an open ``h5py.File`` in ``self._file`` (and, for writers, a
-    :class:`WriterLock`): ``close()`` and ``with`` support."""
-
-    _file: h5py.File | None = None
-    _lock: WriterLock | None = None
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 class RunWriter(H5Handle):
     """The one writer of a run file (used by :class:`sharpscope.Recorder`).
 
@@ -175,7 +127,7 @@ class RunWriter(H5Handle):
         self._lock = WriterLock(self.path)
         try:
             tmp = self.path.with_name(self.path.name + ".creating")
-            with h5py.File(tmp, "w", libver=_LIBVER) as f:
+            with h5py.File(tmp, "w", libver=LIBVER) as f:
                 f.attrs["format"] = FORMAT
                 f.attrs["format_version"] = FORMAT_VERSION
                 f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -183,7 +135,9 @@ class RunWriter(H5Handle):
                 f.create_group("meta").attrs["json"] = meta_json
                 if probe is not None:
                     _write_probe(f.create_group("probe"), probe)
-                _create_checkpoint_datasets(f.create_group("checkpoints"), tensors, lr_groups)
+                grp = f.create_group("checkpoints")
+                grp.attrs["tensors"] = json.dumps([asdict(s) for s in tensors])
+                create_table(grp, _checkpoint_columns(tensors, lr_groups))
                 _create_scalar_logs(f.create_group("scalars"), scalars)
             os.replace(tmp, self.path)  # the file appears complete or not at all
             self._open()
@@ -198,11 +152,7 @@ class RunWriter(H5Handle):
         self.path = Path(path)
         self._lock = WriterLock(self.path)  # before touching the file: never under a live writer
         try:
-            with open_run(self.path) as run:  # validates
-                run_steps = len(run.steps)
-            tmp = self.path.with_name(self.path.name + ".resuming")
-            _copy_complete(self.path, tmp, run_steps)
-            os.replace(tmp, self.path)
+            open_run(self.path).close()  # validates
             self._open()
         except BaseException:
             self.close()
@@ -211,16 +161,15 @@ class RunWriter(H5Handle):
 
     def _open(self) -> None:
         try:
-            self._file = h5py.File(self.path, "r+", libver=_LIBVER)
+            self._file = open_for_append(self.path, "checkpoints")
         except (OSError, BlockingIOError) as err:
             self.close()
             raise RunFileError(f"{self.path}: cannot open for writing ({err})") from None
-        self._file.swmr_mode = True
         grp = self._file["checkpoints"]
         self._specs = _spec_list(grp.attrs["tensors"])
         self._totals = _totals(self._specs)
         self._grp = grp
-        self._count = grp["complete"].shape[0]
+        self._table = AppendTable(grp)
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -228,15 +177,14 @@ class RunWriter(H5Handle):
 
     @property
     def num_checkpoints(self) -> int:
-        return self._count
+        return len(self._table)
 
     def steps(self) -> list[int]:
-        return [int(s) for s in self._grp["step"][: self._count]]
+        return [int(s) for s in self._grp["step"][: len(self._table)]]
 
     def append(self, step: int, tensors: Mapping[str, torch.Tensor | None], loss: float = float("nan"),
                lrs: Iterable[float] = ()) -> None:
         """Append one checkpoint; ``tensors`` maps each spec's id to its tensor (None: a NaN slot)."""
-        i = self._count
         grp = self._grp
         rows = {name: np.empty(total, dtype=grp[name].dtype) for name, total in self._totals.items()}
         for spec in self._specs:
@@ -253,20 +201,7 @@ class RunWriter(H5Handle):
         lr_row = np.asarray(list(lrs), dtype=np.float64)
         if lr_row.shape != (grp["lr"].shape[1],):
             raise ValueError(f"expected {grp['lr'].shape[1]} learning rates, got {lr_row.shape[0]}")
-        for name, row in rows.items():
-            ds = grp[name]
-            ds.resize(i + 1, axis=0)
-            ds[i] = row
-        for name, value in (("step", step), ("loss", loss), ("time", time.time())):
-            grp[name].resize(i + 1, axis=0)
-            grp[name][i] = value
-        grp["lr"].resize(i + 1, axis=0)
-        grp["lr"][i] = lr_row
-        self._file.flush()
-        grp["complete"].resize(i + 1, axis=0)
-        grp["complete"][i] = 1
-        self._file.flush()
-        self._count = i + 1
+        self._table.append({"step": step, "loss": loss, "time": time.time(), "lr": lr_row, **rows})
 
     def log_scalar(self, name: str, step: int, value: float) -> None:
         """Append ``(step, value)`` to the scalar log ``name`` (e.g. online sharpness)."""
@@ -291,44 +226,17 @@ def _write_probe(grp: h5py.Group, probe: tuple[Any, Any]) -> None:
         grp.create_dataset("targets", data=_np(targets))
 
 
-def _create_checkpoint_datasets(grp: h5py.Group, specs: list[TensorSpec], lr_groups: int) -> None:
-    grp.attrs["tensors"] = json.dumps([asdict(s) for s in specs])
-    grp.create_dataset("step", shape=(0,), maxshape=(None,), dtype="i8", chunks=(1024,))
-    grp.create_dataset("loss", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
-    grp.create_dataset("time", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
-    grp.create_dataset("lr", shape=(0, lr_groups), maxshape=(None, None), dtype="f8",
-                       chunks=(1024, max(lr_groups, 1)))
-    grp.create_dataset("complete", shape=(0,), maxshape=(None,), dtype="u1", chunks=(1024,))
+def _checkpoint_columns(specs: list[TensorSpec], lr_groups: int) -> dict[str, Column]:
+    columns = {"step": Column("i8"), "loss": Column("f8"), "time": Column("f8"), "lr": Column("f8", (lr_groups,))}
     dtypes = {s.dataset: s.dtype for s in specs}
-    for name, total in _totals(specs).items():
-        grp.create_dataset(name, shape=(0, total), maxshape=(None, total), dtype=dtypes[name],
-                           chunks=(1, max(1, min(total, 1 << 24))))
+    for name, total in _totals(specs).items():  # one row per chunk, at most 2**24 elements per chunk
+        columns[name] = Column(dtypes[name], (total,), chunk_rows=1, row_chunk=(min(total, 1 << 24),))
+    return columns
 
 
 def _create_scalar_logs(grp: h5py.Group, names: Iterable[str]) -> None:
     for name in names:
         grp.create_dataset(name, shape=(0, 2), maxshape=(None, 2), dtype="f8", chunks=(256, 2))
-
-
-def _copy_complete(src: Path, dst: Path, count: int) -> None:
-    """Copy a run with its first ``count`` checkpoints into a fresh (non-SWMR-flagged) file."""
-    with h5py.File(src, "r", libver=_LIBVER, swmr=True) as f, h5py.File(dst, "w", libver=_LIBVER) as g:
-        for key, value in f.attrs.items():
-            g.attrs[key] = value
-        f.copy(f["meta"], g, "meta")
-        if "probe" in f:
-            f.copy(f["probe"], g, "probe")
-        if "scalars" in f:
-            f.copy(f["scalars"], g, "scalars")
-        src_grp = f["checkpoints"]
-        specs = _spec_list(src_grp.attrs["tensors"])
-        dst_grp = g.create_group("checkpoints")
-        _create_checkpoint_datasets(dst_grp, specs, src_grp["lr"].shape[1])
-        for name in ["step", "loss", "time", "lr", "complete", *_totals(specs)]:
-            ds = dst_grp[name]
-            ds.resize(count, axis=0)
-            if count:
-                ds[:count] = src_grp[name][:count]
 
 
 def _spec_list(raw: str) -> list[TensorSpec]:
@@ -348,7 +256,7 @@ class Run(H5Handle):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such run file")
-        self._file = _open_for_reading(self.path)
+        self._file = open_for_reading(self.path)
         f = self._file
         fmt = f.attrs.get("format")
         if fmt != FORMAT:
@@ -362,6 +270,7 @@ class Run(H5Handle):
         try:
             self.meta: dict = json.loads(f["meta"].attrs["json"])
             self._grp = f["checkpoints"]
+            self._table = AppendTable(self._grp)
             self.specs = _spec_list(self._grp.attrs["tensors"])
         except (KeyError, ValueError) as err:
             self.close()
@@ -371,17 +280,15 @@ class Run(H5Handle):
     # -- following a live file -----------------------------------------------------------------
     def refresh(self) -> None:
         """Pick up checkpoints appended since opening (SWMR readers see new rows after a refresh)."""
-        for ds in self._grp.values():
-            ds.refresh()
+        self._table.refresh()
 
     @property
     def num_checkpoints(self) -> int:
-        return int(self._grp["complete"].shape[0])
+        return len(self._table)
 
     @property
     def incomplete(self) -> int:
-        rows = [int(self._grp[name].shape[0]) for name in ["step", *_totals(self.specs)]]
-        return max(0, max(rows) - self.num_checkpoints)
+        return self._table.present - len(self._table)
 
     @property
     def steps(self) -> list[int]:
@@ -444,20 +351,6 @@ class Run(H5Handle):
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, steps={len(self.steps)}, incomplete={self.incomplete})"
-
-
-def _open_for_reading(path: Path) -> h5py.File:
-    """Open read-only. A plain open checks the file's integrity (end-of-file address); a file that
-    is being written -- or whose SWMR writer crashed -- refuses it and is read in SWMR mode instead."""
-    try:
-        return h5py.File(path, "r", libver=_LIBVER)
-    except OSError as err:
-        if "already open for write" not in str(err):
-            raise RunFileError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {err}") from None
-    try:
-        return h5py.File(path, "r", libver=_LIBVER, swmr=True)
-    except OSError as err:
-        raise RunFileError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {err}") from None
 
 
 def open_run(path: str | os.PathLike) -> Run:
