@@ -78,7 +78,7 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
 
     with open_run(run_path) as run:
         model = model_at(run, step)
-        probe = run.probe()
+        probe = run.batch()
         optimizer, optimizer_error, not_applicable = None, None, None
         if "precond" in quantities:
             try:
@@ -89,7 +89,7 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
                 optimizer_error = str(err)
         loss_spec = loss or run.meta.get("loss")
     if probe is None:
-        raise ValueError(f"{run_path}: no probe batch stored (pass probe= to the Recorder)")
+        raise ValueError(f"{run_path}: no batch stored (pass batch= to the Recorder)")
     inputs, targets = probe
     inputs = inputs[0] if len(inputs) == 1 else inputs
     data = (inputs, targets)
