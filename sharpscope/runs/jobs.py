@@ -225,8 +225,7 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
                     if "error" in row:
                         report.failures.append((path, step, f"{row['quantity']}: {row['error']}"))
                         continue
-                    sf = writers.get(path) or writers.setdefault(path, SpectraFile(spectra_path(path), "a"))
-                    sf.append(row)
+                    _store(writers, path, row)
                     report.written += 1
                     report.not_applicable += "not_applicable" in json.loads(row["info"])
                 report.computed += 1
@@ -237,6 +236,19 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
             sf.close()
         shutdown()
     return report
+
+
+def _store(writers: dict[str, SpectraFile], path: str, row: dict) -> None:
+    """Append one result through the run's one writer; a failed write (a full disk) stops the job with
+    one line: the rows stored before it are complete and kept, a re-run continues from there."""
+    results = spectra_path(path)
+    try:
+        sf = writers.get(path) or writers.setdefault(path, SpectraFile(results, "a"))
+        sf.append(row)
+    except OSError as err:
+        reason = err.strerror or str(err).splitlines()[0]
+        raise OSError(err.errno, f"{results}: results could not be written ({reason}); the results stored "
+                                 "before are intact: free space and run again to continue") from None
 
 
 def _progress(total: int, enabled: bool):
