@@ -28,6 +28,7 @@ A probe file::
     data = "digits"                            # or "teacher-student", "cifar10"; [train.data_kwargs] for options
     loss = "CrossEntropyLoss"
     depth_scaling = false                      # depth-muP: residual branches times (L / L_0)^(-1/2)
+    device = "cpu"                             # where runs train and spectra are measured: cpu, cuda, cuda:N, auto
     optimizer_kwargs = { eps = 1e-3 }          # extra constructor keywords of every run's optimizer
     parametrize = { init_scale = 1.0 }         # extra keywords of ss.parametrize (lr_scaling, roles, ...)
 
@@ -139,6 +140,7 @@ class Probe:
     parametrize_kwargs: dict = field(default_factory=dict)
     axes: tuple[Axis, ...] = ()
     compare: str = "width"
+    device: str = "cpu"
     file: str = ""
     sha256: str = ""
 
@@ -286,6 +288,7 @@ def load_probe(path: str | Path) -> Probe:
         depth_scaling=_flag(r, train.get("depth_scaling", False), "[train] depth_scaling"),
         optimizer_kwargs=r.mapping(train.get("optimizer_kwargs", {}), "[train] optimizer_kwargs"),
         parametrize_kwargs=r.mapping(train.get("parametrize", {}), "[train] parametrize"),
+        device=r.text(train.get("device", "cpu"), "[train] device"),
         file=str(path.resolve()), sha256=hashlib.sha256(text).hexdigest(),
     )
     axes = _axes(r, probe, r.mapping(sweep.get("axes", {}), "[sweep] axes"))
@@ -422,8 +425,13 @@ def _compare(r: _Reader, probe: Probe, axes: tuple[Axis, ...], sweep: dict) -> s
 
 # -- whole-file checks ----------------------------------------------------------------------------------------
 def _validate(r: _Reader, p: Probe) -> None:
+    from .devices import resolve_device
     from .runs.quantities import QUANTITIES
 
+    try:
+        resolve_device(p.device)
+    except ValueError as err:
+        r.fail(f"[train] device: {err}")
     if p.data not in DATASETS:
         r.fail(f"unknown data set {p.data!r}; choose from {', '.join(DATASETS)}")
     for name in p.parameterizations:

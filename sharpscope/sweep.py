@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .data import load as load_data
+from .devices import resolve_device
 from .models import build_model
 from .optim import build_optimizer
 from .param import parametrize
@@ -68,7 +69,8 @@ def run_config(probe: Probe, spec: RunSpec) -> dict[str, Any]:
                                  "options": _parametrize_options(probe, spec)},
             "optimizer": {"name": spec.optimizer, "lr": spec.lr, "kwargs": _jsonable(_optimizer_kwargs(probe, spec))},
             "loss": probe.loss, "steps": _steps(probe, spec), "batch_size": spec.value("batch_size", probe.batch_size),
-            "schedule": {"every": probe.every, "last": True}, "seed": spec.seed}
+            "schedule": {"every": probe.every, "last": True}, "seed": spec.seed,
+            **({"device": resolve_device(probe.device).type} if resolve_device(probe.device).type != "cpu" else {})}
 
 
 def _jsonable(value: Any) -> Any:
@@ -130,13 +132,16 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
         path.unlink()
         spectra_path(path).unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(probe.device)
     x, y = load_data(probe.data, **config["data"]["kwargs"])
+    x, y = x.to(device), y.to(device)
     kwargs = config["model"]["kwargs"]
     torch.manual_seed(spec.seed)
     model = build_model(probe.factory, kwargs)
     groups = parametrize(model, spec.parameterization, optimizer=spec.optimizer, lr=spec.lr,
                          base_width=config["parameterization"]["base_width"], seed=spec.seed,
                          **_parametrize_options(probe, spec))
+    model.to(device)  # after parametrize: its init is drawn on the CPU, the same numbers on every device
     opt = build_optimizer(groups, **_optimizer_kwargs(probe, spec))
     loss_fn = build_loss(probe.loss, allow=[probe.loss])
     axes = run_values(probe, spec)
@@ -151,7 +156,7 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
                   config=config, axes={k: v for k, v in axes.items() if k != "seed"}) as rec:
         for _ in range(final):
             if batch_size:
-                idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
+                idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen).to(device)
                 xb, yb = x[idx], y[idx]
             else:
                 xb, yb = x, y
@@ -229,7 +234,7 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
         finally:
             shutdown()
     runs = [out / "runs" / s.filename for s in specs]
-    settings = SpectrumSettings(k=probe.k)
+    settings = SpectrumSettings(k=probe.k, device=probe.device)
     report = run_spectrum_job(runs, probe.quantities, settings, executor=executor, progress=progress,
                               allow_factories=[probe.factory, probe.loss])
     from .analysis.report import write_report

@@ -188,6 +188,15 @@ def test_results_are_keyed_by_loss_and_settings_and_the_report_says_which(tmp_pa
     assert not any("duplicate steps" in json.dumps(g) for g in metrics["groups"])
 
 
+def test_devices_that_do_not_exist_are_one_line_errors(tmp_path, capsys):
+    path = tmp_path / "run.h5"
+    _record(path)
+    reason = "asked for, but this torch" if not torch.cuda.is_available() else "does not exist"
+    _one_line_error(capsys, ["spectrum", str(path), "--quiet", "--device", "cuda:99"], reason)
+    _one_line_error(capsys, ["spectrum", str(path), "--quiet", "--device", "gpu"], "unknown device 'gpu'")
+    assert main(["spectrum", str(path), "--quiet", "--k", "1", "--device", "auto"]) == 0
+
+
 def test_spectra_files_among_the_inputs_are_ignored(tmp_path, capsys):
     path = tmp_path / "run.h5"
     _record(path)
@@ -208,6 +217,8 @@ def test_spectra_files_among_the_inputs_are_ignored(tmp_path, capsys):
     ("lrs = [0.2]", "lrs = [inf]", r"\[train\] lrs entry must be a finite number, got inf"),
     ("in_features = 64", "in_features = 10", "does not run on the data 'digits'"),
     ('loss = "CrossEntropyLoss"', 'loss = "MSELoss"', "mismatched target shape"),
+    ("steps = 6", 'steps = 6\ndevice = "cuda:7"', r"\[train\] device: device 'cuda:7' "),
+    ("steps = 6", 'steps = 6\ndevice = "tpu"', "unknown device 'tpu'"),
 ])
 def test_bad_probe_values_are_one_line_errors_at_load_time(tmp_path, capsys, old, new, message):
     text = probe_text() + '\n'
