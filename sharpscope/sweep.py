@@ -24,6 +24,7 @@ from .models import build_model
 from .optim import build_optimizer
 from .param import parametrize
 from .probe_file import Probe, RunSpec, load_probe, plan, run_values, settings_of
+from .progress import progress_bar
 from .runs.capture import Recorder
 from .runs.executors import executor_from_spec
 from .runs.jobs import JobReport, SpectrumSettings, run_spectrum_job
@@ -217,8 +218,6 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
 
     ``executor`` (default: the probe's) runs both the training runs and the spectrum tasks: ``local``
     one after the other, ``process:N`` / ``dask-local:N`` / ``dask://HOST:PORT`` in parallel."""
-    from tqdm.auto import tqdm
-
     probe = load_probe(probe_path)
     executor = executor or probe.executor
     out = Path(out_dir).resolve()  # workers of a remote cluster do not share our working directory
@@ -228,9 +227,11 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
         submit, shutdown, completed = executor_from_spec(executor)
         try:
             futures = [submit(train_run, probe, spec, out) for spec in todo]
-            for fut in tqdm(completed(futures), total=len(futures), desc=f"train {probe.name}", unit="run",
-                            disable=not progress):
+            bar = progress_bar(len(futures), f"train {probe.name}", progress, unit="run")
+            for fut in completed(futures):
                 fut.result()  # a failed run stops the sweep with its error (its file is retrained next time)
+                bar.update(1)
+            bar.close()
         finally:
             shutdown()
     runs = [out / "runs" / s.filename for s in specs]

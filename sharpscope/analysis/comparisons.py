@@ -30,13 +30,22 @@ from ..runs.quantities import get as get_quantity
 from ..runs.spectra import SpectraFile, spectra_path
 from ..runs.store import first_diverged_step, logged_losses, open_run
 
-__all__ = ["RunSummary", "Comparison", "collect", "analyze", "analyze_in_detail", "group_label", "AXES",
-           "compared_axes"]
+__all__ = ["RunSummary", "Comparison", "LayerSharpness", "QuantityResult", "ComparedGroup", "TransferFamily",
+           "Analysis", "collect", "analyze", "analyze_in_detail", "group_label", "AXES", "compared_axes"]
 
 
 AXES = ("width", "depth")  # the size axes of every run; any other recorded setting is an axis too
 BLOWUP_FACTOR = 2.0  # a run ending above this multiple of its initial loss blew up
 _COORDINATES = ("parameterization", "optimizer", "lr", "seed", "width", "depth")
+
+
+@dataclass(frozen=True)
+class LayerSharpness:
+    """Per-layer top Hessian eigenvalues of one run: ``values[i][j]`` is layer ``names[j]`` at ``steps[i]``."""
+
+    names: list[str]
+    steps: list[int]
+    values: list[list[float]]
 
 
 @dataclass
@@ -58,7 +67,7 @@ class RunSummary:
     trajectories: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     densities: dict[int, Any] = field(default_factory=dict)
-    layers: tuple[list[str], list[int], list[list[float]]] | None = None
+    layers: LayerSharpness | None = None
     loss_source: str = "checkpoint"
     initial_loss: float = float("nan")
     axes: dict[str, Any] = field(default_factory=dict)
@@ -246,7 +255,7 @@ def _read_spectra(summary: RunSummary, results: Path, wanted: Any, problems: lis
             if "threshold" in info:
                 summary.thresholds[q] = float(info["threshold"])
     if layer_names and all(len(v) == len(layer_names) for v in layer_values):
-        summary.layers = (layer_names, layer_steps, layer_values)
+        summary.layers = LayerSharpness(layer_names, layer_steps, layer_values)
 
 
 def collect(runs: Sequence[str | Path], *, compare: str | None = None, spectrum: Any = None
@@ -319,6 +328,42 @@ class Comparison:
         for m in self.members:
             out[m.value(self.axis)].append(m)
         return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class QuantityResult:
+    """One quantity of one comparison: the trajectory per compared value and its verdict."""
+
+    trajectories: dict[float, tuple[list[float], list[float]]]
+    result: Any  # consistency.ConsistencyResult
+
+
+@dataclass(frozen=True)
+class ComparedGroup:
+    """A comparison, its metrics.json entry and, per quantity that got a verdict, its result."""
+
+    comparison: Comparison
+    entry: dict[str, Any]
+    quantities: dict[str, QuantityResult]
+
+
+@dataclass(frozen=True)
+class TransferFamily:
+    """The runs of one lr sweep along the compared axis: its metrics.json entry, the loss curves
+    (size -> lr -> final loss) and the lr-transfer result (None when undetermined)."""
+
+    entry: dict[str, Any]
+    curves: dict[float, dict[float, float]]
+    result: Any  # consistency.TransferResult | None
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything :func:`analyze_in_detail` finds: the metrics (JSON-able) and what the figures need."""
+
+    metrics: dict[str, Any]
+    groups: list[ComparedGroup]
+    transfers: list[TransferFamily]
 
 
 def _axis_names(summaries: Sequence[RunSummary]) -> list[str]:
@@ -415,14 +460,14 @@ def _fraction_axis(axis: str) -> dict[str, Any]:
     return {"on": "common", "interpolate": True} if axis == "steps" else {}
 
 
-def _compare(c: Comparison, problems: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The JSON entry of one comparison and the objects its figures need."""
+def _compare(c: Comparison, problems: list[str]) -> ComparedGroup:
+    """The JSON entry of one comparison and the results its figures need."""
     names = f"{c.axis}s"
     seeds = {_key(size): len(runs) for size, runs in c.by_size().items()}
     entry: dict[str, Any] = {"axis": c.axis, "parameterization": c.parameterization, "optimizer": c.optimizer,
                              "lr": c.lr, "fixed": c.fixed, "sizes": c.sizes, "seeds": seeds, "quantities": {},
                              "x": "fraction of training" if c.axis == "steps" else "step"}
-    artifacts: dict[str, Any] = {}
+    results: dict[str, QuantityResult] = {}
     mismatch = _mismatch(c)
     if mismatch:
         problems.append(f"{c.label}: {mismatch}; not compared")
@@ -444,7 +489,7 @@ def _compare(c: Comparison, problems: list[str]) -> tuple[dict[str, Any], dict[s
             entry["quantities"][q] = {"verdict": "undetermined", "reason": str(err)}
             continue
         entry["quantities"][q] = res.evidence
-        artifacts[q] = (traj, res)
+        results[q] = QuantityResult(traj, res)
         thresholds = {m.value(c.axis): m.thresholds[q] for m in c.members if q in m.thresholds}
         if thresholds:
             eos = {}
@@ -454,7 +499,7 @@ def _compare(c: Comparison, problems: list[str]) -> tuple[dict[str, Any], dict[s
             entry["quantities"][q]["edge_of_stability"] = eos
     if not quantities and not mismatch:
         problems.append(f"{c.label}: no spectra to compare")
-    return entry, artifacts
+    return ComparedGroup(c, entry, results)
 
 
 def _key(size: float) -> str:
@@ -477,8 +522,7 @@ def _lr_curves(c_members: Sequence[RunSummary], axis: str) -> dict[float, dict[f
                    for lr, v in curve.items()} for size, curve in sorted(points.items())}
 
 
-def _transfers(summaries: Sequence[RunSummary], axes: Sequence[str],
-               problems: list[str]) -> list[tuple[dict[str, Any], Any]]:
+def _transfers(summaries: Sequence[RunSummary], axes: Sequence[str], problems: list[str]) -> list[TransferFamily]:
     out = []
     for axis in axes:
         for (param, opt, _, fixed), members in _groups(summaries, axis, False).items():
@@ -495,23 +539,20 @@ def _transfers(summaries: Sequence[RunSummary], axes: Sequence[str],
             if dead:
                 problems.append(f"{label}: every lr diverged for {axis}s {_fmt(dead)}: lower the lr grid")
             if len(curves) < 2 or n_lrs < 3:
-                out.append(({**head, "verdict": "undetermined",
-                             "reason": f"needs >= 2 {axis}s and >= 3 lrs, has {len(curves)} {axis}(s) and "
-                                       f"{n_lrs} lr(s)"}, (curves, None)))
+                reason = f"needs >= 2 {axis}s and >= 3 lrs, has {len(curves)} {axis}(s) and {n_lrs} lr(s)"
+                out.append(TransferFamily({**head, "verdict": "undetermined", "reason": reason}, curves, None))
                 continue
             try:
                 res = consistency.lr_transfer(curves)
-                out.append(({**head, **res.evidence}, (curves, res)))
+                out.append(TransferFamily({**head, **res.evidence}, curves, res))
             except ValueError as err:
-                out.append(({**head, "verdict": "undetermined", "reason": str(err)}, (curves, None)))
+                out.append(TransferFamily({**head, "verdict": "undetermined", "reason": str(err)}, curves, None))
     return out
 
 
-def analyze_in_detail(summaries: Sequence[RunSummary], compare: str | None = None
-                      ) -> tuple[dict[str, Any], list, list]:
-    """:func:`analyze`'s metrics, plus what the figures need: ``(comparison, entry, {quantity:
-    (trajectories, ConsistencyResult)})`` per comparison and ``(entry, (lr curves, TransferResult or
-    None))`` per lr-transfer family."""
+def analyze_in_detail(summaries: Sequence[RunSummary], compare: str | None = None) -> Analysis:
+    """:func:`analyze`'s metrics, plus what the figures need: per comparison its results, per lr-sweep
+    family its curves and transfer result."""
     problems: list[str] = []
     axes = compared_axes(summaries, compare, problems)
     for axis in axes:
@@ -525,11 +566,11 @@ def analyze_in_detail(summaries: Sequence[RunSummary], compare: str | None = Non
         elif any(_number(v) is None for v in values):
             problems.append(f"the compared axis {axis!r} holds values that are not numbers "
                             f"({', '.join(sorted(map(str, values)))}): compare a numeric axis")
-    compared = [(c, *_compare(c, problems)) for c in _comparisons(summaries, axes)]
+    groups = [_compare(c, problems) for c in _comparisons(summaries, axes)]
     transfers = _transfers(summaries, axes, problems)
-    metrics = {"compared": axes, "groups": [entry for _, entry, _ in compared],
-               "transfer": [entry for entry, _ in transfers], "problems": problems}
-    return metrics, compared, transfers
+    metrics = {"compared": axes, "groups": [g.entry for g in groups], "transfer": [t.entry for t in transfers],
+               "problems": problems}
+    return Analysis(metrics, groups, transfers)
 
 
 def analyze(summaries: Sequence[RunSummary], compare: str | None = None) -> dict[str, Any]:
@@ -537,4 +578,4 @@ def analyze(summaries: Sequence[RunSummary], compare: str | None = None) -> dict
     (super consistency of every quantity along the compared axis, per parameterization / optimizer /
     lr / other varied settings), ``transfer`` (lr transfer along it) and ``problems`` (what could not
     be compared, and why)."""
-    return analyze_in_detail(summaries, compare)[0]
+    return analyze_in_detail(summaries, compare).metrics

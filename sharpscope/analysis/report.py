@@ -24,7 +24,7 @@ import numpy as np
 from . import plots
 from .._version import __version__
 from ..runs.quantities import REGISTRY
-from .comparisons import Comparison, RunSummary, analyze_in_detail, collect, group_label
+from .comparisons import Analysis, Comparison, RunSummary, analyze_in_detail, collect, group_label
 
 __all__ = ["write_report", "verdict_lines"]
 
@@ -32,7 +32,7 @@ LABELS = {name: q.label for name, q in REGISTRY.items()}
 
 
 
-def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) -> list[tuple[str, Path]]:
+def _figures(summaries: Sequence[RunSummary], analysis: Analysis, out: Path) -> list[tuple[str, Path]]:
     import matplotlib.pyplot as plt
 
     figures: list[tuple[str, Path]] = []
@@ -44,9 +44,11 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
         plt.close(fig)
         figures.append((caption, path))
 
-    for c, _, artifacts in compared:
+    for group in analysis.groups:
+        c = group.comparison
         tag = _tag(c.parameterization, c.optimizer, c.lr, c.axis, c.fixed)
-        for q, (traj, res) in artifacts.items():
+        for q, found in group.quantities.items():
+            traj, res = found.trajectories, found.result
             thresholds = [m.thresholds[q] for m in c.members if q in m.thresholds]
             keep(plots.trajectories(traj, quantity=LABELS.get(q, q), threshold=thresholds[0] if thresholds else None,
                                     size_label=c.axis, title=f"{q}: {c.label}", step_label=_x_label(c.axis)),
@@ -61,14 +63,15 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
                  f"density-{tag}", f"Hessian spectral density per {c.axis} at step {step}, {c.label}")
         widest = max((m for m in c.members if m.layers), key=lambda m: m.value(c.axis), default=None)
         if widest is not None:
-            names, steps, values = widest.layers
-            keep(plots.layer_heatmap(names, steps, np.array(values).T,
+            layers = widest.layers
+            keep(plots.layer_heatmap(layers.names, layers.steps, np.array(layers.values).T,
                                      title=f"per-layer sharpness, {c.axis} {widest.value(c.axis):g}: {c.label}"),
                  f"layers-{tag}", f"per-layer top Hessian eigenvalue, {c.axis} {widest.value(c.axis):g}, {c.label}")
     panels: dict[tuple, list] = defaultdict(list)
-    for c, _, artifacts in compared:
-        for q, (traj, _) in artifacts.items():
-            panels[(c.axis, c.optimizer, c.lr, tuple(c.fixed.items()), q)].append((c, traj))
+    for group in analysis.groups:
+        c = group.comparison
+        for q, found in group.quantities.items():
+            panels[(c.axis, c.optimizer, c.lr, tuple(c.fixed.items()), q)].append((c, found.trajectories))
     for (axis, optimizer, lr, fixed, q), row in sorted(panels.items(), key=lambda kv: str(kv[0])):
         if len(row) > 1:
             fig = _side_by_side(row, q)
@@ -76,9 +79,11 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
             tag = _tag("-vs-".join(c.parameterization for c, _ in row), optimizer, lr, axis, dict(fixed))
             keep(fig, f"{q}-{tag}", f"{q} per {axis}: {group_label(names, optimizer, lr, dict(fixed))}")
     across_lrs: dict[tuple, list] = defaultdict(list)
-    for c, _, artifacts in compared:
-        for q, (traj, _) in artifacts.items():
-            across_lrs[(c.axis, c.parameterization, c.optimizer, tuple(c.fixed.items()), q)].append((c, traj))
+    for group in analysis.groups:
+        c = group.comparison
+        for q, found in group.quantities.items():
+            across_lrs[(c.axis, c.parameterization, c.optimizer, tuple(c.fixed.items()), q)].append(
+                (c, found.trajectories))
     for (axis, param, optimizer, fixed, q), row in sorted(across_lrs.items(), key=lambda kv: str(kv[0])):
         rescaled = _eos_normalized(row, q) if axis != "steps" else None
         if rescaled is not None:
@@ -89,7 +94,8 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
                                     title=f"{q} across lrs: {label}"),
                  f"{q}-lrs-{_tag(param, optimizer, None, axis, dict(fixed))}-{axis}{size:g}",
                  f"{q} / EoS threshold against lr x step, one curve per lr, {label}")
-    for entry, (curves, res) in transfers:
+    for family in analysis.transfers:
+        entry, curves, res = family.entry, family.curves, family.result
         if max((sum(map(math.isfinite, curve.values())) for curve in curves.values()), default=0) < 2:
             continue  # no curve to draw (one lr, or all diverged): the verdict table says why
         optima = {o.size: o.lr_opt for o in res.optima if o.lr_opt is not None} if res is not None else None
@@ -175,7 +181,8 @@ def write_report(runs: Sequence[str | Path], out_dir: str | Path, title: str = "
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries, problems = collect(runs, compare=compare, spectrum=spectrum)
-    metrics, compared, transfers = analyze_in_detail(summaries, compare)
+    analysis = analyze_in_detail(summaries, compare)
+    metrics = analysis.metrics
     metrics["problems"] = problems + metrics["problems"]
     if not summaries:
         metrics["problems"].append("no usable run among the files given: nothing to analyse")
@@ -191,7 +198,7 @@ def write_report(runs: Sequence[str | Path], out_dir: str | Path, title: str = "
 
     metrics["versions"] = {"sharpscope": __version__, "torch": torch.__version__, "numpy": np.__version__}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    figures = _figures(summaries, compared, transfers, out)
+    figures = _figures(summaries, analysis, out)
     (out / "report.md").write_text(_markdown(title, metrics, figures, out))
     page = out / "report.html"
     page.write_text(_html(title, metrics, figures))

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..devices import resolve_device
+from ..progress import progress_bar
 from .executors import executor_from_spec
 from .rebuild import NoOptimizerState, allowed_by_probe, build_loss, check_trusted, model_at, optimizer_at
 from .spectra import SpectraFile, spectra_path
@@ -213,7 +214,7 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
     try:
         futures = {submit(compute_task, path, step, todo, settings, None, allow): (path, step)
                    for path, step, todo in tasks}
-        bar = _progress(len(futures), progress)
+        bar = progress_bar(len(futures), "spectra", progress, unit="ckpt")
         for fut in completed(list(futures)):
             path, step = futures[fut]
             try:
@@ -251,7 +252,3 @@ def _store(writers: dict[str, SpectraFile], path: str, row: dict) -> None:
                                  "before are intact: free space and run again to continue") from None
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="spectra", unit="ckpt", disable=not enabled)
