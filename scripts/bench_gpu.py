@@ -273,21 +273,22 @@ def time_orthogonalization(cp, torch, K, rows, n, repeats, results):
         w = random_vector(cp, n)
         h = cp.zeros(rows, dtype=cp.float32)
         assert Q.dtype == (cp.uint16 if storage == "bf16" else cp.float32), Q.dtype
-        t = _timed(cp, lambda: K.update_project(Q, w, h), repeats)
+        t = _timed(cp, lambda Q=Q, w=w, h=h: K.update_project(Q, w, h), repeats)
         results["kernels"][key] = {"time": t, "bytes": Q.nbytes + 2 * w.nbytes}
-        del Q
+        Q = w = h = None  # free the basis before the next storage
         cp.get_default_memory_pool().free_all_blocks()
     Qt = torch.randn(rows, n, device="cuda") / n ** 0.5
     wt = torch.randn(n, device="cuda")
 
-    def torch_pass():
+    def torch_pass(Qt=Qt, wt=wt):
         c = torch.mv(Qt, wt)
         wt.sub_(torch.mv(Qt.T, c))
         return torch.dot(wt, wt)
 
     t = _timed_torch(torch, torch_pass, repeats)
     results["kernels"]["torch-f32"] = {"time": t, "bytes": 2 * Qt.numel() * 4 + 3 * wt.numel() * 4}
-    del Qt
+    del torch_pass
+    Qt = None
 
 
 def resnet18_like(torch):
@@ -324,8 +325,9 @@ def build_problem(torch, model_name: str):
 
 
 def time_end_to_end(torch, model_name: str, results: dict, repeats: int = 3) -> None:
-    import sharpscope as ss
     from torch import nn
+
+    import sharpscope as ss
 
     model, data = build_problem(torch, model_name)
     H = ss.hessian_operator(model, nn.CrossEntropyLoss(), data)

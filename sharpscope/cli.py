@@ -23,6 +23,7 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sharpscope`` parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="sharpscope",
         description="Hessian-spectrum and sharpness diagnostics for PyTorch models.",
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 and one line on bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

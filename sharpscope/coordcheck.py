@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional as F  # noqa: N812 - PyTorch's own convention
 
 from .models import build_model
 from .optim import build_optimizer
@@ -324,6 +324,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``sharpscope coordcheck``."""
     p = subparsers.add_parser(
         "coordcheck", help="coordinate check: activation scales vs width under a parameterization",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -105,6 +105,7 @@ def _plot(density, top: list[float], threshold: float, path: Path) -> None:
 
 
 def add_parser(subparsers) -> None:
+    """Register ``sharpscope demo``."""
     p = subparsers.add_parser("demo", help="curvature of a small MLP trained on sklearn digits",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
@@ -140,6 +141,7 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
+    """``python -m sharpscope.demo``: the same as ``sharpscope demo``."""
     from .cli import main as cli_main
 
     raise SystemExit(cli_main(["demo", *__import__("sys").argv[1:]]))

@@ -90,6 +90,6 @@ def dense_ggn(model: nn.Module, loss_fn: Callable, data: Any, *, params: Sequenc
                 lambda flat, b=b: fn(fn.unflatten(flat), b.inputs).reshape(-1), theta)
             out = fn(fn.unflatten(theta), b.inputs).detach()
             HL = torch.autograd.functional.hessian(
-                lambda o, b=b: loss_fn(o.view(out.shape), b.targets), out.reshape(-1))
+                lambda o, b=b, shape=out.shape: loss_fn(o.view(shape), b.targets), out.reshape(-1))
             G += loss_reduction_weight(loss_fn, b.size, total) * (J.T @ HL @ J)
     return (G + G.T) / 2

@@ -71,7 +71,7 @@ def _is_single_batch(data: Any) -> bool:
             and (isinstance(data[1], torch.Tensor) or data[1] is None))
 
 
-class as_batches:
+class as_batches:  # noqa: N801 - used like a function (as_batches(data, device)), named like one
     """A re-iterable view of ``data`` as :class:`Batch` objects on ``device``.
 
     ``data`` is one ``(inputs, targets)`` pair, a sequence of such pairs, or a re-iterable loader

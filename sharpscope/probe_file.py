@@ -70,11 +70,11 @@ import inspect
 import itertools
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import tomllib
 import torch
 
 from .data import DATASETS
@@ -394,7 +394,8 @@ def _axes(r: _Reader, probe: Probe, table: dict) -> tuple[Axis, ...]:
     axes = []
     for name, values in _flat(table).items():
         target, key = _resolve_axis(r, probe, name)
-        vals = r.values(values, f"[sweep.axes] {name}", lambda v, w: _axis_value(r, name, target, key, v))
+        vals = r.values(values, f"[sweep.axes] {name}",
+                        lambda v, w, name=name, target=target, key=key: _axis_value(r, name, target, key, v))
         if len(set(map(repr, vals))) != len(vals):
             r.fail(f"[sweep.axes] {name} repeats a value: {list(vals)}")
         axes.append(Axis(name, target, key, vals))

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import sharpscope as ss
+from conftest import probe_text
 from sharpscope.analysis.report import verdict_lines
 from sharpscope.cli import main
 from sharpscope.sweep import load_probe, plan, run_sweep
-from conftest import probe_text
 
 SWEEP = """
 [sweep]

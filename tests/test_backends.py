@@ -8,8 +8,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +15,9 @@ import torch
 from torch import nn
 
 import sharpscope as ss
+from conftest import Dense, make_data, make_mlp, with_spectrum
 from sharpscope.lanczos.backends import reference, resolve_backend
 from sharpscope.lanczos.backends.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
-from conftest import Dense, make_data, make_mlp, with_spectrum
 
 
 def _with_spectrum(eigs, seed=0, dtype=torch.float32) -> Dense:

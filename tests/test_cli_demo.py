@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import sharpscope as ss
+from conftest import probe_text
 from sharpscope.cli import main
 from sharpscope.demo import run_demo
-from conftest import probe_text
 
 
 def test_version_and_help(capsys):

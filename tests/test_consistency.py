@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 
 from sharpscope.analysis import consistency as C
-from sharpscope.analysis.consistency import (Aligned, ConsistencyThresholds, align, edge_of_stability, eos_threshold,
-                                    fit_alpha, lr_optimum, lr_transfer, super_consistency, to_long_table)
+from sharpscope.analysis.consistency import (
+    Aligned,
+    ConsistencyThresholds,
+    align,
+    edge_of_stability,
+    eos_threshold,
+    fit_alpha,
+    lr_optimum,
+    lr_transfer,
+    super_consistency,
+    to_long_table,
+)
 
 WIDTHS = [1, 2, 4, 8, 16]
 STEPS = np.arange(0, 200, 2.0)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import probe_text
 from sharpscope.data import cifar10, load
 from sharpscope.sweep import run_sweep
-from conftest import probe_text
 
 
 def _fake_cifar(root, n_per_batch=20):

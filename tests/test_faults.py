@@ -12,18 +12,17 @@ import sys
 import time
 
 import h5py
-import numpy as np
 import psutil
 import pytest
 import torch
 from torch import nn
 
 import sharpscope as ss
+from conftest import make_data, make_mlp, probe_text
 from sharpscope.cli import main
 from sharpscope.runs.jobs import SpectrumSettings, run_spectrum_job
 from sharpscope.runs.spectra import SpectraFile, spectra_path
-from sharpscope.sweep import load_probe, run_sweep
-from conftest import make_data, make_mlp, probe_text
+from sharpscope.sweep import load_probe
 
 CE = nn.CrossEntropyLoss()
 KWARGS = {"width": 8, "depth": 1, "in_features": 4, "out_features": 3}

@@ -10,6 +10,7 @@ from torch import nn
 
 from sharpscope.models import CNN, FAMILIES, MLP, MoE, MoELayer, Transformer, build_model
 
+
 def _batch(model, n=3):
     x, y = model.example_batch(n, torch.Generator().manual_seed(0))
     return x, y

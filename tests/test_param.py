@@ -11,8 +11,14 @@ from torch.func import functional_call
 
 from sharpscope.models import CNN, MLP, MoE, Transformer
 from sharpscope.optim import OptimizerList, build_optimizer
-from sharpscope.param import (PARAMETERIZATIONS, Multiplier, infer_roles, lr_exponent, parametrize,
-                              parametrize_from_record)
+from sharpscope.param import (
+    PARAMETERIZATIONS,
+    Multiplier,
+    infer_roles,
+    lr_exponent,
+    parametrize,
+    parametrize_from_record,
+)
 
 H = 0.5
 # Everett et al. 2024, Table 1 / SCIENCE.md, written out independently of sharpscope.param's data:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sharpscope.sweep import run_sweep
 from conftest import probe_text
+from sharpscope.sweep import run_sweep
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "render_report.py"
 sys.path.insert(0, str(SCRIPT.parent))

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 
-from sharpscope.cli import main
-from sharpscope.analysis.report import write_report
-from sharpscope.sweep import run_sweep
 from conftest import probe_text
+from sharpscope.analysis.report import write_report
+from sharpscope.cli import main
+from sharpscope.sweep import run_sweep
 
 PROBE = probe_text("mini", widths=(16, 32, 64), lrs=(0.1, 0.2, 0.4), steps=8, every=4)
 
@@ -131,9 +131,10 @@ def test_density_and_layer_results_get_their_figures(tmp_path):
 
 def test_a_loop_without_losses_is_measured_and_left_out_of_lr_transfer(tmp_path):
     import torch
+
     import sharpscope as ss
-    from sharpscope.runs.jobs import run_spectrum_job
     from sharpscope.models import MLP
+    from sharpscope.runs.jobs import run_spectrum_job
 
     x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
     runs = []

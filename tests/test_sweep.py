@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import probe_text
 from sharpscope.cli import main
 from sharpscope.runs.spectra import SpectraFile, spectra_path
 from sharpscope.runs.store import open_run
 from sharpscope.sweep import load_probe, plan, run_sweep
-from conftest import probe_text
 
 PROBE = probe_text(parameterizations=("mup", "sp"), lrs=(0.2, 1e38), quantities=("hessian", "precond"))
 
@@ -98,8 +98,8 @@ def test_training_runs_on_a_dask_cluster_and_matches_local(tmp_path):
 
 
 def test_a_run_interrupted_before_its_first_loss_is_not_complete(tmp_path):
-    from sharpscope.sweep import _run_state
     import sharpscope as ss
+    from sharpscope.sweep import _run_state
 
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

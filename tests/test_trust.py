@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 import sharpscope as ss
+from conftest import probe_text
 from sharpscope import registry
 from sharpscope.cli import main
 from sharpscope.runs.jobs import SpectrumSettings, run_spectrum_job
 from sharpscope.runs.rebuild import model_at
 from sharpscope.runs.spectra import spectra_path
-from conftest import probe_text
 
 CE = nn.CrossEntropyLoss()
 SETTINGS = SpectrumSettings(k=1)

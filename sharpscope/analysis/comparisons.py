@@ -25,10 +25,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from . import consistency
 from ..runs.quantities import get as get_quantity
 from ..runs.spectra import SpectraFile, spectra_path
 from ..runs.store import first_diverged_step, logged_losses, open_run
+from . import consistency
 
 __all__ = ["RunSummary", "Comparison", "LayerSharpness", "QuantityResult", "ComparedGroup", "TransferFamily",
            "Analysis", "collect", "analyze", "analyze_in_detail", "group_label", "AXES", "compared_axes"]
@@ -511,7 +511,7 @@ def _fmt(sizes) -> str:
 
 
 def _lr_curves(c_members: Sequence[RunSummary], axis: str) -> dict[float, dict[float, float]]:
-    """size -> lr -> final loss, the mean over seeds; a seed that diverged, or blew up (ended above
+    """Size -> lr -> final loss, the mean over seeds; a seed that diverged, or blew up (ended above
     twice its initial loss: a finite but meaningless loss that would bend the quadratic fit of the
     optimum), makes the point diverged (NaN)."""
     points: dict[float, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))

@@ -21,89 +21,110 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import plots
 from .._version import __version__
 from ..runs.quantities import REGISTRY
-from .comparisons import Analysis, Comparison, RunSummary, analyze_in_detail, collect, group_label
+from . import plots
+from .comparisons import Analysis, ComparedGroup, Comparison, TransferFamily, analyze_in_detail, collect, group_label
 
 __all__ = ["write_report", "verdict_lines"]
 
 LABELS = {name: q.label for name, q in REGISTRY.items()}
 
 
+class _Figures:
+    """The report's figures, saved as PNG and PDF under ``out/figures``, with their captions in order."""
 
-def _figures(summaries: Sequence[RunSummary], analysis: Analysis, out: Path) -> list[tuple[str, Path]]:
-    import matplotlib.pyplot as plt
+    def __init__(self, out: Path) -> None:
+        self.out, self.saved = out, []
 
-    figures: list[tuple[str, Path]] = []
+    def keep(self, fig, name: str, caption: str) -> None:
+        import matplotlib.pyplot as plt
 
-    def keep(fig, name: str, caption: str) -> None:
-        path = out / "figures" / f"{name}.png"
+        path = self.out / "figures" / f"{name}.png"
         plots.save(fig, path)
         fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
         plt.close(fig)
-        figures.append((caption, path))
+        self.saved.append((caption, path))
 
-    for group in analysis.groups:
+    def group(self, group: ComparedGroup) -> None:
+        """Per comparison: each quantity's trajectories and spread, the densities, the per-layer heatmap."""
         c = group.comparison
         tag = _tag(c.parameterization, c.optimizer, c.lr, c.axis, c.fixed)
         for q, found in group.quantities.items():
             traj, res = found.trajectories, found.result
             thresholds = [m.thresholds[q] for m in c.members if q in m.thresholds]
-            keep(plots.trajectories(traj, quantity=LABELS.get(q, q), threshold=thresholds[0] if thresholds else None,
-                                    size_label=c.axis, title=f"{q}: {c.label}", step_label=_x_label(c.axis)),
-                 f"{q}-{tag}", f"{q} per {c.axis}, {c.label}")
-            keep(plots.spread(res.steps, res.spread, quantity=f"relative spread across {c.axis}s ({res.spread_kind})",
-                              threshold=res.thresholds.spread_max, title=f"{q} spread: {c.label}"),
-                 f"{q}-spread-{tag}", f"{q}: spread across {c.axis}s, {c.label} (verdict {res.verdict})")
+            self.keep(plots.trajectories(traj, quantity=LABELS.get(q, q), size_label=c.axis, title=f"{q}: {c.label}",
+                                         threshold=thresholds[0] if thresholds else None, step_label=_x_label(c.axis)),
+                      f"{q}-{tag}", f"{q} per {c.axis}, {c.label}")
+            self.keep(plots.spread(res.steps, res.spread, quantity=f"relative spread across {c.axis}s ({res.spread_kind})",
+                                   threshold=res.thresholds.spread_max, title=f"{q} spread: {c.label}"),
+                      f"{q}-spread-{tag}", f"{q}: spread across {c.axis}s, {c.label} (verdict {res.verdict})")
         density = _density_curves(c)
         if density:
             step, curves = density
-            keep(plots.density_overlay(curves, size_label=c.axis, title=f"Hessian density at step {step}: {c.label}"),
-                 f"density-{tag}", f"Hessian spectral density per {c.axis} at step {step}, {c.label}")
+            self.keep(plots.density_overlay(curves, size_label=c.axis, title=f"Hessian density at step {step}: {c.label}"),
+                      f"density-{tag}", f"Hessian spectral density per {c.axis} at step {step}, {c.label}")
         widest = max((m for m in c.members if m.layers), key=lambda m: m.value(c.axis), default=None)
         if widest is not None:
-            layers = widest.layers
-            keep(plots.layer_heatmap(layers.names, layers.steps, np.array(layers.values).T,
-                                     title=f"per-layer sharpness, {c.axis} {widest.value(c.axis):g}: {c.label}"),
-                 f"layers-{tag}", f"per-layer top Hessian eigenvalue, {c.axis} {widest.value(c.axis):g}, {c.label}")
-    panels: dict[tuple, list] = defaultdict(list)
-    for group in analysis.groups:
-        c = group.comparison
-        for q, found in group.quantities.items():
-            panels[(c.axis, c.optimizer, c.lr, tuple(c.fixed.items()), q)].append((c, found.trajectories))
-    for (axis, optimizer, lr, fixed, q), row in sorted(panels.items(), key=lambda kv: str(kv[0])):
-        if len(row) > 1:
-            fig = _side_by_side(row, q)
-            names = " vs ".join(c.parameterization for c, _ in row)
-            tag = _tag("-vs-".join(c.parameterization for c, _ in row), optimizer, lr, axis, dict(fixed))
-            keep(fig, f"{q}-{tag}", f"{q} per {axis}: {group_label(names, optimizer, lr, dict(fixed))}")
-    across_lrs: dict[tuple, list] = defaultdict(list)
-    for group in analysis.groups:
-        c = group.comparison
-        for q, found in group.quantities.items():
-            across_lrs[(c.axis, c.parameterization, c.optimizer, tuple(c.fixed.items()), q)].append(
-                (c, found.trajectories))
-    for (axis, param, optimizer, fixed, q), row in sorted(across_lrs.items(), key=lambda kv: str(kv[0])):
-        rescaled = _eos_normalized(row, q) if axis != "steps" else None
-        if rescaled is not None:
+            layers, size = widest.layers, widest.value(c.axis)
+            self.keep(plots.layer_heatmap(layers.names, layers.steps, np.array(layers.values).T,
+                                          title=f"per-layer sharpness, {c.axis} {size:g}: {c.label}"),
+                      f"layers-{tag}", f"per-layer top Hessian eigenvalue, {c.axis} {size:g}, {c.label}")
+
+    def side_by_side(self, groups: Sequence[ComparedGroup]) -> None:
+        """Parameterizations side by side, one figure per (axis, optimizer, lr, other axes, quantity)."""
+        panels: dict[tuple, list] = defaultdict(list)
+        for group in groups:
+            c = group.comparison
+            for q, found in group.quantities.items():
+                panels[(c.axis, c.optimizer, c.lr, tuple(c.fixed.items()), q)].append((c, found.trajectories))
+        for (axis, optimizer, lr, fixed, q), row in sorted(panels.items(), key=lambda kv: str(kv[0])):
+            if len(row) > 1:
+                names = " vs ".join(c.parameterization for c, _ in row)
+                tag = _tag("-vs-".join(c.parameterization for c, _ in row), optimizer, lr, axis, dict(fixed))
+                self.keep(_side_by_side(row, q), f"{q}-{tag}",
+                          f"{q} per {axis}: {group_label(names, optimizer, lr, dict(fixed))}")
+
+    def across_lrs(self, groups: Sequence[ComparedGroup]) -> None:
+        """The quantity over its EoS threshold against lr x step, one curve per lr."""
+        rows: dict[tuple, list] = defaultdict(list)
+        for group in groups:
+            c = group.comparison
+            for q, found in group.quantities.items():
+                rows[(c.axis, c.parameterization, c.optimizer, tuple(c.fixed.items()), q)].append((c, found.trajectories))
+        for (axis, param, optimizer, fixed, q), row in sorted(rows.items(), key=lambda kv: str(kv[0])):
+            rescaled = _eos_normalized(row, q) if axis != "steps" else None
+            if rescaled is None:
+                continue
             size, curves = rescaled
             label = f"{group_label(param, optimizer, None, dict(fixed))}, {axis} {size:g}"
-            keep(plots.trajectories(curves, quantity=f"{q} / its EoS threshold", threshold=1.0, size_label="lr",
-                                    rescale_steps={lr: lr for lr in curves}, step_label="lr x step",
-                                    title=f"{q} across lrs: {label}"),
-                 f"{q}-lrs-{_tag(param, optimizer, None, axis, dict(fixed))}-{axis}{size:g}",
-                 f"{q} / EoS threshold against lr x step, one curve per lr, {label}")
-    for family in analysis.transfers:
+            self.keep(plots.trajectories(curves, quantity=f"{q} / its EoS threshold", threshold=1.0, size_label="lr",
+                                         rescale_steps={lr: lr for lr in curves}, step_label="lr x step",
+                                         title=f"{q} across lrs: {label}"),
+                      f"{q}-lrs-{_tag(param, optimizer, None, axis, dict(fixed))}-{axis}{size:g}",
+                      f"{q} / EoS threshold against lr x step, one curve per lr, {label}")
+
+    def transfer(self, family: TransferFamily) -> None:
+        """Final loss against lr per compared value, with the optima."""
         entry, curves, res = family.entry, family.curves, family.result
         if max((sum(map(math.isfinite, curve.values())) for curve in curves.values()), default=0) < 2:
-            continue  # no curve to draw (one lr, or all diverged): the verdict table says why
+            return  # no curve to draw (one lr, or all diverged): the verdict table says why
         optima = {o.size: o.lr_opt for o in res.optima if o.lr_opt is not None} if res is not None else None
         label = group_label(entry["parameterization"], entry["optimizer"], None, entry["fixed"])
-        keep(plots.lr_sweep(curves, optima=optima, size_label=entry["axis"], title=f"final loss vs lr: {label}"),
-             f"lr-{_tag(entry['parameterization'], entry['optimizer'], None, entry['axis'], entry['fixed'])}",
-             f"final training loss vs lr per {entry['axis']}, {label}")
-    return figures
+        self.keep(plots.lr_sweep(curves, optima=optima, size_label=entry["axis"], title=f"final loss vs lr: {label}"),
+                  f"lr-{_tag(entry['parameterization'], entry['optimizer'], None, entry['axis'], entry['fixed'])}",
+                  f"final training loss vs lr per {entry['axis']}, {label}")
+
+
+def _figures(analysis: Analysis, out: Path) -> list[tuple[str, Path]]:
+    figures = _Figures(out)
+    for group in analysis.groups:
+        figures.group(group)
+    figures.side_by_side(analysis.groups)
+    figures.across_lrs(analysis.groups)
+    for family in analysis.transfers:
+        figures.transfer(family)
+    return figures.saved
 
 
 def _tag(parameterization: str, optimizer: str, lr: float | None, axis: str, fixed: dict) -> str:
@@ -198,7 +219,7 @@ def write_report(runs: Sequence[str | Path], out_dir: str | Path, title: str = "
 
     metrics["versions"] = {"sharpscope": __version__, "torch": torch.__version__, "numpy": np.__version__}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    figures = _figures(summaries, analysis, out)
+    figures = _figures(analysis, out)
     (out / "report.md").write_text(_markdown(title, metrics, figures, out))
     page = out / "report.html"
     page.write_text(_html(title, metrics, figures))

@@ -67,7 +67,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if results.exists():
         with SpectraFile(results) as sf:
             counts: dict[str, int] = {}
-            for step, quantity, _ in sf.keys():
+            for _, quantity, _ in sf.keys():
                 counts[quantity] = counts.get(quantity, 0) + 1
             info["results"] = {"file": str(results), "format": _format(sf.version, sf.checksummed), "rows": dict(sorted(counts.items()))}
     else:
@@ -110,6 +110,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
+    """Register ``sharpscope spectrum`` and ``sharpscope inspect``."""
     p = subparsers.add_parser("spectrum", help="measure spectra at the checkpoints of run files",
                               description=f"Offline spectrum jobs. Quantities: {', '.join(QUANTITIES)}. "
                                           "Results go to RUN.spectra.h5; finished ones are skipped on re-runs.")

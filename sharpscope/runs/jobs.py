@@ -24,9 +24,10 @@ import numpy as np
 from ..devices import resolve_device
 from ..progress import progress_bar
 from .executors import executor_from_spec
+from .quantities import QUANTITIES, Checkpoint, layer_groups
+from .quantities import get as get_quantity
 from .rebuild import NoOptimizerState, allowed_by_probe, build_loss, check_trusted, model_at, optimizer_at
 from .spectra import SpectraFile, spectra_path
-from .quantities import QUANTITIES, Checkpoint, get as get_quantity, layer_groups
 from .store import first_diverged_step, open_run
 
 __all__ = ["QUANTITIES", "SpectrumSettings", "JobReport", "run_spectrum_job", "compute_task", "layer_groups"]
@@ -177,17 +178,24 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
     if loss is not None:
         settings = replace(settings, loss=loss)
     resolve_device(settings.device)  # a device that does not exist fails here, in one line
-    wanted_steps = None if steps is None else {int(s) for s in steps}
-    tasks: list[tuple[str, int, list[str]]] = []
     report = JobReport()
+    tasks = _plan_tasks(runs, quantities, settings, steps, allow, report)
+    if tasks:
+        _run_tasks(tasks, settings, executor, allow, progress, report)
+    return report
+
+
+def _plan_tasks(runs: Sequence[str | os.PathLike], quantities: Sequence[str], settings: SpectrumSettings,
+                steps: Iterable[int] | None, allow: list[str], report: JobReport) -> list[tuple[str, int, list[str]]]:
+    """``(run, step, quantities to measure)`` for every checkpoint with something missing; trust is checked
+    here, before anything is imported; spectra files among the inputs are skipped with a note."""
+    wanted_steps = None if steps is None else {int(s) for s in steps}
     results_files = [str(p) for p in runs if str(p).endswith(".spectra.h5")]
     if results_files:
         report.notes.append(f"{len(results_files)} spectra file(s) among the inputs ignored "
                             f"({Path(results_files[0]).name}{', ...' if len(results_files) > 1 else ''})")
-    for path in runs:
-        path = str(Path(path))
-        if path.endswith(".spectra.h5"):
-            continue
+    tasks = []
+    for path in (str(Path(p)) for p in runs if not str(p).endswith(".spectra.h5")):
         with open_run(path) as run:
             # checkpoints from the diverged step on are meaningless (step 0, the initial model, stays)
             bad = first_diverged_step(run)
@@ -207,8 +215,12 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
             report.skipped += len(quantities) - len(todo)
             if todo:
                 tasks.append((path, step, todo))
-    if not tasks:
-        return report
+    return tasks
+
+
+def _run_tasks(tasks: list[tuple[str, int, list[str]]], settings: SpectrumSettings, executor: str,
+               allow: list[str], progress: bool, report: JobReport) -> None:
+    """Run the tasks on the executor and store each result through its run's one writer."""
     submit, shutdown, completed = executor_from_spec(executor)
     writers: dict[str, SpectraFile] = {}
     try:
@@ -236,7 +248,6 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
         for sf in writers.values():
             sf.close()
         shutdown()
-    return report
 
 
 def _store(writers: dict[str, SpectraFile], path: str, row: dict) -> None:

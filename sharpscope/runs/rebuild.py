@@ -9,10 +9,10 @@ or a row missing a tensor, would otherwise be measured partly at its fresh rando
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import tomllib
 import torch
 from torch import nn
 
@@ -131,7 +131,7 @@ def model_at(run, step: int, dtype: torch.dtype | None = None, allow: Iterable[s
     return model.to(dtype) if dtype is not None else model
 
 
-class NoOptimizerState(ValueError):
+class NoOptimizerState(ValueError):  # noqa: N818 - a public name since 0.1 (not an error: "not applicable")
     """The checkpoint precedes the optimizer's first step (e.g. Adam at step 0): 'precond' does not apply."""
 
 

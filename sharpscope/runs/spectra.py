@@ -24,6 +24,7 @@ READ_VERSIONS = (1, 2)  # read; appending keeps a file's version
 
 
 def spectra_path(run_path: str | os.PathLike) -> Path:
+    """Where a run's results live: ``run.h5`` -> ``run.spectra.h5``."""
     p = Path(run_path)
     return p.with_name(p.stem + ".spectra.h5")
 

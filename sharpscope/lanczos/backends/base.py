@@ -13,10 +13,10 @@ Storage (``basis=``):
 * ``"device"``: float32 (or the operator's float64) rows on the operator's device.
 * ``"device-bf16"``: bfloat16 rows (half the memory and traffic; float32 accumulation). Stored rows
   carry a relative rounding error of up to :math:`2^{-8}` (bfloat16's unit roundoff), so the
-  recurrence itself runs on float32 copies of the last two vectors (:attr:`KrylovBasis.recent`): without reorthogonalizations and restarts ``T``
-  is exactly float32 Lanczos'; reorthogonalization against rounded rows, the kept Ritz vectors of a
-  thick restart and the returned eigenvectors carry the rounding (eigenvalues to about 1e-4 relative,
-  eigenvectors to about 4e-3).
+  recurrence itself runs on float32 copies of the last two vectors (:attr:`KrylovBasis.recent`):
+  without reorthogonalizations and restarts ``T`` is exactly float32 Lanczos'; reorthogonalization
+  against rounded rows, the kept Ritz vectors of a thick restart and the returned eigenvectors carry
+  the rounding (eigenvalues to about 1e-4 relative, eigenvectors to about 4e-3).
 * ``"host"``: float32 rows in (pinned, on CUDA) host memory, streamed to the device in row blocks for
   each Gram-Schmidt pass: the basis no longer limits the model size, the passes become PCIe-bound
   (~25 GB/s against ~3 TB/s of HBM), which partial reorthogonalization keeps rare. On a CPU operator

@@ -44,7 +44,7 @@ SPECIAL_BITS = np.array([
 SPECIAL_SCALES = (1.0, -0.5, 3.0, 2.0 ** -100, 2.0 ** 100, float("inf"), float("-inf"))
 
 
-class KernelMismatch(RuntimeError):
+class KernelMismatch(RuntimeError):  # noqa: N818 - a public name since 0.1
     """A compiled kernel disagrees with its NumPy reference."""
 
 
