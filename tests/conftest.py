@@ -115,3 +115,22 @@ def with_spectrum(eigs, seed: int = 0, dtype: torch.dtype = torch.float64) -> De
     Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
     A = Q @ torch.diag(torch.as_tensor(eigs, dtype=torch.float64)) @ Q.T
     return Dense(((A + A.T) / 2).to(dtype))
+
+
+def sweep_runs(tmp_path, name: str, **kwargs):
+    """Run a small probe (:func:`probe_text`) into ``tmp_path/name``; its run files."""
+    from sharpscope.sweep import run_sweep
+
+    probe = tmp_path / f"{name}.toml"
+    probe.write_text(probe_text(name, **kwargs))
+    return run_sweep(probe, tmp_path / name, progress=False).runs
+
+
+def report_metrics(tmp_path, runs, sub="r"):
+    """Write the report over ``runs`` into ``tmp_path/sub``; its metrics.json."""
+    import json
+
+    from sharpscope.analysis.report import write_report
+
+    write_report(runs, tmp_path / sub)
+    return json.loads((tmp_path / sub / "metrics.json").read_text())

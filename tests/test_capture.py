@@ -1,0 +1,85 @@
+"""The Recorder: schedules, online sharpness against offline, optimizer state captured (Muon + AdamW)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sharpscope as ss
+from sharpscope.runs.capture import Recorder, log_schedule
+from sharpscope.runs.store import open_run
+
+CE = nn.CrossEntropyLoss()
+
+
+def _setup(seed=0, optimizer="adam"):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+    opt = {"adam": lambda: torch.optim.Adam(model.parameters(), lr=1e-2),
+           "sgd": lambda: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+           "adafactor": lambda: torch.optim.Adafactor(model.parameters(), lr=1e-2)}[optimizer]()
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    return model, opt, (x, y)
+
+
+def _train_step(model, opt, data):
+    opt.zero_grad()
+    loss = CE(model(data[0]), data[1])
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def test_offline_spectrum_equals_online(tmp_path):
+    model, opt, data = _setup(1)
+    with Recorder(tmp_path / "run.h5", model, opt, batch=data, every=4, loss_fn=CE, sharpness_every=4) as rec:
+        for _ in range(8):
+            rec.step(loss=_train_step(model, opt, data))
+    online_steps, online = open_run(tmp_path / "run.h5").scalars("sharpness")
+    assert list(online_steps) == [4, 8]
+    with open_run(tmp_path / "run.h5") as run:
+        fresh, _, _ = _setup(1)
+        fresh.load_state_dict({**run.params(8), **run.buffers(8)})
+        (x,), y = run.batch()
+        offline = ss.lanczos(ss.hessian_operator(fresh, CE, (x, y)), k=1, tol=1e-8).eigenvalues[0].item()
+    assert offline == pytest.approx(online[-1], rel=1e-6)
+
+
+def test_schedules(tmp_path):
+    model, opt, data = _setup()
+    with Recorder(tmp_path / "a.h5", model, opt, schedule=[2, 5]) as rec:
+        for _ in range(6):
+            rec.step()
+        rec.capture()  # on demand, at step 6
+    assert open_run(tmp_path / "a.h5").steps == [2, 5, 6]
+    with Recorder(tmp_path / "b.h5", model, opt, schedule="on_demand") as rec:
+        rec.step()
+        rec.capture()
+        rec.capture()  # same step twice: one checkpoint
+    assert open_run(tmp_path / "b.h5").steps == [1]
+    logs = [s for s in range(200) if log_schedule(per_decade=5)(s)]
+    assert logs[:6] == [0, 1, 2, 3, 4, 6] and logs[-1] == 158
+    with pytest.raises(ValueError, match="either every= or schedule="):
+        Recorder(tmp_path / "c.h5", model, opt, every=2, schedule="log")
+
+
+def test_muon_plus_adamw_state_is_captured(tmp_path):
+    torch.manual_seed(0)
+    model = ss.MLP(width=16, depth=1, in_features=8, out_features=4)
+    groups = ss.parametrize(model, "mup", optimizer="muon", lr=0.02, base_width=16)
+    opt = ss.build_optimizer(groups)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    with ss.Recorder(tmp_path / "muon.h5", model, opt, batch=(x, y), every=2) as rec:
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            rec.step()
+    with ss.open_run(tmp_path / "muon.h5") as run:
+        state = run.optimizer_state(2)
+    hidden = [n for n in state if n.startswith("hidden.0") and "weight" in n]
+    assert hidden and set(state[hidden[0]]) == {"momentum_buffer"}  # Muon's matrix
+    readout = [n for n in state if n.startswith("readout")]
+    assert readout and {"exp_avg", "exp_avg_sq"} <= set(state[readout[0]])  # AdamW's
+    live = {n: s for n, s in zip([n for n, _ in model.named_parameters()], [opt.state[p] for p in model.parameters()])}
+    torch.testing.assert_close(state[hidden[0]]["momentum_buffer"], live[hidden[0]]["momentum_buffer"])
