@@ -114,3 +114,12 @@ def test_v1_run_resumes_as_v1(v1):
         assert torch.equal(run.params(6)["0.weight"], model[0].weight.detach())
     with h5py.File(v1 / "run.h5", "r") as f:
         assert f.attrs["format_version"] == 1 and "checksum" not in f["checkpoints"] and "batch" not in f
+
+
+def test_v1_runs_report_as_before(v1, capsys):
+    """sharpscope 0.1 left these runs out of the report (no width in their meta); so does this version,
+    without a traceback (it once crashed here on a run without a width)."""
+    assert main(["report", str(v1 / "run.h5"), str(v1 / "extras.h5"), "--out", str(v1 / "report")]) == 2
+    captured = capsys.readouterr()
+    assert "run.h5: no width in its meta" in captured.out and "extras.h5: no width in its meta" in captured.out
+    assert "no usable run among the files given" in captured.err

@@ -364,6 +364,7 @@ class Analysis:
     metrics: dict[str, Any]
     groups: list[ComparedGroup]
     transfers: list[TransferFamily]
+    runs: list[RunSummary]  # the runs compared (those with a value along a compared axis)
 
 
 def _axis_names(summaries: Sequence[RunSummary]) -> list[str]:
@@ -372,8 +373,9 @@ def _axis_names(summaries: Sequence[RunSummary]) -> list[str]:
 
 
 def _varying(summaries: Sequence[RunSummary]) -> list[str]:
-    """The axes whose value differs between runs (an absent value counts as one)."""
-    return [a for a in _axis_names(summaries) if len({repr(s.value(a)) for s in summaries}) >= 2]
+    """The axes along which runs take at least two values (runs without a value do not count)."""
+    return [a for a in _axis_names(summaries)
+            if len({repr(s.value(a)) for s in summaries if s.value(a) is not None}) >= 2]
 
 
 def compared_axes(summaries: Sequence[RunSummary], compare: str | None = None,
@@ -555,6 +557,11 @@ def analyze_in_detail(summaries: Sequence[RunSummary], compare: str | None = Non
     family its curves and transfer result."""
     problems: list[str] = []
     axes = compared_axes(summaries, compare, problems)
+    for s in summaries:
+        if all(_number(s.value(axis)) is None for axis in axes):
+            problems.append(f"{Path(s.path).name}: no {' or '.join(axes)} in its meta (record it in meta['user'] or "
+                            "the Recorder's axes=): left out")
+    summaries = [s for s in summaries if any(_number(s.value(axis)) is not None for axis in axes)]
     for axis in axes:
         values = {s.value(axis) for s in summaries if s.value(axis) is not None}
         if summaries and not values:
@@ -570,7 +577,7 @@ def analyze_in_detail(summaries: Sequence[RunSummary], compare: str | None = Non
     transfers = _transfers(summaries, axes, problems)
     metrics = {"compared": axes, "groups": [g.entry for g in groups], "transfer": [t.entry for t in transfers],
                "problems": problems}
-    return Analysis(metrics, groups, transfers)
+    return Analysis(metrics, groups, transfers, summaries)
 
 
 def analyze(summaries: Sequence[RunSummary], compare: str | None = None) -> dict[str, Any]:

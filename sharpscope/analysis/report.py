@@ -205,6 +205,7 @@ def write_report(runs: Sequence[str | Path], out_dir: str | Path, title: str = "
     analysis = analyze_in_detail(summaries, compare)
     metrics = analysis.metrics
     metrics["problems"] = problems + metrics["problems"]
+    summaries = analysis.runs
     if not summaries:
         metrics["problems"].append("no usable run among the files given: nothing to analyse")
     metrics["runs"] = [{"path": s.path, "parameterization": s.parameterization, "optimizer": s.optimizer,
@@ -276,8 +277,8 @@ def _html(title: str, metrics: dict, figures) -> str:
                 f"src='data:image/png;base64,{base64.b64encode(png).decode()}'><figcaption>{esc(caption)}</figcaption></figure>")
 
     images = "".join(figure(cap, path) for cap, path in figures)
-    runs = "".join(f"<tr><td>{esc(Path(r['path']).name)}</td><td>{r['width']:g}</td>"
-                   f"<td>{'' if r['depth'] is None else format(r['depth'], 'g')}</td><td>{r['lr']:g}</td>"
+    runs = "".join(f"<tr><td>{esc(Path(r['path']).name)}</td><td>{_cell(r['width'])}</td>"
+                   f"<td>{_cell(r['depth'])}</td><td>{r['lr']:g}</td>"
                    f"<td>{'diverged' if r['final_loss'] is None else format(r['final_loss'], '.4g')}</td></tr>"
                    for r in metrics["runs"])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title><style>
@@ -292,6 +293,10 @@ figcaption{{font-size:13px;color:#444}}
 <h2>Runs</h2><table><tr><th>run</th><th>width</th><th>depth</th><th>lr</th><th>final loss</th></tr>{runs}</table>
 <h2>Settings and software</h2><pre>{esc(json.dumps({'settings': metrics['settings'], 'versions': metrics['versions']}, indent=2))}</pre>
 </body></html>"""
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else format(value, "g") if isinstance(value, (int, float)) else html.escape(str(value))
 
 
 def verdict_lines(metrics_json: str | Path) -> list[str]:
