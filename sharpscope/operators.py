@@ -40,7 +40,6 @@ graph would otherwise freeze one dropout mask or one noise draw into a symmetric
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -49,6 +48,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
+from ._memory import memory_budget
 from .functional import (BatchNormMode, ModelFunction, as_batches, check_loss, check_targets, describe_change,
                          loss_reduction_weight)
 from .linop import StaleOperatorError, StochasticForwardError, SymmetricOperator
@@ -63,13 +63,7 @@ _TRIAL = ("reverse", "forward", "reverse", "forward")  # auto, no cache: warm-up
 
 def default_graph_memory_budget(device: torch.device) -> int:
     """Bytes the cached gradient graphs may use: half the free GPU memory, or 1/4 of host RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free // 2)
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 2 << 30
+    return memory_budget(device, gpu_free=0.5, host=0.25)
 
 
 class _SavedBytes:
