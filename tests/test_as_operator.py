@@ -82,6 +82,10 @@ def test_matmat_function_gets_whole_blocks():
     torch.testing.assert_close(op.matvec(torch.ones(120, dtype=torch.float64)), A.sum(1))
     assert calls[-1] == (120, 1)
     _check_top(op)
+    calls.clear()
+    res = ss.lanczos(op, k=3, block_size=3)
+    torch.testing.assert_close(res.eigenvalues, torch.tensor(EIGS[:3], dtype=torch.float64), rtol=1e-9, atol=0)
+    assert calls and all(c == (120, 3) for c in calls)
 
 
 def test_scipy_operators():
