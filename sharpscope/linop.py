@@ -228,6 +228,15 @@ def check_symmetry(op: SymmetricOperator, seed: int = 0, tol: float | None = Non
     return SymmetryCheck(u_Av=uAv, v_Au=vAu, relative_error=rel, tolerance=float(tol))
 
 
+def matmat(op, V: torch.Tensor) -> torch.Tensor:
+    """``A V`` for an ``(n, m)`` block: ``op.matmat`` (batched where the operator can), or column by column
+    for an object that has only ``matvec``."""
+    mm = getattr(op, "matmat", None)
+    if callable(mm):
+        return mm(V)
+    return torch.stack([op.matvec(V[:, i]) for i in range(V.shape[1])], dim=1)
+
+
 def pinned(op) -> contextlib.AbstractContextManager:
     """``op.pinned()`` for a :class:`SymmetricOperator`, a no-op block for other objects with a ``matvec``."""
     pin = getattr(op, "pinned", None)

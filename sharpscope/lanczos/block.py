@@ -26,19 +26,11 @@ import math
 import numpy as np
 import torch
 
-from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError
+from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError, matmat
 from .recurrence import random_block
 from .state import LanczosConfig, Ritz, order, scores
 
 __all__ = ["block_lanczos", "BlockLanczosState"]
-
-
-def _matmat(op, V: torch.Tensor) -> torch.Tensor:
-    """``A V`` through ``op.matmat`` (one call per block), or column by column for a bare ``matvec``."""
-    mm = getattr(op, "matmat", None)
-    if callable(mm):
-        return mm(V)
-    return torch.stack([op.matvec(V[:, i]) for i in range(V.shape[1])], dim=1)
 
 
 class BlockLanczosState:
@@ -111,7 +103,7 @@ class BlockLanczosState:
     def expand(self) -> None:
         """Products of the pending block, full reorthogonalization, the next block and its coupling."""
         j, w, cfg = self.j, self.width, self.cfg
-        W = _matmat(self.op, self.X[j: j + w].T).T.to(cfg.dtype)
+        W = matmat(self.op, self.X[j: j + w].T).T.to(cfg.dtype)
         if W.untyped_storage().data_ptr() == self.X.untyped_storage().data_ptr():
             W = W.clone()  # an operator that returned its input
         W = W.detach().contiguous()
