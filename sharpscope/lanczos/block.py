@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError, matmat
@@ -152,7 +153,7 @@ class BlockLanczosState:
     # -- Ritz test and restart ----------------------------------------------------------------------
     def ritz_test(self) -> Ritz:
         j, cfg = self.j, self.cfg
-        theta, S = np.linalg.eigh(self.T[:j, :j])
+        theta, S = scipy.linalg.eigh(self.T[:j, :j], check_finite=False)
         last = S[j - self.B.shape[1]: j, :]
         residuals = np.linalg.norm(self.B @ last, axis=0) if self.B.size else np.zeros(j)
         if j >= cfg.n:
