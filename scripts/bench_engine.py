@@ -287,12 +287,14 @@ def describe(device: torch.device) -> str:
 
 def report(args, device: torch.device, runs: dict[str, Lanczos], batching: dict) -> str:
     gpu_run = device.type == "cuda" and not args.small
+    sizes = "small stand-ins (--small): the GPU targets are not measured by this run" if args.small else "full"
+    slq = f"SLQ {batching['slq_shape']}: batched {batching[('slq', True)]:.3f} s"
     lines = ["# sharpscope engine benchmark (issue 13)", "",
              f"- device: {describe(device)}",
              f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; sharpscope {ss.__version__}; python "
              f"{platform.python_version()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
              f"- command: python {' '.join(sys.argv)}",
-             f"- sizes: {'small stand-ins (--small): the GPU targets are not measured by this run' if args.small else 'full'}",
+             f"- sizes: {sizes}",
              "", "## Targets", "",
              table(["target", "threshold", "measured here", "status"], target_rows(runs, batching, gpu_run)),
              "", "## Lanczos, top-5 (warm operator: cached graph), median of "
@@ -306,7 +308,7 @@ def report(args, device: torch.device, runs: dict[str, Lanczos], batching: dict)
                    [[str(w), f"{batching['per_vector_ms'][(True, w)]:.3f}",
                      f"{batching['per_vector_ms'][(False, w)]:.3f}"] for w in (1, 4, 16)]),
              "", f"Hutch++ 99 products: batched {batching[('hutchpp', True)]:.3f} s, one at a time "
-             f"{batching[('hutchpp', False)]:.3f} s; SLQ {batching['slq_shape']}: batched {batching[('slq', True)]:.3f} s, "
+             f"{batching[('hutchpp', False)]:.3f} s; {slq}, "
              f"one at a time {batching[('slq', False)]:.3f} s; single-vector Lanczos "
              f"{batching['single'][0]:.3f} s ({batching['single'][1].num_matvecs} HVPs), block_size=4 "
              f"{batching['block'][0]:.3f} s ({batching['block'][1].num_matvecs} HVPs, matmat choice "
