@@ -168,29 +168,38 @@ def test_max_matvecs_must_be_positive(bad):
 _SYNCING = ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__array__")
 
 
-def test_one_host_synchronization_per_step(monkeypatch):
-    """Every way a tensor's value reaches the host is counted between consecutive products: a step
-    that needs no reorthogonalization reads its scalars (alpha, beta, the symmetry probe) in ONE transfer
-    (on CUDA, each such read waits for the device)."""
-    op = _with_spectrum([2.0, 1.5] + list(np.linspace(0, 1, 298)), seed=3)
+def _reads_per_step(monkeypatch, op, **kwargs):
+    """Host reads of tensor values between consecutive products of one solve (each is a host
+    synchronization on CUDA), per step."""
     events: list[str] = []
     for name in _SYNCING:
         original = getattr(torch.Tensor, name)
 
-        def counted(self, *args, _original=original, _name=name, **kwargs):
+        def counted(self, *args, _original=original, _name=name, **kw):
             events.append(_name)
-            return _original(self, *args, **kwargs)
+            return _original(self, *args, **kw)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     product = op._matvec
     op._matvec = lambda v: (events.append("product"), product(v))[1]
-    res = ss.lanczos(op, k=1, tol=1e-8)
+    res = ss.lanczos(op, **kwargs)
     monkeypatch.undo()
-    assert res.all_converged and res.num_reorthogonalizations == 0 and res.num_restarts == 0
     steps = " ".join(events).split("product")
     assert len(steps) == res.num_matvecs + 1 and steps[0].split() == []  # nothing read before the first product
-    per_step = [len(step.split()) for step in steps[1:]]
-    assert max(per_step) == 1, per_step
+    return res, [len(step.split()) for step in steps[1:]]
+
+
+def test_one_host_synchronization_per_step(monkeypatch):
+    """A step that needs no reorthogonalization reads its scalars (alpha, beta, the symmetry probe) in ONE
+    transfer; a partial reorthogonalization adds one (the norms before and after the Gram-Schmidt pass)."""
+    op = _with_spectrum([2.0, 1.5] + list(np.linspace(0, 1, 298)), seed=3)
+    res, reads = _reads_per_step(monkeypatch, op, k=1, tol=1e-8)
+    assert res.all_converged and res.num_reorthogonalizations == 0 and res.num_restarts == 0
+    assert max(reads) == 1, reads
+    op = _with_spectrum(np.concatenate([[9.0, 8.5, 8.4, 8.39], np.linspace(-3.0, 2.0, 196)]), seed=1)
+    res, reads = _reads_per_step(monkeypatch, op, k=4)
+    assert res.num_reorthogonalizations > 0 and res.num_restarts == 0
+    assert reads.count(2) == res.num_reorthogonalizations and max(reads) == 2, reads
 
 
 @pytest.mark.parametrize("k,tol", [(1, 1e-6), (3, 1e-6), (5, 1e-10)])

@@ -15,7 +15,7 @@ import torch
 
 from .backends import KrylovBasis
 
-__all__ = ["make_generator", "random_unit", "random_block", "working_rows", "three_term"]
+__all__ = ["make_generator", "random_unit", "random_block", "working_rows", "three_term", "reorthogonalize"]
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -42,16 +42,22 @@ def random_unit(n: int, gen: torch.Generator, dtype: torch.dtype, device: torch.
     return v / v.norm()
 
 
+def _plain_rows(Q: KrylovBasis, lo: int, hi: int) -> torch.Tensor | None:
+    """A view of stored rows ``lo..hi-1`` when the basis stores them as one torch tensor of the working
+    dtype on the device (the torch backend's ``"device"`` storage); else None."""
+    stored = getattr(Q, "Q", None)
+    if isinstance(stored, torch.Tensor) and stored.dtype == Q.dtype and stored.device == Q.device and not Q.recent:
+        return stored[lo:hi]
+    return None
+
+
 def working_rows(Q: KrylovBasis, lo: int, hi: int) -> torch.Tensor | None:
     """Rows ``lo..hi-1`` as one torch tensor of the working dtype on the device, where the basis has
     them (a view of the torch backend's plain storage, or its working copies); else None."""
     recent = getattr(Q, "recent", None) or {}
     if recent and all(r in recent for r in range(lo, hi)):
         return torch.stack([recent[r] for r in range(lo, hi)])
-    stored = getattr(Q, "Q", None)
-    if isinstance(stored, torch.Tensor) and stored.dtype == Q.dtype and stored.device == Q.device:
-        return stored[lo:hi]
-    return None
+    return _plain_rows(Q, lo, hi)
 
 
 def three_term(Q: KrylovBasis, w: torch.Tensor, lo: int, j: int, beta_prev: float) -> tuple[np.ndarray, float]:
@@ -79,3 +85,21 @@ def three_term(Q: KrylovBasis, w: torch.Tensor, lo: int, j: int, beta_prev: floa
         w.addmv_(rows.T, coeffs)
     values = torch.cat([h, torch.linalg.vector_norm(w).reshape(1)]).tolist()  # the one host sync
     return np.array(values[:-1]), float(values[-1])
+
+
+def reorthogonalize(Q: KrylovBasis, w: torch.Tensor, j: int) -> float:
+    """Classical Gram-Schmidt of ``w`` against rows ``0..j-1``, repeated when the pass cancelled more than
+    half of ``w``'s norm (DGKS), in place; returns ``||w||``. The same arithmetic as the interface's
+    ``orthogonalize`` followed by ``norm``, with the norms before and after read in one transfer on a torch
+    basis (a second transfer only when DGKS asks for the second pass)."""
+    rows = _plain_rows(Q, 0, j)
+    if rows is None:
+        Q.orthogonalize(w, j)
+        return Q.norm(w)
+    before = torch.linalg.vector_norm(w)
+    w.sub_(torch.mv(rows.T, torch.mv(rows, w)))
+    norms = torch.stack([before, torch.linalg.vector_norm(w)]).tolist()
+    if not KrylovBasis._dgks(norms[0], norms[1]):
+        return float(norms[1])
+    w.sub_(torch.mv(rows.T, torch.mv(rows, w)))
+    return float(torch.linalg.vector_norm(w))

@@ -26,7 +26,7 @@ import torch
 
 from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError
 from .backends import KrylovBasis
-from .recurrence import random_unit, three_term
+from .recurrence import random_unit, reorthogonalize, three_term
 
 __all__ = ["LanczosConfig", "LanczosState", "Ritz", "CheckSchedule", "RoundedBasisLost", "order", "scores"]
 
@@ -201,9 +201,8 @@ class LanczosState:
         elif not need:
             self._reset_omega()
         if need:
-            self.Q.orthogonalize(w, j + 1)
+            self.beta = reorthogonalize(self.Q, w, j + 1)
             self.reorths += 1
-            self.beta = self.Q.norm(w)
             self.force_reorth = not self.force_reorth and self.cfg.reorth == "partial"  # the next one too (Simon)
             self._reset_omega()
         self.T[j + 1, j] = self.T[j, j + 1] = self.beta
