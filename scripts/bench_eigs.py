@@ -596,9 +596,14 @@ def ab_lines(rows: list[Row]) -> list[str]:
         new, old = by_name[row.tool.split("@")[0]], row
         if not (new.hvps and old.hvps):
             continue
+        def inside(r: Row) -> float:  # the run's own overhead: time over the time inside its products
+            return r.seconds / (r.seconds - r.outside_seconds) if r.outside_seconds is not None else float("nan")
+
         out.append(f"A/B {new.tool} (working tree) vs {old.tool}: HVPs {old.hvps} -> {new.hvps}; time "
                    f"{old.seconds:.3f} -> {new.seconds:.3f} s (ratio {new.seconds / old.seconds:.3f}); overhead "
-                   f"{_fmt(old.overhead, '.3f')} -> {_fmt(new.overhead, '.3f')}; max rel err "
+                   f"{_fmt(old.overhead, '.3f')} -> {_fmt(new.overhead, '.3f')}; time outside the products "
+                   f"{_fmt(old.outside_seconds, '.3f')} -> {_fmt(new.outside_seconds, '.3f')} s; time / time inside "
+                   f"the products {inside(old):.3f} -> {inside(new):.3f}; max rel err "
                    f"{_fmt(old.error, '.1e')} -> {_fmt(new.error, '.1e')}")
     return out
 
