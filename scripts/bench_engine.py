@@ -146,24 +146,26 @@ _READS = ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__", 
 def reads_per_step(H) -> tuple[int, float | None]:
     """Host reads between consecutive products of one ``lanczos(H, k=5)``: the maximum over the steps
     without a reorthogonalization; and, on CUDA, synchronizations per product (sync debug mode)."""
+    from sharpscope.lanczos import state
     from sharpscope.lanczos.backends.base import KrylovBasis
 
     events: list[str] = []
     saved = {name: getattr(torch.Tensor, name) for name in _READS}
-    orthogonalize, product = KrylovBasis.orthogonalize, H._matvec
+    orthogonalize, reorthogonalize, product = KrylovBasis.orthogonalize, state.reorthogonalize, H._matvec
     for name, original in saved.items():
         def counted(self, *args, _original=original, **kwargs):
             events.append("read")
             return _original(self, *args, **kwargs)
         setattr(torch.Tensor, name, counted)
     KrylovBasis.orthogonalize = lambda self, *a, **kw: (events.append("reorth"), orthogonalize(self, *a, **kw))[1]
+    state.reorthogonalize = lambda *a, **kw: (events.append("reorth"), reorthogonalize(*a, **kw))[1]
     H._matvec = lambda v: (events.append("product"), product(v))[1]
     try:
         res = ss.lanczos(H, k=K)
     finally:
         for name, original in saved.items():
             setattr(torch.Tensor, name, original)
-        KrylovBasis.orthogonalize = orthogonalize
+        KrylovBasis.orthogonalize, state.reorthogonalize = orthogonalize, reorthogonalize
         del H._matvec
     steps = " ".join(events).split("product")[1:]
     plain = [s.split().count("read") for s in steps if "reorth" not in s]
