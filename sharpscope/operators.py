@@ -35,12 +35,16 @@ backward per block) or batched -- ``torch.autograd.grad(..., is_grads_batched=Tr
 graph (``"cached"``, ``"reverse"``), ``torch.func.vmap`` over the forward-over-reverse product
 (``"forward"``). A batched product keeps ``m`` copies of the intermediate tensors of one backward pass,
 so a block is cut into chunks that fit ``graph_memory_budget`` (less the cached graphs), from the
-measured size of one batch's graph. ``batched=None`` (default) measures at the first blocks: chunks
-alternate batched and one-at-a-time (a warm-up pair, then a timed pair; every result is a real
-product) and the faster per column is kept for the operator (on the 2-core CPU batching gained nothing;
-on an H200 a vmapped forward-over-reverse product of 16 vectors took 0.28 ms per vector against
-1.07 ms one at a time). ``True`` forces batching (an op without a batching rule falls back to one
-column at a time, with a warning), ``False`` never batches. The choice is in ``op.matmat_choice``.
+measured size of one batch's graph. ``batched=None`` (default) measures on the first block of at least
+8 columns: chunks alternate batched and one-at-a-time (a warm-up pair, then a timed pair; every result
+is a real product) and batching is kept for the operator when it is at least 1.25 times faster per
+column (on an H200 a vmapped forward-over-reverse product of 16 vectors took 0.28 ms per vector
+against 1.07 ms one at a time; on the 2-core CPU the batched second backward over the cached graph of
+an MLP took 0.4x the time of one at a time); narrower blocks go one at a time until then. The two
+paths agree to rounding, not bitwise, so two runs that measure differently can differ at the rounding
+level (as ``hvp_mode="auto"`` without cached graphs): ``batched=True`` (batching; an op without a
+batching rule falls back to one column at a time, with a warning) or ``False`` (never) give
+bitwise-reproducible runs. The choice is in ``op.matmat_choice``.
 
 Operators follow the live model. Before every product an operator compares the model's
 :meth:`~sharpscope.functional.ModelFunction.fingerprint` with the one it was built on: inside one
@@ -74,6 +78,9 @@ HvpMode = Literal["auto", "reverse", "forward", "cached"]
 _MODES = ("auto", "reverse", "forward", "cached")
 _TRIAL = ("reverse", "forward", "reverse", "forward")  # auto, no cache: warm-up pair, then a timed pair
 _BATCH_TRIAL = (True, False, True, False)  # batched=None: warm-up pair, then a timed pair
+_TRIAL_BLOCK = 8   # batched=None measures on a block of at least this many columns, in chunks of
+_TRIAL_CHUNK = 4   # at least this many, and batches only when that is this much faster per column:
+_TRIAL_GAIN = 1.25
 _BATCH_ERRORS = (RuntimeError, NotImplementedError, ValueError, TypeError)
 
 
@@ -417,35 +424,38 @@ class CurvatureOperator(SymmetricOperator):
                 out[i] = self._product(rows[i])
                 i += 1
                 continue
-            batched, width = self._plan(m - i)
-            out[i: i + width] = self._timed_rows(rows[i: i + width], batched)
+            batched, width = self._plan(m, m - i)
+            out[i: i + width] = self._timed_rows(rows[i: i + width]) if batched is None else \
+                self._try_rows(rows[i: i + width], batched)
             i += width
         return out.T
 
-    def _plan(self, remaining: int) -> tuple[bool, int]:
-        """Batched or not, and how many columns, for the next chunk."""
+    def _plan(self, block: int, remaining: int) -> tuple[bool | None, int]:
+        """Batched or not, and how many columns, for the next chunk of a ``block``-column product; None:
+        a chunk of the auto measurement (which of the two it is, :meth:`_timed_rows` knows)."""
         if self.batched is False or self._batched_failed is not None:
             return False, remaining
-        cap = self._max_columns()
         if self.batched is True or self.matmat_choice == "batched":
-            return True, min(remaining, cap)
-        if self.matmat_choice is not None:
-            return False, remaining
-        return _BATCH_TRIAL[len(self._batch_trials)], min(remaining, cap, max(2, remaining // 4))
+            return True, min(remaining, self._max_columns())
+        if self.matmat_choice is not None or block < _TRIAL_BLOCK or remaining < _TRIAL_CHUNK:
+            return False, remaining  # too narrow to measure: one at a time, as without batching
+        return None, min(remaining, self._max_columns(), max(_TRIAL_CHUNK, block // 4))
 
-    def _timed_rows(self, rows: torch.Tensor, batched: bool) -> torch.Tensor:
-        trial = self.batched is None and self.matmat_choice is None and self._batched_failed is None
-        mode = self.hvp_mode
-        if trial:
-            self._synchronize()
-            start = time.perf_counter()
+    def _timed_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """A chunk of the auto measurement: batched and one at a time alternate (a warm-up pair, then a
+        timed pair; every result is a real product); batching is kept when it is ``_TRIAL_GAIN`` times
+        faster per column."""
+        batched, mode = _BATCH_TRIAL[len(self._batch_trials)], self.hvp_mode
+        self._synchronize()
+        start = time.perf_counter()
         out = self._try_rows(rows, batched)
-        if trial and self._batched_failed is None and self.hvp_mode == mode:
-            self._synchronize()
+        self._synchronize()
+        if self._batched_failed is None and self.hvp_mode == mode:
             self._batch_trials.append((batched, (time.perf_counter() - start) / rows.shape[0]))
             if len(self._batch_trials) == len(_BATCH_TRIAL):
                 per_column = dict(self._batch_trials[-2:])
-                self.matmat_choice = "batched" if per_column[True] < per_column[False] else "one-at-a-time"
+                faster = per_column[True] * _TRIAL_GAIN <= per_column[False]
+                self.matmat_choice = "batched" if faster else "one-at-a-time"
         return out
 
     def _synchronize(self) -> None:
@@ -788,7 +798,7 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
         graph_memory_budget: bytes cached graphs may take (default: 1/4 of RAM, 1/2 of free GPU memory);
             batched products are cut into chunks that fit what the cached graphs leave of it.
         batched: how :meth:`~sharpscope.linop.SymmetricOperator.matmat` multiplies a block: ``None``
-            (measure at first use, keep the faster per column), ``True`` (batched) or ``False`` (one
+            (measured on the first block of 8 or more columns), ``True`` (batched) or ``False`` (one
             column at a time); module docstring.
 
     Example:

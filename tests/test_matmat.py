@@ -107,16 +107,27 @@ def test_reverse_mode_shares_each_graph_across_the_block(monkeypatch):
 def test_auto_choice_is_measured_and_every_trial_is_a_real_product():
     op = _operator("hessian", "cnn", hvp_mode="cached")
     assert op.batched is None and op.matmat_choice is None
-    V = _block(op, 12)
+    V = _block(op, 16)
     ref = _one_at_a_time(_operator("hessian", "cnn", hvp_mode="cached", batched=False), V)
-    out = op.matmat(V)  # chunks of 3: batched, one at a time, batched, one at a time
+    out = op.matmat(V)  # chunks of 4: batched, one at a time, batched, one at a time
     assert op.matmat_choice in ("batched", "one-at-a-time") and len(op._batch_trials) == 4
     assert [b for b, _ in op._batch_trials] == [True, False, True, False]
     assert (out - ref).abs().max() <= 1e-12 * ref.abs().max()
-    assert op.num_matvecs == 12
+    assert op.num_matvecs == 16
     forced = _operator("hessian", "cnn", batched=False)
     forced.matmat(V)
     assert forced.matmat_choice == "one-at-a-time" and forced._batch_trials == []
+
+
+def test_narrow_blocks_are_not_measured_and_reproducible_bitwise():
+    """Under batched=None a block of fewer than 8 columns goes one at a time until a wider block has
+    measured: the same bits as batched=False, run after run."""
+    for kind in ("hessian", "ggn", "ntk"):
+        auto, fixed = _operator(kind, "mlp"), _operator(kind, "mlp", batched=False)
+        for m in (2, 4, 7):
+            V = _block(auto, m, seed=m)
+            assert torch.equal(auto.matmat(V), fixed.matmat(V))
+        assert auto.matmat_choice is None and auto._batch_trials == []
 
 
 def test_a_batching_failure_falls_back_to_one_column_at_a_time(monkeypatch):
@@ -131,6 +142,8 @@ def test_a_batching_failure_falls_back_to_one_column_at_a_time(monkeypatch):
         out = forced.matmat(V)
     assert (out - ref).abs().max() <= 1e-12 * ref.abs().max()
     auto = _operator("hessian", "mlp", hvp_mode="cached")
+    V = _block(auto, 8)
+    ref = _one_at_a_time(_operator("hessian", "mlp", batched=False), V)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # silent under auto
         assert (auto.matmat(V) - ref).abs().max() <= 1e-12 * ref.abs().max()
