@@ -30,8 +30,14 @@ How HVPs are counted (each exact: one count = one Hessian-vector product):
 * hessian-eigenthings: its ``HessianOperator.matvec`` is wrapped on the instance (one full
   double-backward HVP on the single batch per call).
 
+A/B against another revision (``--ab REV``): the sharpscope tools run also from ``git archive REV``
+(extracted into bench-output/ab-REV/), each in its own process like every tool, interleaved round-robin
+with the working tree's, so that the machine's drifts hit both alike; the run ends with the ratios
+(HVPs, time, engine overhead; working tree over REV). Workers import sharpscope from this checkout (or
+from the extracted revision), never from wherever the environment's editable install points.
+
 Set-up:  ./scripts/bench_setup.sh   (installs the peers with --no-deps: torch stays the CPU build)
-Run:     .venv/bin/python scripts/bench_eigs.py [--problem mlp|cnn|all] [--quick] [--repeats N]
+Run:     .venv/bin/python scripts/bench_eigs.py [--problem mlp|cnn|all] [--quick] [--repeats N] [--ab REV]
 """
 from __future__ import annotations
 
@@ -279,6 +285,24 @@ TOOLS = [
 TOOL_BY_NAME = {t.name: t for t in TOOLS}
 
 
+def tool_of(name: str) -> Tool:
+    """The tool of a run name (``"sharpscope@REV"`` is the sharpscope tool run from revision REV)."""
+    return TOOL_BY_NAME[name.split("@")[0]]
+
+
+def extract_revision(rev: str) -> Path:
+    """``git archive REV`` extracted under bench-output/ab-REV/ (once); the directory to import from."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    dest = OUT / f"ab-{commit}"
+    if not (dest / "sharpscope" / "__init__.py").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "sharpscope"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 # =============================================================================================
 # subprocess workers
 # =============================================================================================
@@ -300,7 +324,7 @@ def _reset_peak_rss() -> bool:
 
 def worker_tool(name: str, path: Path) -> dict:
     """Run one tool on the saved problem in this (fresh) process; JSON-able result."""
-    tool = TOOL_BY_NAME[name]
+    tool = tool_of(name)
     model, loss_fn, data = load_problem(path)
     if tool.run is tool_pyhessian:  # import outside the measured region, like every other tool
         import pyhessian.hessian  # noqa: F401
@@ -452,7 +476,7 @@ def make_rows(runs: dict[str, list[dict]], calib: dict, ref: dict) -> list[Row]:
     raw = calib.get("raw-double-backward")
     rows = []
     for name, results in runs.items():
-        tool = TOOL_BY_NAME[name]
+        tool = tool_of(name)
         ok = [r for r in results if "error" not in r]
         if not ok:
             rows.append(Row(name, tool.settings, note=f"failed: {results[0]['error']}"))
@@ -477,7 +501,8 @@ def make_rows(runs: dict[str, list[dict]], calib: dict, ref: dict) -> list[Row]:
         if "hvp_mode" in info:
             notes.append(f"mode {info['hvp_mode']}")
         unit = calib.get(first["hvp_kind"])
-        rows.append(Row(name, tool.settings, hvps=hvps, seconds=seconds, cold_seconds=cold_seconds,
+        settings = tool.settings + (f" [{name.split('@')[1]}]" if "@" in name else "")
+        rows.append(Row(name, settings, hvps=hvps, seconds=seconds, cold_seconds=cold_seconds,
                         hvp_units=seconds / raw if raw else None,
                         overhead=seconds / (hvps * unit) if unit and hvps else None,
                         overhead_basis=first["hvp_kind"],
@@ -561,6 +586,28 @@ def details(rows: list[Row], calib: dict, ref: dict) -> list[str]:
     return out
 
 
+def ab_lines(rows: list[Row]) -> list[str]:
+    """A/B ratios of the tools run both from the working tree and from ``--ab REV``."""
+    by_name = {r.tool: r for r in rows}
+    out = []
+    for row in rows:
+        if "@" not in row.tool or row.tool.split("@")[0] not in by_name:
+            continue
+        new, old = by_name[row.tool.split("@")[0]], row
+        if not (new.hvps and old.hvps):
+            continue
+        def inside(r: Row) -> float:  # the run's own overhead: time over the time inside its products
+            return r.seconds / (r.seconds - r.outside_seconds) if r.outside_seconds is not None else float("nan")
+
+        out.append(f"A/B {new.tool} (working tree) vs {old.tool}: HVPs {old.hvps} -> {new.hvps}; time "
+                   f"{old.seconds:.3f} -> {new.seconds:.3f} s (ratio {new.seconds / old.seconds:.3f}); overhead "
+                   f"{_fmt(old.overhead, '.3f')} -> {_fmt(new.overhead, '.3f')}; time outside the products "
+                   f"{_fmt(old.outside_seconds, '.3f')} -> {_fmt(new.outside_seconds, '.3f')} s; time / time inside "
+                   f"the products {inside(old):.3f} -> {inside(new):.3f}; max rel err "
+                   f"{_fmt(old.error, '.1e')} -> {_fmt(new.error, '.1e')}")
+    return out
+
+
 LEGEND = [
     "time: wall seconds of object construction + eigensolve, warm: the second of two identical runs in",
     "  one fresh process per tool (median over repeats); cold s: the first run, paying one-time set-up",
@@ -613,13 +660,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every process (default: torch's)")
     parser.add_argument("--reference-only", action="store_true",
                         help="only compute (or show) the cached float64 reference of each problem")
+    parser.add_argument("--ab", metavar="REV", help="also run the sharpscope tools from git revision REV, "
+                        "interleaved, and print the A/B ratios (see the module docstring)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: "calibrate" or a tool name
     parser.add_argument("--problem-file", help=argparse.SUPPRESS)
+    parser.add_argument("--src", help=argparse.SUPPRESS)  # internal: where a worker imports sharpscope from
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     if args.worker:
+        sys.path.insert(0, args.src or str(ROOT))
         path = Path(args.problem_file)
         result = worker_calibrate(path, args.hvp_samples) if args.worker == "calibrate" else worker_tool(args.worker, path)
         print(json.dumps(result))
@@ -633,6 +684,13 @@ def main() -> None:
         parser.error("--repeats and --hvp-samples must be >= 1")
     OUT.mkdir(exist_ok=True)
     passthrough = ["--threads", str(args.threads)] if args.threads else []
+    sources = {t: ["--src", str(ROOT)] for t in tools}
+    if args.ab:
+        base = extract_revision(args.ab)
+        rev = base.name.removeprefix("ab-")
+        for t in [t for t in tools if tool_of(t).run is tool_sharpscope]:
+            sources[f"{t}@{rev}"] = ["--src", str(base)]
+        tools = list(sources)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -656,12 +714,12 @@ def main() -> None:
         for rep in range(args.repeats):  # round-robin, so slow drifts of the machine hit every tool alike
             for t in tools:
                 log(f"[{name}] repeat {rep + 1}/{args.repeats}: {t} ...")
-                runs[t].append(run_worker(["--worker", t, "--problem-file", str(path), *passthrough]))
+                runs[t].append(run_worker(["--worker", t, "--problem-file", str(path), *sources[t], *passthrough]))
         rows = make_rows(runs, calib, ref)
         spec = problem["spec"]
         title = (f"problem {name}{' (quick)' if args.quick else ''}: {spec}, {problem['num_params']:,} parameters, "
                  f"top-{K} eigenvalues (LA), median of {args.repeats} run(s)")
-        extra = details(rows, calib, ref)
+        extra = details(rows, calib, ref) + ab_lines(rows)
         print(title + "\n" + text_table(rows) + "\n" + "\n".join(extra + LEGEND) + "\n", flush=True)
         sections.append(f"### {title}\n\n{markdown_table(rows)}\n\n" + "\n".join(f"- {ln}" for ln in extra if
                                                                                not ln.startswith("  "))

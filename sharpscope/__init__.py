@@ -1,10 +1,10 @@
 """sharpscope: Hessian-spectrum and sharpness diagnostics for PyTorch.
 
 Curvature operators (:func:`hessian_operator`, :func:`ggn_operator`, :func:`ntk_operator`,
-:func:`preconditioned_hessian_operator`), the Lanczos eigensolver (:func:`lanczos`) and
-randomized estimators (:func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`spectral_density`);
-parameterizations (:func:`parametrize`) and scalable model families; capture (:class:`Recorder`,
-:func:`open_run`) and offline spectrum jobs (``sharpscope spectrum``).
+:func:`preconditioned_hessian_operator`; :func:`as_operator` for a matrix or a function), the Lanczos
+eigensolver (:func:`lanczos`) and randomized estimators (:func:`hutchinson_trace`, :func:`hutchpp_trace`,
+:func:`spectral_density`); parameterizations (:func:`parametrize`) and scalable model families; capture
+(:class:`Recorder`, :func:`open_run`) and offline spectrum jobs (``sharpscope spectrum``).
 """
 from ._version import __version__
 from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
@@ -12,7 +12,7 @@ from .estimators import (SpectralDensity, TraceEstimate, hutchinson_trace, hutch
                          spectral_density)
 from .lanczos import LanczosResult, lanczos
 from .linop import (NotSymmetricError, StaleOperatorError, StochasticForwardError, SymmetricOperator,
-                    SymmetryCheck, check_symmetry)
+                    SymmetryCheck, as_operator, check_symmetry)
 from .operators import (GGNOperator, HessianOperator, NTKOperator, ggn_operator, hessian_operator,
                         ntk_operator)
 from .preconditioning import (PreconditionedOperator, effective_step_sizes,
@@ -35,7 +35,7 @@ from .sweep import load_probe, run_sweep
 __all__ = [
     "__version__",
     "hessian_operator", "ggn_operator", "ntk_operator", "preconditioned_hessian_operator",
-    "HessianOperator", "GGNOperator", "NTKOperator", "PreconditionedOperator", "SymmetricOperator",
+    "HessianOperator", "GGNOperator", "NTKOperator", "PreconditionedOperator", "SymmetricOperator", "as_operator",
     "stability_threshold", "effective_step_sizes",
     "lanczos", "LanczosResult",
     "hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",

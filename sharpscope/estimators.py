@@ -13,6 +13,13 @@ r"""Randomized estimators of spectral sums: trace (Hutchinson, Hutch++) and spec
   :math:`T_m = S \Theta S^\top`, and :math:`v^\top f(A) v \approx \sum_i \tau_i^2 f(\theta_i)` with
   :math:`\tau_i = S_{1i}`. The density estimate is :math:`\phi(x) = \frac1{n_v}\sum_{v}\sum_i \tau_{v,i}^2
   \delta(x - \theta_{v,i})`, smoothed with a Gaussian of width :math:`\sigma`.
+
+Probes go through the operator in blocks (``block_size``), by :meth:`~sharpscope.linop.SymmetricOperator.matmat`:
+batched products where the operator finds them faster (:mod:`sharpscope.operators`), and SLQ runs the
+Lanczos recurrences of a block of probes in lockstep (one product block and one host transfer per step).
+The probes are drawn by a CPU generator, in the order of earlier versions (the same numbers on every
+device for a seed), so the estimates are those of one probe at a time up to floating-point rounding
+(summation order).
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from .linop import SymmetricOperator, pinned
+from ._memory import memory_budget
+from .linop import SymmetricOperator, matmat, pinned
 
 __all__ = ["hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
            "lanczos_tridiagonal"]
@@ -41,8 +49,9 @@ class TraceEstimate:
 
 
 def _rademacher(n: int, count: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``count`` Rademacher rows (drawn on the CPU: the same numbers on every device for a seed)."""
     z = torch.randint(0, 2, (count, n), generator=gen, dtype=torch.int8)
-    return (2 * z - 1).to(dtype=dtype, device=device)
+    return (2 * z - 1).to(device=device).to(dtype=dtype)
 
 
 def _check_probes(num_probes: int, minimum: int = 1) -> None:
@@ -50,26 +59,42 @@ def _check_probes(num_probes: int, minimum: int = 1) -> None:
         raise ValueError(f"num_probes must be an integer >= {minimum}, got {num_probes!r}")
 
 
-def hutchinson_trace(op: SymmetricOperator, num_probes: int = 100, seed: int = 0) -> TraceEstimate:
-    """Hutchinson's trace estimate with Rademacher probes (module docstring)."""
+def _block_size(block_size: int | None, default: int) -> int:
+    if block_size is None:
+        return default
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    return block_size
+
+
+def _quadratic_forms(op, Z: torch.Tensor) -> torch.Tensor:
+    """``z_i^T A z_i`` for the rows ``z_i`` of ``Z`` (on the device), by one block product."""
+    return torch.linalg.vecdot(Z.T, matmat(op, Z.T), dim=0)
+
+
+def hutchinson_trace(op: SymmetricOperator, num_probes: int = 100, seed: int = 0, *,
+                     block_size: int | None = None) -> TraceEstimate:
+    """Hutchinson's trace estimate with Rademacher probes (module docstring), ``block_size`` probes per
+    block product (default 32)."""
     _check_probes(num_probes, 2)
+    block = _block_size(block_size, 32)
     with pinned(op):
-        return _hutchinson(op, num_probes, seed)
+        return _hutchinson(op, num_probes, seed, block)
 
 
-def _hutchinson(op: SymmetricOperator, num_probes: int, seed: int) -> TraceEstimate:
+def _hutchinson(op: SymmetricOperator, num_probes: int, seed: int, block: int) -> TraceEstimate:
     gen = torch.Generator().manual_seed(seed)
-    samples = np.empty(num_probes)
     n = op.shape[0]
-    for i in range(num_probes):
-        z = _rademacher(n, 1, gen, op.dtype, op.device)[0]
-        samples[i] = float(torch.dot(z, op.matvec(z)))
+    parts = [_quadratic_forms(op, _rademacher(n, min(block, num_probes - i), gen, op.dtype, op.device))
+             for i in range(0, num_probes, block)]
+    samples = torch.cat(parts).double().cpu().numpy()
     return TraceEstimate(float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(num_probes)),
                          num_probes, samples)
 
 
 def hutchpp_trace(op: SymmetricOperator, num_matvecs: int = 102, seed: int = 0) -> TraceEstimate:
-    """Hutch++ trace estimate using ``num_matvecs`` products (a multiple of 3 is used exactly).
+    """Hutch++ trace estimate using ``num_matvecs`` products (a multiple of 3 is used exactly), in three
+    block products of ``num_matvecs / 3`` columns (batched where the operator finds that faster).
 
     The standard error is that of the Hutchinson part on the deflated operator (the sketch part is exact).
     """
@@ -85,11 +110,12 @@ def _hutchpp(op: SymmetricOperator, third: int, seed: int) -> TraceEstimate:
     third = min(third, n)
     gen = torch.Generator().manual_seed(seed)
     S = _rademacher(n, third, gen, op.dtype, op.device).T
-    Qs, _ = torch.linalg.qr(op.matmat(S))
-    exact = float(torch.trace(Qs.T @ op.matmat(Qs)))
+    Qs, _ = torch.linalg.qr(matmat(op, S))
+    exact = torch.trace(Qs.T @ matmat(op, Qs))
     G = _rademacher(n, third, gen, op.dtype, op.device).T
     G = G - Qs @ (Qs.T @ G)
-    samples = np.array([float(torch.dot(G[:, i], op.matvec(G[:, i]))) for i in range(third)])
+    values = torch.cat([exact.reshape(1), torch.linalg.vecdot(G, matmat(op, G), dim=0)]).double().cpu().numpy()
+    exact, samples = float(values[0]), values[1:]
     std = samples.std(ddof=1) / math.sqrt(third) if third > 1 else float("nan")
     return TraceEstimate(exact + float(samples.mean()), float(std), 3 * third, samples, method="hutch++")
 
@@ -168,28 +194,87 @@ class SpectralDensity:
         return ax
 
 
-def spectral_density(op: SymmetricOperator, num_probes: int = 10, num_steps: int = 80, seed: int = 0) -> SpectralDensity:
-    """Stochastic Lanczos quadrature with Rademacher probes (module docstring); ``num_probes * num_steps`` products.
+def spectral_density(op: SymmetricOperator, num_probes: int = 10, num_steps: int = 80, seed: int = 0, *,
+                     block_size: int | None = None) -> SpectralDensity:
+    """Stochastic Lanczos quadrature with Rademacher probes (module docstring); ``num_probes * num_steps``
+    products.
 
-    Each probe's small tridiagonal eigenproblem is solved on the host by
+    ``block_size`` probes run their recurrences in lockstep, one block product per step (default: all the
+    probes, as many as fit 1/8 of the RAM or 1/4 of the free GPU memory with their ``num_steps``-vector
+    bases). Each probe's small tridiagonal eigenproblem is solved on the host by
     ``scipy.linalg.eigh_tridiagonal`` (LAPACK): about 0.25 ms for 80 steps on one CPU core
     (``scripts/bench_basis_cpu.py``), against 80 products of a network's Hessian per probe, so a
     batched GPU eigensolver would not change the run time (docs/perf-gpu.md)."""
     _check_probes(num_probes)
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    n, itemsize = op.shape[0], torch.empty(0, dtype=op.dtype).element_size()
+    fits = memory_budget(op.device, gpu_free=0.25, host=0.125) // max(1, min(num_steps, n) * n * itemsize)
+    block = _block_size(block_size, int(max(1, min(num_probes, fits))))
     with pinned(op):
-        return _slq(op, num_probes, num_steps, seed)
+        return _slq(op, num_probes, num_steps, seed, block)
 
 
-def _slq(op: SymmetricOperator, num_probes: int, num_steps: int, seed: int) -> SpectralDensity:
+def _slq(op: SymmetricOperator, num_probes: int, num_steps: int, seed: int, block: int) -> SpectralDensity:
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
     before = op.num_matvecs
-    for _ in range(num_probes):
-        z = _rademacher(op.shape[0], 1, gen, op.dtype, op.device)[0]
-        alpha, beta = lanczos_tridiagonal(op, z, num_steps)
-        theta, S = scipy.linalg.eigh_tridiagonal(alpha, beta)
-        nodes.append(theta)
-        weights.append(S[0, :] ** 2)
+    for i in range(0, num_probes, block):
+        Z = _rademacher(op.shape[0], min(block, num_probes - i), gen, op.dtype, op.device)
+        for alpha, beta in _lanczos_tridiagonal_block(op, Z, num_steps):
+            theta, S = scipy.linalg.eigh_tridiagonal(alpha, beta)
+            nodes.append(theta)
+            weights.append(S[0, :] ** 2)
     return SpectralDensity(nodes, weights, op.num_matvecs - before, op.shape[0])
+
+
+class _LockstepLanczos:
+    """The Lanczos recurrences (full reorthogonalization) of a block of start vectors, run in lockstep:
+    one block product and one host transfer per step; a probe whose Krylov space is exhausted stops."""
+
+    def __init__(self, op, Z: torch.Tensor, num_steps: int) -> None:
+        c, n = Z.shape
+        self.op, self.steps = op, min(num_steps, n)
+        self.Q = torch.empty(c, self.steps, n, dtype=op.dtype, device=op.device)
+        self.Q[:, 0] = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True)
+        self.alpha: list[list[float]] = [[] for _ in range(c)]
+        self.beta: list[list[float]] = [[] for _ in range(c)]
+        self.scale = [0.0] * c
+        self.active = list(range(c))
+        self.eps = torch.finfo(op.dtype).eps
+
+    def _basis(self, j: int) -> torch.Tensor:
+        if len(self.active) == self.Q.shape[0]:
+            return self.Q[:, : j + 1]
+        return self.Q[self.active, : j + 1]
+
+    def step(self, j: int) -> None:
+        basis = self._basis(j)                       # (a, j + 1, n)
+        qj = basis[:, j]
+        W = matmat(self.op, qj.T).T.contiguous()     # (a, n)
+        alpha = torch.linalg.vecdot(qj, W)
+        for _ in range(2):  # classical Gram-Schmidt against each probe's own basis, twice
+            W -= torch.bmm(basis.transpose(1, 2), torch.bmm(basis, W.unsqueeze(2))).squeeze(2)
+        b = torch.linalg.vector_norm(W, dim=1)
+        values = torch.stack([alpha, b]).double().cpu().numpy()  # the step's one host transfer
+        survivors = []
+        for row, p in enumerate(self.active):
+            self.alpha[p].append(float(values[0, row]))
+            self.scale[p] = max(self.scale[p], abs(values[0, row]) + values[1, row])
+            if j < self.steps - 1 and values[1, row] > 10 * self.eps * self.scale[p]:
+                self.beta[p].append(float(values[1, row]))
+                self.Q[p, j + 1] = W[row] / values[1, row]
+                survivors.append(p)
+        self.active = survivors  # done, or the Krylov space is exhausted
+
+    def run(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        for j in range(self.steps):
+            if not self.active:
+                break
+            self.step(j)
+        return [(np.array(a), np.array(b)) for a, b in zip(self.alpha, self.beta)]
+
+
+def _lanczos_tridiagonal_block(op, Z: torch.Tensor, num_steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`lanczos_tridiagonal` for the rows of ``Z`` at once: a list of ``(alpha, beta)``."""
+    return _LockstepLanczos(op, Z, num_steps).run()

@@ -1,20 +1,23 @@
 """A small base class for symmetric, matrix-free linear operators on flat torch vectors.
 
-Subclasses implement one product, :meth:`SymmetricOperator._matvec`; the base class counts products,
-checks shapes, and provides ``@``, :meth:`matmat`, :meth:`to_scipy`, :meth:`to_dense`, scalar
-multiples and a cheap symmetry probe. Shaped like :class:`scipy.sparse.linalg.LinearOperator`.
+Subclasses implement one product, :meth:`SymmetricOperator._matvec`, and may implement a batched one,
+:meth:`SymmetricOperator._matmat`; the base class counts products, checks shapes and staleness, and
+provides ``@``, :meth:`matmat`, :meth:`to_scipy`, :meth:`to_dense`, scalar multiples and a cheap
+symmetry probe. Shaped like :class:`scipy.sparse.linalg.LinearOperator`. :func:`as_operator` makes one
+of a dense symmetric matrix or of a product function.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 __all__ = ["SymmetricOperator", "SymmetryCheck", "NotSymmetricError", "StochasticForwardError",
-           "StaleOperatorError", "check_symmetry", "NOT_SYMMETRIC_HINT"]
+           "StaleOperatorError", "check_symmetry", "NOT_SYMMETRIC_HINT", "as_operator", "DenseOperator",
+           "FunctionOperator"]
 
 NOT_SYMMETRIC_HINT = ("either the products are random (a forward pass that stays stochastic in eval mode, e.g. "
                       "F.dropout(training=True) or input noise, or a shuffled data order) or an op's double "
@@ -102,13 +105,37 @@ class SymmetricOperator:
         return ()
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``A V`` for a 2-D tensor ``V`` of shape ``(n, m)``, one column at a time."""
+        """``A V`` for a 2-D tensor ``V`` of shape ``(n, m)``; counts ``m`` products.
+
+        Operators with a batched product (:meth:`_matmat`: the curvature operators, dense ones) form it
+        for the whole block after one staleness check; the others, and any instance whose ``_matvec``
+        was replaced (a wrapper that counts or instruments products), take the columns one at a time
+        through :meth:`matvec`."""
+        if not isinstance(V, torch.Tensor):
+            V = torch.as_tensor(V)
         if V.ndim != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"matmat expects a ({self.shape[0]}, m) matrix, got shape {tuple(V.shape)}")
-        cols = [self.matvec(V[:, j]) for j in range(V.shape[1])]
-        if not cols:
+        m = V.shape[1]
+        if m == 0:
             return torch.empty(self.shape[0], 0, dtype=self.dtype, device=self.device)
-        return torch.stack(cols, dim=1)
+        if not self._batches_products():
+            return torch.stack([self.matvec(V[:, j]) for j in range(m)], dim=1)
+        self._sync()
+        out = self._matmat(V.to(dtype=self.dtype, device=self.device))
+        if tuple(out.shape) != (self.shape[0], m):
+            raise ValueError(f"{type(self).__name__}._matmat returned shape {tuple(out.shape)} for a "
+                             f"({self.shape[0]}, {m}) block")
+        self.num_matvecs += m
+        return out
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A V`` for a checked ``(n, m)`` block; subclasses with a batched product override this."""
+        return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+    def _batches_products(self) -> bool:
+        """Whether :meth:`matmat` calls :meth:`_matmat` (overridden, and ``_matvec`` not replaced on the
+        instance: a replaced ``_matvec`` must see every product)."""
+        return type(self)._matmat is not SymmetricOperator._matmat and "_matvec" not in vars(self)
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         if isinstance(other, torch.Tensor) and other.ndim == 1:
@@ -173,6 +200,9 @@ class ScaledOperator(SymmetricOperator):
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.base.matvec(v) * self.scale
 
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.base.matmat(V) * self.scale
+
 
 def check_symmetry(op: SymmetricOperator, seed: int = 0, tol: float | None = None) -> SymmetryCheck:
     """Cheap symmetry probe: compare ``u.(A v)`` with ``v.(A u)`` for random ``u, v``.
@@ -198,7 +228,179 @@ def check_symmetry(op: SymmetricOperator, seed: int = 0, tol: float | None = Non
     return SymmetryCheck(u_Av=uAv, v_Au=vAu, relative_error=rel, tolerance=float(tol))
 
 
+def matmat(op, V: torch.Tensor) -> torch.Tensor:
+    """``A V`` for an ``(n, m)`` block: ``op.matmat`` (batched where the operator can), or column by column
+    for an object that has only ``matvec``."""
+    mm = getattr(op, "matmat", None)
+    if callable(mm):
+        return mm(V)
+    return torch.stack([op.matvec(V[:, i]) for i in range(V.shape[1])], dim=1)
+
+
 def pinned(op) -> contextlib.AbstractContextManager:
     """``op.pinned()`` for a :class:`SymmetricOperator`, a no-op block for other objects with a ``matvec``."""
     pin = getattr(op, "pinned", None)
     return pin() if callable(pin) else contextlib.nullcontext(op)
+
+
+# =============================================================================================
+# as_operator
+# =============================================================================================
+class DenseOperator(SymmetricOperator):
+    """A dense symmetric matrix ``A`` as an operator (:func:`as_operator`); products are ``A @ v``."""
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__(A.shape[0], A.dtype, A.device)
+        self.A = A
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.A @ v
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.A @ V
+
+    def to_dense(self, max_dim: int = 20_000) -> torch.Tensor:
+        return self.A.clone()
+
+
+class FunctionOperator(SymmetricOperator):
+    """A product function as an operator (:func:`as_operator`): ``fn(v)`` for vectors, or, with
+    ``matmat=True``, ``fn(V)`` for ``(n, m)`` blocks (vectors then go as one-column blocks)."""
+
+    def __init__(self, fn: Callable, n: int, dtype: torch.dtype, device: torch.device, matmat: bool) -> None:
+        super().__init__(n, dtype, device)
+        self.fn, self.is_matmat = fn, matmat
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fn(x)
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(np.asarray(out))
+        if out.shape != x.shape:
+            raise ValueError(f"the product function returned shape {tuple(out.shape)} for an input of shape "
+                             f"{tuple(x.shape)}: it must return A @ x, shaped like x")
+        return out.to(dtype=self.dtype, device=self.device)
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self._call(v[:, None])[:, 0] if self.is_matmat else self._call(v)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if not self.is_matmat:
+            return super()._matmat(V)
+        return self._call(V)
+
+
+class _NumpyFunction:
+    """A numpy-in, numpy-out product (scipy ``LinearOperator.matvec``/``matmat``) on torch tensors."""
+
+    def __init__(self, fn: Callable, np_dtype) -> None:
+        self.fn, self.np_dtype = fn, np_dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fn(x.detach().cpu().numpy().astype(self.np_dtype, copy=False))
+        return torch.as_tensor(np.asarray(out).reshape(x.shape))
+
+
+def _symmetry_of_matrix(A: torch.Tensor) -> float:
+    """``|u.Av - v.Au| / (|u||Av| + |v||Au|)`` for two random vectors (a cheap bilinear test)."""
+    gen = torch.Generator().manual_seed(0)
+    UV = torch.randn(A.shape[0], 2, generator=gen, dtype=torch.float64).to(dtype=A.dtype, device=A.device)
+    AUV = A @ UV
+    u, v, Au, Av = UV[:, 0], UV[:, 1], AUV[:, 0], AUV[:, 1]
+    scale = float(u.norm() * Av.norm() + v.norm() * Au.norm())
+    return abs(float(torch.dot(u, Av) - torch.dot(v, Au))) / scale if scale > 0 else 0.0
+
+
+def _dense_operator(A: Any, shape, dtype, device) -> DenseOperator:
+    A = torch.as_tensor(A)
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"as_operator needs a square 2-D matrix, got shape {tuple(A.shape)}")
+    if shape is not None and _square_shape(shape) != A.shape[0]:
+        raise ValueError(f"shape={shape} does not match the matrix's shape {tuple(A.shape)}")
+    if A.is_complex():
+        raise TypeError(f"as_operator takes real symmetric matrices, got {A.dtype}")
+    if dtype is None and not A.is_floating_point():
+        dtype = torch.get_default_dtype()
+    A = A.to(dtype=dtype or A.dtype, device=device or A.device)
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError("as_operator: the matrix contains NaN or inf")
+    rel = _symmetry_of_matrix(A)
+    tol = max(1e3 * torch.finfo(A.dtype).eps, 1e-12)
+    if not rel <= tol:
+        raise ValueError(f"as_operator: the matrix is not symmetric (random bilinear test |u.Av - v.Au| / "
+                         f"(|u||Av| + |v||Au|) = {rel:.2g} > {tol:.2g}); pass (A + A.T) / 2 for its symmetric part")
+    return DenseOperator(A)
+
+
+def _square_shape(shape) -> int:
+    dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or dims[0] != dims[1] or int(dims[0]) < 1:
+        raise ValueError(f"shape must be n or (n, n) with n >= 1, got {shape!r}")
+    return int(dims[0])
+
+
+def _is_scipy_operator(A: Any) -> bool:
+    try:
+        import scipy.sparse
+        from scipy.sparse.linalg import LinearOperator
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(A, LinearOperator) or scipy.sparse.issparse(A)
+
+
+def _from_scipy(A: Any, shape, dtype, device) -> FunctionOperator:
+    from scipy.sparse.linalg import aslinearoperator
+
+    L = aslinearoperator(A)
+    n = _square_shape(L.shape if shape is None else shape)
+    if L.shape != (n, n):
+        raise ValueError(f"as_operator needs a square operator, got shape {L.shape}")
+    if dtype is None:
+        dtype = torch.from_numpy(np.zeros(0, dtype=L.dtype)).dtype
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    return FunctionOperator(_NumpyFunction(L.matmat, np_dtype), n, dtype, torch.device(device or "cpu"), matmat=True)
+
+
+def as_operator(A: Any, shape: int | tuple[int, int] | None = None, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None, *, matmat: bool = False) -> SymmetricOperator:
+    """An operator usable wherever sharpscope takes one (:func:`~sharpscope.lanczos`, the estimators,
+    :meth:`SymmetricOperator.to_scipy`) from a dense matrix or a product function.
+
+    Args:
+        A: a dense symmetric matrix (a 2-D tensor or array; its symmetry is checked by a random bilinear
+            test, ``n^2`` work), a function returning ``A @ v`` for a 1-D tensor ``v`` (or, with
+            ``matmat=True``, ``A @ V`` for ``(n, m)`` blocks), a scipy ``LinearOperator`` or sparse
+            matrix, or an operator (returned as it is). Functions are trusted to be symmetric:
+            :meth:`SymmetricOperator.check_symmetry` probes one with two products, and
+            :func:`~sharpscope.lanczos` refuses an asymmetric one as it meets it.
+        shape: ``n`` or ``(n, n)``; required for a function.
+        dtype, device: of the vectors (default: the matrix's; for a function torch's default dtype on
+            the CPU; for scipy its dtype).
+        matmat: ``A`` is a block product ``V -> A @ V``: blocks (Hutch++, SLQ, block Lanczos) go to it whole.
+
+    Example:
+        >>> import torch, sharpscope as ss
+        >>> op = ss.as_operator(torch.diag(torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)))
+        >>> op.matvec(torch.ones(3, dtype=torch.float64)).tolist()
+        [3.0, 1.0, 2.0]
+        >>> ss.as_operator(lambda v: 2 * v, shape=4).shape
+        (4, 4)
+    """
+    if isinstance(A, SymmetricOperator):
+        if (dtype is not None and dtype != A.dtype) or (device is not None and torch.device(device) != A.device):
+            raise ValueError("as_operator does not convert an existing operator's dtype or device")
+        return A
+    if isinstance(A, (torch.Tensor, np.ndarray)):
+        return _dense_operator(A, shape, dtype, device)
+    if _is_scipy_operator(A):
+        return _from_scipy(A, shape, dtype, device)
+    if callable(A):
+        if shape is None:
+            raise ValueError("as_operator(function) needs shape=n: the dimension cannot be read off a function")
+        dtype = dtype or torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be floating point, got {dtype}")
+        return FunctionOperator(A, _square_shape(shape), dtype, torch.device(device or "cpu"), matmat)
+    raise TypeError(f"as_operator takes a matrix, a product function, a scipy LinearOperator or an operator, "
+                    f"got {type(A).__name__}")

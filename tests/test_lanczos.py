@@ -144,17 +144,81 @@ def test_deterministic_for_a_seed_and_warm_start():
 
 def test_unconverged_is_reported_not_hidden():
     op = _with_spectrum(list(np.linspace(0, 1, 400)) + [1.001], seed=6)
-    res = ss.lanczos(op, k=3, max_iter=8)
+    res = ss.lanczos(op, k=3, max_matvecs=8)
     assert res.num_matvecs == 8 and not res.all_converged
 
 
-def test_scipy_export_agrees_with_lanczos():
-    from scipy.sparse.linalg import eigsh
+def test_max_iter_is_the_deprecated_name_of_max_matvecs():
+    op = _with_spectrum(list(np.linspace(0, 1, 400)) + [1.001], seed=6)
+    with pytest.warns(DeprecationWarning, match="use max_matvecs="):
+        old = ss.lanczos(op, k=3, max_iter=8)
+    new = ss.lanczos(op, k=3, max_matvecs=8)
+    assert old.num_matvecs == new.num_matvecs == 8 and torch.equal(old.eigenvalues, new.eigenvalues)
+    with pytest.raises(TypeError, match="max_matvecs only"):
+        ss.lanczos(op, k=3, max_matvecs=8, max_iter=8)
 
-    op, _ = _operator("hessian", "mlp", 12)
-    ours = ss.lanczos(op, k=3).eigenvalues.numpy()
-    theirs = np.sort(eigsh(op.to_scipy(), k=3, which="LA", tol=1e-12)[0])[::-1]
-    np.testing.assert_allclose(ours, theirs, rtol=1e-9)
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_max_matvecs_must_be_positive(bad):
+    op = _with_spectrum(np.linspace(0, 1, 50), seed=6)
+    with pytest.raises(ValueError, match="max_matvecs must be a positive integer"):
+        ss.lanczos(op, k=2, max_matvecs=bad)
+
+
+_SYNCING = ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__array__")
+
+
+def _reads_per_step(monkeypatch, op, **kwargs):
+    """Host reads of tensor values between consecutive products of one solve (each is a host
+    synchronization on CUDA), per step."""
+    events: list[str] = []
+    for name in _SYNCING:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kw):
+            events.append(_name)
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    product = op._matvec
+    op._matvec = lambda v: (events.append("product"), product(v))[1]
+    res = ss.lanczos(op, **kwargs)
+    monkeypatch.undo()
+    steps = " ".join(events).split("product")
+    assert len(steps) == res.num_matvecs + 1 and steps[0].split() == []  # nothing read before the first product
+    return res, [len(step.split()) for step in steps[1:]]
+
+
+def test_one_host_synchronization_per_step(monkeypatch):
+    """A step that needs no reorthogonalization reads its scalars (alpha, beta, the symmetry probe) in ONE
+    transfer; a partial reorthogonalization adds one (the norms before and after the Gram-Schmidt pass)."""
+    op = _with_spectrum([2.0, 1.5] + list(np.linspace(0, 1, 298)), seed=3)
+    res, reads = _reads_per_step(monkeypatch, op, k=1, tol=1e-8)
+    assert res.all_converged and res.num_reorthogonalizations == 0 and res.num_restarts == 0
+    assert max(reads) == 1, reads
+    op = _with_spectrum(np.concatenate([[9.0, 8.5, 8.4, 8.39], np.linspace(-3.0, 2.0, 196)]), seed=1)
+    res, reads = _reads_per_step(monkeypatch, op, k=4)
+    assert res.num_reorthogonalizations > 0 and res.num_restarts == 0
+    assert reads.count(2) == res.num_reorthogonalizations and max(reads) == 2, reads
+
+
+@pytest.mark.parametrize("k,tol", [(1, 1e-6), (3, 1e-6), (5, 1e-10)])
+def test_ritz_problem_solved_only_when_the_test_can_pass(monkeypatch, k, tol):
+    """No Ritz test before k Ritz values exist, then at intervals predicted from the residuals' decay: far
+    fewer tests than products, and at most 2 products more than testing after every product."""
+    from sharpscope.lanczos.state import CheckSchedule
+
+    op = _with_spectrum(list(np.linspace(0, 1, 300)) + [1.3, 1.25, 1.2, 1.19, 1.18], seed=11)
+    checks: list[int] = []
+    res = ss.lanczos(op, k=k, tol=tol, callback=lambda mv, theta, resid: checks.append(mv))
+    assert res.all_converged and checks[0] >= k and checks[-1] == res.num_matvecs
+    assert len(checks) < 0.75 * res.num_matvecs
+    monkeypatch.setattr(CheckSchedule, "due", lambda self, num_mv, j: j >= self.k)
+    every: list[int] = []
+    ref = ss.lanczos(op, k=k, tol=tol, callback=lambda mv, theta, resid: every.append(mv))
+    assert len(every) == ref.num_matvecs - k + 1
+    assert ref.num_matvecs <= res.num_matvecs <= ref.num_matvecs + 2
+    torch.testing.assert_close(res.eigenvalues, ref.eigenvalues, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -33,33 +33,46 @@ a fresh random vector orthogonal to the basis, so its repeated eigenvalues are f
 Limitation shared by every single-vector Krylov method (ARPACK/``scipy.sparse.linalg.eigsh``,
 PyHessian's power iteration): an eigenvalue that is *exactly* repeated inside the wanted set, with
 the space not exhausted, is seen once; the next distinct eigenvalue then takes the copy's place.
-Exact repeats at the top of a network's Hessian need a constructed symmetry (e.g. identical units).
+Block Lanczos (``block_size=b``, :mod:`.block`) sees up to ``b`` copies of each.
+
+Engine (:mod:`.state`): the loop is a state object with small steps (expand, reorthogonalize, Ritz
+test, restart), driven here after validation and followed by extraction. The start vector is drawn on
+the operator's device by a generator seeded with ``seed``: results are deterministic for a seed on each
+device type, and a CUDA operator draws other numbers than a CPU one. A step without
+reorthogonalization synchronizes with the host once (``alpha_j``, ``beta_j`` and the symmetry probe in
+one transfer). The Ritz problem is solved only when the test can change the answer: not before ``k``
+Ritz values exist, then at intervals of 1 to 3 products predicted from the residuals' decay (so at
+most 2 products beyond the first step at which the test would pass), and always at a restart, a
+breakdown and the last product allowed.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 import numpy as np
-import scipy.linalg
 import torch
 
-from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError, SymmetricOperator, pinned
+from .._memory import memory_budget
+from ..linop import SymmetricOperator, pinned
 from .backends import make_basis, resolve_backend, storage_of
+from .recurrence import make_generator, random_unit
+from .state import LanczosConfig, LanczosState, Ritz, RoundedBasisLost
 
 __all__ = ["lanczos", "LanczosResult"]
 
 Which = Literal["LA", "SA", "LM"]
+_RoundedBasisLost = RoundedBasisLost  # the name earlier versions raised internally
 
 
 @dataclass(frozen=True)
 class LanczosResult:
     """Eigenvalues (float64, ordered by ``which``: descending for LA/LM, ascending for SA), Ritz
     residual norms ``||A y - theta y||``, a per-value ``converged`` mask, the eigenvectors as
-    columns ``(n, k)`` when asked for, and the cost."""
+    columns ``(n, k)`` when asked for, and the cost (``num_matvecs`` counts every operator product,
+    each column of a block included)."""
 
     eigenvalues: torch.Tensor
     residuals: torch.Tensor
@@ -75,65 +88,42 @@ class LanczosResult:
         return bool(self.converged.all())
 
 
-def _order(theta: np.ndarray, which: str) -> np.ndarray:
-    if which == "LA":
-        return np.argsort(-theta, kind="stable")
-    if which == "SA":
-        return np.argsort(theta, kind="stable")
-    return np.argsort(-np.abs(theta), kind="stable")
-
-
-def _score(theta: np.ndarray, which: str) -> np.ndarray:
-    """Values as "bigger is better" scores for ``which``, sorted descending."""
-    score = {"LA": theta, "SA": -theta, "LM": np.abs(theta)}[which]
-    return np.sort(score)[::-1]
-
-
-def _default_max_basis(n: int, k: int, bytes_per_vector: int, device: torch.device) -> int:
-    """Basis size: ``max(2k + 20, 60)`` vectors, capped by the dimension and by 1/8 of the memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free // 4
-    else:
-        try:
-            import os
-            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
-        except (ValueError, OSError, AttributeError):  # pragma: no cover
-            budget = 2 << 30
-    by_memory = max(k + 2, int(budget // max(bytes_per_vector, 1)) - 1)
-    return int(min(n, max(2 * k + 20, 60), by_memory))
-
-
-def _random_unit(n: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A unit vector drawn on the CPU generator (same numbers on every device for a seed)."""
-    v = torch.randn(n, generator=gen, dtype=dtype).to(device=device)
-    return v / v.norm()
+def _default_max_basis(n: int, k: int, bytes_per_vector: int, device: torch.device, block_size: int = 1) -> int:
+    """Basis size: ``max(2k + 20, 60)`` vectors (``k + 3b`` at least in block mode), capped by the
+    dimension and by the memory (1/8 of the RAM, 1/4 of a GPU's free memory)."""
+    budget = memory_budget(device, gpu_free=0.25, host=0.125)
+    by_memory = max(k + 2 * block_size, int(budget // max(bytes_per_vector, 1)) - block_size)
+    return int(min(n, max(2 * k + 20, 60, k + 3 * block_size), by_memory))
 
 
 def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float = 1e-6,
-            max_iter: int | None = None, seed: int = 0, backend: str = "torch",
+            max_matvecs: int | None = None, seed: int = 0, backend: str = "torch",
             return_eigenvectors: bool = False, *, v0: torch.Tensor | None = None, basis: str = "device",
             max_basis: int | None = None, reorth: Literal["partial", "full"] = "partial",
-            callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> LanczosResult:
+            callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None, block_size: int = 1,
+            max_iter: int | None = None) -> LanczosResult:
     """Top-``k`` eigenpairs of a symmetric operator by thick-restart Lanczos (module docstring).
 
     Args:
         op: a :class:`~sharpscope.linop.SymmetricOperator` (any object with ``shape``, ``dtype``,
-            ``device`` and ``matvec``).
+            ``device`` and ``matvec``; :func:`sharpscope.as_operator` wraps a tensor or a function).
         k: number of eigenpairs, ``1 <= k < n``.
         which: ``"LA"`` largest algebraic (sharpness; default), ``"SA"`` smallest algebraic,
             ``"LM"`` largest magnitude.
         tol: relative Ritz-residual tolerance; ``1e-6`` gives eigenvalues to ~1e-10 relative
             when they are separated (the error is about residual^2 / gap).
-        max_iter: cap on operator products (default ``max(300, 30 k)``); an unconverged result has
-            ``converged`` False where it fell short, never a silently wrong value.
-        seed: seeds the start vector (results are deterministic for a seed).
+        max_matvecs: cap on operator products, each column of a block counted (default
+            ``max(300, 30 k)``, twice that in block mode); an unconverged result has ``converged``
+            False where it fell short, never a silently wrong value.
+        seed: seeds the start vector, drawn on the operator's device (deterministic for a seed on each
+            device type; CPU and CUDA generators draw different numbers).
         backend: where the basis algebra runs (:mod:`sharpscope.lanczos.backends`): ``"torch"`` (default, on
             the operator's device), ``"cupy"`` (fused CUDA kernels; CUDA operators), ``"numpy"``
             (the same array code on the CPU) or ``"auto"`` (cupy when available for a CUDA operator,
             else torch). The operator's products are torch in every case.
         return_eigenvectors: also return the Ritz vectors as columns of an ``(n, k)`` tensor.
-        v0: start vector (e.g. the previous top eigenvector, for warm starts).
+        v0: start vector (e.g. the previous top eigenvector, for warm starts); in block mode an
+            ``(n, b)`` block or one vector (the other columns drawn at random).
         basis: storage of the Krylov basis: ``"device"`` (default; the working dtype on the
             operator's device), ``"device-bf16"`` (bfloat16 rows, half the memory, float32
             accumulation; eigenvalues to ~1e-4, eigenvectors to ~4e-3 relative; its residuals are
@@ -144,246 +134,151 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
             see :mod:`sharpscope.lanczos.backends.base`.
         max_basis: basis vectors kept before a thick restart (default ``max(2k + 20, 60)``, capped by
             ``n`` and 1/8 of the memory).
-        reorth: ``"partial"`` (default) or ``"full"`` reorthogonalization.
-        callback: called as ``callback(num_matvecs, ritz_values, residuals)`` after each check.
+        reorth: ``"partial"`` (default) or ``"full"`` reorthogonalization (block mode: always full).
+        callback: called as ``callback(num_matvecs, ritz_values, residuals)`` after each Ritz test.
+        block_size: ``b > 1`` runs block Lanczos (:mod:`.block`): ``b`` products per step through
+            ``op.matmat`` (batched where that is faster), exactly repeated eigenvalues found with their
+            multiplicity up to ``b``; torch backend and ``basis="device"`` only.
+        max_iter: deprecated name of ``max_matvecs``.
 
     Example:
         >>> import torch, sharpscope as ss
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
-        >>> class Dense(ss.SymmetricOperator):
-        ...     def _matvec(self, v): return A @ v
-        >>> res = ss.lanczos(Dense(100, torch.float64, "cpu"), k=3)
+        >>> res = ss.lanczos(ss.as_operator(A), k=3)
         >>> [round(x, 6) for x in res.eigenvalues.tolist()]
         [100.0, 99.0, 98.0]
     """
-    args = dict(k=k, which=which, tol=tol, max_iter=max_iter, seed=seed, backend=backend,
+    max_matvecs = _max_matvecs_argument(max_matvecs, max_iter)
+    args = dict(k=k, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed, backend=backend,
                 return_eigenvectors=return_eigenvectors, v0=v0, max_basis=max_basis, reorth=reorth,
-                callback=callback)
+                callback=callback, block_size=block_size)
     try:
         with pinned(op):
-            return _lanczos(op, basis=basis, **args)
-    except _RoundedBasisLost as lost:
+            return _solve(op, basis=basis, **args)
+    except RoundedBasisLost as lost:
         # a bfloat16 basis can lose orthogonality where a float32 one keeps it (seen on operators of
         # low rank, whose Krylov space is exhausted between thick restarts): solve again, in float32
         warnings.warn(f"basis='device-bf16' lost orthogonality ({lost}); solved again with basis='device'",
                       RuntimeWarning, stacklevel=2)
         with pinned(op):
-            res = _lanczos(op, basis="device", **args)
+            res = _solve(op, basis="device", **args)
         return dataclasses.replace(res, num_matvecs=res.num_matvecs + lost.num_matvecs)
 
 
-class _RoundedBasisLost(RuntimeError):
-    """The bfloat16-stored basis lost orthogonality (seen as a symmetry mismatch of the recurrence)."""
+def _max_matvecs_argument(max_matvecs: int | None, max_iter: int | None) -> int | None:
+    if max_iter is None:
+        return max_matvecs
+    if max_matvecs is not None:
+        raise TypeError("pass max_matvecs only (max_iter is its deprecated name)")
+    warnings.warn("lanczos(max_iter=) is deprecated: use max_matvecs= (it counts operator products)",
+                  DeprecationWarning, stacklevel=3)
+    return max_iter
 
-    def __init__(self, message: str, num_matvecs: int) -> None:
-        super().__init__(message)
-        self.num_matvecs = num_matvecs
 
-
-def _lanczos(op: SymmetricOperator, k: int, which: Which, tol: float, max_iter: int | None, seed: int,
-             backend: str, return_eigenvectors: bool, *, v0: torch.Tensor | None, basis: str,
-             max_basis: int | None, reorth: str, callback) -> LanczosResult:
-    """:func:`lanczos` for one basis storage (the module docstring describes the method)."""
+# =============================================================================================
+# validate
+# =============================================================================================
+def _validate(op, k, which, tol, max_matvecs, reorth, block_size) -> None:
+    """One-line errors for bad arguments (before any product)."""
     n = op.shape[0]
-    backend = resolve_backend(backend, op.device)
-    storage, placement = storage_of(basis)
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
     if reorth not in ("partial", "full"):
         raise ValueError(f"reorth must be 'partial' or 'full', got {reorth!r}")
-    if not isinstance(k, int) or k < 1:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if k >= n:
         raise ValueError(f"k={k} must be smaller than the operator's dimension n={n}; "
                          "use op.to_dense() and torch.linalg.eigvalsh for all eigenvalues")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if max_matvecs is not None and (not isinstance(max_matvecs, (int, np.integer)) or max_matvecs < 1):
+        raise ValueError(f"max_matvecs must be a positive integer (operator products), got {max_matvecs!r}")
+    if not isinstance(block_size, (int, np.integer)) or not 1 <= block_size <= n:
+        raise ValueError(f"block_size must be an integer from 1 to the operator's dimension n={n}, "
+                         f"got {block_size!r}")
     if not op.dtype.is_floating_point:
         raise TypeError(f"the operator's dtype must be floating point, got {op.dtype}")
+
+
+def _config(op, k, which, tol, max_matvecs, reorth, callback, *, storage, placement, max_basis,
+            block_size) -> LanczosConfig:
+    """The validated settings of one solve: working dtype, product cap and basis size."""
+    n = op.shape[0]
     # half-precision operators (bf16/fp16 models) get a float32 basis: the recurrence needs it
     dtype = torch.float32 if torch.finfo(op.dtype).bits < 32 else op.dtype
     if storage == "bfloat16" and dtype != torch.float32:
         raise ValueError(f"basis='device-bf16' needs a float32 (or half-precision) operator, got {op.dtype}: "
                          "a bfloat16 basis limits the accuracy to float32 level at best")
-    device = op.device
-    eps = torch.finfo(dtype).eps
-    op_eps = torch.finfo(op.dtype).eps  # the products' own rounding level (symmetry probe)
-    max_iter = max(300, 30 * k) if max_iter is None else int(max_iter)
+    if max_matvecs is None:
+        max_matvecs = max(300, 30 * k) * (1 if block_size == 1 else 2)
+    if max_matvecs < block_size:
+        raise ValueError(f"max_matvecs={max_matvecs} is smaller than one block of block_size={block_size}")
     itemsize = 2 if storage == "bfloat16" else torch.empty(0, dtype=dtype).element_size()
-    budget_device = torch.device("cpu") if placement == "host" else device
-    m = _default_max_basis(n, k, n * itemsize, budget_device) if max_basis is None else int(max_basis)
+    budget_device = torch.device("cpu") if placement == "host" else op.device
+    m = (_default_max_basis(n, k, n * itemsize, budget_device, block_size) if max_basis is None
+         else int(max_basis))
     m = min(m, n)
-    if m < min(k + 2, n):
-        raise ValueError(f"max_basis={m} is too small for k={k}: need at least k + 2")
+    need = k + 2 if block_size == 1 else k + 2 * block_size
+    if m < min(need, n):
+        raise ValueError(f"max_basis={m} is too small for k={k}"
+                         + (": need at least k + 2" if block_size == 1 else
+                            f" and block_size={block_size}: need at least k + 2 * block_size"))
+    return LanczosConfig(n=n, k=k, which=which, tol=tol, max_matvecs=int(max_matvecs), max_basis=m,
+                         reorth=reorth, dtype=dtype, op_dtype=op.dtype, device=torch.device(op.device),
+                         callback=callback)
 
-    gen = torch.Generator().manual_seed(seed)
-    Q = make_basis(backend, basis, m, n, dtype, device)
-    # a bfloat16 basis stores rounded rows: inner products of rounded unit vectors are off by about
-    # u / sqrt(n) (u = 2^-8, random rounding errors), which the symmetry probe must tolerate and the
-    # omega recurrence cannot see (after a breakdown: reorthogonalize fully, as after a restart)
-    rounded = Q.storage == "bfloat16"
-    sym_floor = 100 * 2.0 ** -8 / math.sqrt(n) if rounded else 0.0
+
+def _start_vector(v0, cfg: LanczosConfig, gen: torch.Generator) -> torch.Tensor:
     if v0 is None:
-        Q.set(0, _random_unit(n, gen, dtype, device))
-    else:
-        v = torch.as_tensor(v0).reshape(-1).to(dtype=dtype, device=device)
-        if v.shape[0] != n or not torch.isfinite(v).all() or float(v.norm()) == 0.0:
-            raise ValueError(f"v0 must be a finite nonzero vector of length {n}")
-        Q.set(0, v / v.norm())
+        return random_unit(cfg.n, gen, cfg.dtype, cfg.device)
+    v = torch.as_tensor(v0).reshape(-1).to(dtype=cfg.dtype, device=cfg.device)
+    if v.shape[0] != cfg.n or not torch.isfinite(v).all() or float(v.norm()) == 0.0:
+        raise ValueError(f"v0 must be a finite nonzero vector of length {cfg.n}")
+    return v / v.norm()
 
-    T = np.zeros((m + 1, m + 1))
-    omega_prev = np.zeros(m + 1)  # omega_{j-1, i} ~ q_{j-1} . q_i
-    omega = np.zeros(m + 1)       # omega_{j, i}   ~ q_j . q_i
-    num_mv = restarts = reorths = 0
-    j = 0           # vectors 0..j-1 have had their products taken; Q[j] is the current vector
-    start = 0       # first vector of the current Lanczos run (after a thick restart: the coupled one)
-    arrow = False   # whether T has an arrowhead block (after a restart)
-    force_reorth = False
-    anorm = 0.0
-    block_scores = np.full(k, -np.inf)  # wanted values (as scores) when the last fresh block began
 
-    while True:
-        qj = Q.get(j)
-        w = op.matvec(qj)
-        num_mv += 1
-        if w.dtype != dtype:
-            w = w.to(dtype)
-        elif w.data_ptr() == qj.data_ptr():
-            w = w.clone()
-        w = w.detach().contiguous()
-        noise = 2 * eps * anorm  # rounding added to q_{j+1}: raised below when the products are noisier
-        coupled = j == start and start > 0
-        if coupled:
-            # first step after a restart: couple to every kept vector (the arrowhead column)
-            h = Q.orthogonalize(w, j + 1)
-            T[: j + 1, j] = h
-            T[j, : j + 1] = h
-            reorths += 1
-        else:
-            if j > start:
-                back, alpha = Q.project(w, j - 1, j + 1).tolist()
-                # free symmetry probe: q_{j-1} . A q_j must equal beta_{j-1} = q_j . A q_{j-1}; the
-                # small mismatch of a symmetric operator measures its products' rounding (float32
-                # autograd through many layers is far noisier than eps * ||A||), which feeds the
-                # omega recurrence's noise term
-                mismatch = abs(back - T[j, j - 1])
-                noise = max(noise, mismatch)
-                if mismatch > max(100 * math.sqrt(op_eps), sym_floor) * anorm:
-                    if rounded:  # the rounded rows, not necessarily the operator: lanczos() retries in float32
-                        raise _RoundedBasisLost(f"symmetry mismatch {mismatch:.3g} at step {j}", num_mv)
-                    raise NotSymmetricError(
-                        f"the operator is not symmetric: q_(j-1).A q_j = {back:.6g} but q_j.A q_(j-1) = "
-                        f"{T[j, j - 1]:.6g} (step {j}): {NOT_SYMMETRIC_HINT}")
-                # w -= beta_{j-1} q_{j-1} + alpha_j q_j in one pass
-                Q.axpy(w, j - 1, j + 1, [-T[j, j - 1], -alpha])
-            else:
-                alpha = float(Q.project(w, j, j + 1)[0])
-                Q.axpy(w, j, j + 1, [-alpha])
-            T[j, j] = alpha
-        beta = Q.norm(w)
-        if not math.isfinite(beta + T[j, j]):
-            raise FloatingPointError("the operator returned NaN or inf; check the model, loss and data")
-        anorm = max(anorm, abs(T[j, j]) + beta + (abs(T[j, j - 1]) if j > 0 else 0.0))
+# =============================================================================================
+# iterate
+# =============================================================================================
+def _solve(op, k, which, tol, max_matvecs, seed, backend, return_eigenvectors, *, v0, basis, max_basis,
+           reorth, callback, block_size) -> LanczosResult:
+    """:func:`lanczos` for one basis storage: validate, iterate, extract."""
+    _validate(op, k, which, tol, max_matvecs, reorth, block_size)
+    backend = resolve_backend(backend, op.device)
+    storage, placement = storage_of(basis)
+    cfg = _config(op, k, which, tol, max_matvecs, reorth, callback, storage=storage, placement=placement,
+                  max_basis=max_basis, block_size=block_size)
+    gen = make_generator(seed, cfg.device)
+    if block_size > 1:
+        from .block import block_lanczos
 
-        # after a thick restart the kept Ritz vectors carry the previous cycle's semi-orthogonality
-        # (~sqrt(eps)), which the omega recurrence cannot see: reorthogonalize fully from then on
-        need = not coupled and j > 0 and (reorth == "full" or restarts > 0 or force_reorth
-                                          or (rounded and start > 0))
-        if not coupled and not need and j > start and beta > 0:
-            # partial reorthogonalization: omega_{j+1, i} ~ q_{j+1} . q_i for i < j (Simon 1984),
-            # from A q_i = sum_r T[r, i] q_r and beta_j q_{j+1} = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}
-            om = omega[: j + 1].copy()
-            om[j] = 1.0
-            omp = omega_prev[:j].copy()
-            omp[j - 1] = 1.0
-            est = T[: j + 1, :j].T @ om - T[j, j] * om[:j] - T[j, j - 1] * omp
-            est = (est + np.sign(est) * noise) / beta
-            omega_prev, omega = omega, np.zeros(m + 1)
-            omega[:j] = est
-            omega[j] = noise / beta
-            need = bool(np.max(np.abs(est)) > math.sqrt(eps))
-        elif not need:
-            omega_prev, omega = omega, np.full(m + 1, eps)
-        if need:
-            Q.orthogonalize(w, j + 1)
-            reorths += 1
-            beta = Q.norm(w)
-            force_reorth = not force_reorth and reorth == "partial"  # the next vector too (Simon)
-            omega_prev, omega = omega, np.full(m + 1, eps)
-        T[j + 1, j] = T[j, j + 1] = beta
-        j += 1
+        if backend != "torch" or basis != "device":
+            raise ValueError(f"block_size={block_size} needs backend='torch' and basis='device' "
+                             f"(got backend={backend!r}, basis={basis!r})")
+        return block_lanczos(op, cfg, block_size, gen, v0, return_eigenvectors)
+    Q = make_basis(backend, basis, cfg.max_basis, cfg.n, cfg.dtype, cfg.device)
+    Q.set(0, _start_vector(v0, cfg, gen))
+    state = LanczosState(op, cfg, Q, gen)
+    ritz = state.run()
+    return _extract(state, ritz, return_eigenvectors)
 
-        # Ritz values of the projected matrix and their residuals |beta_j s_{j,i}|
-        Tj = T[:j, :j]
-        if arrow:
-            theta, S = scipy.linalg.eigh(Tj)
-        else:
-            theta, S = scipy.linalg.eigh_tridiagonal(np.diag(Tj).copy(), np.diag(Tj, -1).copy())
-        residuals = np.abs(beta * S[j - 1, :])
-        order = _order(theta, which)
-        wanted = order[:k]
-        floor = math.sqrt(eps) * max(float(np.max(np.abs(theta))), anorm * eps)
-        ok = residuals[wanted] <= tol * np.maximum(np.abs(theta[wanted]), floor)
-        breakdown = beta <= eps ** 0.75 * max(anorm, 1e-300) or j >= n
-        if j >= n:
-            residuals[:] = 0.0  # the Krylov space is the whole space: Ritz pairs are exact
-        if callback is not None:
-            callback(num_mv, theta[wanted].copy(), residuals[wanted].copy())
-        enough = j >= k or j >= n
-        done = enough and (bool(ok.all()) or j >= n)
-        if breakdown and j < n:
-            # an invariant subspace is exhausted: the rest of the space is unexplored. Go on from a
-            # fresh vector until a block no longer improves the wanted values (finds repeated copies)
-            scores = np.full(k, -np.inf)
-            scores[: len(wanted)] = _score(theta[wanted], which)
-            margin = tol * np.maximum(np.abs(np.where(np.isfinite(scores), scores, 0.0)), floor)
-            improved = bool(np.any(scores > block_scores + margin))
-            block_scores = scores
-            done = done and not improved
-        if done:
-            result_idx = wanted
-            break
-        if num_mv >= max_iter:
-            result_idx = wanted
-            break
 
-        if breakdown:
-            # invariant subspace found: continue from a fresh vector orthogonal to the basis
-            q = _random_unit(n, gen, dtype, device)
-            Q.orthogonalize(q, j)
-            q = q / Q.norm(q)
-            T[j, j - 1] = T[j - 1, j] = 0.0
-            Q.set(j, q)
-            start = j
-            omega_prev, omega = np.zeros(m + 1), np.full(m + 1, eps)
-            if j < m:
-                continue  # (at j == m: restart below, with zero coupling)
-        else:
-            Q.set_scaled(j, w, beta)
+# =============================================================================================
+# extract
+# =============================================================================================
+def _extract(state: LanczosState, ritz: Ritz, return_eigenvectors: bool) -> LanczosResult:
+    idx = ritz.wanted
+    vectors = state.Q.ritz_vectors(ritz.S[:, idx], state.j) if return_eigenvectors else None
+    return make_result(ritz, idx, state.cfg, vectors, num_matvecs=state.num_mv, num_restarts=state.restarts,
+                       num_reorthogonalizations=state.reorths)
 
-        if j == m:  # thick restart (Wu & Simon 2000): keep the best Ritz vectors
-            keep_n = min(m - 1, max(k + (m - k) // 2, k + 1))
-            keep = order[:keep_n]
-            Y = S[:, keep]                                                   # (m, l)
-            coupling = beta * S[m - 1, keep] if not breakdown else np.zeros(keep_n)
-            Q.restart(Y, m, keep_n)                                          # Q[:l] <- Y^T Q[:m]
-            T[:] = 0.0
-            T[np.arange(keep_n), np.arange(keep_n)] = theta[keep]
-            T[keep_n, :keep_n] = T[:keep_n, keep_n] = coupling
-            j = start = keep_n
-            arrow = True
-            restarts += 1
-            omega_prev, omega = np.zeros(m + 1), np.full(m + 1, eps)
 
-    idx = result_idx
-    conv = residuals[idx] <= tol * np.maximum(np.abs(theta[idx]), floor)
-    vectors = None
-    if return_eigenvectors:
-        vectors = Q.ritz_vectors(S[:, idx], j)
+def make_result(ritz: Ritz, idx: np.ndarray, cfg: LanczosConfig, vectors: torch.Tensor | None,
+                **counts: int) -> LanczosResult:
+    """The :class:`LanczosResult` of the Ritz pairs ``idx``."""
     return LanczosResult(
-        eigenvalues=torch.as_tensor(theta[idx].copy(), dtype=torch.float64),
-        residuals=torch.as_tensor(residuals[idx].copy(), dtype=torch.float64),
-        converged=torch.as_tensor(conv),
-        num_matvecs=num_mv, num_restarts=restarts, num_reorthogonalizations=reorths,
-        eigenvectors=vectors, which=which,
-    )
+        eigenvalues=torch.as_tensor(ritz.theta[idx].copy(), dtype=torch.float64),
+        residuals=torch.as_tensor(ritz.residuals[idx].copy(), dtype=torch.float64),
+        converged=torch.as_tensor(ritz.converged(cfg.tol, idx)),
+        eigenvectors=vectors, which=cfg.which, **counts)
