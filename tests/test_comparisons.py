@@ -71,7 +71,7 @@ def test_a_loop_without_losses_is_measured_and_left_out_of_lr_transfer(tmp_path)
         model = MLP(width=width, in_features=8, out_features=4)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         path = tmp_path / f"w{width}.h5"
-        with ss.Recorder(path, model, opt, probe=(x, y), every=2, loss_fn=torch.nn.CrossEntropyLoss(),
+        with ss.Recorder(path, model, opt, batch=(x, y), every=2, loss_fn=torch.nn.CrossEntropyLoss(),
                          meta={"model_factory": "sharpscope.models:MLP",
                                "model_kwargs": {"width": width, "in_features": 8, "out_features": 4},
                                "width": width, "lr": 0.1}) as rec:

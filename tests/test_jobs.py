@@ -27,7 +27,7 @@ def _record(path, steps=6, every=2, hidden=16, optimizer="adam"):
     x, y = x[:64], y[:64]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2) if optimizer == "adam" else \
         torch.optim.SGD(model.parameters(), lr=0.1)
-    with ss.Recorder(path, model, opt, probe=(x, y), every=every, loss_fn=CE,
+    with ss.Recorder(path, model, opt, batch=(x, y), every=every, loss_fn=CE,
                      meta={"model_factory": "sharpscope.demo:digits_mlp",
                            "model_kwargs": {"hidden": hidden, "depth": 1}}) as rec:
         for _ in range(steps):
@@ -143,7 +143,7 @@ def test_job_rebuilds_a_parametrized_model(tmp_path):
     opt = ss.build_optimizer(groups, "adam")
     x, y = digits_data()
     x, y = x[:64], y[:64]
-    with ss.Recorder(tmp_path / "mup.h5", model, opt, probe=(x, y), every=3, loss_fn=CE,
+    with ss.Recorder(tmp_path / "mup.h5", model, opt, batch=(x, y), every=3, loss_fn=CE,
                      meta={"model_factory": "sharpscope.models:MLP", "model_kwargs": kwargs,
                            "parameterization": groups.record}) as rec:
         for _ in range(3):
@@ -176,7 +176,7 @@ def test_losses_logged_apart_from_the_checkpoints_do_not_hide_them(tmp_path):
     x, y = x[:64], y[:64]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "logged.h5"
-    with ss.Recorder(path, model, opt, probe=(x, y), every=2, loss_fn=CE,
+    with ss.Recorder(path, model, opt, batch=(x, y), every=2, loss_fn=CE,
                      meta={"model_factory": "sharpscope.demo:digits_mlp", "model_kwargs": {"hidden": 16, "depth": 1}}) as rec:
         for step in range(6):
             opt.zero_grad()

@@ -29,7 +29,7 @@ def _record(path, meta, model=None, optimizer="sgd"):
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1) if optimizer == "sgd" else \
         torch.optim.Adam(model.parameters(), lr=1e-2)
-    with ss.Recorder(path, model, opt, probe=(x, y), every=1, loss_fn=CE, meta=meta) as rec:
+    with ss.Recorder(path, model, opt, batch=(x, y), every=1, loss_fn=CE, meta=meta) as rec:
         for _ in range(2):
             opt.zero_grad()
             loss = CE(model(x), y)
