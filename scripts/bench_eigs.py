@@ -379,18 +379,18 @@ def worker_calibrate(path: Path, samples: int) -> dict:
     timed("raw-double-backward", lambda: full_hvp(model, loss_fn, data, params, v_split))
     timed("gradient", lambda: torch.autograd.grad(loss_fn(model(x), y), params))
     hvp = retained_graph_hvp_fn(model, loss_fn, data, params)
-    timed("retained-graph", lambda: hvp(v_split))
-    del hvp
+    timed("retained-graph", lambda hvp=hvp: hvp(v_split))
+    hvp = None
     try:
         import sharpscope as ss
 
         v = torch.cat([t.reshape(-1) for t in v_split])
         for mode in ("reverse", "forward", "cached"):
             H = ss.hessian_operator(model, loss_fn, data, hvp_mode=mode)
-            timed(f"sharpscope-{mode}", lambda: H.matvec(v))  # the warm-up call builds the cache
+            timed(f"sharpscope-{mode}", lambda H=H: H.matvec(v))  # the warm-up call builds the cache
             if H.hvp_mode != mode:
                 out[f"sharpscope-{mode}-fell-back-to"] = H.hvp_mode
-            del H
+            H = None
     except Exception as err:  # noqa: BLE001 - reported, the peers are still measured
         out["sharpscope_error"] = f"{type(err).__name__}: {err}"
     out["spreads"] = spreads
@@ -506,7 +506,8 @@ def make_rows(runs: dict[str, list[dict]], calib: dict, ref: dict) -> list[Row]:
                         hvp_units=seconds / raw if raw else None,
                         overhead=seconds / (hvps * unit) if unit and hvps else None,
                         overhead_basis=first["hvp_kind"],
-                        outside_seconds=statistics.median(r["seconds"] - r["hvp_seconds"] for r in ok), peak_mib=max(r["peak_rss_mib"] for r in ok),
+                        outside_seconds=statistics.median(r["seconds"] - r["hvp_seconds"] for r in ok),
+                        peak_mib=max(r["peak_rss_mib"] for r in ok),
                         extra_mib=max(r["extra_rss_mib"] for r in ok), error=error,
                         eigenvalues=first["eigenvalues"], note="; ".join(notes)))
     base = next((r for r in rows if r.tool == BASELINE and r.hvps), None)

@@ -220,12 +220,12 @@ def measure_batching(problem: Problem, device: torch.device, repeats: int, small
         H.matmat(torch.randn(H.shape[0], 4, device=device))  # cached graph, modes settled
         for width in (1, 4, 16):
             V = torch.randn(H.shape[0], width, device=device)
-            out["per_vector_ms"][(b, width)] = timed(lambda: H.matmat(V), device, max(repeats, 3))[0] / width * 1e3
+            out["per_vector_ms"][(b, width)] = timed(lambda H=H, V=V: H.matmat(V), device, max(repeats, 3))[0] / width * 1e3
     probes, steps = (3, 8) if small else (10, 80)
     out["slq_shape"] = (probes, steps)
     for b, H in ops.items():
-        out[("hutchpp", b)] = timed(lambda: ss.hutchpp_trace(H, 99), device, repeats)[0]
-        out[("slq", b)] = timed(lambda: ss.spectral_density(H, probes, steps), device, repeats)[0]
+        out[("hutchpp", b)] = timed(lambda H=H: ss.hutchpp_trace(H, 99), device, repeats)[0]
+        out[("slq", b)] = timed(lambda H=H: ss.spectral_density(H, probes, steps), device, repeats)[0]
     H = ss.hessian_operator(model, CE, data)
     H.matmat(torch.randn(H.shape[0], 16, device=device))  # batched=None measures on this 16-column block
     single = timed(lambda: ss.lanczos(H, k=K), device, 1)[1]  # warm-up

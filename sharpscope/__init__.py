@@ -7,29 +7,41 @@ eigensolver (:func:`lanczos`) and randomized estimators (:func:`hutchinson_trace
 (:class:`Recorder`, :func:`open_run`) and offline spectrum jobs (``sharpscope spectrum``).
 """
 from ._version import __version__
-from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
-from .estimators import (SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace,
-                         spectral_density)
-from .lanczos import LanczosResult, lanczos
-from .linop import (NotSymmetricError, StaleOperatorError, StochasticForwardError, SymmetricOperator,
-                    SymmetryCheck, as_operator, check_symmetry)
-from .operators import (GGNOperator, HessianOperator, NTKOperator, ggn_operator, hessian_operator,
-                        ntk_operator)
-from .preconditioning import (PreconditionedOperator, effective_step_sizes,
-                              preconditioned_hessian_operator, stability_threshold)
+from .analysis.comparisons import analyze, collect
 from .analysis.consistency import edge_of_stability, eos_threshold, lr_transfer, super_consistency, to_long_table
+from .analysis.report import write_report
 from .coordcheck import CoordCheckResult, coord_check, plot_coord_check
+from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
+from .estimators import SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace, spectral_density
+from .lanczos import LanczosResult, lanczos
+from .linop import (
+                         NotSymmetricError,
+                         StaleOperatorError,
+                         StochasticForwardError,
+                         SymmetricOperator,
+                         SymmetryCheck,
+                         as_operator,
+                         check_symmetry,
+)
 from .models import CNN, FAMILIES, MLP, MoE, MoELayer, Transformer, build_model
+from .operators import GGNOperator, HessianOperator, NTKOperator, ggn_operator, hessian_operator, ntk_operator
 from .optim import OptimizerList, build_optimizer
-from .param import (PARAMETERIZATIONS, Exponents, Parameterization, ParamGroups, infer_roles, lr_exponent,
-                    parametrize, parametrize_from_record)
+from .param import (
+                         PARAMETERIZATIONS,
+                         Exponents,
+                         Parameterization,
+                         ParamGroups,
+                         infer_roles,
+                         lr_exponent,
+                         parametrize,
+                         parametrize_from_record,
+)
+from .preconditioning import PreconditionedOperator, effective_step_sizes, preconditioned_hessian_operator, stability_threshold
 from .registry import UntrustedNameError, register_loss, register_model, register_optimizer
 from .runs.callbacks import huggingface_callback, lightning_callback
 from .runs.capture import Recorder, every_schedule, log_schedule
-from .runs.store import Run, RunFileError, RunWriter, open_run
 from .runs.jobs import run_spectrum_job
-from .analysis.comparisons import analyze, collect
-from .analysis.report import write_report
+from .runs.store import Run, RunFileError, RunWriter, open_run
 from .sweep import load_probe, run_sweep
 
 __all__ = [

@@ -41,8 +41,8 @@ class StaleOperatorError(RuntimeError):
 class SymmetryCheck:
     """Result of :func:`check_symmetry`: ``relative_error = |u.Av - v.Au| / (|u| |Av| + |v| |Au|)``."""
 
-    u_Av: float
-    v_Au: float
+    u_Av: float  # noqa: N815 - the math's own names, public since 0.1
+    v_Au: float  # noqa: N815
     relative_error: float
     tolerance: float
 

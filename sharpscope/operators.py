@@ -67,8 +67,7 @@ import torch
 from torch import nn
 
 from ._memory import memory_budget
-from .functional import (BatchNormMode, ModelFunction, as_batches, check_loss, check_targets, describe_change,
-                         loss_reduction_weight)
+from .functional import BatchNormMode, ModelFunction, as_batches, check_loss, check_targets, describe_change, loss_reduction_weight
 from .linop import StaleOperatorError, StochasticForwardError, SymmetricOperator
 
 __all__ = ["hessian_operator", "ggn_operator", "ntk_operator", "HessianOperator", "GGNOperator",

@@ -61,7 +61,7 @@ def working_rows(Q: KrylovBasis, lo: int, hi: int) -> torch.Tensor | None:
 
 
 def three_term(Q: KrylovBasis, w: torch.Tensor, lo: int, j: int, beta_prev: float) -> tuple[np.ndarray, float]:
-    """One Lanczos update in place: ``h = Q[lo:j+1] w`` (``lo`` is ``j - 1`` or ``j``), then
+    r"""One Lanczos update in place: ``h = Q[lo:j+1] w`` (``lo`` is ``j - 1`` or ``j``), then
     ``w -= beta_prev q_{j-1} + h[-1] q_j`` (only ``h[-1] q_j`` when ``lo == j``), ``beta = ||w||``.
 
     Returns ``(h, beta)`` on the host (float64 array, float): ``h[-1]`` is ``alpha_j``, ``h[0]`` (two

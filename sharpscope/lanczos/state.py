@@ -46,7 +46,7 @@ def scores(theta: np.ndarray, which: str) -> np.ndarray:
     return np.sort(score)[::-1]
 
 
-class RoundedBasisLost(RuntimeError):
+class RoundedBasisLost(RuntimeError):  # noqa: N818 - internal; caught by lanczos() to solve again
     """The bfloat16-stored basis lost orthogonality (seen as a symmetry mismatch of the recurrence)."""
 
     def __init__(self, message: str, num_matvecs: int) -> None:
