@@ -80,15 +80,13 @@ def resolve_group(distributed: Any) -> "RankGroup | None":
     dist = _dist()
     if not dist.is_available():
         raise ValueError("distributed= needs torch.distributed, which this torch build lacks")
+    if distributed is not True and not isinstance(distributed, dist.ProcessGroup):
+        raise TypeError(f"distributed must be None, False, True or a torch.distributed ProcessGroup, "
+                        f"got {type(distributed).__name__}")
     if not dist.is_initialized():
         raise ValueError("distributed=True needs an initialized process group: call "
                          "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
-    if distributed is True:
-        return RankGroup(dist.group.WORLD)
-    if isinstance(distributed, dist.ProcessGroup):
-        return RankGroup(distributed)
-    raise TypeError(f"distributed must be None, False, True or a torch.distributed ProcessGroup, "
-                    f"got {type(distributed).__name__}")
+    return RankGroup(dist.group.WORLD if distributed is True else distributed)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -283,24 +283,28 @@ class ShardedHessianOperator(SymmetricOperator):
         return out
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        with self._deterministic():
-            if not self._deterministic_checked:
-                self._check_deterministic()
-            norm = float(v.norm())
-            if norm == 0.0:
-                return torch.zeros_like(v)
-            eps = fd_step(self.dtype, self._norm_theta(), norm)
-            directions = self._directions(v)
-            saved = [p.detach().clone() for p in self.params]
-            try:
-                def gradient_at(step: float) -> torch.Tensor:
-                    with perturbed(self.params, saved, directions, step):
-                        return self._gradient()
-
-                out = central_difference(gradient_at, eps)
-            finally:
-                self._fingerprint = self._fp()  # our own writes, restored bit-exactly: not a change
+        try:
+            with self._deterministic():
+                out = self._product(v)
+        finally:
+            self._fingerprint = self._fp()  # our own writes, restored bit-exactly (and flags): not a change
         error = None if bool(torch.isfinite(out).all()) else FloatingPointError(
             "the finite-difference product is NaN or inf: check the data, loss and model")
         self.group.agree(error)
         return out
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        if not self._deterministic_checked:
+            self._check_deterministic()
+        norm = float(v.norm())
+        if norm == 0.0:
+            return torch.zeros_like(v)
+        eps = fd_step(self.dtype, self._norm_theta(), norm)
+        directions = self._directions(v)
+        saved = [p.detach().clone() for p in self.params]
+
+        def gradient_at(step: float) -> torch.Tensor:
+            with perturbed(self.params, saved, directions, step):
+                return self._gradient()
+
+        return central_difference(gradient_at, eps)

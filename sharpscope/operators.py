@@ -515,7 +515,7 @@ class CurvatureOperator(SymmetricOperator):
         self._column_bytes: int | None = None
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self._with_fallbacks(self._block_product, V)
+        return self._reduced(self._block_product, V)
 
     def _block_product(self, V: torch.Tensor) -> torch.Tensor:
         """``A V`` as rows: chunks of columns, batched or not (:meth:`_plan`); single columns and the
