@@ -218,7 +218,7 @@ def test_bad_input_is_one_line():
 
 def test_the_step_rule():
     u64, u32 = torch.finfo(torch.float64).eps / 2, torch.finfo(torch.float32).eps / 2
-    assert fd_step(torch.float64, 10.0, 1.0) == pytest.approx((3 * u64) ** (1 / 3) * 10)
-    assert fd_step(torch.float32, 0.01, 2.0) == pytest.approx((3 * u32) ** (1 / 3) / 2)  # the floor of 1
+    assert fd_step(torch.float64, 10.0, 1.0) == pytest.approx(0.1 * (3 * u64) ** (1 / 3) * 10)
+    assert fd_step(torch.float32, 0.01, 2.0) == pytest.approx(0.1 * (3 * u32) ** (1 / 3) / 2)  # the floor of 1
     H = ss.hessian_operator(make_mlp(0), CE, make_data("mlp", 0), hvp_mode=FD)
     assert torch.equal(H.matvec(torch.zeros(H.shape[0], dtype=torch.float64)), torch.zeros(H.shape[0], dtype=torch.float64))
