@@ -157,3 +157,19 @@ def test_distributed_needs_an_initialized_group():
         assert "\n" not in str(err.value)
     with pytest.raises(TypeError, match="distributed must be"):
         ss.hessian_operator(make_mlp(0), nn.CrossEntropyLoss(), make_data("mlp", 0), distributed="yes")
+
+
+def test_the_torchrun_script_runs(tmp_path):
+    out = tmp_path / "ddp.json"
+    script = WORKER.parent.parent / "scripts" / "ddp_sharpness.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), str(script), "--steps", "2", "--k", "2", "--products", "1", "--fd",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=LIMIT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["backend"] == "gloo" and result["shards"] == [899, 898]
+    single = torch.tensor(result["single"]["eigenvalues"], dtype=torch.float64)
+    _close(result["distributed"]["eigenvalues"], single, 1e-10)
+    _close(result["distributed_fd"]["eigenvalues"], single, 1e-6)
+    assert "| distributed |" in proc.stdout
