@@ -31,7 +31,7 @@ import scipy.linalg
 import torch
 
 from ._memory import memory_budget
-from .linop import SymmetricOperator, matmat, pinned
+from .linop import SymmetricOperator, matmat, pinned, same_on_all_ranks
 
 __all__ = ["hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
            "lanczos_tridiagonal"]
@@ -48,10 +48,11 @@ class TraceEstimate:
     method: str = "hutchinson"
 
 
-def _rademacher(n: int, count: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``count`` Rademacher rows (drawn on the CPU: the same numbers on every device for a seed)."""
-    z = torch.randint(0, 2, (count, n), generator=gen, dtype=torch.int8)
-    return (2 * z - 1).to(device=device).to(dtype=dtype)
+def _rademacher(op, count: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` Rademacher rows for ``op`` (drawn on the CPU: the same numbers on every device for a seed;
+    rank 0's on every rank of a data-parallel operator)."""
+    z = torch.randint(0, 2, (count, op.shape[0]), generator=gen, dtype=torch.int8)
+    return same_on_all_ranks(op, (2 * z - 1).to(device=op.device).to(dtype=op.dtype))
 
 
 def _check_probes(num_probes: int, minimum: int = 1) -> None:
@@ -84,10 +85,9 @@ def hutchinson_trace(op: SymmetricOperator, num_probes: int = 100, seed: int = 0
 
 def _hutchinson(op: SymmetricOperator, num_probes: int, seed: int, block: int) -> TraceEstimate:
     gen = torch.Generator().manual_seed(seed)
-    n = op.shape[0]
-    parts = [_quadratic_forms(op, _rademacher(n, min(block, num_probes - i), gen, op.dtype, op.device))
+    parts = [_quadratic_forms(op, _rademacher(op, min(block, num_probes - i), gen))
              for i in range(0, num_probes, block)]
-    samples = torch.cat(parts).double().cpu().numpy()
+    samples = same_on_all_ranks(op, torch.cat(parts)).double().cpu().numpy()
     return TraceEstimate(float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(num_probes)),
                          num_probes, samples)
 
@@ -109,12 +109,13 @@ def _hutchpp(op: SymmetricOperator, third: int, seed: int) -> TraceEstimate:
     n = op.shape[0]
     third = min(third, n)
     gen = torch.Generator().manual_seed(seed)
-    S = _rademacher(n, third, gen, op.dtype, op.device).T
+    S = _rademacher(op, third, gen).T
     Qs, _ = torch.linalg.qr(matmat(op, S))
     exact = torch.trace(Qs.T @ matmat(op, Qs))
-    G = _rademacher(n, third, gen, op.dtype, op.device).T
+    G = _rademacher(op, third, gen).T
     G = G - Qs @ (Qs.T @ G)
-    values = torch.cat([exact.reshape(1), torch.linalg.vecdot(G, matmat(op, G), dim=0)]).double().cpu().numpy()
+    values = torch.cat([exact.reshape(1), torch.linalg.vecdot(G, matmat(op, G), dim=0)])
+    values = same_on_all_ranks(op, values).double().cpu().numpy()
     exact, samples = float(values[0]), values[1:]
     std = samples.std(ddof=1) / math.sqrt(third) if third > 1 else float("nan")
     return TraceEstimate(exact + float(samples.mean()), float(std), 3 * third, samples, method="hutch++")
@@ -220,12 +221,25 @@ def _slq(op: SymmetricOperator, num_probes: int, num_steps: int, seed: int, bloc
     nodes, weights = [], []
     before = op.num_matvecs
     for i in range(0, num_probes, block):
-        Z = _rademacher(op.shape[0], min(block, num_probes - i), gen, op.dtype, op.device)
+        Z = _rademacher(op, min(block, num_probes - i), gen)
         for alpha, beta in _lanczos_tridiagonal_block(op, Z, num_steps):
             theta, S = scipy.linalg.eigh_tridiagonal(alpha, beta)
             nodes.append(theta)
             weights.append(S[0, :] ** 2)
+    nodes, weights = _quadrature_on_all_ranks(op, nodes, weights)
     return SpectralDensity(nodes, weights, op.num_matvecs - before, op.shape[0])
+
+
+def _quadrature_on_all_ranks(op, nodes: list[np.ndarray], weights: list[np.ndarray]):
+    """Rank 0's nodes and weights on every rank of a data-parallel operator (unchanged otherwise)."""
+    packed = torch.as_tensor(np.concatenate(nodes + weights))
+    shared = same_on_all_ranks(op, packed)
+    if shared is packed:
+        return nodes, weights
+    flat = shared.cpu().numpy()
+    sizes = [len(t) for t in nodes + weights]
+    parts = np.split(flat, np.cumsum(sizes)[:-1])
+    return parts[: len(nodes)], parts[len(nodes):]
 
 
 class _LockstepLanczos:

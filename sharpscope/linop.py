@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["SymmetricOperator", "SymmetryCheck", "NotSymmetricError", "StochasticForwardError",
            "StaleOperatorError", "check_symmetry", "NOT_SYMMETRIC_HINT", "as_operator", "DenseOperator",
-           "FunctionOperator"]
+           "FunctionOperator", "same_on_all_ranks", "after_asymmetry"]
 
 NOT_SYMMETRIC_HINT = ("either the products are random (a forward pass that stays stochastic in eval mode, e.g. "
                       "F.dropout(training=True) or input noise, or a shuffled data order) or an op's double "
@@ -103,6 +103,23 @@ class SymmetricOperator:
     def _dependencies(self) -> tuple["SymmetricOperator", ...]:
         """Operators whose products this one takes (pinned together with it)."""
         return ()
+
+    # -- several processes, and switching products ---------------------------------------------
+    def same_on_all_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as rank 0 holds it, on every rank: solvers and estimators pass their random vectors (start
+        vectors, probes) and their results through it. The identity for an operator on one process; a
+        data-parallel operator (``distributed=``) broadcasts from rank 0; a wrapper asks the operator it
+        wraps."""
+        for dep in self._dependencies():
+            return dep.same_on_all_ranks(x)
+        return x
+
+    def _after_asymmetry(self, error: "NotSymmetricError", num_matvecs: int) -> bool:
+        """Called by a solver whose symmetry probe failed after ``num_matvecs`` products: True when the
+        operator switched to a product that cures it (the solver then restarts the solve: its Krylov space
+        belongs to the wrong matrix); it may also raise a more precise error. Default: ask the wrapped
+        operators; else False (the solver raises ``error``)."""
+        return any(dep._after_asymmetry(error, num_matvecs) for dep in self._dependencies())
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``A V`` for a 2-D tensor ``V`` of shape ``(n, m)``; counts ``m`` products.
@@ -216,8 +233,8 @@ def check_symmetry(op: SymmetricOperator, seed: int = 0, tol: float | None = Non
     gen = torch.Generator().manual_seed(seed)
     with pinned(op):
         n = op.shape[0]
-        u = torch.randn(n, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
-        v = torch.randn(n, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
+        u = same_on_all_ranks(op, torch.randn(n, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device))
+        v = same_on_all_ranks(op, torch.randn(n, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device))
         Av, Au = op.matvec(v), op.matvec(u)
     uAv, vAu = float(torch.dot(u, Av)), float(torch.dot(v, Au))
     scale = float(u.norm() * Av.norm() + v.norm() * Au.norm())
@@ -235,6 +252,19 @@ def matmat(op, V: torch.Tensor) -> torch.Tensor:
     if callable(mm):
         return mm(V)
     return torch.stack([op.matvec(V[:, i]) for i in range(V.shape[1])], dim=1)
+
+
+def same_on_all_ranks(op, x: torch.Tensor) -> torch.Tensor:
+    """``op.same_on_all_ranks(x)`` for a :class:`SymmetricOperator` (rank 0's ``x`` on a data-parallel
+    operator), ``x`` itself for other objects with a ``matvec``."""
+    share = getattr(op, "same_on_all_ranks", None)
+    return share(x) if callable(share) else x
+
+
+def after_asymmetry(op, error: NotSymmetricError, num_matvecs: int) -> bool:
+    """``op._after_asymmetry(error, num_matvecs)`` where the operator has it; False for other objects."""
+    hook = getattr(op, "_after_asymmetry", None)
+    return bool(hook(error, num_matvecs)) if callable(hook) else False
 
 
 def pinned(op) -> contextlib.AbstractContextManager:

@@ -22,11 +22,20 @@ HVP strategies (``hvp_mode``):
   backward (about half the cost of ``"reverse"``; PyHessian's trick). Needs the graphs of all
   batches in memory; their size is measured while they are built (saved-tensor hooks) and the
   operator falls back to ``"reverse"`` when it exceeds ``graph_memory_budget``.
+* ``"finite-difference"`` -- central differences of gradients (of outputs for the GGN's and the NTK's
+  Jacobian products), :mod:`sharpscope.finite_difference`: first derivatives only, for ops without a
+  usable double backward; the parameters are not written (the perturbed values are passed functionally).
 * ``"auto"`` (default) -- ``"cached"`` when the graphs fit the budget; else the first four
   products alternate ``"reverse"`` and ``"forward"`` and the faster is kept (on the 2-core CPU,
   scripts/bench_eigs.py measured double backward 1.32x faster than forward-over-reverse on an MLP
   and 0.81x as fast on a CNN). If an op has no double backward (fused SDPA attention kernels) the
-  product is retried with the math attention kernel, then with the other mode, with a warning.
+  product is retried with the math attention kernel, then with the other mode, then by finite
+  differences, with a warning at each rung. An op whose double backward is silently wrong (a custom
+  ``autograd.Function`` with ``@once_differentiable``) is caught by the Lanczos symmetry probe: a
+  failure within the first :data:`SWITCH_WITHIN` products, on a model that passed the determinism
+  check, switches the operator to finite differences with a one-line warning and :func:`~sharpscope.lanczos`
+  restarts its solve (both attempts' products counted); later failures raise as before, and a failure
+  in finite-difference mode means random products.
 
 Batched products (``batched``, for :meth:`~sharpscope.linop.SymmetricOperator.matmat`: Hutchinson,
 Hutch++ and SLQ probes, block Lanczos): a block of ``m`` vectors is multiplied either one column at a
@@ -57,6 +66,7 @@ graph would otherwise freeze one dropout mask or one noise draw into a symmetric
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -66,15 +76,19 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
+from . import finite_difference as fd
 from ._memory import memory_budget
+from .distributed import RankGroup, local_sample_count, model_signature, resolve_group, unwrap_model
 from .functional import BatchNormMode, ModelFunction, as_batches, check_loss, check_targets, describe_change, loss_reduction_weight
-from .linop import StaleOperatorError, StochasticForwardError, SymmetricOperator
+from .linop import NotSymmetricError, StaleOperatorError, StochasticForwardError, SymmetricOperator
 
 __all__ = ["hessian_operator", "ggn_operator", "ntk_operator", "HessianOperator", "GGNOperator",
            "NTKOperator", "CurvatureOperator", "loss_output_hvp"]
 
-HvpMode = Literal["auto", "reverse", "forward", "cached"]
-_MODES = ("auto", "reverse", "forward", "cached")
+HvpMode = Literal["auto", "reverse", "forward", "cached", "finite-difference"]
+_FD = "finite-difference"
+_MODES = ("auto", "reverse", "forward", "cached", _FD)
+SWITCH_WITHIN = 8  # auto: a symmetry failure within this many products switches to finite differences
 _TRIAL = ("reverse", "forward", "reverse", "forward")  # auto, no cache: warm-up pair, then a timed pair
 _BATCH_TRIAL = (True, False, True, False)  # batched=None: warm-up pair, then a timed pair
 _TRIAL_BLOCK = 8   # batched=None measures on a block of at least this many columns, in chunks of
@@ -211,6 +225,11 @@ class CurvatureOperator(SymmetricOperator):
         self._total: int | None = None
         self.batched = batched
         self._reset_batching()
+        self._group: RankGroup | None = None  # data-parallel: set by distribute()
+        self._rank_weight = 1.0               # N_local / N_global (1 for a summed loss)
+        self._deferred: Exception | None = None
+        self._in_guard = False
+        self._fd_theta: tuple[Any, float] | None = None
 
     # -- data --------------------------------------------------------------------------------
     @property
@@ -232,6 +251,21 @@ class CurvatureOperator(SymmetricOperator):
 
     # -- following the live model ----------------------------------------------------------------
     def _sync(self) -> None:
+        try:
+            self._follow_model()
+        except Exception as err:
+            if not self._defer(err):
+                raise
+
+    def _defer(self, err: Exception) -> bool:
+        """On a data-parallel operator outside a guarded product, keep a staleness or rebuild error for the
+        next product, which reports it to every rank (raising here would leave the others waiting)."""
+        if self._group is None or self._in_guard:
+            return False
+        self._deferred = err
+        return True
+
+    def _follow_model(self) -> None:
         now = self.fn.fingerprint()
         if now == self._fingerprint:
             return
@@ -318,7 +352,29 @@ class CurvatureOperator(SymmetricOperator):
 
     # -- products with fallbacks --------------------------------------------------------------
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self._with_fallbacks(self._product, v)
+        return self._reduced(self._product, v)
+
+    def _reduced(self, product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``product(x)`` with fallbacks; on a data-parallel operator, weighted and summed over the ranks
+        (an error or a NaN on any rank raised on every rank: :mod:`sharpscope.distributed`)."""
+        if self._group is None:
+            return self._with_fallbacks(product, x)
+        return self._group.sum_products(lambda: self._guarded(lambda: self._with_fallbacks(product, x)),
+                                        self._rank_weight, tuple(x.shape), self.dtype, self.device)
+
+    def _guarded(self, compute: Callable[[], Any]) -> Any:
+        """``compute()`` inside a rank-guarded collective: a deferred error is raised here, as are new ones."""
+        self._in_guard = True
+        try:
+            if self._deferred is not None:
+                err, self._deferred = self._deferred, None
+                raise err
+            return compute()
+        finally:
+            self._in_guard = False
+
+    def same_on_all_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._group is None else self._group.broadcast(x)
 
     def _with_fallbacks(self, product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``product(x)`` in the deterministic context, down the fallback ladder on unsupported derivatives."""
@@ -353,9 +409,35 @@ class CurvatureOperator(SymmetricOperator):
             warnings.warn(f"{type(self).__name__}: derivative still unsupported ({reason}); "
                           f"switching to hvp_mode={self.hvp_mode!r}", RuntimeWarning, stacklevel=4)
             return
+        if self.requested_mode == "auto" and self.hvp_mode != _FD:
+            self._switch_to_fd(f"torch has no second derivative for an op: {reason}")
+            return
         raise err
 
+    def _switch_to_fd(self, reason: str) -> None:
+        """``auto`` only: products by finite differences from now on, with a one-line warning."""
+        self.hvp_mode = _FD
+        self._graphs = None
+        warnings.warn(f"{type(self).__name__}: {reason}; switching to hvp_mode='finite-difference' (first "
+                      "derivatives only)", RuntimeWarning, stacklevel=5)
+
+    def _after_asymmetry(self, error: NotSymmetricError, num_matvecs: int) -> bool:
+        """A symmetry failure seen by a solver: in ``auto`` mode within the first :data:`SWITCH_WITHIN` products
+        on a model that passed the determinism check, an op's double backward is wrong or missing: switch to
+        finite differences (True: the solver restarts). In finite-difference mode the products are random."""
+        if self.hvp_mode == _FD:
+            raise NotSymmetricError(f"{type(self).__name__}: {str(error).split(': either')[0]}: "
+                                    f"{fd.FD_RANDOM_HINT}") from error
+        if self.requested_mode != "auto" or not self._deterministic_checked or num_matvecs > SWITCH_WITHIN:
+            return False
+        self._switch_to_fd(f"the products failed the symmetry test after {num_matvecs} products on a deterministic "
+                           "model, so an op's double backward is wrong or missing (e.g. a custom autograd.Function "
+                           "with @once_differentiable)")
+        return True
+
     def _product(self, v: torch.Tensor) -> torch.Tensor:
+        if self.hvp_mode == _FD:
+            return self._fd_product(v)
         if self.hvp_mode == "cached":
             graphs = self._cached_graphs()
             if graphs is not None:
@@ -432,7 +514,7 @@ class CurvatureOperator(SymmetricOperator):
         self._column_bytes: int | None = None
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self._with_fallbacks(self._block_product, V)
+        return self._reduced(self._block_product, V)
 
     def _block_product(self, V: torch.Tensor) -> torch.Tensor:
         """``A V`` as rows: chunks of columns, batched or not (:meth:`_plan`); single columns and the
@@ -441,7 +523,7 @@ class CurvatureOperator(SymmetricOperator):
         out = torch.empty(m, self.shape[0], dtype=self.dtype, device=self.device)
         i = 0
         while i < m:
-            if self.hvp_mode == "measuring" or m - i == 1:
+            if self.hvp_mode in ("measuring", _FD) or m - i == 1:
                 out[i] = self._product(rows[i])
                 i += 1
                 continue
@@ -565,6 +647,43 @@ class CurvatureOperator(SymmetricOperator):
     def _forward_product(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def _fd_product(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- finite differences (sharpscope/finite_difference.py) ---------------------------------------
+    def _fd_step(self, v: torch.Tensor) -> float:
+        """The central-difference step for direction ``v`` (0.0 for a zero vector)."""
+        if self._fd_theta is None or self._fd_theta[0] is not self.fn:
+            norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in self.fn.params))
+            self._fd_theta = (self.fn, norm)
+        v_norm = float(v.norm())
+        return fd.fd_step(self.dtype, self._fd_theta[1], v_norm) if v_norm > 0 else 0.0
+
+    def _fd_outputs_jvp(self, vs, eps: float, batch) -> torch.Tensor:
+        """``J_b v`` by central differences of the batch's outputs (no graph)."""
+        theta = [p.detach() for p in self.fn.params]
+        with torch.no_grad():
+            return fd.central_difference(lambda s: self.fn(fd.shifted(theta, vs, s), batch.inputs), eps)
+
+
+def _summed_over_ranks(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A full-data quantity (gradient, loss) of a data-parallel operator: this rank's, weighted and summed
+    over the ranks in one guarded ``all_reduce``."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self._group is None:
+            return method(self, *args, **kwargs)
+        scalar = method.__name__ == "loss"
+        shape = () if scalar else (self.shape[0],)
+
+        def local():
+            out = self._guarded(lambda: method(self, *args, **kwargs))
+            return torch.tensor(out, dtype=torch.float64, device=self.device) if scalar else out
+        out = self._group.sum_products(local, self._rank_weight, shape, torch.float64 if scalar else self.dtype,
+                                       self.device)
+        return float(out) if scalar else out
+    return wrapper
+
 
 class HessianOperator(CurvatureOperator):
     r"""The Hessian :math:`H = \sum_b \frac{n_b}{N} \nabla^2 L_b` of the loss w.r.t. the selected parameters."""
@@ -601,8 +720,28 @@ class HessianOperator(CurvatureOperator):
             acc.add_(self.fn.flatten(hv), alpha=self._weight(batch.size))
         return acc
 
+    def _fd_product(self, v):
+        """``(g(theta + eps v) - g(theta - eps v)) / (2 eps)``, the gradients at new parameter tensors."""
+        eps = self._fd_step(v)
+        if eps == 0.0:
+            return torch.zeros_like(v)
+        theta, vs = [p.detach() for p in self.fn.params], self.fn.unflatten(v)
+
+        def gradient_at(step: float) -> torch.Tensor:
+            ps = [t.requires_grad_(True) for t in fd.shifted(theta, vs, step)]
+            acc = None
+            for batch in self.batches:
+                loss = self._loss(self.fn(ps, batch.inputs), batch)
+                acc = _accumulate(acc, self.fn.flatten(torch.autograd.grad(loss, ps, allow_unused=True)),
+                                  self._weight(batch.size))
+            return acc
+
+        return fd.central_difference(gradient_at, eps)
+
+    @_summed_over_ranks
     def gradient(self) -> torch.Tensor:
-        """The full-data gradient as a flat vector (one backward per batch)."""
+        """The full-data gradient as a flat vector (one backward per batch; over all ranks' data on a
+        data-parallel operator)."""
         self._sync()
         acc = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         with torch.enable_grad(), self.fn.deterministic(), self._context():
@@ -612,8 +751,9 @@ class HessianOperator(CurvatureOperator):
                 acc.add_(self.fn.flatten(g), alpha=self._weight(batch.size))
         return acc
 
+    @_summed_over_ranks
     def loss(self) -> float:
-        """The full-data loss at the current parameters."""
+        """The full-data loss at the current parameters (over all ranks' data on a data-parallel operator)."""
         self._sync()
         total = 0.0
         with torch.no_grad(), self.fn.deterministic(), self._context():
@@ -693,6 +833,22 @@ class GGNOperator(CurvatureOperator):
             hjv = loss_output_hvp(self.loss_fn, outputs, batch.targets, jv)
             _, vjp_fn = torch.func.vjp(f, primals)
             acc.add_(self.fn.flatten(vjp_fn(hjv)[0]), alpha=self._weight(batch.size))
+        return acc
+
+    def _fd_product(self, v):
+        """``J^T H_L J v`` with ``J v`` by central differences of the outputs, ``J^T u`` by one backward."""
+        eps = self._fd_step(v)
+        if eps == 0.0:
+            return torch.zeros_like(v)
+        vs, acc = self.fn.unflatten(v), torch.zeros_like(v)
+        for batch in self.batches:
+            jv = self._fd_outputs_jvp(vs, eps, batch)
+            outputs = self.fn(self.fn.params, batch.inputs)
+            if not self._checked:
+                self._loss(outputs, batch)
+            hjv = loss_output_hvp(self.loss_fn, outputs, batch.targets, jv)
+            jt = torch.autograd.grad(outputs, self.fn.params, hjv, allow_unused=True)
+            acc.add_(self.fn.flatten(jt), alpha=self._weight(batch.size))
         return acc
 
     def _forward_batched(self, rows):
@@ -790,6 +946,18 @@ class NTKOperator(CurvatureOperator):
         ws = self.fn.unflatten(w)
         return torch.cat([torch.func.jvp(f, (primals,), (ws,))[1].reshape(-1) for f in fs])
 
+    def _fd_product(self, u):
+        """``J (J^T u)``: ``J^T u`` by one backward per batch, ``J w`` by central differences of the outputs."""
+        w = torch.zeros(self.fn.dim, dtype=self.dtype, device=self.device)
+        for batch, ub in zip(self.batches, self._split(u)):
+            outputs = self.fn(self.fn.params, batch.inputs)
+            w.add_(self.fn.flatten(torch.autograd.grad(outputs, self.fn.params, ub, allow_unused=True)))
+        eps = self._fd_step(w)
+        if eps == 0.0:
+            return torch.zeros_like(u)
+        ws = self.fn.unflatten(w)
+        return torch.cat([self._fd_outputs_jvp(ws, eps, batch).reshape(-1) for batch in self.batches])
+
     def _forward_batched(self, rows):
         primals = tuple(p.detach() for p in self.fn.params)
         fs = [lambda ps, batch=batch: self.fn(ps, batch.inputs) for batch in self.batches]
@@ -802,25 +970,88 @@ class NTKOperator(CurvatureOperator):
         return torch.func.vmap(product)(rows)
 
 
+def _model_function(model: nn.Module, params, batchnorm, hvp_mode) -> ModelFunction:
+    if hvp_mode == _FD:
+        fd.check_fd_parameters(model, params)
+    return ModelFunction(model, params, batchnorm)
+
+
+def _make(group: RankGroup | None, what: str, build: Callable[[], CurvatureOperator]) -> CurvatureOperator:
+    """``build()`` on one process; with a process group, on every rank, agreed (parameters, sample counts,
+    errors: :meth:`~sharpscope.distributed.RankGroup.agree_on_operator`) and made data-parallel: each
+    product is the local one times ``N_local / N`` summed over the ranks."""
+    if group is None:
+        return build()
+
+    def local():
+        op = build()
+        count = local_sample_count(op.batches)
+        op._total = count or None
+        return op, model_signature(list(zip(op.fn.names, op.fn.params))), count
+
+    op, total = group.agree_on_operator(local, what)
+    op._group = group
+    op._rank_weight = loss_reduction_weight(op.loss_fn, op.num_samples, total)
+    op.global_num_samples = total
+    return op
+
+
+def _sharded(model: nn.Module, loss_fn: Callable, data: Any, group: RankGroup | None, params, hvp_mode: str,
+             batchnorm: str, what: str):
+    """The Hessian of an FSDP2-sharded model: finite differences on every rank (:mod:`sharpscope.finite_difference`)."""
+    if what != "hessian_operator":
+        raise ValueError(f"{what} does not support FSDP2-sharded models (fully_shard): only hessian_operator does, "
+                         "by finite differences")
+    if group is None:
+        raise ValueError("the model is sharded with FSDP2 (fully_shard): pass distributed=True (or its process group)")
+    if hvp_mode not in ("auto", _FD):
+        raise ValueError(f"an FSDP2-sharded model is multiplied by finite differences only: hvp_mode='auto' or "
+                         f"'finite-difference', got {hvp_mode!r}")
+
+    def local():
+        op = fd.ShardedHessianOperator(model, loss_fn, data, group, params=params, batchnorm=batchnorm)
+        count = local_sample_count(op.batches)
+        return op, model_signature(list(zip(op.names, op.params))), count
+
+    op, total = group.agree_on_operator(local, what)
+    op._agreed(total, max(group.gather(len(list(op.batches)))))
+    op.global_num_samples = total
+    return op
+
+
+def _no_ntk(distributed: Any) -> None:
+    if distributed is not None and distributed is not False:
+        raise ValueError("ntk_operator has no data-parallel form: the NTK is a matrix over the outputs of all samples "
+                         "(its dimension is theirs), so it does not split into per-rank sums; gather the inputs on one "
+                         "rank and build it there without distributed=")
+
+
 def hessian_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
                      params: Sequence[str] | str | None = None, hvp_mode: HvpMode = "auto",
                      batchnorm: BatchNormMode = "batch",
-                     graph_memory_budget: int | None = None, batched: bool | None = None) -> HessianOperator:
+                     graph_memory_budget: int | None = None, batched: bool | None = None,
+                     distributed: Any = None) -> HessianOperator:
     """The loss Hessian w.r.t. the (selected) trainable parameters, as a matrix-free operator.
 
     Args:
         model: the model; read, never modified (its train/eval flags are restored after each product).
+            A ``DistributedDataParallel`` wrapper is unwrapped.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``, averaging over the batch (torch's default).
         data: one ``(inputs, targets)`` batch, a list of batches or a fixed-order DataLoader;
             the operator is the sample-weighted average over all of them.
         params: parameter names or module prefixes to restrict to (per-layer curvature); default all trainable.
-        hvp_mode: ``"auto"``, ``"cached"``, ``"reverse"`` or ``"forward"`` (module docstring).
+        hvp_mode: ``"auto"``, ``"cached"``, ``"reverse"``, ``"forward"`` or ``"finite-difference"`` (module
+            docstring).
         batchnorm: ``"batch"`` (batch statistics, running stats untouched) or ``"eval"``.
         graph_memory_budget: bytes cached graphs may take (default: 1/4 of RAM, 1/2 of free GPU memory);
             batched products are cut into chunks that fit what the cached graphs leave of it.
         batched: how :meth:`~sharpscope.linop.SymmetricOperator.matmat` multiplies a block: ``None``
             (measured on the first block of 8 or more columns), ``True`` (batched) or ``False`` (one
             column at a time); module docstring.
+        distributed: ``True`` (the default process group) or a ``ProcessGroup``: ``data`` is this rank's
+            shard and the operator is the sample-weighted mean over all ranks' samples
+            (:mod:`sharpscope.distributed`); every rank must call. A model sharded with FSDP2 needs it and
+            is multiplied by finite differences (:class:`~sharpscope.finite_difference.ShardedHessianOperator`).
 
     Example:
         >>> import torch, sharpscope as ss
@@ -830,27 +1061,53 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
         >>> H.shape
         (8, 8)
     """
-    fn = ModelFunction(model, params, batchnorm)
-    return HessianOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched)
+    group = resolve_group(distributed)
+    model = unwrap_model(model)
+    if _is_sharded(model):
+        return _sharded(model, loss_fn, data, group, params, hvp_mode, batchnorm, "hessian_operator")
+
+    def build():
+        fn = _model_function(model, params, batchnorm, hvp_mode)
+        return HessianOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched)
+    return _make(group, "hessian_operator", build)
 
 
 def ggn_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
                  params: Sequence[str] | str | None = None, hvp_mode: HvpMode = "auto",
                  batchnorm: BatchNormMode = "batch", graph_memory_budget: int | None = None,
-                 batched: bool | None = None) -> GGNOperator:
-    """The generalized Gauss-Newton matrix ``J^T H_L J`` (same arguments as :func:`hessian_operator`)."""
-    fn = ModelFunction(model, params, batchnorm)
-    return GGNOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched)
+                 batched: bool | None = None, distributed: Any = None) -> GGNOperator:
+    """The generalized Gauss-Newton matrix ``J^T H_L J`` (same arguments as :func:`hessian_operator`;
+    in ``"finite-difference"`` mode ``J v`` is a central difference of the outputs)."""
+    group = resolve_group(distributed)
+    model = unwrap_model(model)
+    if _is_sharded(model):
+        return _sharded(model, loss_fn, data, group, params, hvp_mode, batchnorm, "ggn_operator")
+
+    def build():
+        fn = _model_function(model, params, batchnorm, hvp_mode)
+        return GGNOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched)
+    return _make(group, "ggn_operator", build)
 
 
 def ntk_operator(model: nn.Module, inputs: Any, *, params: Sequence[str] | str | None = None,
                  hvp_mode: HvpMode = "auto", batchnorm: BatchNormMode = "batch",
-                 graph_memory_budget: int | None = None, batched: bool | None = None) -> NTKOperator:
+                 graph_memory_budget: int | None = None, batched: bool | None = None,
+                 distributed: Any = None) -> NTKOperator:
     """The empirical NTK ``K = J J^T`` on the outputs of ``inputs`` (a tensor or a list of input batches).
 
     ``hvp_mode`` selects how Jacobian products are formed: ``"cached"``/``"reverse"`` (double-vjp
-    trick) or ``"forward"`` (``torch.func.jvp``/``vjp``). For an exact dense Gram matrix on small
-    problems use :func:`sharpscope.dense.ntk_gram`.
+    trick), ``"forward"`` (``torch.func.jvp``/``vjp``) or ``"finite-difference"`` (``J w`` by central
+    differences of the outputs). For an exact dense Gram matrix on small problems use
+    :func:`sharpscope.dense.ntk_gram`. ``distributed=`` is refused: the NTK's dimension is the number of
+    outputs of all samples, so it has no per-rank sum form.
     """
-    fn = ModelFunction(model, params, batchnorm)
+    _no_ntk(distributed)
+    model = unwrap_model(model)
+    fn = _model_function(model, params, batchnorm, hvp_mode)
     return NTKOperator(fn, inputs, hvp_mode, graph_memory_budget, batched=batched)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from .distributed import is_fsdp_model
+
+    return is_fsdp_model(model)

@@ -18,6 +18,7 @@ parameterizations (Everett et al. 2024) and comparable across widths and paramet
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -167,6 +168,14 @@ class PreconditionedOperator(SymmetricOperator):
         return (tuple(id(p) for p in self.base.fn.params), tuple(state), lrs)
 
     def _sync(self) -> None:
+        try:
+            self._follow_optimizer()
+        except Exception as err:  # a data-parallel base reports it to every rank at the next product
+            defer = getattr(self.base, "_defer", None)
+            if not (callable(defer) and defer(err)):
+                raise
+
+    def _follow_optimizer(self) -> None:
         self.base._sync()
         now = self._optimizer_fingerprint()
         if now == self._state:
@@ -191,18 +200,41 @@ def preconditioned_hessian_operator(model: nn.Module, loss_fn: Callable, data: A
                                    optimizer: torch.optim.Optimizer, *,
                                    params: Sequence[str] | str | None = None,
                                    reference_lr: float | None = None, hvp_mode: HvpMode = "auto",
-                                   batchnorm: str = "batch", graph_memory_budget: int | None = None
-                                   ) -> PreconditionedOperator:
+                                   batchnorm: str = "batch", graph_memory_budget: int | None = None,
+                                   distributed: Any = None) -> PreconditionedOperator:
     """``D^{1/2} H D^{1/2}`` with ``D = diag(s / eta_ref)`` from the optimizer's state (module docstring).
 
     Its top eigenvalue is compared with ``op.threshold`` = :func:`stability_threshold`. The step
     sizes are read here and again whenever the optimizer's state or lrs change between solves.
+    ``distributed=`` makes the Hessian data-parallel (:func:`~sharpscope.hessian_operator`); ``D`` is read
+    from each rank's optimizer, which must hold the same state (DDP's does): checked here, refused if not.
     """
+    from .distributed import is_fsdp_model, unwrap_model
+
+    if distributed is not None and distributed is not False and is_fsdp_model(unwrap_model(model)):
+        raise ValueError("preconditioned_hessian_operator does not support FSDP2-sharded models (fully_shard): "
+                         "use hessian_operator, which multiplies them by finite differences")
     H: HessianOperator = hessian_operator(model, loss_fn, data, params=params, hvp_mode=hvp_mode,
-                                          batchnorm=batchnorm, graph_memory_budget=graph_memory_budget)
-    eta = reference_lr if reference_lr is not None else _reference_lr(optimizer)
-    named = list(zip(H.fn.names, H.fn.params))
-    steps = effective_step_sizes(optimizer, named)
-    d_sqrt = torch.sqrt(H.fn.flatten(steps) / eta)
+                                          batchnorm=batchnorm, graph_memory_budget=graph_memory_budget,
+                                          distributed=distributed)
+    group = H._group
+    with group.guarded() if group is not None else contextlib.nullcontext():
+        eta = reference_lr if reference_lr is not None else _reference_lr(optimizer)
+        named = list(zip(H.fn.names, H.fn.params))
+        steps = effective_step_sizes(optimizer, named)
+        d_sqrt = torch.sqrt(H.fn.flatten(steps) / eta)
+    if group is not None:
+        _check_same_preconditioner(group, d_sqrt)
     return PreconditionedOperator(H, d_sqrt, stability_threshold(optimizer, eta), optimizer=optimizer,
                                   reference_lr=eta)
+
+
+def _check_same_preconditioner(group, d_sqrt: torch.Tensor) -> None:
+    """Refuse ranks whose optimizers give different step sizes (a digest of ``D^1/2`` compared with rank 0's)."""
+    d = d_sqrt.detach().double()
+    digests = group.gather((float(d.sum()), float(d.pow(2).sum())))
+    ref = digests[0]
+    for rank, dig in enumerate(digests[1:], start=1):
+        if any(abs(a - b) > 1e-10 * max(abs(a), abs(b), 1e-300) for a, b in zip(ref, dig)):
+            raise ValueError(f"preconditioned_hessian_operator: rank {rank}'s optimizer gives other step sizes than "
+                             "rank 0's: every rank needs the same optimizer state (DDP keeps it so)")

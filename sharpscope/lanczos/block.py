@@ -27,7 +27,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError, matmat
+from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError, matmat, same_on_all_ranks
 from .recurrence import random_block
 from .state import LanczosConfig, Ritz, order, scores
 
@@ -64,6 +64,7 @@ class BlockLanczosState:
                 raise ValueError(f"v0 must be a finite nonzero vector of length {cfg.n} or an ({cfg.n}, c) block "
                                  f"with c <= block_size={b}")
             V[: given.shape[1]] = given.T
+        V = same_on_all_ranks(self.op, V)
         Qf, R = torch.linalg.qr(V.T)
         rows, s, _ = self._rotate(Qf, R.double().cpu().numpy())
         self._store(rows, s, 0, scale=max(float(s.max()), 1e-300))
@@ -93,7 +94,7 @@ class BlockLanczosState:
     def _fresh(self, upto: int) -> torch.Tensor:
         """A random unit row orthogonal to rows ``0..upto-1`` (twice classical Gram-Schmidt)."""
         cfg = self.cfg
-        q = random_block(1, cfg.n, self.gen, cfg.dtype, cfg.device)[0]
+        q = same_on_all_ranks(self.op, random_block(1, cfg.n, self.gen, cfg.dtype, cfg.device)[0])
         for _ in range(2):
             X = self.X[:upto]
             q -= X.T @ (X @ q)
@@ -211,13 +212,15 @@ class BlockLanczosState:
             self.restart_if_full(ritz)
 
 
-def block_lanczos(op, cfg: LanczosConfig, b: int, gen: torch.Generator, v0, return_eigenvectors: bool):
-    """:func:`sharpscope.lanczos` with ``block_size=b`` (module docstring)."""
+def block_lanczos(op, cfg: LanczosConfig, b: int, gen: torch.Generator, v0, return_eigenvectors: bool, *,
+                  run=None):
+    """:func:`sharpscope.lanczos` with ``block_size=b`` (module docstring); ``run(op, state.run, state)``
+    drives the iteration when given (the solver's symmetry-failure handling)."""
     from .solver import make_result
 
     state = BlockLanczosState(op, cfg, b, gen)
     state.start(v0)
-    ritz = state.run()
+    ritz = state.run() if run is None else run(op, state.run, state)
     idx = ritz.wanted
     vectors = None
     if return_eigenvectors:

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from .._memory import memory_budget
-from ..linop import SymmetricOperator, pinned
+from ..linop import NotSymmetricError, SymmetricOperator, after_asymmetry, pinned, same_on_all_ranks
 from .backends import make_basis, resolve_backend, storage_of
 from .recurrence import make_generator, random_unit
 from .state import LanczosConfig, LanczosState, Ritz, RoundedBasisLost
@@ -154,15 +154,56 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
                 callback=callback, block_size=block_size)
     try:
         with pinned(op):
-            return _solve(op, basis=basis, **args)
+            res = _solve_switching(op, basis=basis, **args)
     except RoundedBasisLost as lost:
         # a bfloat16 basis can lose orthogonality where a float32 one keeps it (seen on operators of
         # low rank, whose Krylov space is exhausted between thick restarts): solve again, in float32
         warnings.warn(f"basis='device-bf16' lost orthogonality ({lost}); solved again with basis='device'",
                       RuntimeWarning, stacklevel=2)
         with pinned(op):
-            res = _solve(op, basis="device", **args)
-        return dataclasses.replace(res, num_matvecs=res.num_matvecs + lost.num_matvecs)
+            res = _solve_switching(op, basis="device", **args)
+        res = dataclasses.replace(res, num_matvecs=res.num_matvecs + lost.num_matvecs)
+    return _same_on_all_ranks(op, res)
+
+
+class _SwitchedError(Exception):
+    """The operator switched its product after a symmetry failure (auto -> finite differences)."""
+
+    def __init__(self, num_matvecs: int) -> None:
+        super().__init__(num_matvecs)
+        self.num_matvecs = num_matvecs
+
+
+def _solve_switching(op, **args) -> LanczosResult:
+    """:func:`_solve`, restarted once when the symmetry probe failed and the operator switched to a product
+    that cures it (``hvp_mode="auto"`` to finite differences at the first steps): the Krylov space built
+    so far belongs to the wrong matrix. ``num_matvecs`` counts the products of both attempts."""
+    try:
+        return _solve(op, **args)
+    except _SwitchedError as switched:
+        res = _solve(op, **args)
+        return dataclasses.replace(res, num_matvecs=res.num_matvecs + switched.num_matvecs)
+
+
+def _run(op, run: Callable[[], Ritz], state) -> Ritz:
+    """``run()``; a symmetry failure is offered to the operator (:meth:`SymmetricOperator._after_asymmetry`)."""
+    try:
+        return run()
+    except NotSymmetricError as err:
+        if type(err) is NotSymmetricError and after_asymmetry(op, err, state.num_mv):
+            raise _SwitchedError(state.num_mv) from err
+        raise
+
+
+def _same_on_all_ranks(op, res: LanczosResult) -> LanczosResult:
+    """The result as rank 0 holds it, on every rank of a data-parallel operator (unchanged otherwise)."""
+    packed = torch.stack([res.eigenvalues, res.residuals, res.converged.to(torch.float64)])
+    shared = same_on_all_ranks(op, packed)
+    if shared is packed:
+        return res
+    vectors = None if res.eigenvectors is None else same_on_all_ranks(op, res.eigenvectors)
+    return dataclasses.replace(res, eigenvalues=shared[0].clone(), residuals=shared[1].clone(),
+                               converged=shared[2] != 0, eigenvectors=vectors)
 
 
 def _max_matvecs_argument(max_matvecs: int | None, max_iter: int | None) -> int | None:
@@ -256,11 +297,11 @@ def _solve(op, k, which, tol, max_matvecs, seed, backend, return_eigenvectors, *
         if backend != "torch" or basis != "device":
             raise ValueError(f"block_size={block_size} needs backend='torch' and basis='device' "
                              f"(got backend={backend!r}, basis={basis!r})")
-        return block_lanczos(op, cfg, block_size, gen, v0, return_eigenvectors)
+        return block_lanczos(op, cfg, block_size, gen, v0, return_eigenvectors, run=_run)
     Q = make_basis(backend, basis, cfg.max_basis, cfg.n, cfg.dtype, cfg.device)
-    Q.set(0, _start_vector(v0, cfg, gen))
+    Q.set(0, same_on_all_ranks(op, _start_vector(v0, cfg, gen)))
     state = LanczosState(op, cfg, Q, gen)
-    ritz = state.run()
+    ritz = _run(op, state.run, state)
     return _extract(state, ritz, return_eigenvectors)
 
 

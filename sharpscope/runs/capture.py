@@ -27,6 +27,16 @@ from .store import RunFileError, RunWriter, TensorSpec, open_run
 __all__ = ["Recorder", "every_schedule", "log_schedule", "optimizer_state_specs"]
 
 
+def writes_here() -> bool:
+    """Whether this process writes run files: always on one process; under an initialized
+    ``torch.distributed`` only global rank 0 (the other ranks' Recorders and callbacks are inert)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return True
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 # -- schedules -------------------------------------------------------------------------------------
 def every_schedule(n: int) -> Callable[[int], bool]:
     """Capture at steps 0, n, 2n, ..."""
@@ -189,6 +199,11 @@ class Recorder:
         axes: the run's coordinates, name -> number or string (``{"width": 256, "batch_size": 64}``),
             read back as ``run.axes``.
         probe: deprecated name of ``batch``.
+
+    Under ``torch.distributed`` (an initialized process group) only global rank 0 writes: one writer per
+    file. Every rank may create its Recorder (and the Lightning / Hugging Face callbacks do); on the other
+    ranks it is inert (``rec.writer`` is None: no file, no captures, no online sharpness), so they need not
+    agree on the path.
     """
 
     def __init__(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -218,6 +233,11 @@ class Recorder:
         self._specs = self._tensor_specs()
         self._warm: torch.Tensor | None = None
         self.sharpness_log: list[tuple[int, float]] = []
+        if not writes_here():  # under torch.distributed only rank 0 writes: one writer per file
+            self.writer = None
+            self.step_count = 0 if start_step is None else int(start_step)
+            self._last_captured = None
+            return
         if resume and os.path.exists(path):
             with open_run(path) as run:  # check before rewriting anything
                 self._check_compatible(run, path)
@@ -312,6 +332,8 @@ class Recorder:
         self.step_count += 1
         self._loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else (
             float("nan") if loss is None else float(loss))
+        if self.writer is None:  # another rank writes the run file
+            return False
         if self.sharpness_every and self.step_count % self.sharpness_every == 0:
             self.measure_sharpness()
         if self.should_capture(self.step_count):
@@ -323,6 +345,8 @@ class Recorder:
         """Log a training loss known apart from :meth:`step` (e.g. a framework's averaged logged loss)
         to the run's ``loss`` scalar log, at ``step`` (default: the current step). A run file from
         before that log existed (resumed) cannot grow one: the loss is then dropped, with one warning."""
+        if self.writer is None:
+            return
         try:
             self.writer.log_scalar("loss", self.step_count if step is None else int(step), float(value))
         except KeyError:
@@ -336,7 +360,7 @@ class Recorder:
         ``loss`` overrides the last loss passed to :meth:`step`."""
         if loss is not None:
             self._loss = float(loss)
-        if self._last_captured == self.step_count:
+        if self.writer is None or self._last_captured == self.step_count:
             return
         tensors: dict[str, torch.Tensor | None] = {}
         state = self.optimizer.state if self.optimizer is not None else {}
@@ -369,7 +393,8 @@ class Recorder:
         return value
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def __enter__(self) -> "Recorder":
         return self
