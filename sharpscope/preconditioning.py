@@ -195,17 +195,23 @@ class PreconditionedOperator(SymmetricOperator):
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.d_sqrt * self.base.matvec(self.d_sqrt * v)
 
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``D^1/2 H (D^1/2 V)``: one block product of the base operator (batched where it batches)."""
+        d = self.d_sqrt[:, None]
+        return d * self.base.matmat(d * V)
+
 
 def preconditioned_hessian_operator(model: nn.Module, loss_fn: Callable, data: Any,
                                    optimizer: torch.optim.Optimizer, *,
                                    params: Sequence[str] | str | None = None,
                                    reference_lr: float | None = None, hvp_mode: HvpMode = "auto",
                                    batchnorm: str = "batch", graph_memory_budget: int | None = None,
-                                   distributed: Any = None) -> PreconditionedOperator:
+                                   batched: bool | None = None, distributed: Any = None) -> PreconditionedOperator:
     """``D^{1/2} H D^{1/2}`` with ``D = diag(s / eta_ref)`` from the optimizer's state (module docstring).
 
     Its top eigenvalue is compared with ``op.threshold`` = :func:`stability_threshold`. The step
     sizes are read here and again whenever the optimizer's state or lrs change between solves.
+    ``batched`` is the Hessian's (its block products serve :meth:`~sharpscope.linop.SymmetricOperator.matmat`).
     ``distributed=`` makes the Hessian data-parallel (:func:`~sharpscope.hessian_operator`); ``D`` is read
     from each rank's optimizer, which must hold the same state (DDP's does): checked here, refused if not.
     """
@@ -216,7 +222,7 @@ def preconditioned_hessian_operator(model: nn.Module, loss_fn: Callable, data: A
                          "use hessian_operator, which multiplies them by finite differences")
     H: HessianOperator = hessian_operator(model, loss_fn, data, params=params, hvp_mode=hvp_mode,
                                           batchnorm=batchnorm, graph_memory_budget=graph_memory_budget,
-                                          distributed=distributed)
+                                          batched=batched, distributed=distributed)
     group = H._group
     with group.guarded() if group is not None else contextlib.nullcontext():
         eta = reference_lr if reference_lr is not None else _reference_lr(optimizer)

@@ -174,9 +174,12 @@ def test_wrappers_of_matvec_see_every_product_and_other_operators_loop():
     assert len(seen) == 3  # a replaced _matvec (a counter, an instrument) is not bypassed
     model, (x, y) = MODELS["mlp"](0), make_data("mlp", 0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    P = ss.preconditioned_hessian_operator(model, CE, (x, y), opt)
+    P = ss.preconditioned_hessian_operator(model, CE, (x, y), opt, batched=True)
     V = _block(P, 3)
-    torch.testing.assert_close(P.matmat(V), _one_at_a_time(P, V), rtol=0, atol=0)
+    before = P.base.num_matvecs
+    out = P.matmat(V)
+    assert P.base.matmat_choice == "batched" and P.base.num_matvecs - before == 3  # one block product of H
+    torch.testing.assert_close(out, _one_at_a_time(P, V), rtol=1e-12, atol=0)
     S = 2.0 * _operator("hessian", "mlp", batched=True)
     torch.testing.assert_close(S.matmat(V), 2.0 * _one_at_a_time(_operator("hessian", "mlp"), V), rtol=1e-12, atol=0)
 
