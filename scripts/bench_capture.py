@@ -7,6 +7,7 @@ bytes per checkpoint on disk.  Run: .venv/bin/python scripts/bench_capture.py [-
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import tempfile
@@ -19,6 +20,9 @@ from torch import nn
 import sharpscope as ss
 from sharpscope.demo import digits_data, digits_mlp
 
+# the stored batch's keyword: batch= since run-file format v2, probe= before (for A/B runs against old commits)
+BATCH = "batch" if "batch" in inspect.signature(ss.Recorder).parameters else "probe"
+
 
 def train(steps: int, path: Path | None, every: int, batch: int, optimizer: str) -> tuple[float, float]:
     """Wall time of the loop, and the part of it spent inside ``Recorder.step``."""
@@ -28,7 +32,7 @@ def train(steps: int, path: Path | None, every: int, batch: int, optimizer: str)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3) if optimizer == "adam" else \
         torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
-    rec = ss.Recorder(path, model, opt, batch=(x[:256], y[:256]), every=every, loss_fn=loss_fn,
+    rec = ss.Recorder(path, model, opt, **{BATCH: (x[:256], y[:256])}, every=every, loss_fn=loss_fn,
                       meta={"model_factory": "sharpscope.demo:digits_mlp"}) if path else None
     g = torch.Generator().manual_seed(0)
     in_recorder = 0.0

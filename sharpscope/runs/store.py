@@ -279,10 +279,14 @@ def _spec_list(raw: str) -> list[TensorSpec]:
 
 def _check_layout(grp: h5py.Group, specs: list[TensorSpec]) -> None:
     """Every tensor lies inside an existing flat dataset of its dtype."""
+    widths: dict[str, int] = {}  # one h5py lookup per dataset, not per tensor
     for s in specs:
-        if s.dataset not in grp:
-            raise ValueError(f"tensor {s.name!r} points to a missing dataset {s.dataset!r}")
-        width = grp[s.dataset].shape[1] if grp[s.dataset].ndim == 2 else -1
+        if s.dataset not in widths:
+            if s.dataset not in grp:
+                raise ValueError(f"tensor {s.name!r} points to a missing dataset {s.dataset!r}")
+            shape = grp[s.dataset].shape
+            widths[s.dataset] = shape[1] if len(shape) == 2 else -1
+        width = widths[s.dataset]
         if s.offset + s.numel > width:
             raise ValueError(f"tensor {s.name!r} (offset {s.offset}, {s.numel} entries) lies outside its dataset "
                              f"{s.dataset!r} of width {width}")
