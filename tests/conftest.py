@@ -134,3 +134,25 @@ def report_metrics(tmp_path, runs, sub="r"):
 
     write_report(runs, tmp_path / sub)
     return json.loads((tmp_path / sub / "metrics.json").read_text())
+
+
+def operator_and_dense(kind: str, model_kind: str, seed: int, dtype=torch.float64):
+    """The Hessian, GGN or NTK operator of a test model on its data (in ``dtype``) and its dense float64 matrix."""
+    model = MODELS[model_kind](seed).to(dtype)
+    x, y = make_data(model_kind, seed)
+    x = x.to(dtype)
+    ref_model, ce = MODELS[model_kind](seed), nn.CrossEntropyLoss()
+    if kind == "hessian":
+        return ss.hessian_operator(model, ce, (x, y)), ss.dense_hessian(ref_model, ce, make_data(model_kind, seed))
+    if kind == "ggn":
+        return ss.ggn_operator(model, ce, (x, y)), ss.dense_ggn(ref_model, ce, make_data(model_kind, seed))
+    J = ss.dense_jacobian(ref_model, make_data(model_kind, seed)[0])
+    return ss.ntk_operator(model, x), J @ J.T
+
+
+def check_top_k(res, dense, k, rtol):
+    """``res``'s top-k eigenvalues within ``rtol`` (relative to the largest) of ``dense``'s, all converged."""
+    ref = torch.linalg.eigvalsh(dense).flip(0)[:k]
+    rel = ((res.eigenvalues - ref).abs() / ref.abs().max()).max().item()
+    assert rel <= rtol, f"relative error {rel:.2e} > {rtol:.0e}: {res.eigenvalues} vs {ref}"
+    assert res.all_converged

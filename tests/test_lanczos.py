@@ -1,4 +1,4 @@
-"""Lanczos and the estimators against dense float64 eigendecompositions."""
+"""Lanczos (top-k, restarts, multiplicities, host synchronizations, Ritz schedule, reorthogonalization) against dense float64 eigendecompositions."""
 from __future__ import annotations
 
 import warnings
@@ -9,43 +9,19 @@ import torch
 from torch import nn
 
 import sharpscope as ss
-from conftest import MODELS, Dense, make_data, make_mlp, with_spectrum
+from conftest import check_top_k, make_data, make_mlp, operator_and_dense, with_spectrum
 
 CE = nn.CrossEntropyLoss()
-
-
-def _with_spectrum(eigs, seed=0, dtype=torch.float64) -> Dense:
-    return with_spectrum(eigs, seed, dtype)
-
-
-def _operator(kind: str, model_kind: str, seed: int, dtype=torch.float64):
-    model = MODELS[model_kind](seed).to(dtype)
-    x, y = make_data(model_kind, seed)
-    x = x.to(dtype)
-    ref_model = MODELS[model_kind](seed)
-    if kind == "hessian":
-        return ss.hessian_operator(model, CE, (x, y)), ss.dense_hessian(ref_model, CE, make_data(model_kind, seed))
-    if kind == "ggn":
-        return ss.ggn_operator(model, CE, (x, y)), ss.dense_ggn(ref_model, CE, make_data(model_kind, seed))
-    J = ss.dense_jacobian(ref_model, make_data(model_kind, seed)[0])
-    return ss.ntk_operator(model, x), J @ J.T
-
-
-def _check_top(res, dense, k, rtol):
-    ref = torch.linalg.eigvalsh(dense).flip(0)[:k]
-    rel = ((res.eigenvalues - ref).abs() / ref.abs().max()).max().item()
-    assert rel <= rtol, f"relative error {rel:.2e} > {rtol:.0e}: {res.eigenvalues} vs {ref}"
-    assert res.all_converged
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn", "ntk"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_top_k_float64_and_eigenvectors(model_kind, kind, seed):
-    op, dense = _operator(kind, model_kind, seed)
+    op, dense = operator_and_dense(kind, model_kind, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = ss.lanczos(op, k=10, return_eigenvectors=True, seed=seed)
-    _check_top(res, dense, 10, 1e-6)
+    check_top_k(res, dense, 10, 1e-6)
     evals, evecs = torch.linalg.eigh(dense)
     evals, evecs = evals.flip(0), evecs.flip(1)
     gaps = torch.cat([evals[:1] - evals[1:2], torch.minimum(evals[:-2] - evals[1:-1], evals[1:-1] - evals[2:])])[:10]
@@ -57,7 +33,7 @@ def test_top_k_float64_and_eigenvectors(model_kind, kind, seed):
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn", "ntk"])
 def test_top_k_float32(model_kind, kind):
-    op, dense = _operator(kind, model_kind, 3, dtype=torch.float32)
+    op, dense = operator_and_dense(kind, model_kind, 3, dtype=torch.float32)
     assert op.dtype == torch.float32
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -67,49 +43,14 @@ def test_top_k_float32(model_kind, kind):
     assert rel <= 1e-4, rel
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_preconditioned_top_k_matches_dense(optimizer):
-    model, (x, y) = make_mlp(11), make_data("mlp", 11)
-    if optimizer == "sgd":  # per-layer learning rates, as muP gives
-        opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.4},
-                               {"params": model[2].parameters()},
-                               {"params": model[4].parameters(), "lr": 0.025}], lr=0.1, momentum=0.9)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
-    for _ in range(3):
-        opt.zero_grad()
-        CE(model(x), y).backward()
-        opt.step()
-    P = ss.preconditioned_hessian_operator(model, CE, (x, y), opt)
-    # the preconditioner written out independently from the optimizer's state
-    steps = []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if optimizer == "sgd":
-                steps.append(torch.full_like(p, group["lr"]).reshape(-1))
-            else:
-                st = opt.state[p]
-                t = float(st["step"])
-                b1, b2 = group["betas"]
-                denom = (1 - b1 ** t) * ((st["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + group["eps"])
-                steps.append((group["lr"] / denom).reshape(-1))
-    d = torch.sqrt(torch.cat(steps) / opt.defaults["lr"])
-    dense = d[:, None] * ss.dense_hessian(model, CE, (x, y)) * d[None, :]
-    _check_top(ss.lanczos(P, k=10), dense, 10, 1e-6)
-    if optimizer == "sgd":
-        assert P.threshold == pytest.approx((2 + 2 * 0.9) / 0.1)
-    else:
-        assert P.threshold == pytest.approx(38 / 1e-2)
-
-
 def test_lanczos_which_and_restarts_on_known_spectrum():
     eigs = np.concatenate([[9.0, 8.5, 8.4, 8.39], np.linspace(-3.0, 2.0, 196)])
-    op = _with_spectrum(eigs, seed=1)
+    op = with_spectrum(eigs, seed=1)
     la = ss.lanczos(op, k=4, which="LA")
     torch.testing.assert_close(la.eigenvalues, torch.tensor([9.0, 8.5, 8.4, 8.39], dtype=torch.float64))
     sa = ss.lanczos(op, k=3, which="SA")
     torch.testing.assert_close(sa.eigenvalues, torch.as_tensor(np.sort(eigs)[:3]))
-    lm = ss.lanczos(_with_spectrum([-10.0, 5.0, 1.0, 0.5] + [0.1] * 60, seed=2), k=2, which="LM")
+    lm = ss.lanczos(with_spectrum([-10.0, 5.0, 1.0, 0.5] + [0.1] * 60, seed=2), k=2, which="LM")
     torch.testing.assert_close(lm.eigenvalues, torch.tensor([-10.0, 5.0], dtype=torch.float64))
     small = ss.lanczos(op, k=4, max_basis=10, return_eigenvectors=True)  # forces thick restarts
     assert small.num_restarts > 0 and small.all_converged
@@ -123,17 +64,17 @@ def test_no_ghosts_and_multiplicities_found(reorth):
     """An exhausted Krylov space (here: 3 distinct eigenvalues) continues from a fresh orthogonal vector,
     so a repeated eigenvalue is found with its multiplicity; converged values are never duplicated."""
     eigs = [5.0, 5.0, 5.0, 4.0] + [0.0] * 296
-    res = ss.lanczos(_with_spectrum(eigs, seed=3), k=5, reorth=reorth)
+    res = ss.lanczos(with_spectrum(eigs, seed=3), k=5, reorth=reorth)
     torch.testing.assert_close(res.eigenvalues, torch.tensor([5.0, 5.0, 5.0, 4.0, 0.0], dtype=torch.float64),
                                rtol=0, atol=1e-12)
     # a strongly clustered spectrum, long run: ghosts would appear as extra copies of 100.0
     clustered = [100.0] + list(np.linspace(0.0, 1.0, 499))
-    res = ss.lanczos(_with_spectrum(clustered, seed=4), k=3, tol=1e-10, reorth=reorth)
+    res = ss.lanczos(with_spectrum(clustered, seed=4), k=3, tol=1e-10, reorth=reorth)
     torch.testing.assert_close(res.eigenvalues, torch.tensor([100.0, 1.0, clustered[-2]], dtype=torch.float64))
 
 
 def test_deterministic_for_a_seed_and_warm_start():
-    op = _with_spectrum(list(np.linspace(0, 1, 150)) + [3.0, 2.0], seed=5)
+    op = with_spectrum(list(np.linspace(0, 1, 150)) + [3.0, 2.0], seed=5)
     a, b = ss.lanczos(op, k=2, seed=7), ss.lanczos(op, k=2, seed=7)
     assert torch.equal(a.eigenvalues, b.eigenvalues) and a.num_matvecs == b.num_matvecs
     top = ss.lanczos(op, k=1, return_eigenvectors=True)
@@ -143,13 +84,13 @@ def test_deterministic_for_a_seed_and_warm_start():
 
 
 def test_unconverged_is_reported_not_hidden():
-    op = _with_spectrum(list(np.linspace(0, 1, 400)) + [1.001], seed=6)
+    op = with_spectrum(list(np.linspace(0, 1, 400)) + [1.001], seed=6)
     res = ss.lanczos(op, k=3, max_matvecs=8)
     assert res.num_matvecs == 8 and not res.all_converged
 
 
 def test_max_iter_is_the_deprecated_name_of_max_matvecs():
-    op = _with_spectrum(list(np.linspace(0, 1, 400)) + [1.001], seed=6)
+    op = with_spectrum(list(np.linspace(0, 1, 400)) + [1.001], seed=6)
     with pytest.warns(DeprecationWarning, match="use max_matvecs="):
         old = ss.lanczos(op, k=3, max_iter=8)
     new = ss.lanczos(op, k=3, max_matvecs=8)
@@ -160,7 +101,7 @@ def test_max_iter_is_the_deprecated_name_of_max_matvecs():
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
 def test_max_matvecs_must_be_positive(bad):
-    op = _with_spectrum(np.linspace(0, 1, 50), seed=6)
+    op = with_spectrum(np.linspace(0, 1, 50), seed=6)
     with pytest.raises(ValueError, match="max_matvecs must be a positive integer"):
         ss.lanczos(op, k=2, max_matvecs=bad)
 
@@ -192,11 +133,11 @@ def _reads_per_step(monkeypatch, op, **kwargs):
 def test_one_host_synchronization_per_step(monkeypatch):
     """A step that needs no reorthogonalization reads its scalars (alpha, beta, the symmetry probe) in ONE
     transfer; a partial reorthogonalization adds one (the norms before and after the Gram-Schmidt pass)."""
-    op = _with_spectrum([2.0, 1.5] + list(np.linspace(0, 1, 298)), seed=3)
+    op = with_spectrum([2.0, 1.5] + list(np.linspace(0, 1, 298)), seed=3)
     res, reads = _reads_per_step(monkeypatch, op, k=1, tol=1e-8)
     assert res.all_converged and res.num_reorthogonalizations == 0 and res.num_restarts == 0
     assert max(reads) == 1, reads
-    op = _with_spectrum(np.concatenate([[9.0, 8.5, 8.4, 8.39], np.linspace(-3.0, 2.0, 196)]), seed=1)
+    op = with_spectrum(np.concatenate([[9.0, 8.5, 8.4, 8.39], np.linspace(-3.0, 2.0, 196)]), seed=1)
     res, reads = _reads_per_step(monkeypatch, op, k=4)
     assert res.num_reorthogonalizations > 0 and res.num_restarts == 0
     assert reads.count(2) == res.num_reorthogonalizations and max(reads) == 2, reads
@@ -208,7 +149,7 @@ def test_ritz_problem_solved_only_when_the_test_can_pass(monkeypatch, k, tol):
     fewer tests than products, and at most 2 products more than testing after every product."""
     from sharpscope.lanczos.state import CheckSchedule
 
-    op = _with_spectrum(list(np.linspace(0, 1, 300)) + [1.3, 1.25, 1.2, 1.19, 1.18], seed=11)
+    op = with_spectrum(list(np.linspace(0, 1, 300)) + [1.3, 1.25, 1.2, 1.19, 1.18], seed=11)
     checks: list[int] = []
     res = ss.lanczos(op, k=k, tol=tol, callback=lambda mv, theta, resid: checks.append(mv))
     assert res.all_converged and checks[0] >= k and checks[-1] == res.num_matvecs
@@ -219,69 +160,6 @@ def test_ritz_problem_solved_only_when_the_test_can_pass(monkeypatch, k, tol):
     assert len(every) == ref.num_matvecs - k + 1
     assert ref.num_matvecs <= res.num_matvecs <= ref.num_matvecs + 2
     torch.testing.assert_close(res.eigenvalues, ref.eigenvalues, rtol=1e-9, atol=0)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_trace_estimators_within_three_standard_errors(model_kind, seed):
-    op, dense = _operator("hessian", model_kind, seed)
-    exact = torch.trace(dense).item()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        hutch = ss.hutchinson_trace(op, num_probes=100, seed=seed)
-        plus = ss.hutchpp_trace(op, num_matvecs=99, seed=seed)
-    assert abs(hutch.estimate - exact) <= 3 * hutch.stderr, (hutch.estimate, hutch.stderr, exact)
-    assert abs(plus.estimate - exact) <= 3 * plus.stderr + 1e-12, (plus.estimate, plus.stderr, exact)
-    assert hutch.num_matvecs == 100 and plus.num_matvecs == 99
-
-
-def test_hutchpp_beats_hutchinson_on_a_decaying_spectrum():
-    eigs = [50.0 / (i + 1) ** 2 for i in range(300)]
-    op = _with_spectrum(eigs, seed=8)
-    err = lambda f: np.mean([abs(f(s).estimate - sum(eigs)) for s in range(10)])  # noqa: E731
-    assert err(lambda s: ss.hutchpp_trace(op, 60, seed=s)) < 0.5 * err(lambda s: ss.hutchinson_trace(op, 60, seed=s))
-
-
-def test_slq_quadrature_is_exact_per_probe():
-    """Gauss quadrature from m Lanczos steps integrates degree <= 2m - 1 exactly: for each probe z,
-    sum_i tau_i^2 theta_i^p = z^T A^p z / z^T z (p = 1, 2, 3 with m = 4 steps)."""
-    op, dense = _operator("hessian", "mlp", 4)
-    dens = ss.spectral_density(op, num_probes=3, num_steps=4, seed=5)
-    gen = torch.Generator().manual_seed(5)
-    for nodes, weights in zip(dens.nodes, dens.weights):
-        z = (2 * torch.randint(0, 2, (1, op.shape[0]), generator=gen, dtype=torch.int8) - 1).double()[0]
-        for power in (1, 2, 3):
-            exact = (z @ torch.linalg.matrix_power(dense, power) @ z / (z @ z)).item()
-            assert np.sum(weights * nodes ** power) == pytest.approx(exact, rel=1e-9, abs=1e-14)
-
-
-@pytest.mark.parametrize("kind", ["ggn", "hessian"])
-def test_spectral_density_moments(model_kind, kind):
-    """First two moments tr(A)/n and tr(A^2)/n: within 5% for the (PSD) GGN; for the indefinite Hessian at
-    init tr(H) is small against ||H||_F, so the Monte-Carlo error is judged against 3 standard errors."""
-    op, dense = _operator(kind, model_kind, 4)
-    n = dense.shape[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        dens = ss.spectral_density(op, num_probes=100, num_steps=12, seed=0)
-    assert dens.num_matvecs == 100 * 12
-    for power in (1, 2):
-        exact = torch.trace(torch.linalg.matrix_power(dense, power)).item() / n
-        per_probe = np.array([np.sum(w * t ** power) for t, w in zip(dens.nodes, dens.weights)])
-        stderr = per_probe.std(ddof=1) / np.sqrt(len(per_probe))
-        if kind == "ggn" and model_kind != "attention":
-            assert dens.moment(power) == pytest.approx(exact, rel=0.05)
-        assert abs(dens.moment(power) - exact) <= 3 * stderr
-    grid = np.linspace(-1, 1, 4001) * (np.abs(np.concatenate(dens.nodes)).max() * 1.5)
-    mass = np.trapezoid(dens.pdf(grid), grid)
-    assert mass == pytest.approx(1.0, abs=1e-3)
-    assert all(abs(w.sum() - 1) < 1e-8 for w in dens.weights)
-
-
-def test_spectral_density_nodes_cover_extremes():
-    eigs = np.linspace(-1, 4, 200)
-    dens = ss.spectral_density(_with_spectrum(eigs, seed=9), num_probes=3, num_steps=40)
-    nodes = np.concatenate(dens.nodes)
-    assert nodes.max() == pytest.approx(4.0, abs=1e-4) and nodes.min() == pytest.approx(-1.0, abs=1e-4)
 
 
 def test_bfloat16_model_gets_a_float32_basis():

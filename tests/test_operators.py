@@ -260,31 +260,6 @@ def test_attention_hessian_matches_finite_differences():
     assert (hv - fd).norm() <= 1e-7 * hv.norm()
 
 
-def test_adafactor_preconditioned_operator():
-    model, (x, y) = make_mlp(12), make_data("mlp", 12)
-    opt = torch.optim.Adafactor(model.parameters(), lr=0.05)
-    for _ in range(3):
-        opt.zero_grad()
-        CE(model(x), y).backward()
-        opt.step()
-    P = ss.preconditioned_hessian_operator(model, CE, (x, y), opt)
-    steps = []
-    for p in model.parameters():  # torch.optim.Adafactor's step, written out (no update clipping)
-        st = opt.state[p]
-        t = float(st["step"])
-        alpha = max(1e-3, (p.detach().norm() / p.numel() ** 0.5).item()) * min(0.05, t ** -0.5)
-        if p.ndim > 1:
-            v = st["row_var"] @ st["col_var"] / st["row_var"].mean(dim=-2, keepdim=True)
-        else:
-            v = st["variance"]
-        eps1 = torch.finfo(p.dtype).eps
-        steps.append((alpha / v.clamp(min=eps1 ** 2).sqrt()).reshape(-1))
-    d = torch.sqrt(torch.cat(steps) / 0.05)
-    dense = d[:, None] * ss.dense_hessian(model, CE, (x, y)) * d[None, :]
-    torch.testing.assert_close(P.to_dense(), dense)
-    assert P.threshold == pytest.approx(2 / 0.05)
-
-
 def test_auto_without_cache_measures_both_modes_and_keeps_the_faster():
     model, data = make_mlp(14), make_data("mlp", 14)
     H = ss.hessian_operator(model, CE, data, graph_memory_budget=0)
