@@ -556,7 +556,8 @@ def eos_threshold(optimizer: str, lr: float, momentum: float = 0.0, beta1: float
       :math:`(2+2\mu)/\eta` (with dampening d: :math:`(2+2\mu)/((1-d)\eta)`); Nesterov:
       :math:`(2+2\mu)/((1+2\mu)\eta)`.
     * ``"adam"``/``"adamw"`` (Cohen et al. 2022): :math:`(2+2\beta_1)/((1-\beta_1)\eta)`
-      (38/eta for beta1 = 0.9), for the Adam-preconditioned sharpness.
+      (38/eta for beta1 = 0.9), for the Adam-preconditioned sharpness; ``"adam-atan2"`` the same for
+      its linearized preconditioner (see :mod:`sharpscope.preconditioning`).
     * ``"adafactor"`` (no momentum): :math:`2/\eta`.
 
     Same formulas as the torch-side :func:`sharpscope.stability_threshold` (which reads an
@@ -575,12 +576,13 @@ def eos_threshold(optimizer: str, lr: float, momentum: float = 0.0, beta1: float
         if nesterov:
             return (2.0 + 2.0 * mu) / ((1.0 + 2.0 * mu) * eta)
         return (2.0 + 2.0 * mu) / ((1.0 - float(dampening)) * eta)
-    if name in ("adam", "adamw"):
+    if name in ("adam", "adamw", "adam-atan2", "adam_atan2", "adamatan2"):
         b = float(beta1)
         return (2.0 + 2.0 * b) / ((1.0 - b) * eta)
     if name == "adafactor":
         return 2.0 / eta
-    raise ValueError(f"unknown optimizer {optimizer!r}: expected 'sgd', 'gd', 'adam', 'adamw' or 'adafactor'")
+    raise ValueError(f"unknown optimizer {optimizer!r}: expected 'sgd', 'gd', 'adam', 'adamw', 'adam-atan2' or "
+                     "'adafactor'")
 
 
 @dataclass(frozen=True, eq=False)
