@@ -28,7 +28,7 @@ def train(steps: int, path: Path | None, every: int, batch: int, optimizer: str)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3) if optimizer == "adam" else \
         torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
-    rec = ss.Recorder(path, model, opt, probe=(x[:256], y[:256]), every=every, loss_fn=loss_fn,
+    rec = ss.Recorder(path, model, opt, batch=(x[:256], y[:256]), every=every, loss_fn=loss_fn,
                       meta={"model_factory": "sharpscope.demo:digits_mlp"}) if path else None
     g = torch.Generator().manual_seed(0)
     in_recorder = 0.0

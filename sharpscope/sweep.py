@@ -238,7 +238,7 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
                       "optimizer": spec.optimizer, "parameterization": spec.parameterization,
                       "file": probe.file, "sha256": probe.sha256}}  # the probe file trusts its factory
     gen = torch.Generator().manual_seed(spec.seed)
-    with Recorder(path, model, opt, probe=(x[: probe.probe_size], y[: probe.probe_size]),
+    with Recorder(path, model, opt, batch=(x[: probe.probe_size], y[: probe.probe_size]),
                   schedule=lambda s: s % probe.every == 0 or s == final, meta=meta, loss_fn=loss_fn) as rec:
         for _ in range(probe.steps):
             if probe.batch_size:

@@ -43,7 +43,7 @@ def _train_step(model, opt, data):
 def test_round_trip_is_bit_exact(tmp_path, optimizer):
     model, opt, data = _setup(optimizer=optimizer)
     snapshots = {}
-    with Recorder(tmp_path / "run.h5", model, opt, probe=data, every=3, loss_fn=CE,
+    with Recorder(tmp_path / "run.h5", model, opt, batch=data, every=3, loss_fn=CE,
                   meta={"model_factory": "torch.nn:Identity", "seed": 0, "note": "hello"}) as rec:
         for _ in range(7):
             loss = _train_step(model, opt, data)
@@ -65,14 +65,14 @@ def test_round_trip_is_bit_exact(tmp_path, optimizer):
             for n, st in state.items():
                 for k, v in st.items():
                     assert torch.equal(stored[n][k], v.reshape(stored[n][k].shape)), (n, k)
-        inputs, targets = run.probe()
+        inputs, targets = run.batch()
         assert torch.equal(inputs[0], data[0]) and torch.equal(targets, data[1])
         assert run.lrs(3) == [pytest.approx(opt.param_groups[0]["lr"])]
 
 
 def test_offline_spectrum_equals_online(tmp_path):
     model, opt, data = _setup(1)
-    with Recorder(tmp_path / "run.h5", model, opt, probe=data, every=4, loss_fn=CE, sharpness_every=4) as rec:
+    with Recorder(tmp_path / "run.h5", model, opt, batch=data, every=4, loss_fn=CE, sharpness_every=4) as rec:
         for _ in range(8):
             rec.step(loss=_train_step(model, opt, data))
     online_steps, online = open_run(tmp_path / "run.h5").scalars("sharpness")
@@ -80,7 +80,7 @@ def test_offline_spectrum_equals_online(tmp_path):
     with open_run(tmp_path / "run.h5") as run:
         fresh, _, _ = _setup(1)
         fresh.load_state_dict({**run.params(8), **run.buffers(8)})
-        (x,), y = run.probe()
+        (x,), y = run.batch()
         offline = ss.lanczos(ss.hessian_operator(fresh, CE, (x, y)), k=1, tol=1e-8).eigenvalues[0].item()
     assert offline == pytest.approx(online[-1], rel=1e-6)
 
@@ -111,7 +111,7 @@ _WRITER = textwrap.dedent("""
     model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
-    rec = Recorder(sys.argv[1], model, opt, probe=(x, y), every=1, resume=True)
+    rec = Recorder(sys.argv[1], model, opt, batch=(x, y), every=1, resume=True)
     print("ready", flush=True)
     while True:
         opt.zero_grad(); loss = nn.functional.cross_entropy(model(x), y); loss.backward(); opt.step()
@@ -207,7 +207,7 @@ def test_muon_plus_adamw_state_is_captured(tmp_path):
     groups = ss.parametrize(model, "mup", optimizer="muon", lr=0.02, base_width=16)
     opt = ss.build_optimizer(groups)
     x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
-    with ss.Recorder(tmp_path / "muon.h5", model, opt, probe=(x, y), every=2) as rec:
+    with ss.Recorder(tmp_path / "muon.h5", model, opt, batch=(x, y), every=2) as rec:
         for _ in range(2):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()

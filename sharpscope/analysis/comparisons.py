@@ -156,7 +156,7 @@ def collect(runs: Sequence[str | Path]) -> tuple[list[RunSummary], list[str]]:
                 c = _coordinates(run.meta)
                 steps = run.steps
                 initial, final, loss_source = _losses(run)
-                digest = _digest(run.probe())
+                digest = _digest(run.batch())
         except (OSError, ValueError, KeyError) as err:
             problems.append(f"{path.name}: not a readable sharpscope run ({err}): left out")
             continue
@@ -257,7 +257,7 @@ def _mismatch(c: Comparison) -> str | None:
     digests = {m.probe_digest for m in c.members if m.probe_digest}
     if len(digests) > 1:
         return (f"runs were measured on {len(digests)} different probe batches: their curvatures are not "
-                f"comparable (capture every run with the same probe=(x, y))")
+                f"comparable (capture every run with the same batch=(x, y))")
     return None
 
 

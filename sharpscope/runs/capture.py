@@ -2,7 +2,7 @@
 
 Two or three lines in an existing loop::
 
-    rec = ss.Recorder("run.h5", model, optimizer=opt, probe=(x, y), every=100, loss_fn=loss_fn)
+    rec = ss.Recorder("run.h5", model, optimizer=opt, batch=(x, y), every=100, loss_fn=loss_fn)
     for step in ...:
         ...; opt.step()
         rec.step(loss=loss)       # once per optimizer step: captures when the schedule says so
@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from .provenance import config_digest
 from .store import RunFileError, RunWriter, TensorSpec, open_run
 
 __all__ = ["Recorder", "every_schedule", "log_schedule", "optimizer_state_specs"]
@@ -65,6 +66,17 @@ def _schedule(every: int | None, schedule: Any) -> Callable[[int], bool]:
         wanted = {int(s) for s in schedule}
         return wanted.__contains__
     raise ValueError(f"schedule must be 'log', 'on_demand', a list of steps or a callable, got {schedule!r}")
+
+
+def describe_schedule(every: int | None, schedule: Any) -> Any:
+    """The schedule as JSON for the provenance record; None for a callable (not describable)."""
+    if every is not None:
+        return {"every": int(every)}
+    if schedule is None or isinstance(schedule, str):
+        return schedule or "on_demand"
+    if callable(schedule):
+        return None
+    return {"steps": sorted(int(s) for s in schedule)}
 
 
 # -- what is stored ----------------------------------------------------------------------------------
@@ -144,6 +156,14 @@ def optimizer_meta(optimizer: torch.optim.Optimizer | None, names: Mapping[int, 
             "defaults": {k: _jsonable(v) for k, v in optimizer.defaults.items()}, "param_groups": groups}
 
 
+def _check_same_config(run, config: Mapping[str, Any] | None) -> None:
+    """A resumed run continues the run it was: refuse a config whose digest differs from the stored one."""
+    stored = (run.provenance or {}).get("config_digest")
+    if config is not None and stored is not None and config_digest(config) != stored:
+        raise RunFileError(f"{run.path}: cannot resume: the config given differs from the run's (digest "
+                           f"{config_digest(config)[:19]} vs {stored[:19]}); start a new run file")
+
+
 class Recorder:
     """Captures checkpoints of ``model`` (and ``optimizer``) into a run file on a schedule.
 
@@ -151,30 +171,44 @@ class Recorder:
         path: the run file (``.h5``). An existing file is refused unless ``resume=True``.
         model: the model being trained.
         optimizer: its optimizer (state captured for preconditioned sharpness; lrs logged).
-        probe: a fixed ``(inputs, targets)`` batch stored once, on which spectra are measured.
+        batch: a fixed data batch stored once, on which spectra are measured: ``(inputs, targets)``
+            (inputs a tensor or a tuple of tensors) or a mapping of named tensors (a Hugging Face batch).
         every: capture every ``every`` steps (and at step 0); or give ``schedule``:
             ``"log"``, ``"on_demand"`` (only :meth:`capture`), a list of steps, or ``callable(step) -> bool``.
         meta: user metadata (JSON). Keys ``model_factory`` (``"module:function"``) and
             ``model_kwargs`` let offline jobs rebuild the model without pickle; ``loss`` names the loss.
         loss_fn: needed for online sharpness; its class name is recorded.
-        sharpness_every: also measure the top Hessian eigenvalue of the probe batch every K steps
+        sharpness_every: also measure the top Hessian eigenvalue of the batch every K steps
             (warm-started from the previous eigenvector), logged in the run file and to ``summary_writer``.
         summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (optional).
         resume: append to an existing run (dropping a checkpoint a crash left incomplete); training
             continues from ``start_step`` (default: the last captured step).
+        config: the run's resolved config (JSON: for a sweep, model factory and kwargs, data, optimizer
+            and hyper-parameters, schedule, steps, seed), stored with its digest in the run's provenance
+            (``run.provenance``; :func:`sharpscope.runs.provenance.config_digest` recomputes it).
+        axes: the run's coordinates, name -> number or string (``{"width": 256, "batch_size": 64}``),
+            read back as ``run.axes``.
+        probe: deprecated name of ``batch``.
     """
 
     def __init__(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 probe: tuple[Any, Any] | None = None, every: int | None = None, schedule: Any = None,
-                 meta: Mapping[str, Any] | None = None, *, loss_fn: Callable | None = None,
+                 batch: tuple[Any, Any] | Mapping[str, torch.Tensor] | None = None, every: int | None = None,
+                 schedule: Any = None, meta: Mapping[str, Any] | None = None, *, loss_fn: Callable | None = None,
                  sharpness_every: int | None = None, summary_writer: Any = None, resume: bool = False,
-                 start_step: int | None = None) -> None:
+                 start_step: int | None = None, config: Mapping[str, Any] | None = None,
+                 axes: Mapping[str, Any] | None = None, probe: tuple[Any, Any] | None = None) -> None:
+        if probe is not None:
+            if batch is not None:
+                raise ValueError("give batch= only (probe= is its old name)")
+            warnings.warn("Recorder(probe=...) is now Recorder(batch=...) (the stored data batch)",
+                          DeprecationWarning, stacklevel=2)
+            batch = probe
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if sharpness_every is not None and (loss_fn is None or probe is None):
-            raise ValueError("sharpness_every needs loss_fn= and probe=")
+        if sharpness_every is not None and (loss_fn is None or batch is None):
+            raise ValueError("sharpness_every needs loss_fn= and batch=")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.probe = probe
+        self.batch = batch
         self.should_capture = _schedule(every, schedule)
         self.sharpness_every = sharpness_every
         self.summary_writer = summary_writer
@@ -187,13 +221,19 @@ class Recorder:
         if resume and os.path.exists(path):
             with open_run(path) as run:  # check before rewriting anything
                 self._check_compatible(run.specs, path)
+                _check_same_config(run, config)
             self.writer = RunWriter.resume(path)
             self._specs = self.writer.specs
-            steps = self.writer.steps()
+            steps = self.writer.steps
             self.step_count = start_step if start_step is not None else (steps[-1] if steps else 0)
             self._last_captured = steps[-1] if steps else None
         else:
-            self.writer = RunWriter(path, self._meta(meta), self._specs, lr_groups=self._lr_groups(), probe=probe)
+            meta = self._meta(meta)
+            recorded = {key: meta[key] for key in ("model_factory", "model_kwargs", "model_class", "loss", "seed",
+                                                   "optimizer")}
+            recorded.update(schedule=describe_schedule(every, schedule), sharpness_every=sharpness_every)
+            self.writer = RunWriter(path, meta, self._specs, lr_groups=self._lr_groups(), batch=batch,
+                                    config=config, recorded=recorded, axes=axes)
             self.step_count = 0 if start_step is None else int(start_step)
             self._last_captured = None
             if self.should_capture(self.step_count):
@@ -243,6 +283,12 @@ class Recorder:
                 raise RunFileError(f"{path}: cannot resume: {s.kind} {s.name} has shape {s.shape}, "
                                    f"the run stores {None if old is None else old.shape}")
 
+    @property
+    def probe(self) -> Any:
+        """Deprecated name of :attr:`batch`."""
+        warnings.warn("Recorder.probe is now Recorder.batch", DeprecationWarning, stacklevel=2)
+        return self.batch
+
     # -- the loop --------------------------------------------------------------------------------
     def step(self, loss: float | torch.Tensor | None = None) -> bool:
         """Call once after each optimizer step; captures when the schedule says so. Returns whether it did."""
@@ -290,11 +336,11 @@ class Recorder:
         self._last_captured = self.step_count
 
     def measure_sharpness(self) -> float:
-        """Top Hessian eigenvalue on the probe batch (warm-started Lanczos), logged as a scalar."""
+        """Top Hessian eigenvalue on the stored batch (warm-started Lanczos), logged as a scalar."""
         from ..lanczos import lanczos
         from ..operators import hessian_operator
 
-        H = hessian_operator(self.model, self.loss_fn, self.probe)
+        H = hessian_operator(self.model, self.loss_fn, self.batch)
         v0 = self._warm if self._warm is not None and self._warm.shape[0] == H.shape[0] else None
         res = lanczos(H, k=1, tol=1e-4, v0=v0, return_eigenvectors=True)
         self._warm = res.eigenvectors[:, 0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from .jobs import QUANTITIES, SpectrumSettings, run_spectrum_job
@@ -26,43 +27,82 @@ def _spectrum(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
+def _format(version: int, checksummed: bool) -> str:
+    return f"v{version}, " + ("checksummed rows" if checksummed else "no checksums")
+
+
+def _describe_batch(batch) -> dict | None:
+    """Kind and shapes of the stored batch (JSON)."""
+    if batch is None:
+        return None
+    if isinstance(batch, dict):
+        return {"kind": "mapping", "tensors": {k: [list(t.shape), str(t.dtype).removeprefix("torch.")]
+                                               for k, t in batch.items()}}
+    inputs, targets = batch
+    return {"kind": "tuple", "inputs": [list(t.shape) for t in inputs],
+            "targets": None if targets is None else list(targets.shape)}
+
+
 def _inspect(args: argparse.Namespace) -> int:
     with open_run(args.run) as run:
         steps = run.steps
+        provenance = run.provenance
         info = {
-            "file": str(run.path), "versions": run.versions, "meta": run.meta,
+            "file": str(run.path), "format": _format(run.version, run.checksummed), "versions": run.versions,
+            "meta": run.meta, "axes": run.axes,
+            "config_digest": provenance.get("config_digest") if provenance else None,
             "checkpoints": len(steps), "steps": steps if len(steps) <= 20 else steps[:10] + ["..."] + steps[-5:],
             "incomplete_checkpoints": run.incomplete,
             "tensors": {kind: sum(1 for s in run.specs if s.kind == kind) for kind in ("param", "buffer", "optim")},
-            "parameters": sum(int(__import__("math").prod(s.shape)) for s in run.specs if s.kind == "param"),
-            "probe": None if run.probe() is None else [list(t.shape) for t in run.probe()[0]],
+            "parameters": sum(int(math.prod(s.shape)) for s in run.specs if s.kind == "param"),
+            "batch": _describe_batch(run.batch()),
         }
+        if args.verify:
+            info["problems"] = run.verify()
     results = spectra_path(args.run)
     if results.exists():
         with SpectraFile(results) as sf:
             counts: dict[str, int] = {}
             for step, quantity, _ in sf.keys():
                 counts[quantity] = counts.get(quantity, 0) + 1
-        info["results"] = {"file": str(results), "rows": counts}
+            info["results"] = {"file": str(results), "format": _format(sf.version, sf.checksummed), "rows": counts}
     else:
         info["results"] = None
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return 1 if info.get("problems") else 0
     print(f"{info['file']}  (sharpscope {info['versions'].get('sharpscope')}, torch {info['versions'].get('torch')})")
+    print(f"  format:      {info['format']}")
     meta = info["meta"]
     print(f"  model:       {meta.get('model_factory') or meta.get('model_class')} {json.dumps(meta.get('model_kwargs') or {})}")
     print(f"  loss:        {meta.get('loss')}")
     opt = meta.get("optimizer")
     print(f"  optimizer:   {opt['class'] if opt else None}" + (f", {len(opt['param_groups'])} param group(s)" if opt else ""))
+    if info["axes"]:
+        print(f"  axes:        {json.dumps(info['axes'], sort_keys=True)}")
+    if info["config_digest"]:
+        print(f"  config:      {info['config_digest']}")
     print(f"  parameters:  {info['parameters']:,} in {info['tensors']['param']} tensors; "
           f"{info['tensors']['buffer']} buffers; {info['tensors']['optim']} optimizer-state tensors")
-    print(f"  probe:       {info['probe']}")
+    batch = info["batch"]
+    if batch is None:
+        print("  batch:       none")
+    elif batch["kind"] == "mapping":
+        print(f"  batch:       {', '.join(f'{k} {v[0]} {v[1]}' for k, v in batch['tensors'].items())}")
+    else:
+        print(f"  batch:       inputs {batch['inputs']}, targets {batch['targets']}")
     print(f"  checkpoints: {info['checkpoints']} complete, steps {info['steps']}")
     if info["incomplete_checkpoints"]:
         print(f"  incomplete:  {info['incomplete_checkpoints']} (being written, or lost in a crash)")
-    print(f"  results:     {info['results']['rows'] if info['results'] else 'none (run sharpscope spectrum)'}")
-    return 0
+    for problem in info.get("problems", []):
+        print(f"  DAMAGED:     {problem}")
+    if "problems" in info and not info["problems"]:
+        print("  verified:    every checkpoint reads back intact"
+              + ("" if info["format"].endswith("checksummed rows") else " (no checksums: only unreadable rows would show)"))
+    results = info["results"]
+    print(f"  results:     {results['rows']} ({results['format']})" if results else
+          "  results:     none (run sharpscope spectrum)")
+    return 1 if info.get("problems") else 0
 
 
 def add_parser(subparsers) -> None:
@@ -89,8 +129,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_spectrum)
 
-    q = subparsers.add_parser("inspect", help="what a run file holds", description="Show a run file's meta, "
-                              "checkpoints (and incomplete ones) and stored results.")
+    q = subparsers.add_parser("inspect", help="what a run file holds", description="Show a run file's format, "
+                              "meta, axes, batch, checkpoints (and incomplete ones) and stored results.")
     q.add_argument("run", type=Path, metavar="RUN.h5")
     q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--verify", action="store_true",
+                   help="read every checkpoint and check its checksums (v2); exit status 1 if any is damaged")
     q.set_defaults(func=_inspect)

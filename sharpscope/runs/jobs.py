@@ -79,7 +79,7 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
 
     with open_run(run_path) as run:
         model = model_at(run, step, allow=allow)
-        probe = run.probe()
+        probe = run.batch()
         optimizer, optimizer_error, not_applicable = None, None, None
         if "precond" in quantities:
             try:
@@ -91,7 +91,7 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
         loss_spec = loss or run.meta.get("loss")
         loss_allow = [*allow, *allowed_by_probe(run.meta), *([loss] if loss else [])]
     if probe is None:
-        raise ValueError(f"{run_path}: no probe batch stored (pass probe= to the Recorder)")
+        raise ValueError(f"{run_path}: no batch stored (pass batch= to the Recorder)")
     inputs, targets = probe
     inputs = inputs[0] if len(inputs) == 1 else inputs
     data = (inputs, targets)

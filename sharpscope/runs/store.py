@@ -1,27 +1,18 @@
-"""The HDF5 run file: schema, crash-safe appends, validated reading. Nothing is ever unpickled.
+"""The HDF5 run file: writing checkpoints crash-safely, reading them validated. Nothing is ever unpickled.
 
-Layout (format ``sharpscope.run``, version 1)::
-
-    /                         attrs: format, format_version, created, versions (JSON)
-    /meta                     attrs: json -- model factory + kwargs, loss, parameterization, optimizer, seed, user
-    /probe/inputs/<i>, /probe/targets      the fixed probe batch (optional)
-    /checkpoints              attrs: tensors (JSON list of TensorSpec: id, kind, name, shape, dtype, key,
-                                     dataset, offset)
-        step, loss, time      (N,) int64 / float64 / float64
-        lr                    (N, G) float64: each param group's lr
-        flat_<dtype>          (N, total): all tensors of one dtype (parameters, buffers, optimizer state),
-                              flattened and concatenated; tensor j is row[offset_j : offset_j + numel_j]
-        complete              (N,) uint8 -- written last: row i exists iff complete has more than i rows
-    /scalars/<name>           (M, 2) float64: (step, value) logs: online sharpness, logged training loss
+The layout of every version (1 and 2; new files are 2) and the reading rules are in docs/formats.md.
+In short: ``/meta`` (JSON description, axes), ``/provenance`` (config, its digest, versions),
+``/batch`` (the stored data batch), ``/checkpoints`` (an append-only table: step, loss, time, lr,
+one flat row per dtype holding every tensor, one crc32 per tensor, ``complete``) and ``/scalars``.
 
 Crash safety. Every dataset is created up front and the writer switches to HDF5's single-writer /
 multiple-reader mode (SWMR), in which the library orders its metadata writes so that the file stays
 readable whatever moment the writer dies at. A checkpoint is appended by growing every dataset by
-one row, writing and flushing it, and only then growing ``complete``: a reader sees exactly the rows
-that ``complete`` covers and reports any row beyond as incomplete. After a crash the file can be
-read at once; appending again (``RunWriter.resume``) first copies the complete checkpoints into a
-fresh file that atomically replaces the old one (HDF5 refuses to reopen a crashed SWMR file for
-writing), so the row being written at the crash is the only loss.
+one row, writing and flushing it, and only then growing ``complete`` (:mod:`.table`): a reader sees
+exactly the rows that ``complete`` covers and reports any row beyond as incomplete. After a crash the
+file can be read at once; appending again (``RunWriter.resume``) first copies the complete
+checkpoints into a fresh file that atomically replaces the old one (HDF5 refuses to reopen a crashed
+SWMR file for writing), so the row being written at the crash is the only loss.
 """
 from __future__ import annotations
 
@@ -29,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -37,18 +29,17 @@ import h5py
 import numpy as np
 import torch
 
-from .._version import __version__
+from .batch import Batch, read_batch, to_numpy, write_batch
+from .h5file import LIBVER, H5Handle, RunFileError, WriterLock, open_for_reading
+from .provenance import check_axes, provenance_record, software_versions
+from .table import CHECKSUM, AppendTable, Column, SegmentChecksum, create_table, open_for_append
 
-__all__ = ["H5Handle", "WriterLock", "RunWriter", "Run", "open_run", "RunFileError", "FORMAT", "FORMAT_VERSION", "TensorSpec",
-           "logged_losses", "first_diverged_step"]
+__all__ = ["H5Handle", "WriterLock", "RunWriter", "Run", "open_run", "RunFileError", "FORMAT", "FORMAT_VERSION",
+           "READ_VERSIONS", "TensorSpec", "logged_losses", "first_diverged_step"]
 
 FORMAT = "sharpscope.run"
-FORMAT_VERSION = 1
-_LIBVER = "latest"
-
-
-class RunFileError(ValueError):
-    """A run file that cannot be used: not a sharpscope run, unknown version, truncated, mismatched."""
+FORMAT_VERSION = 2  # written by new files
+READ_VERSIONS = (1, 2)  # read; appending to a file keeps its version
 
 
 @dataclass(frozen=True)
@@ -89,16 +80,8 @@ def _totals(specs: list[TensorSpec]) -> dict[str, int]:
     return totals
 
 
-def _versions() -> dict[str, str]:
-    return {"sharpscope": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
-            "hdf5": h5py.version.hdf5_version, "numpy": np.__version__}
 
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: stored as float32 (exact)
-        t = t.float()
-    return t.cpu().numpy()
+_np = to_numpy  # a tensor as stored (bfloat16 as float32)
 
 
 def _as_json(obj: Any, what: str) -> str:
@@ -108,49 +91,23 @@ def _as_json(obj: Any, what: str) -> str:
         raise ValueError(f"{what} must be JSON-serializable (no objects are pickled): {err}") from None
 
 
-class WriterLock:
-    """One writer per file: an exclusive ``flock`` on ``<file>.lock``, held while the writer lives
-    (released by the OS if the process dies, so a crash never leaves a stale lock)."""
-
-    def __init__(self, path: Path) -> None:
-        import fcntl
-
-        self.path = path.with_name(path.name + ".lock")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise RunFileError(f"{path} is being written by another process (lock {self.path})") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+def _segments(specs: list[TensorSpec]) -> SegmentChecksum:
+    """One checksum segment per tensor, in the order of the specs."""
+    return SegmentChecksum([(s.dataset, s.offset, s.numel) for s in specs])
 
 
-class H5Handle:
-    """An object owning an open ``h5py.File`` in ``self._file`` (and, for writers, a
-    :class:`WriterLock`): ``close()`` and ``with`` support."""
+def _tensor_label(spec: TensorSpec) -> str:
+    return f"{spec.kind} {spec.name}{'/' + spec.key if spec.key else ''}"
 
-    _file: h5py.File | None = None
-    _lock: WriterLock | None = None
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+class StepList(list):
+    """The steps of complete checkpoints; calling it (``writer.steps()``, a method until now) still
+    works, with a DeprecationWarning, for one release (CHANGELOG.md)."""
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __call__(self) -> list[int]:
+        warnings.warn("RunWriter.steps is a property now (like Run.steps): drop the call parentheses",
+                      DeprecationWarning, stacklevel=2)
+        return list(self)
 
 
 class RunWriter(H5Handle):
@@ -161,48 +118,64 @@ class RunWriter(H5Handle):
         meta: JSON-able description (model factory, kwargs, loss, optimizer, seed, user data).
         tensors: the tensors captured at every checkpoint (see :class:`TensorSpec`).
         lr_groups: number of optimizer param groups (columns of ``lr``).
-        probe: optional ``(inputs, targets)`` batch stored once.
+        batch: optional data batch stored once: ``(inputs, targets)`` or a mapping of named tensors.
+        config: the caller's config, stored with its digest in ``/provenance`` (docs/formats.md).
+        recorded: what the Recorder knows itself (model, optimizer, loss, schedule), for ``/provenance``.
+        axes: the run's coordinates (name -> number or string), ``Run.axes``.
+        probe: deprecated name of ``batch``.
     """
 
     def __init__(self, path: str | os.PathLike, meta: Mapping[str, Any], tensors: list[TensorSpec],
-                 lr_groups: int = 0, probe: tuple[Any, Any] | None = None,
-                 scalars: Iterable[str] = ("sharpness", "loss")) -> None:
+                 lr_groups: int = 0, batch: Batch | Mapping[str, torch.Tensor] | None = None,
+                 scalars: Iterable[str] = ("sharpness", "loss"), *, config: Mapping[str, Any] | None = None,
+                 recorded: Mapping[str, Any] | None = None, axes: Mapping[str, Any] | None = None,
+                 probe: Any = None) -> None:
         self.path = Path(path)
+        if probe is not None:
+            if batch is not None:
+                raise ValueError("give batch= only (probe= is its old name)")
+            warnings.warn("RunWriter(probe=...) is now batch=...", DeprecationWarning, stacklevel=2)
+            batch = probe
         if self.path.exists():
             raise FileExistsError(f"{self.path} exists: resume it (RunWriter.resume) or choose a new path")
         meta_json = _as_json(dict(meta), "meta")
+        axes_json = json.dumps(check_axes(axes), sort_keys=True)
         tensors = _layout(tensors)
+        recorded = dict(recorded or {})
+        provenance_record(config, recorded)  # refuse a config that is not JSON before creating anything
         self._lock = WriterLock(self.path)
+        tmp = self.path.with_name(self.path.name + ".creating")
         try:
-            tmp = self.path.with_name(self.path.name + ".creating")
-            with h5py.File(tmp, "w", libver=_LIBVER) as f:
+            with h5py.File(tmp, "w", libver=LIBVER) as f:
                 f.attrs["format"] = FORMAT
                 f.attrs["format_version"] = FORMAT_VERSION
                 f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                f.attrs["versions"] = json.dumps(_versions())
+                f.attrs["versions"] = json.dumps(software_versions())
                 f.create_group("meta").attrs["json"] = meta_json
-                if probe is not None:
-                    _write_probe(f.create_group("probe"), probe)
-                _create_checkpoint_datasets(f.create_group("checkpoints"), tensors, lr_groups)
+                f["meta"].attrs["axes"] = axes_json
+                digest = write_batch(f.create_group("batch"), batch) if batch is not None else None
+                f.create_group("provenance").attrs["json"] = json.dumps(
+                    provenance_record(config, {**recorded, "batch_digest": digest}), sort_keys=True)
+                grp = f.create_group("checkpoints")
+                grp.attrs["tensors"] = json.dumps([asdict(s) for s in tensors])
+                create_table(grp, _checkpoint_columns(tensors, lr_groups, checksums=True))
                 _create_scalar_logs(f.create_group("scalars"), scalars)
             os.replace(tmp, self.path)  # the file appears complete or not at all
             self._open()
         except BaseException:
+            tmp.unlink(missing_ok=True)
             self.close()
             raise
 
     @classmethod
     def resume(cls, path: str | os.PathLike) -> "RunWriter":
-        """Reopen an existing run for appending, dropping an incomplete last checkpoint (after a crash)."""
+        """Reopen an existing run for appending, dropping an incomplete last checkpoint (after a crash).
+        The file keeps its version: a version 1 run gets version 1 checkpoints (no checksums)."""
         self = cls.__new__(cls)
         self.path = Path(path)
         self._lock = WriterLock(self.path)  # before touching the file: never under a live writer
         try:
-            with open_run(self.path) as run:  # validates
-                run_steps = len(run.steps)
-            tmp = self.path.with_name(self.path.name + ".resuming")
-            _copy_complete(self.path, tmp, run_steps)
-            os.replace(tmp, self.path)
+            open_run(self.path).close()  # validates
             self._open()
         except BaseException:
             self.close()
@@ -211,16 +184,16 @@ class RunWriter(H5Handle):
 
     def _open(self) -> None:
         try:
-            self._file = h5py.File(self.path, "r+", libver=_LIBVER)
+            self._file = open_for_append(self.path, "checkpoints")
         except (OSError, BlockingIOError) as err:
             self.close()
             raise RunFileError(f"{self.path}: cannot open for writing ({err})") from None
-        self._file.swmr_mode = True
+        self.version = int(self._file.attrs["format_version"])
         grp = self._file["checkpoints"]
         self._specs = _spec_list(grp.attrs["tensors"])
         self._totals = _totals(self._specs)
         self._grp = grp
-        self._count = grp["complete"].shape[0]
+        self._table = AppendTable(grp, _segments(self._specs) if self.version >= 2 else None)
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -228,15 +201,16 @@ class RunWriter(H5Handle):
 
     @property
     def num_checkpoints(self) -> int:
-        return self._count
+        return len(self._table)
 
-    def steps(self) -> list[int]:
-        return [int(s) for s in self._grp["step"][: self._count]]
+    @property
+    def steps(self) -> StepList:
+        """Steps of the complete checkpoints (like :attr:`Run.steps`)."""
+        return StepList(int(s) for s in self._grp["step"][: len(self._table)])
 
     def append(self, step: int, tensors: Mapping[str, torch.Tensor | None], loss: float = float("nan"),
                lrs: Iterable[float] = ()) -> None:
         """Append one checkpoint; ``tensors`` maps each spec's id to its tensor (None: a NaN slot)."""
-        i = self._count
         grp = self._grp
         rows = {name: np.empty(total, dtype=grp[name].dtype) for name, total in self._totals.items()}
         for spec in self._specs:
@@ -247,26 +221,12 @@ class RunWriter(H5Handle):
                 continue
             arr = _np(value)
             if tuple(arr.shape) != spec.shape:
-                raise ValueError(f"{spec.kind} {spec.name}{'/' + spec.key if spec.key else ''} has shape "
-                                 f"{tuple(arr.shape)}, the run stores {spec.shape}")
+                raise ValueError(f"{_tensor_label(spec)} has shape {tuple(arr.shape)}, the run stores {spec.shape}")
             slot[:] = arr.reshape(-1)
         lr_row = np.asarray(list(lrs), dtype=np.float64)
         if lr_row.shape != (grp["lr"].shape[1],):
             raise ValueError(f"expected {grp['lr'].shape[1]} learning rates, got {lr_row.shape[0]}")
-        for name, row in rows.items():
-            ds = grp[name]
-            ds.resize(i + 1, axis=0)
-            ds[i] = row
-        for name, value in (("step", step), ("loss", loss), ("time", time.time())):
-            grp[name].resize(i + 1, axis=0)
-            grp[name][i] = value
-        grp["lr"].resize(i + 1, axis=0)
-        grp["lr"][i] = lr_row
-        self._file.flush()
-        grp["complete"].resize(i + 1, axis=0)
-        grp["complete"][i] = 1
-        self._file.flush()
-        self._count = i + 1
+        self._table.append({"step": step, "loss": loss, "time": time.time(), "lr": lr_row, **rows})
 
     def log_scalar(self, name: str, step: int, value: float) -> None:
         """Append ``(step, value)`` to the scalar log ``name`` (e.g. online sharpness)."""
@@ -280,55 +240,19 @@ class RunWriter(H5Handle):
         ds.flush()
 
 
-
-def _write_probe(grp: h5py.Group, probe: tuple[Any, Any]) -> None:
-    inputs, targets = probe
-    inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    grp.attrs["num_inputs"] = len(inputs)
-    for i, t in enumerate(inputs):
-        grp.create_dataset(f"inputs/{i}", data=_np(t))
-    if targets is not None:
-        grp.create_dataset("targets", data=_np(targets))
-
-
-def _create_checkpoint_datasets(grp: h5py.Group, specs: list[TensorSpec], lr_groups: int) -> None:
-    grp.attrs["tensors"] = json.dumps([asdict(s) for s in specs])
-    grp.create_dataset("step", shape=(0,), maxshape=(None,), dtype="i8", chunks=(1024,))
-    grp.create_dataset("loss", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
-    grp.create_dataset("time", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,))
-    grp.create_dataset("lr", shape=(0, lr_groups), maxshape=(None, None), dtype="f8",
-                       chunks=(1024, max(lr_groups, 1)))
-    grp.create_dataset("complete", shape=(0,), maxshape=(None,), dtype="u1", chunks=(1024,))
+def _checkpoint_columns(specs: list[TensorSpec], lr_groups: int, checksums: bool) -> dict[str, Column]:
+    columns = {"step": Column("i8"), "loss": Column("f8"), "time": Column("f8"), "lr": Column("f8", (lr_groups,))}
     dtypes = {s.dataset: s.dtype for s in specs}
-    for name, total in _totals(specs).items():
-        grp.create_dataset(name, shape=(0, total), maxshape=(None, total), dtype=dtypes[name],
-                           chunks=(1, max(1, min(total, 1 << 24))))
+    for name, total in _totals(specs).items():  # one row per chunk, at most 2**24 elements per chunk
+        columns[name] = Column(dtypes[name], (total,), chunk_rows=1, row_chunk=(min(total, 1 << 24),))
+    if checksums:  # (N, number of tensors) uint32; chunks of about 64 KiB
+        columns[CHECKSUM] = Column("u4", (len(specs),), chunk_rows=max(1, min(1024, 16384 // max(1, len(specs)))))
+    return columns
 
 
 def _create_scalar_logs(grp: h5py.Group, names: Iterable[str]) -> None:
     for name in names:
         grp.create_dataset(name, shape=(0, 2), maxshape=(None, 2), dtype="f8", chunks=(256, 2))
-
-
-def _copy_complete(src: Path, dst: Path, count: int) -> None:
-    """Copy a run with its first ``count`` checkpoints into a fresh (non-SWMR-flagged) file."""
-    with h5py.File(src, "r", libver=_LIBVER, swmr=True) as f, h5py.File(dst, "w", libver=_LIBVER) as g:
-        for key, value in f.attrs.items():
-            g.attrs[key] = value
-        f.copy(f["meta"], g, "meta")
-        if "probe" in f:
-            f.copy(f["probe"], g, "probe")
-        if "scalars" in f:
-            f.copy(f["scalars"], g, "scalars")
-        src_grp = f["checkpoints"]
-        specs = _spec_list(src_grp.attrs["tensors"])
-        dst_grp = g.create_group("checkpoints")
-        _create_checkpoint_datasets(dst_grp, specs, src_grp["lr"].shape[1])
-        for name in ["step", "loss", "time", "lr", "complete", *_totals(specs)]:
-            ds = dst_grp[name]
-            ds.resize(count, axis=0)
-            if count:
-                ds[:count] = src_grp[name][:count]
 
 
 def _spec_list(raw: str) -> list[TensorSpec]:
@@ -340,6 +264,9 @@ class Run(H5Handle):
 
     Attributes:
         meta: the stored description (dict).
+        axes: the run's coordinates given to the Recorder (``{}`` for version 1 files).
+        provenance: config, config digest, what the Recorder saw, versions (None for version 1 files).
+        version: the file's format version (1 or 2); version 2 rows are checksummed.
         steps: sorted steps of complete checkpoints.
         incomplete: number of rows present beyond the complete ones (a checkpoint being written or lost).
     """
@@ -348,40 +275,49 @@ class Run(H5Handle):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such run file")
-        self._file = _open_for_reading(self.path)
+        self._file = open_for_reading(self.path)
         f = self._file
         fmt = f.attrs.get("format")
         if fmt != FORMAT:
             self.close()
             raise RunFileError(f"{self.path}: not a sharpscope run file (format attribute {fmt!r})")
         version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             self.close()
-            raise RunFileError(f"{self.path}: run format version {version} is not supported by this "
-                               f"sharpscope (reads version {FORMAT_VERSION})")
+            raise RunFileError(f"{self.path}: run format version {version} is not supported by this sharpscope "
+                               f"(reads versions {READ_VERSIONS[0]}-{READ_VERSIONS[-1]}): upgrade sharpscope")
+        self.version = version
         try:
             self.meta: dict = json.loads(f["meta"].attrs["json"])
+            self.axes: dict = json.loads(f["meta"].attrs.get("axes", "{}")) if version >= 2 else {}
+            self.provenance: dict | None = json.loads(f["provenance"].attrs["json"]) \
+                if version >= 2 and "provenance" in f else None
             self._grp = f["checkpoints"]
             self.specs = _spec_list(self._grp.attrs["tensors"])
+            self._segments = _segments(self.specs) if version >= 2 else None
+            self._table = AppendTable(self._grp, self._segments)
         except (KeyError, ValueError) as err:
             self.close()
             raise RunFileError(f"{self.path}: damaged run file ({err})") from None
         self.versions = json.loads(f.attrs.get("versions", "{}"))
 
+    @property
+    def checksummed(self) -> bool:
+        """Whether checkpoint rows carry checksums (version 2) and are verified on every read."""
+        return self._segments is not None
+
     # -- following a live file -----------------------------------------------------------------
     def refresh(self) -> None:
         """Pick up checkpoints appended since opening (SWMR readers see new rows after a refresh)."""
-        for ds in self._grp.values():
-            ds.refresh()
+        self._table.refresh()
 
     @property
     def num_checkpoints(self) -> int:
-        return int(self._grp["complete"].shape[0])
+        return len(self._table)
 
     @property
     def incomplete(self) -> int:
-        rows = [int(self._grp[name].shape[0]) for name in ["step", *_totals(self.specs)]]
-        return max(0, max(rows) - self.num_checkpoints)
+        return self._table.present - len(self._table)
 
     @property
     def steps(self) -> list[int]:
@@ -395,14 +331,29 @@ class Run(H5Handle):
                            f"{'...' if len(steps) > 10 else ''})")
         return steps.index(step)
 
-    def _tensors(self, step: int, kind: str) -> dict:
+    def _tensors(self, step: int, kind: str | None) -> dict:
+        """The tensors of one kind (None: all, keyed by spec id) at ``step``, checksums verified."""
         i = self._row(step)
-        specs = [s for s in self.specs if s.kind == kind]
-        rows = {name: np.asarray(self._grp[name][i]) for name in {s.dataset for s in specs}}
+        which = [j for j, s in enumerate(self.specs) if kind is None or s.kind == kind]
+        try:
+            rows = {name: np.asarray(self._grp[name][i]) for name in {self.specs[j].dataset for j in which}}
+            stored = np.asarray(self._grp[CHECKSUM][i]) if self._segments is not None and which else None
+        except OSError as err:
+            raise RunFileError(f"{self.path}: checkpoint at step {step} cannot be read ({err}): the file is "
+                               "damaged; restore it from a copy or capture the run again") from None
+        if stored is not None:
+            bad = self._segments.mismatches(stored, rows, which)
+            if bad:
+                j, want, got = bad[0]
+                more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+                raise RunFileError(f"{self.path}: checkpoint at step {step}, {_tensor_label(self.specs[j])} fails its "
+                                   f"checksum (stored {want:08x}, read {got:08x}){more}: the file is damaged; restore "
+                                   "it from a copy or capture the run again")
         out = {}
-        for s in specs:
-            value = rows[s.dataset][s.offset: s.offset + s.numel].reshape(s.shape).copy()
-            out[(s.name, s.key) if kind == "optim" else s.name] = torch.from_numpy(value)
+        for j in which:
+            s = self.specs[j]
+            value = torch.from_numpy(rows[s.dataset][s.offset: s.offset + s.numel].reshape(s.shape).copy())
+            out[s.id if kind is None else (s.name, s.key) if kind == "optim" else s.name] = value
         return out
 
     def params(self, step: int) -> dict[str, torch.Tensor]:
@@ -419,6 +370,17 @@ class Run(H5Handle):
             state.setdefault(name, {})[key] = t
         return state
 
+    def verify(self) -> list[str]:
+        """Read every tensor of every complete checkpoint: the one-line problems found (none: ``[]``).
+        Version 1 files have no checksums: only unreadable rows are found there."""
+        problems = []
+        for step in self.steps:
+            try:
+                self._tensors(step, None)
+            except RunFileError as err:
+                problems.append(str(err))
+        return problems
+
     def loss(self, step: int) -> float:
         return float(self._grp["loss"][self._row(step)])
 
@@ -433,31 +395,18 @@ class Run(H5Handle):
         data = np.array(grp[name])
         return data[:, 0].astype(np.int64), data[:, 1]
 
-    def probe(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
-        """The stored probe batch ``(inputs, targets)`` or None."""
-        if "probe" not in self._file:
-            return None
-        grp = self._file["probe"]
-        inputs = tuple(torch.from_numpy(np.array(grp[f"inputs/{i}"])) for i in range(int(grp.attrs["num_inputs"])))
-        targets = torch.from_numpy(np.array(grp["targets"])) if "targets" in grp else None
-        return inputs, targets
+    def batch(self) -> Batch | None:
+        """The stored data batch: ``(inputs, targets)`` with ``inputs`` a tuple of tensors, or a dict
+        of named tensors (a mapping batch, in its stored order); None if none was stored."""
+        return read_batch(self._file)
+
+    def probe(self) -> Batch | None:
+        """Deprecated name of :meth:`batch`."""
+        warnings.warn("Run.probe() is now Run.batch()", DeprecationWarning, stacklevel=2)
+        return self.batch()
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, steps={len(self.steps)}, incomplete={self.incomplete})"
-
-
-def _open_for_reading(path: Path) -> h5py.File:
-    """Open read-only. A plain open checks the file's integrity (end-of-file address); a file that
-    is being written -- or whose SWMR writer crashed -- refuses it and is read in SWMR mode instead."""
-    try:
-        return h5py.File(path, "r", libver=_LIBVER)
-    except OSError as err:
-        if "already open for write" not in str(err):
-            raise RunFileError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {err}") from None
-    try:
-        return h5py.File(path, "r", libver=_LIBVER, swmr=True)
-    except OSError as err:
-        raise RunFileError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {err}") from None
 
 
 def open_run(path: str | os.PathLike) -> Run:
