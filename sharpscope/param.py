@@ -559,7 +559,7 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
                 roles: Mapping[str, str] | None = None, depth_scaling: bool = False,
                 base_depth: int | None = None, attention: str = "auto", init_scale: float = 1.0,
                 zero_readout: bool = False, muon_adjust_lr_fn: MuonAdjust = "original",
-                eps_scaling: bool = False, eps: float | None = None, expert_input: str = "hidden",
+                eps_scaling: bool = False, base_eps: float | None = None, expert_input: str = "hidden",
                 router: str = "readout", seed: int = 0) -> ParamGroups:
     r"""Put ``model`` into an abc-parameterization in place and return its optimizer param groups.
 
@@ -588,8 +588,9 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
             :math:`\epsilon\, m^{-e}`, e = :func:`eps_exponent` (the width exponent of that tensor's
             gradient), stored as the group's ``eps`` (and ``eps_exponent``) and in the record; optimizers
             without Adam's epsilon (SGD, Adafactor, Muon's own groups, adam-atan2) are left as they are.
-        eps: the base epsilon :math:`\epsilon` (at the base width; default torch's 1e-8). Only with
-            ``eps_scaling``; :func:`sharpscope.optim.build_optimizer` ``(groups, eps=...)`` rescales it.
+        base_eps: the base epsilon :math:`\epsilon` (at the base width; default torch's 1e-8). Only with
+            ``eps_scaling``; :func:`sharpscope.optim.build_optimizer` ``(groups, eps=...)`` replaces it
+            (the optimizer's ``eps`` is then the base: a probe's ``optimizer_kwargs`` or ``eps`` axis).
         expert_input: role of each MoE expert's input projection: ``"hidden"`` (default: its fan-in and
             fan-out grow) or ``"embedding"`` (the reading of SCIENCE.md; see docs/parameterizations.md).
         router: MoE router scaling: ``"readout"`` (default: the readout row), ``"no_alignment"`` (the
@@ -612,8 +613,8 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
         raise ValueError(f"unknown lr_scaling {lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
-    if eps is not None and not (eps_scaling and float(eps) > 0):
-        raise ValueError("eps= is the base epsilon of eps_scaling=True (a positive number); without "
+    if base_eps is not None and not (eps_scaling and float(base_eps) > 0):
+        raise ValueError("base_eps= is the base epsilon of eps_scaling=True (a positive number); without "
                          "eps_scaling give eps to the optimizer (build_optimizer(groups, eps=...))")
     _strip_multipliers(model)
     base_model, delta_model = _base_models(model, base_width, base_model, delta_model)
@@ -625,7 +626,7 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
     attn = _attention_setup(model, base_model, p, attention)
     slots = {s.name: s for s in _slots(model)}
     _reinit(slots, assignments, p, seed)
-    base_eps = DEFAULT_ADAM_EPS if eps is None else float(eps)
+    base_eps = DEFAULT_ADAM_EPS if base_eps is None else float(base_eps)
     groups, entries = [], []
     for a in assignments:
         slot = slots[a.name]

@@ -99,7 +99,8 @@ def test_preconditioner_is_the_tangent_of_the_update():
         t = float(st["step"])
 
         def update(m):
-            return g["lr"] * g["a"] * torch.atan2(m / (1 - 0.9 ** t), g["b"] * (st["exp_avg_sq"] / (1 - 0.99 ** t)).sqrt())
+            x = g["b"] * (st["exp_avg_sq"] / (1 - 0.99 ** t)).sqrt()
+            return g["lr"] * g["a"] * torch.atan2(m / (1 - 0.9 ** t), x)
 
         h = 1e-6 * st["exp_avg"].abs().clamp(min=1e-12)
         fd = (update(st["exp_avg"] + h) - update(st["exp_avg"] - h)) / (2 * h)

@@ -492,7 +492,7 @@ EPS_E = {"sp": {"embedding": H, "hidden": H, "readout": 0, "router": 0},
 def test_eps_exponents_groups_and_record(param):
     for width in (32, 128):
         model = MoE(width=width, depth=1)
-        groups = parametrize(model, param, optimizer="adam", lr=1e-2, base_width=32, eps_scaling=True, eps=1e-6)
+        groups = parametrize(model, param, optimizer="adam", lr=1e-2, base_width=32, eps_scaling=True, base_eps=1e-6)
         m = width / 32
         for g in groups:
             base = {"vector": "embedding", "expert": "hidden"}.get(g["role"], g["role"])
@@ -551,7 +551,7 @@ def test_eps_scaling_keeps_the_symmetry_exact_with_a_large_eps(pair):
     def traj(param, scaled):
         torch.manual_seed(0)
         model = MLP(width=128, depth=2, in_features=5, out_features=3, activation="tanh").double()
-        kw = {"eps_scaling": True, "eps": 1e-2} if scaled else {}
+        kw = {"eps_scaling": True, "base_eps": 1e-2} if scaled else {}
         groups = parametrize(model, param, optimizer="adam", lr=1e-2, base_width=32, lr_scaling="full_alignment", **kw)
         opt = build_optimizer(groups, **({} if scaled else {"eps": 1e-2}))
         gen = torch.Generator().manual_seed(3)
@@ -583,7 +583,7 @@ def test_eps_given_to_build_optimizer_is_the_base_eps_and_muon_scales_its_adamw_
     sgd = parametrize(MLP(width=128), "mup", optimizer="sgd", base_width=32, eps_scaling=True)
     assert not any("eps" in g for g in sgd) and sgd.record["eps"] is None and sgd.record["eps_scaling"]
     with pytest.raises(ValueError, match="base epsilon of eps_scaling"):
-        parametrize(MLP(width=128), "mup", optimizer="adam", base_width=32, eps=1e-6)
+        parametrize(MLP(width=128), "mup", optimizer="adam", base_width=32, base_eps=1e-6)
 
 
 # -- MoE alternatives: the expert input projection and the router ---------------------------------------------
