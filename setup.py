@@ -32,6 +32,7 @@ setup(
         "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1", "lightning>=2.0",
                  "transformers>=4.40", "accelerate>=1.1"],
         "dask": ["dask[distributed]"],
+        "dask-cuda": ["dask[distributed]", "dask-cuda"],
         "lightning": ["lightning"],
         "huggingface": ["transformers>=4.40", "accelerate>=1.1"],
         # CuPy's wheel must match torch's CUDA major version (sharpscope refuses a mismatch with the

@@ -42,8 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"sharpscope {args.command}: error: {err}", file=sys.stderr)
+    except (UsageError, ValueError, TypeError, OSError, KeyError) as err:
+        message = err.strerror if isinstance(err, OSError) and err.strerror and not err.filename else str(err)
+        print(f"sharpscope {args.command}: error: {message.splitlines()[0] if message else type(err).__name__}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sharpscope {args.command}: interrupted", file=sys.stderr)

@@ -31,10 +31,11 @@ from torch.nn import functional as F
 from .models import build_model
 from .optim import build_optimizer
 from .param import parametrize
+from .progress import progress_bar
 
 __all__ = ["coord_check", "CoordCheckResult", "plot_coord_check", "fit_slopes", "add_parser"]
 
-QUANTITIES = ("act_rms", "delta_rms")
+COORD_STATISTICS = ("act_rms", "delta_rms")  # per layer: RMS activation, and its change since init
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def coord_check(model: str | Callable[[int], nn.Module] = "mlp", *, widths: Sequ
     with torch.device("meta"):
         base_model, delta_model = build(base_width), build(2 * widths[-1] + base_width)
     records: list[dict] = []
-    bar = _progress(len(widths) * len(seeds), progress)
+    bar = progress_bar(len(widths) * len(seeds), "coord check", progress, leave=False)
     for seed in seeds:
         for width in widths:
             records += _run_one(build, width, seed, base_model, delta_model, parameterization, optimizer, lr,
@@ -194,12 +195,6 @@ def coord_check(model: str | Callable[[int], nn.Module] = "mlp", *, widths: Sequ
                 "seeds": list(seeds), "batch_size": batch_size, "dtype": str(dtype).replace("torch.", ""),
                 **{k: v for k, v in parametrize_kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}}
     return CoordCheckResult(records, fit_slopes(records), settings)
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="coord check", disable=not enabled, leave=False)
 
 
 def _run_one(build, width, seed, base_model, delta_model, parameterization, optimizer, lr, steps, batch_size,
@@ -248,9 +243,9 @@ def plot_coord_check(result: CoordCheckResult, path: str | Path | None = None, *
     import matplotlib.ticker
 
     steps = list(steps) if steps is not None else _default_steps(result.steps)
-    fig, axes = plt.subplots(len(QUANTITIES), len(steps), figsize=(3.4 * len(steps), 6.2), squeeze=False,
+    fig, axes = plt.subplots(len(COORD_STATISTICS), len(steps), figsize=(3.4 * len(steps), 6.2), squeeze=False,
                              sharex=True)
-    for row, quantity in enumerate(QUANTITIES):
+    for row, quantity in enumerate(COORD_STATISTICS):
         for col, step in enumerate(steps):
             ax = axes[row][col]
             for i, layer in enumerate(result.layers):
@@ -262,7 +257,7 @@ def plot_coord_check(result: CoordCheckResult, path: str | Path | None = None, *
                     ax.loglog(w[ok], v[ok], "o-", color=f"C{i % 10}", ms=3, lw=1.2,
                               label=f"{layer} ({slope:+.2f})")
             ax.set_title(f"{'RMS(h)' if quantity == 'act_rms' else 'RMS(h - h0)'}, step {step}", fontsize=9)
-            if row == len(QUANTITIES) - 1:
+            if row == len(COORD_STATISTICS) - 1:
                 ax.set_xlabel("width")
             ax.set_xticks(result.widths, [str(w) for w in result.widths], fontsize=7)
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())

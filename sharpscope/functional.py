@@ -135,6 +135,9 @@ def _select(model: nn.Module, params: Sequence[str] | str | None) -> list[tuple[
     if params is None:
         return trainable
     wanted = [params] if isinstance(params, str) else list(params)
+    if not wanted:
+        raise ValueError("params=[] selects no parameter: give parameter names or module prefixes, or None for "
+                         "all trainable parameters")
     chosen, unmatched = [], []
     for key in wanted:
         hits = [(n, p) for n, p in trainable if n == key or n.startswith(key + ".")]

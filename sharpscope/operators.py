@@ -210,27 +210,49 @@ class CurvatureOperator(SymmetricOperator):
         """Evaluate the data twice and refuse values that differ by more than rounding: a random
         forward pass (dropout forced on, input noise) or a random batch order (a sampler that is not
         sequential, with BatchNorm) would make every product a different matrix. A tolerance of a few
-        dozen ulps of the value, not bitwise: CUDA reductions with atomics reorder sums."""
+        dozen ulps of the value, not bitwise: CUDA reductions with atomics reorder sums. The first pass
+        also checks that the value depends on the parameters (a detached or argmax loss does not) and
+        turns a forward pass that fails on the data into one line."""
         rel = (64 if torch.finfo(self.dtype).bits >= 32 else 4) * torch.finfo(self.dtype).eps
-        with torch.no_grad(), self.fn.deterministic(), self._context():
-            first = [self._value(b) for b in self.batches]
-            for i, (batch, a) in enumerate(zip(self.batches, first)):
-                b = self._value(batch)
-                diff = float((a - b).abs().max()) if a.shape == b.shape else math.inf
-                scale = max(float(a.abs().max()), float(b.abs().max()), torch.finfo(self.dtype).tiny)
-                if not diff <= rel * scale:
-                    raise StochasticForwardError(
-                        f"{type(self).__name__}: two evaluations of batch {i} differ ({self._value_name} "
-                        f"{float(a.reshape(-1)[0]):.6g} vs {float(b.reshape(-1)[0]):.6g}, relative difference "
-                        f"{diff / scale:.2g}): the forward pass or the data order is random (dropout called with "
-                        "training=True, input noise, a shuffling sampler); curvature needs a fixed function")
+        with self.fn.deterministic(), self._context():
+            first = self._first_pass()
+            with torch.no_grad():
+                for i, (batch, a) in enumerate(zip(self.batches, first)):
+                    b = self._value(batch)
+                    diff = float((a - b).abs().max()) if a.shape == b.shape else math.inf
+                    scale = max(float(a.abs().max()), float(b.abs().max()), torch.finfo(self.dtype).tiny)
+                    if not diff <= rel * scale:
+                        raise StochasticForwardError(
+                            f"{type(self).__name__}: two evaluations of batch {i} differ ({self._value_name} "
+                            f"{float(a.reshape(-1)[0]):.6g} vs {float(b.reshape(-1)[0]):.6g}, relative difference "
+                            f"{diff / scale:.2g}): the forward pass or the data order is random (dropout called "
+                            "with training=True, input noise, a shuffling sampler); curvature needs a fixed function")
         self._deterministic_checked = True
+
+    def _first_pass(self) -> list[torch.Tensor]:
+        values = []
+        for i, batch in enumerate(self.batches):
+            try:
+                with torch.enable_grad() if i == 0 else torch.no_grad():
+                    value = self._value(batch)
+            except (RuntimeError, TypeError, IndexError) as err:
+                if _is_unsupported_derivative(err):
+                    raise
+                shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in batch.inputs)
+                raise ValueError(f"{type(self).__name__}: the model cannot be evaluated on batch {i} (inputs "
+                                 f"{shapes}): {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            if i == 0 and not value.requires_grad:
+                raise ValueError(f"{type(self).__name__}: the {self._value_name} does not depend on the parameters "
+                                 "(a detached tensor, or computed through argmax or integer ops): its curvature is "
+                                 "zero or undefined")
+            values.append(value.detach())
+        return values
 
     _value_name = "loss"
 
     def _value(self, batch) -> torch.Tensor:
         """What the determinism check compares: the batch's loss (the NTK: its outputs)."""
-        return self._loss(self.fn(self.fn.params, batch.inputs), batch).detach()
+        return self._loss(self.fn(self.fn.params, batch.inputs), batch)
 
     # -- evaluation context -------------------------------------------------------------------
     def _context(self):
@@ -483,7 +505,7 @@ class NTKOperator(CurvatureOperator):
     _value_name = "first output"
 
     def _value(self, batch) -> torch.Tensor:
-        return self.fn(self.fn.params, batch.inputs).detach()
+        return self.fn(self.fn.params, batch.inputs)
 
     def _build_graph(self, batch):
         return _JacobianGraph(self.fn, batch.inputs)

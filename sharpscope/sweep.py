@@ -1,248 +1,163 @@
-"""Declarative probes: a TOML file describes a width x lr x parameterization x optimizer x seed grid;
-:func:`run_sweep` trains every run with a :class:`~sharpscope.Recorder` and measures the spectra.
+"""Sweeps: :func:`run_sweep` trains every run of a probe file's grid with a :class:`~sharpscope.Recorder`,
+measures the spectra and writes the report. The probe-file format is :mod:`sharpscope.probe_file`.
 
-A probe file::
-
-    [probe]
-    name = "quickstart"
-    description = "..."            # what it shows
-    expected = "..."               # the outcome the source predicts
-    source = "Noci et al. 2024, arXiv 2402.17457"
-
-    [model]
-    factory = "sharpscope.models:MLP"          # or a family name: mlp, cnn, transformer, moe
-    kwargs = { depth = 2, in_features = 64, out_features = 10, activation = "tanh" }
-    widths = [64, 128, 256]
-    width_key = "width"                        # the factory's width argument
-    base_width = 64
-    depths = [2, 4, 8]                         # optional depth axis (residual models)
-    depth_key = "depth"                        # the factory's depth argument
-    base_depth = 1                             # L_0 of depth-muP's (L / L_0)^(-1/2)
-
-    [train]
-    parameterizations = ["mup", "sp"]
-    optimizers = ["sgd"]
-    lrs = [0.1, 0.2]
-    steps = 100
-    batch_size = 0                             # 0: full batch
-    seeds = [0]
-    data = "digits"                            # or "teacher-student", "cifar10"; [train.data_kwargs] for options
-    loss = "CrossEntropyLoss"
-    depth_scaling = false                      # depth-muP: residual branches times (L / L_0)^(-1/2)
-
-    [capture]
-    every = 10                                 # the last step is always captured
-    probe_size = 256                           # first samples of the data: the probe batch
-
-    [measure]
-    quantities = ["hessian", "precond"]
-    k = 1
-    executor = "local"                         # for training and spectra: local, process:N, dask-local:N, dask://HOST:PORT
-
-Runs are files ``runs/<parameterization>-<optimizer>-w<width>[-d<depth>]-lr<lr>-s<seed>.h5`` under the
-output folder (with a remote ``dask://`` cluster the workers must see that folder: a shared file
-system). A run whose file holds its final step (or stopped at a diverged, non-finite loss) is
-complete and skipped on a re-run; an incomplete one (interrupted) is trained again from scratch
-(training is deterministic for a seed). Spectra are resumable the same way (see :mod:`sharpscope.runs.jobs`).
+Runs are files ``runs/<parameterization>-<optimizer>-w<width>[-d<depth>]-lr<lr>[-<axis><value>...]-s<seed>.h5``
+under the output folder (with a remote ``dask://`` cluster the workers must see that folder: a shared
+file system); every varied setting is in the name and, with the compared axis, in the run's meta.
+A run whose file holds its final step (or stopped at a diverged, non-finite loss) is complete and
+skipped on a re-run; an incomplete one (interrupted) is trained again from scratch (training is
+deterministic for a seed). Spectra are resumable the same way (see :mod:`sharpscope.runs.jobs`).
 """
 from __future__ import annotations
 
-import hashlib
-import itertools
 import math
-import tomllib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .data import DATASETS, load as load_data
+from .data import load as load_data
+from .devices import resolve_device
 from .models import build_model
 from .optim import build_optimizer
-from .param import PARAMETERIZATIONS, parametrize
+from .param import parametrize
+from .probe_file import Probe, RunSpec, load_probe, plan, run_values, settings_of
+from .progress import progress_bar
 from .runs.capture import Recorder
 from .runs.executors import executor_from_spec
 from .runs.jobs import JobReport, SpectrumSettings, run_spectrum_job
+from .runs.provenance import config_digest
 from .runs.rebuild import build_loss
 from .runs.spectra import spectra_path
 from .runs.store import RunFileError, first_diverged_step, open_run
 
-__all__ = ["Probe", "RunSpec", "load_probe", "plan", "train_run", "run_sweep", "SweepResult", "summary_rows"]
-
-_OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "muon")
-
-
-@dataclass(frozen=True)
-class Probe:
-    """A parsed, validated probe file (see the module docstring for the format)."""
-
-    name: str
-    factory: str
-    widths: tuple[int, ...]
-    parameterizations: tuple[str, ...]
-    optimizers: tuple[str, ...]
-    lrs: tuple[float, ...]
-    steps: int
-    description: str = ""
-    expected: str = ""
-    source: str = ""
-    kwargs: dict = field(default_factory=dict)
-    width_key: str = "width"
-    base_width: int | None = None
-    batch_size: int = 0
-    seeds: tuple[int, ...] = (0,)
-    data: str = "digits"
-    data_kwargs: dict = field(default_factory=dict)
-    loss: str = "CrossEntropyLoss"
-    every: int = 10
-    probe_size: int = 256
-    quantities: tuple[str, ...] = ("hessian",)
-    k: int = 1
-    executor: str = "local"
-    depths: tuple[int, ...] = ()
-    depth_key: str = "depth"
-    base_depth: int | None = None
-    depth_scaling: bool = False
-    file: str = ""
-    sha256: str = ""
+__all__ = ["Probe", "RunSpec", "load_probe", "plan", "train_run", "run_sweep", "run_config", "SweepResult",
+           "summary_rows"]
 
 
-def _need(table: dict, key: str, where: str) -> Any:
-    if key not in table:
-        raise ValueError(f"probe file: [{where}] needs '{key}'")
-    return table[key]
+def _optimizer_kwargs(probe: Probe, spec: RunSpec) -> dict[str, Any]:
+    """The optimizer's constructor keywords: ``[train] optimizer_kwargs`` and the run's optimizer axes
+    (``beta1``/``beta2`` become ``betas``; under Muon, Adam's keywords go to its AdamW)."""
+    kwargs = {**probe.optimizer_kwargs, **settings_of(probe, spec, "optimizer")}
+    if "beta1" in kwargs or "beta2" in kwargs:
+        kwargs["betas"] = (kwargs.pop("beta1", 0.9), kwargs.pop("beta2", 0.999))
+    if spec.optimizer == "muon":
+        adam = {k: kwargs.pop(k) for k in ("eps", "betas") if k in kwargs}
+        if adam:
+            kwargs["adamw_kwargs"] = adam
+    return kwargs
 
 
-def load_probe(path: str | Path) -> Probe:
-    """Read and validate a probe TOML file; every problem is reported as a one-line ValueError."""
-    path = Path(path)
+def _steps(probe: Probe, spec: RunSpec) -> int:
+    return spec.value("steps", probe.steps)
+
+
+def run_config(probe: Probe, spec: RunSpec) -> dict[str, Any]:
+    """The run's resolved config: everything that decides what training produces (model factory and
+    kwargs, data, parameterization and its options, optimizer and its hyper-parameters, schedule,
+    steps, seed). It is stored in the run's provenance record; a re-run reuses a stored run only when
+    this config matches (:func:`~sharpscope.runs.provenance.config_digest`). The probe's name,
+    description and measurement settings are not part of it: they do not change the run."""
+    kwargs = {**probe.kwargs, probe.width_key: spec.width, **settings_of(probe, spec, "model")}
+    if spec.depth is not None:
+        kwargs[probe.depth_key] = spec.depth
+    return {"model": {"factory": probe.factory, "kwargs": kwargs},
+            "data": {"name": probe.data, "kwargs": {**probe.data_kwargs, **settings_of(probe, spec, "data")},
+                     "batch": probe.probe_size},
+            "parameterization": {"name": spec.parameterization, "base_width": probe.base_width or min(probe.widths),
+                                 "options": _parametrize_options(probe, spec)},
+            "optimizer": {"name": spec.optimizer, "lr": spec.lr, "kwargs": _jsonable(_optimizer_kwargs(probe, spec))},
+            "loss": probe.loss, "steps": _steps(probe, spec), "batch_size": spec.value("batch_size", probe.batch_size),
+            "schedule": {"every": probe.every, "last": True}, "seed": spec.seed,
+            **({"device": resolve_device(probe.device).type} if resolve_device(probe.device).type != "cpu" else {})}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _parametrize_options(probe: Probe, spec: RunSpec) -> dict[str, Any]:
+    return {"depth_scaling": probe.depth_scaling, "base_depth": probe.base_depth,
+            **probe.parametrize_kwargs, **settings_of(probe, spec, "parametrize")}
+
+
+def _run_state(path: Path, config: dict[str, Any], final: int) -> str:
+    """What a stored run is to this sweep: ``missing``, ``complete`` (same config, done or diverged),
+    ``interrupted`` (same config, not done), ``different`` (another config: kept, moved aside),
+    ``unrecorded`` (an older file without a config record, done: reused by its name) or ``unreadable``."""
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such probe file")
-    text = path.read_bytes()
-    try:
-        raw = tomllib.loads(text.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid TOML: {err}") from None
-    meta, model, train = raw.get("probe", {}), raw.get("model", {}), raw.get("train", {})
-    capture, measure = raw.get("capture", {}), raw.get("measure", {})
-    probe = Probe(
-        name=str(meta.get("name", path.stem)), description=meta.get("description", ""),
-        expected=meta.get("expected", ""), source=meta.get("source", ""),
-        factory=str(_need(model, "factory", "model")), kwargs=dict(model.get("kwargs", {})),
-        widths=tuple(int(w) for w in _need(model, "widths", "model")), width_key=model.get("width_key", "width"),
-        base_width=model.get("base_width"),
-        parameterizations=tuple(_need(train, "parameterizations", "train")),
-        optimizers=tuple(o.lower() for o in _need(train, "optimizers", "train")),
-        lrs=tuple(float(x) for x in _need(train, "lrs", "train")), steps=int(_need(train, "steps", "train")),
-        batch_size=int(train.get("batch_size", 0)), seeds=tuple(int(s) for s in train.get("seeds", [0])),
-        data=train.get("data", "digits"), data_kwargs=dict(train.get("data_kwargs", {})),
-        loss=train.get("loss", "CrossEntropyLoss"), every=int(capture.get("every", 10)),
-        probe_size=int(capture.get("probe_size", 256)), quantities=tuple(measure.get("quantities", ["hessian"])),
-        k=int(measure.get("k", 1)), executor=measure.get("executor", "local"),
-        depths=tuple(int(d) for d in model.get("depths", [])), depth_key=model.get("depth_key", "depth"),
-        base_depth=model.get("base_depth"), depth_scaling=bool(train.get("depth_scaling", False)),
-        file=str(path.resolve()), sha256=hashlib.sha256(text).hexdigest(),
-    )
-    _validate(probe, path)
-    return probe
-
-
-def _validate(p: Probe, path: Path) -> None:
-    def bad(message: str) -> None:
-        raise ValueError(f"{path}: {message}")
-
-    if not p.widths or any(w < 1 for w in p.widths):
-        bad(f"widths must be positive integers, got {list(p.widths)}")
-    if p.data not in DATASETS:
-        bad(f"unknown data set {p.data!r}; choose from {', '.join(DATASETS)}")
-    if any(d < 1 for d in p.depths):
-        bad(f"depths must be positive integers, got {list(p.depths)}")
-    for name in p.parameterizations:
-        if name not in PARAMETERIZATIONS:
-            bad(f"unknown parameterization {name!r}; choose from {', '.join(PARAMETERIZATIONS)}")
-    for name in p.optimizers:
-        if name not in _OPTIMIZERS:
-            bad(f"unknown optimizer {name!r}; choose from {', '.join(_OPTIMIZERS)}")
-    if not p.lrs or any(not lr > 0 for lr in p.lrs):
-        bad(f"learning rates must be positive, got {list(p.lrs)}")
-    if p.steps < 1 or p.every < 1 or p.probe_size < 1 or p.batch_size < 0 or p.k < 1:
-        bad("steps, capture.every, capture.probe_size and measure.k must be >= 1 and batch_size >= 0")
-    if p.base_depth is not None and not (isinstance(p.base_depth, int) and p.base_depth >= 1):
-        bad(f"base_depth must be a positive integer, got {p.base_depth!r}")
-    if p.data == "cifar10" and "root" not in p.data_kwargs:
-        bad('data = "cifar10" needs [train.data_kwargs] root = "<folder holding cifar-10-batches-py>"')
-    names = [spec.filename for spec in plan(p)]
-    if len(set(names)) != len(names):
-        bad("the grid has duplicate runs (a repeated width, depth, lr or seed, or lrs equal to 6 digits)")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run of the grid."""
-
-    parameterization: str
-    optimizer: str
-    width: int
-    lr: float
-    seed: int
-    depth: int | None = None
-
-    @property
-    def filename(self) -> str:
-        depth = "" if self.depth is None else f"-d{self.depth}"
-        return f"{self.parameterization}-{self.optimizer}-w{self.width}{depth}-lr{self.lr:g}-s{self.seed}.h5"
-
-
-def plan(probe: Probe) -> list[RunSpec]:
-    """Every combination, in a fixed order."""
-    return [RunSpec(p, o, w, lr, s, d) for p, o, w, d, lr, s in itertools.product(
-        probe.parameterizations, probe.optimizers, probe.widths, probe.depths or (None,), probe.lrs, probe.seeds)]
-
-
-def _complete(path: Path, steps: int) -> bool:
-    """The run holds its final step, or stopped because it diverged (a non-finite recorded loss);
-    a run interrupted before that has neither and is trained again."""
+        return "missing"
     try:
         with open_run(path) as run:
-            done = run.steps
-            return bool(done) and (done[-1] == steps or first_diverged_step(run) < math.inf)
+            done = bool(run.steps) and (run.steps[-1] == final or first_diverged_step(run) < math.inf)
+            stored = (run.provenance or {}).get("config_digest")
     except (RunFileError, OSError, KeyError):
-        return False
+        return "unreadable"
+    if stored is None:
+        return "unrecorded" if done else "interrupted"
+    if stored != config_digest(config):
+        return "different"
+    return "complete" if done else "interrupted"
+
+
+def _move_aside(path: Path, stamp: str) -> Path:
+    """Keep a run the sweep will not reuse: ``runs/superseded/<stamp>/`` (with its spectra file)."""
+    target = path.parent / "superseded" / stamp
+    target.mkdir(parents=True, exist_ok=True)
+    moved = target / path.name
+    path.replace(moved)
+    results = spectra_path(path)
+    if results.exists():
+        results.replace(target / results.name)
+    return moved
 
 
 def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
-    """Train one run of the grid into ``out_dir/runs/``; skip it when complete (returns its path)."""
+    """Train one run of the grid into ``out_dir/runs/``. A stored complete run of the same config is
+    kept; :func:`run_sweep` has moved aside stored runs of another config before."""
     path = Path(out_dir) / "runs" / spec.filename
-    if path.exists():
-        if _complete(path, probe.steps):
-            return path
-        path.unlink()  # interrupted: retrain from scratch (deterministic for the seed)
+    config = run_config(probe, spec)
+    final, batch_size = config["steps"], config["batch_size"]
+    state = _run_state(path, config, final)
+    if state in ("complete", "unrecorded"):
+        return path
+    if state == "different":
+        raise RuntimeError(f"{path} holds a run of another config: run_sweep moves it aside first")
+    if path.exists():  # interrupted (or unreadable): retrain from scratch, deterministic for the seed
+        path.unlink()
         spectra_path(path).unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    x, y = load_data(probe.data, **probe.data_kwargs)
-    kwargs = {**probe.kwargs, probe.width_key: spec.width}
-    if spec.depth is not None:
-        kwargs[probe.depth_key] = spec.depth
+    device = resolve_device(probe.device)
+    x, y = load_data(probe.data, **config["data"]["kwargs"])
+    x, y = x.to(device), y.to(device)
+    kwargs = config["model"]["kwargs"]
     torch.manual_seed(spec.seed)
     model = build_model(probe.factory, kwargs)
     groups = parametrize(model, spec.parameterization, optimizer=spec.optimizer, lr=spec.lr,
-                         base_width=probe.base_width or min(probe.widths), seed=spec.seed,
-                         depth_scaling=probe.depth_scaling, base_depth=probe.base_depth)
-    opt = build_optimizer(groups)
-    loss_fn = build_loss(probe.loss)
-    final = probe.steps
+                         base_width=config["parameterization"]["base_width"], seed=spec.seed,
+                         **_parametrize_options(probe, spec))
+    model.to(device)  # after parametrize: its init is drawn on the CPU, the same numbers on every device
+    opt = build_optimizer(groups, **_optimizer_kwargs(probe, spec))
+    loss_fn = build_loss(probe.loss, allow=[probe.loss])
+    axes = run_values(probe, spec)
     meta = {"model_factory": probe.factory, "model_kwargs": kwargs, "parameterization": groups.record,
             "seed": spec.seed, "loss": probe.loss,
-            "probe": {"name": probe.name, "width": spec.width, "depth": spec.depth, "lr": spec.lr,
-                      "optimizer": spec.optimizer, "parameterization": spec.parameterization,
+            "probe": {"name": probe.name, **axes, "depth": spec.depth, "steps": final,
+                      "axes": {a.name: spec.value(a.name) for a in probe.axes}, "compare": probe.compare,
                       "file": probe.file, "sha256": probe.sha256}}  # the probe file trusts its factory
     gen = torch.Generator().manual_seed(spec.seed)
     with Recorder(path, model, opt, batch=(x[: probe.probe_size], y[: probe.probe_size]),
-                  schedule=lambda s: s % probe.every == 0 or s == final, meta=meta, loss_fn=loss_fn) as rec:
-        for _ in range(probe.steps):
-            if probe.batch_size:
-                idx = torch.randint(0, x.shape[0], (probe.batch_size,), generator=gen)
+                  schedule=lambda s: s % probe.every == 0 or s == final, meta=meta, loss_fn=loss_fn,
+                  config=config, axes={k: v for k, v in axes.items() if k != "seed"}) as rec:
+        for _ in range(final):
+            if batch_size:
+                idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen).to(device)
                 xb, yb = x[idx], y[idx]
             else:
                 xb, yb = x, y
@@ -262,48 +177,73 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
 
 @dataclass
 class SweepResult:
-    """The run files of a sweep, the spectrum job's report and the written report.html."""
+    """The run files of a sweep, the spectrum job's report, the written report.html and what the
+    sweep did with stored runs (``notes``: reused without a record, moved aside)."""
 
     probe: Probe
     runs: list[Path]
     trained: int
     spectra: JobReport
     report: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def _plan_training(probe: Probe, specs: list[RunSpec], runs_dir: Path) -> tuple[list[RunSpec], list[str]]:
+    """Which runs to train, after moving aside stored runs of another config (never deleted)."""
+    todo, notes, moved, unrecorded = [], [], [], []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for spec in specs:
+        path = runs_dir / spec.filename
+        state = _run_state(path, run_config(probe, spec), _steps(probe, spec))
+        if state == "different":
+            moved.append(_move_aside(path, stamp))
+        elif state == "unrecorded":
+            unrecorded.append(path.name)
+        if state not in ("complete", "unrecorded"):
+            todo.append(spec)
+    if moved:
+        notes.append(f"{len(moved)} stored run(s) came from another config (the probe file changed): kept in "
+                     f"{moved[0].parent} and trained again")
+    if unrecorded:
+        notes.append(f"{len(unrecorded)} stored run(s) have no config record (an older sharpscope): reused by "
+                     f"their name ({unrecorded[0]}{', ...' if len(unrecorded) > 1 else ''})")
+    return todo, notes
 
 
 def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | None = None,
               progress: bool = True) -> SweepResult:
-    """Train the probe's grid (skipping complete runs), measure its spectra (skipping stored ones) and
-    write the report (``out_dir/report.html``, ``report.md``, ``metrics.json``, ``figures/``).
+    """Train the probe's grid (reusing stored runs of the same config, moving aside those of another),
+    measure its spectra (skipping stored ones) and write the report (``out_dir/report.html``,
+    ``report.md``, ``metrics.json``, ``figures/``).
 
     ``executor`` (default: the probe's) runs both the training runs and the spectrum tasks: ``local``
     one after the other, ``process:N`` / ``dask-local:N`` / ``dask://HOST:PORT`` in parallel."""
-    from tqdm.auto import tqdm
-
     probe = load_probe(probe_path)
     executor = executor or probe.executor
     out = Path(out_dir).resolve()  # workers of a remote cluster do not share our working directory
     specs = plan(probe)
-    todo = [s for s in specs if not _complete(out / "runs" / s.filename, probe.steps)]
+    todo, notes = _plan_training(probe, specs, out / "runs")
     if todo:
         submit, shutdown, completed = executor_from_spec(executor)
         try:
             futures = [submit(train_run, probe, spec, out) for spec in todo]
-            for fut in tqdm(completed(futures), total=len(futures), desc=f"train {probe.name}", unit="run",
-                            disable=not progress):
+            bar = progress_bar(len(futures), f"train {probe.name}", progress, unit="run")
+            for fut in completed(futures):
                 fut.result()  # a failed run stops the sweep with its error (its file is retrained next time)
+                bar.update(1)
+            bar.close()
         finally:
             shutdown()
     runs = [out / "runs" / s.filename for s in specs]
-    settings = SpectrumSettings(k=probe.k)
+    settings = SpectrumSettings(k=probe.k, device=probe.device)
     report = run_spectrum_job(runs, probe.quantities, settings, executor=executor, progress=progress,
                               allow_factories=[probe.factory, probe.loss])
     from .analysis.report import write_report
 
-    page = write_report(runs, out, title=f"sharpscope: {probe.name}",
+    page = write_report(runs, out, title=f"sharpscope: {probe.name}", compare=probe.compare,
                         settings={"probe": str(probe_path), "description": probe.description,
                                   "expected": probe.expected, "source": probe.source})
-    return SweepResult(probe, runs, len(todo), report, page)
+    return SweepResult(probe, runs, len(todo), report, page, notes)
 
 
 def summary_rows(result: SweepResult) -> list[dict]:
@@ -341,6 +281,8 @@ def _sweep_command(args) -> int:
              f"its first step)" if result.spectra.not_applicable else ""))
     for path, step, message in result.spectra.failures:
         print(f"FAILED {path} step {step}: {message}")
+    for note in result.notes:
+        print(f"note: {note}")
     print(f"report: {result.report}")
     return 1 if result.spectra.failures else 0
 

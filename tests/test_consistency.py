@@ -53,8 +53,11 @@ def test_align_bad_inputs():
         align({1: ([0, 1, 2], [1.0, 2.0])})
     with pytest.raises(ValueError, match="no common steps"):
         align({1: ([0, 1], [1, 1]), 2: ([2, 3], [1, 1])})
-    with pytest.raises(ValueError, match="positive"):
-        align({-1: ([0], [1.0])})
+    with pytest.raises(ValueError, match="finite number"):
+        align({float("inf"): ([0], [1.0])})
+    with pytest.raises(ValueError, match="must be a number"):
+        align({"wide": ([0], [1.0])})
+    assert align({0: ([0], [1.0]), -1: ([0], [2.0])}).sizes == (-1.0, 0.0)  # a linear axis (weight decay 0)
     with pytest.raises(ValueError, match="duplicate steps"):
         align({1: ([0, 0], [1.0, 2.0])})
     with pytest.raises(ValueError, match="non-empty"):
@@ -64,6 +67,14 @@ def test_align_bad_inputs():
 
 
 # ----------------------------------------------------------------------------- super consistency
+def test_a_linear_axis_with_zero_gets_verdicts_without_a_power_law():
+    steps = list(range(20))
+    traj = {0.0: (steps, [1.0] * 20), 0.01: (steps, [1.02] * 20), 0.1: (steps, [1.5] * 20)}
+    res = super_consistency(traj)
+    assert res.alpha is None and "linear axis" in res.alpha_note
+    assert res.verdict == "diverging-up"
+
+
 
 def test_identical_trajectories_are_consistent():
     r = super_consistency(family(lambda n: 1.0))

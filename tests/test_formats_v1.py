@@ -72,7 +72,7 @@ def test_v1_inspect(v1, capsys):
     assert main(["inspect", str(v1 / "run.h5")]) == 0
     out = capsys.readouterr().out
     assert "sharpscope.demo:digits_mlp" in out and "'hessian': 2" in out
-    assert "format:      v1, no checksums" in out and "'trace': 2} (v1, no checksums)" in out
+    assert "format:      v1, no checksums" in out and "{'hessian': 2, 'trace': 2} (v1, no checksums)" in out
     assert "batch:       inputs [[16, 64]], targets [16]" in out
     assert main(["inspect", str(v1 / "extras.h5"), "--json", "--verify"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -68,7 +68,7 @@ def test_depth_axis_is_compared_and_seeds_are_averaged(tmp_path):
         assert run.meta["parameterization"]["depth"]["branch_multiplier"] == 0.5  # 1/sqrt(4)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     (group,) = metrics["groups"]
-    assert group["axis"] == "depth" and group["sizes"] == [1, 2, 4] and group["fixed"] == 16
+    assert group["axis"] == "depth" and group["sizes"] == [1, 2, 4] and group["fixed"] == {"width": 16}
     assert group["seeds"] == {"1.0": 2, "2.0": 2, "4.0": 2}
     assert group["quantities"]["precond"]["verdict"] != "undetermined"
     assert metrics["transfer"][0]["axis"] == "depth"

@@ -56,7 +56,7 @@ def test_interrupted_run_is_retrained(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.replace('["mup", "sp"]', '["mup", "xp"]'), "unknown parameterization 'xp'"),
     (lambda s: s.replace('["sgd"]', '["lion"]'), "unknown optimizer 'lion'"),
-    (lambda s: s.replace("lrs = [0.2, 1e+38]", "lrs = [-1.0]"), "learning rates must be positive"),
+    (lambda s: s.replace("lrs = [0.2, 1e+38]", "lrs = [-1.0]"), r"\[train\] lrs entry must be positive"),
     (lambda s: s.replace('widths = [16, 32]\n', ''), r"\[model\] needs 'widths'"),
     (lambda s: s + "[[[", "not valid TOML"),
 ])
@@ -98,7 +98,7 @@ def test_training_runs_on_a_dask_cluster_and_matches_local(tmp_path):
 
 
 def test_a_run_interrupted_before_its_first_loss_is_not_complete(tmp_path):
-    from sharpscope.sweep import _complete
+    from sharpscope.sweep import _run_state
     import sharpscope as ss
 
     model = torch.nn.Linear(4, 2)
@@ -106,17 +106,17 @@ def test_a_run_interrupted_before_its_first_loss_is_not_complete(tmp_path):
     path = tmp_path / "early.h5"
     with ss.Recorder(path, model, opt, every=10) as rec:  # step 0 captured with no loss yet
         rec.step()
-    assert not _complete(path, 100)
+    assert _run_state(path, {}, 100) == "interrupted"
     diverged = tmp_path / "diverged.h5"
     with ss.Recorder(diverged, model, opt, every=10) as rec:
         rec.log_loss(float("nan"))  # what a sweep does when the first loss is already non-finite
-    assert _complete(diverged, 100)
+    assert _run_state(diverged, {}, 100) == "unrecorded"  # no config record: reused by its name
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.replace("lrs = [0.2, 1e+38]", "lrs = [0.2, 0.2]"), "duplicate runs"),
     (lambda s: s.replace('data = "digits"', 'data = "cifar10"'), "needs \\[train.data_kwargs\\] root"),
-    (lambda s: s.replace("base_width = 16", "base_width = 16\nbase_depth = 0"), "base_depth must be a positive"),
+    (lambda s: s.replace("base_width = 16", "base_width = 16\nbase_depth = 0"), r"\[model\] base_depth must be >= 1"),
 ])
 def test_more_bad_probe_files(tmp_path, edit, message):
     path = tmp_path / "bad.toml"

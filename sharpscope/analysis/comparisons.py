@@ -1,47 +1,64 @@
-"""Reading runs and comparing them: which runs differ only in size (width or depth), and the
-verdicts on them.
+"""Reading runs and comparing them: which runs differ only along one axis (width, depth or any
+recorded setting), and the verdicts on them.
 
 :func:`collect` reads each run file's coordinates (parameterization, optimizer, lr, width, depth,
-seed, probe), final training loss and stored spectra; unreadable files and missing coordinates
-become messages. :func:`analyze` groups the runs into :class:`Comparison` s -- same
-parameterization, optimizer, lr and other-axis value, seeds averaged on common steps -- and applies
-:func:`~sharpscope.analysis.consistency.super_consistency` to every measured quantity, sets thresholded
-quantities against their edge of stability, and runs :func:`~sharpscope.analysis.consistency.lr_transfer`
-across lrs. Runs from different probes or probe batches are not compared; what cannot be compared
-is returned as a list of problems, never raised.
+the other recorded axes, seed, probe), final training loss and stored spectra; unreadable files,
+malformed metas and missing coordinates become messages. :func:`analyze` groups the runs into
+:class:`Comparison` s along the compared axis -- same parameterization, optimizer, lr and value of
+every other varied axis, seeds averaged on common steps -- applies
+:func:`~sharpscope.analysis.consistency.super_consistency` to every measured quantity, sets
+thresholded quantities against their edge of stability, and runs
+:func:`~sharpscope.analysis.consistency.lr_transfer` across lrs. Along ``steps`` (the training
+horizon) trajectories are compared at equal fractions of training. Runs from different probes or
+batches are not compared; what cannot be compared is returned as a list of problems, never raised.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from . import consistency
+from ..runs.quantities import get as get_quantity
 from ..runs.spectra import SpectraFile, spectra_path
 from ..runs.store import first_diverged_step, logged_losses, open_run
 
-__all__ = ["RunSummary", "Comparison", "collect", "analyze", "analyze_in_detail", "AXES"]
+__all__ = ["RunSummary", "Comparison", "LayerSharpness", "QuantityResult", "ComparedGroup", "TransferFamily",
+           "Analysis", "collect", "analyze", "analyze_in_detail", "group_label", "AXES", "compared_axes"]
 
 
-AXES = ("width", "depth")
+AXES = ("width", "depth")  # the size axes of every run; any other recorded setting is an axis too
 BLOWUP_FACTOR = 2.0  # a run ending above this multiple of its initial loss blew up
+_COORDINATES = ("parameterization", "optimizer", "lr", "seed", "width", "depth")
+
+
+@dataclass(frozen=True)
+class LayerSharpness:
+    """Per-layer top Hessian eigenvalues of one run: ``values[i][j]`` is layer ``names[j]`` at ``steps[i]``."""
+
+    names: list[str]
+    steps: list[int]
+    values: list[list[float]]
 
 
 @dataclass
 class RunSummary:
-    """What the report needs from one run: its coordinates, final loss and measured results
+    """What the report needs from one run: its coordinates (``axes`` holds every recorded setting
+    beyond parameterization, optimizer, lr, width, depth and seed), final loss and measured results
     (trajectories of the scalar quantities, SLQ densities per step, per-layer sharpness)."""
 
     path: str
     parameterization: str
     optimizer: str
     lr: float
-    width: float
+    width: float | None
     final_loss: float
     depth: float | None = None
     seed: int | None = None
@@ -50,9 +67,12 @@ class RunSummary:
     trajectories: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     densities: dict[int, Any] = field(default_factory=dict)
-    layers: tuple[list[str], list[int], list[list[float]]] | None = None
+    layers: LayerSharpness | None = None
     loss_source: str = "checkpoint"
     initial_loss: float = float("nan")
+    axes: dict[str, Any] = field(default_factory=dict)
+    compare: str | None = None
+    settings_used: dict[str, str] = field(default_factory=dict)
 
     @property
     def blew_up(self) -> bool:
@@ -61,32 +81,88 @@ class RunSummary:
         return (math.isfinite(self.final_loss) and self.initial_loss > 0
                 and self.final_loss > BLOWUP_FACTOR * self.initial_loss)
 
-    def size(self, axis: str) -> float | None:
-        return self.width if axis == "width" else self.depth
+    def value(self, axis: str) -> Any:
+        """The run's value along ``axis`` (None when it has none)."""
+        if axis == "width":
+            return self.width
+        if axis == "depth":
+            return self.depth
+        return self.axes.get(axis)
+
+    size = value  # the size along a width/depth axis: the name the report used before any axis existed
 
 
-def _coordinates(meta: dict) -> dict[str, Any]:
-    user = meta.get("user") or {}
-    probe = user.get("probe") or {}
+def group_label(parameterization: str, optimizer: str, lr: float | None = None,
+                fixed: Mapping[str, Any] | None = None) -> str:
+    """``"mup / sgd / lr 0.5 / depth 4"``: the one way a group of runs is named in verdicts and figures."""
+    parts = [parameterization, optimizer] + ([f"lr {lr:g}"] if lr is not None else [])
+    parts += [f"{name} {_show(value)}" for name, value in (fixed or {}).items()]
+    return " / ".join(parts)
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _mapping(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _axis_value(value: Any) -> Any:
+    """An axis value as compared: numbers as floats, strings and booleans as they are."""
+    if isinstance(value, bool) or isinstance(value, str):
+        return value
+    number = _number(value)
+    return number
+
+
+def _coordinates(meta: Any, run_axes: Mapping[str, Any], wanted: Sequence[str]) -> dict[str, Any]:
+    """A run's coordinates from its meta: the sweep's record (``meta["user"]["probe"]``), the file's
+    axes (format v2), the user's own keys (``meta["user"]``) and the model's kwargs -- in that order.
+    Malformed entries (a list where a table belongs, an optimizer given as a string) read as absent."""
+    meta = _mapping(meta)
+    user = _mapping(meta.get("user"))
+    probe = _mapping(user.get("probe"))
     record = meta.get("parameterization")
     # a parametrize() record names its parameterization; a plain string is a label (e.g. "sp")
-    named = (record.get("parameterization") or {}).get("name") if isinstance(record, dict) else \
+    named = _mapping(record.get("parameterization")).get("name") if isinstance(record, dict) else \
         record if isinstance(record, str) else None
-    kwargs = meta.get("model_kwargs") or {}
-    opt_meta = meta.get("optimizer") or {}
+    kwargs = _mapping(meta.get("model_kwargs"))
+    opt_meta = _mapping(meta.get("optimizer"))
+    opt_class = opt_meta.get("class") if isinstance(opt_meta.get("class"), str) else "unknown"
 
     def first(*values):
-        return next((v for v in values if v is not None), None)
+        return next((v for v in values if v is not None and not isinstance(v, (dict, list))), None)
 
+    axes: dict[str, Any] = {}
+    for source in (run_axes, _mapping(probe.get("axes"))):
+        axes.update({k: v for k, v in source.items() if k not in _COORDINATES})
+    for name in wanted:
+        if name not in axes and name not in _COORDINATES:
+            value = first(probe.get(name), user.get(name), kwargs.get(name))
+            if value is not None:
+                axes[name] = value
+    if "steps" in axes or "steps" in wanted:
+        axes.setdefault("steps", first(probe.get("steps"), user.get("steps")))
     return {
-        "parameterization": str(first(probe.get("parameterization"), named, user.get("parameterization"), "unknown")),
-        "optimizer": str(first(probe.get("optimizer"), user.get("optimizer"),
-                               opt_meta.get("class", "unknown").rsplit(".", 1)[-1].lower())),
-        "lr": first(probe.get("lr"), user.get("lr"), (opt_meta.get("defaults") or {}).get("lr")),
-        "width": first(probe.get("width"), user.get("width"), kwargs.get("width")),
-        "depth": first(probe.get("depth"), user.get("depth"), kwargs.get("depth")),
+        "parameterization": str(first(probe.get("parameterization"), named, user.get("parameterization"),
+                                      run_axes.get("parameterization"), "unknown")),
+        "optimizer": str(first(probe.get("optimizer"), user.get("optimizer"), run_axes.get("optimizer"),
+                               opt_class.rsplit(".", 1)[-1].lower())),
+        "lr": _number(first(probe.get("lr"), user.get("lr"), run_axes.get("lr"),
+                            _mapping(opt_meta.get("defaults")).get("lr"))),
+        "width": _number(first(probe.get("width"), user.get("width"), run_axes.get("width"), kwargs.get("width"))),
+        "depth": _number(first(probe.get("depth"), user.get("depth"), run_axes.get("depth"), kwargs.get("depth"))),
         "seed": first(meta.get("seed"), user.get("seed")),
-        "probe_name": probe.get("name"),
+        "probe_name": probe.get("name") if isinstance(probe.get("name"), str) else None,
+        "compare": probe.get("compare") if isinstance(probe.get("compare"), str) else None,
+        "axes": {k: _axis_value(v) for k, v in axes.items() if _axis_value(v) is not None},
     }
 
 
@@ -110,73 +186,115 @@ def _losses(run) -> tuple[float, float, str]:
     return initial, float("nan"), "unknown"
 
 
-def _digest(probe) -> str | None:
-    """A fingerprint of the stored probe batch: runs compared must be measured on the same data."""
-    if probe is None:
+def _digest(batch) -> str | None:
+    """A fingerprint of the stored batch (a tuple or a mapping): runs compared must be measured on the
+    same data."""
+    if batch is None:
         return None
     h = hashlib.sha1()
-    inputs, targets = probe
-    for t in (*inputs, *(() if targets is None else (targets,))):
+    if isinstance(batch, Mapping):
+        tensors = [t for _, t in sorted(batch.items())]
+    else:
+        inputs, targets = batch
+        tensors = [*inputs, *(() if targets is None else (targets,))]
+    for t in tensors:
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.contiguous().numpy().tobytes())
+        h.update(t.float().contiguous().numpy().tobytes() if t.dtype == torch.bfloat16
+                 else t.contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
 
 
-def _read_spectra(summary: RunSummary, results: Path) -> None:
-    with SpectraFile(results) as sf:
-        layer_steps, layer_values, layer_names = [], [], None
-        for row in sf.rows():
-            q, info = row["quantity"], row["info"]
-            if not len(row["values"]):
+def _chosen_keys(rows: list[dict], wanted: Any, summary: RunSummary, problems: list[str]) -> dict[str, str]:
+    """The settings key used per quantity: ``wanted.key(q)`` when the report was asked for settings,
+    else the key with the most stored rows (ties: the most recent); a choice among several is noted."""
+    keys: dict[str, Counter] = defaultdict(Counter)
+    last: dict[tuple[str, str], int] = {}
+    for i, row in enumerate(rows):
+        key = json.dumps(row["settings"], sort_keys=True)
+        keys[row["quantity"]][key] += 1
+        last[(row["quantity"], key)] = i
+    chosen = {}
+    for q, counts in keys.items():
+        if wanted is not None:
+            try:
+                chosen[q] = wanted.key(q)
+            except ValueError:
                 continue
-            if q == "density":
-                summary.densities[row["step"]] = (row["values"], row["residuals"], info.get("nodes_per_probe"))
-            elif q == "layers":
-                layer_names = info.get("layers")
-                layer_steps.append(row["step"])
-                layer_values.append(list(row["values"]))
-            else:
-                steps_, values = summary.trajectories.setdefault(q, ([], []))
-                steps_.append(row["step"])
-                values.append(float(row["values"][0]))
-                if "threshold" in info:
-                    summary.thresholds[q] = float(info["threshold"])
-        if layer_names and all(len(v) == len(layer_names) for v in layer_values):
-            summary.layers = (layer_names, layer_steps, layer_values)
+        else:
+            chosen[q] = max(counts, key=lambda k: (counts[k], last[(q, k)]))
+        if len(counts) > 1:
+            problems.append(f"{Path(summary.path).name}: {q} measured under {len(counts)} settings; the report uses "
+                            f"{chosen[q]}")
+    return chosen
 
 
-def collect(runs: Sequence[str | Path]) -> tuple[list[RunSummary], list[str]]:
-    """Read each run's coordinates, last loss and stored spectra; problems (unreadable files, missing
-    coordinates, nothing measured) come back as messages, and such a run is left out or kept without results."""
+def _read_spectra(summary: RunSummary, results: Path, wanted: Any, problems: list[str]) -> None:
+    with SpectraFile(results) as sf:
+        rows = sf.rows()
+    chosen = _chosen_keys(rows, wanted, summary, problems)
+    summary.settings_used = dict(chosen)
+    layer_steps, layer_values, layer_names = [], [], None
+    for row in rows:
+        q, info = row["quantity"], row["info"]
+        if json.dumps(row["settings"], sort_keys=True) != chosen.get(q) or not len(row["values"]):
+            continue
+        try:
+            kind = get_quantity(q).kind
+        except ValueError:
+            continue  # a quantity this version does not know
+        if kind == "density":
+            summary.densities[row["step"]] = (row["values"], row["residuals"], info.get("nodes_per_probe"))
+        elif kind == "layers":
+            layer_names = info.get("layers")
+            layer_steps.append(row["step"])
+            layer_values.append(list(row["values"]))
+        else:
+            steps_, values = summary.trajectories.setdefault(q, ([], []))
+            steps_.append(row["step"])
+            values.append(float(row["values"][0]))
+            if "threshold" in info:
+                summary.thresholds[q] = float(info["threshold"])
+    if layer_names and all(len(v) == len(layer_names) for v in layer_values):
+        summary.layers = LayerSharpness(layer_names, layer_steps, layer_values)
+
+
+def collect(runs: Sequence[str | Path], *, compare: str | None = None, spectrum: Any = None
+            ) -> tuple[list[RunSummary], list[str]]:
+    """Read each run's coordinates, last loss and stored spectra; problems (unreadable files, malformed
+    metas, missing coordinates, nothing measured) come back as messages, and such a run is left out or
+    kept without results. ``compare`` names an axis to read from the user's meta too (for runs not made
+    by a sweep); ``spectrum`` (a :class:`~sharpscope.runs.jobs.SpectrumSettings`) picks the stored
+    results measured with those settings (default: per quantity, the settings most results used)."""
     summaries, problems = [], []
+    wanted = [compare] if compare else []
     for path in runs:
         path = Path(path)
         try:
             with open_run(path) as run:
-                c = _coordinates(run.meta)
+                c = _coordinates(run.meta, _mapping(getattr(run, "axes", {})), wanted)
                 steps = run.steps
                 initial, final, loss_source = _losses(run)
                 digest = _digest(run.batch())
-        except (OSError, ValueError, KeyError) as err:
-            problems.append(f"{path.name}: not a readable sharpscope run ({err}): left out")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            problems.append(f"{path.name}: not a readable sharpscope run ({str(err).splitlines()[0]}): left out")
             continue
         if not steps:
             problems.append(f"{path.name}: holds no complete checkpoint: left out")
             continue
-        if c["width"] is None or c["lr"] is None:
-            problems.append(f"{path.name}: no width or lr in its meta (record them in meta['user']): left out")
+        if c["lr"] is None or c["lr"] <= 0:
+            problems.append(f"{path.name}: no positive lr in its meta (record it in meta['user']): left out")
             continue
-        summary = RunSummary(str(path), c["parameterization"], c["optimizer"], float(c["lr"]), float(c["width"]),
-                             float(final), depth=None if c["depth"] is None else float(c["depth"]),
-                             seed=c["seed"], probe_name=c["probe_name"], probe_digest=digest,
-                             loss_source=loss_source, initial_loss=initial)
+        summary = RunSummary(str(path), c["parameterization"], c["optimizer"], c["lr"], c["width"],
+                             float(final), depth=c["depth"], seed=c["seed"], probe_name=c["probe_name"],
+                             probe_digest=digest, loss_source=loss_source, initial_loss=initial, axes=c["axes"],
+                             compare=c["compare"])
         if loss_source == "unknown":
             problems.append(f"{path.name}: records no training loss (pass loss= to Recorder.step or use "
                             f"Recorder.log_loss): left out of the lr transfer")
         results = spectra_path(path)
         if results.exists():
             try:
-                _read_spectra(summary, results)
+                _read_spectra(summary, results, spectrum, problems)
             except (OSError, ValueError, KeyError) as err:
                 problems.append(f"{results.name}: unreadable results ({err}): the run counts for lr transfer only")
         else:
@@ -187,57 +305,119 @@ def collect(runs: Sequence[str | Path]) -> tuple[list[RunSummary], list[str]]:
 
 @dataclass
 class Comparison:
-    """Runs that differ only in their size along ``axis`` (and seed): same parameterization,
-    optimizer, lr and the other axis' value ``fixed``."""
+    """Runs that differ only along ``axis`` (and in seed): same parameterization, optimizer, lr and
+    the same value of every other varied axis (``fixed``)."""
 
     axis: str
     parameterization: str
     optimizer: str
     lr: float
-    fixed: float | None
+    fixed: dict[str, Any]
     members: list[RunSummary]
 
     @property
     def label(self) -> str:
-        fixed = f" / {_other(self.axis)} {self.fixed:g}" if self.fixed is not None else ""
-        return f"{self.parameterization} / {self.optimizer} / lr {self.lr:g}{fixed}"
+        return group_label(self.parameterization, self.optimizer, self.lr, self.fixed)
 
     @property
     def sizes(self) -> list[float]:
-        return sorted({m.size(self.axis) for m in self.members})
+        return sorted({m.value(self.axis) for m in self.members})
 
     def by_size(self) -> dict[float, list[RunSummary]]:
         out: dict[float, list[RunSummary]] = defaultdict(list)
         for m in self.members:
-            out[m.size(self.axis)].append(m)
+            out[m.value(self.axis)].append(m)
         return dict(sorted(out.items()))
 
 
-def _axes_of(summaries: Sequence[RunSummary]) -> list[str]:
-    """The axes along which the runs vary (width, depth); width when they vary along neither."""
-    varying = [a for a in AXES if len({s.size(a) for s in summaries if s.size(a) is not None}) >= 2]
-    return varying or ["width"]
+@dataclass(frozen=True)
+class QuantityResult:
+    """One quantity of one comparison: the trajectory per compared value and its verdict."""
+
+    trajectories: dict[float, tuple[list[float], list[float]]]
+    result: Any  # consistency.ConsistencyResult
 
 
-def _other(axis: str) -> str:
-    return "depth" if axis == "width" else "width"
+@dataclass(frozen=True)
+class ComparedGroup:
+    """A comparison, its metrics.json entry and, per quantity that got a verdict, its result."""
+
+    comparison: Comparison
+    entry: dict[str, Any]
+    quantities: dict[str, QuantityResult]
 
 
-def _by_axis(summaries: Sequence[RunSummary], coords: Callable[[RunSummary], tuple]):
-    """For each axis the runs vary along: ``(axis, key, runs)`` for the groups of runs that share
-    ``coords(run)`` and the other axis' value (the last element of ``key``), in sorted order."""
-    for axis in _axes_of(summaries):
-        groups: dict[tuple, list[RunSummary]] = defaultdict(list)
-        for s in summaries:
-            if s.size(axis) is not None:
-                groups[(*coords(s), s.size(_other(axis)))].append(s)
-        for key, members in sorted(groups.items(), key=lambda kv: tuple((x is None, x) for x in kv[0])):
-            yield axis, key, members
+@dataclass(frozen=True)
+class TransferFamily:
+    """The runs of one lr sweep along the compared axis: its metrics.json entry, the loss curves
+    (size -> lr -> final loss) and the lr-transfer result (None when undetermined)."""
+
+    entry: dict[str, Any]
+    curves: dict[float, dict[float, float]]
+    result: Any  # consistency.TransferResult | None
 
 
-def _comparisons(summaries: Sequence[RunSummary]) -> list[Comparison]:
-    return [Comparison(axis, *key, members) for axis, key, members in
-            _by_axis(summaries, lambda s: (s.parameterization, s.optimizer, s.lr))]
+@dataclass(frozen=True)
+class Analysis:
+    """Everything :func:`analyze_in_detail` finds: the metrics (JSON-able) and what the figures need."""
+
+    metrics: dict[str, Any]
+    groups: list[ComparedGroup]
+    transfers: list[TransferFamily]
+
+
+def _axis_names(summaries: Sequence[RunSummary]) -> list[str]:
+    names = list(AXES) + sorted({k for s in summaries for k in s.axes})
+    return names
+
+
+def _varying(summaries: Sequence[RunSummary]) -> list[str]:
+    """The axes whose value differs between runs (an absent value counts as one)."""
+    return [a for a in _axis_names(summaries) if len({repr(s.value(a)) for s in summaries}) >= 2]
+
+
+def compared_axes(summaries: Sequence[RunSummary], compare: str | None = None,
+                  problems: list[str] | None = None) -> list[str]:
+    """The axis (or axes) the verdicts compare: ``compare`` if given; else the one the runs' sweep
+    named; else width and depth, each where it varies (both, when both do); else the one numeric
+    axis that varies; else width."""
+    if compare:
+        return [compare]
+    hints = {s.compare for s in summaries if s.compare}
+    if len(hints) == 1:
+        return [hints.pop()]
+    if len(hints) > 1 and problems is not None:
+        problems.append(f"the runs' sweeps compare different axes ({', '.join(sorted(hints))}): comparing "
+                        f"{' and '.join(a for a in AXES)} where they vary (pass --compare to choose)")
+    varying = _varying(summaries)
+    sizes = [a for a in AXES if a in varying]
+    if sizes:
+        return sizes
+    numeric = [a for a in varying if all(_number(s.value(a)) is not None for s in summaries)]
+    return numeric[:1] if len(numeric) == 1 else ["width"]
+
+
+def _groups(summaries: Sequence[RunSummary], axis: str, with_lr: bool) -> dict[tuple, list[RunSummary]]:
+    """Runs with a value along ``axis`` grouped by parameterization, optimizer, (lr) and every other
+    varied axis' value, in sorted order."""
+    others = [a for a in _varying(summaries) if a != axis]
+    if axis in AXES:  # along width, the depth names the group even when all runs share it (and vice versa)
+        other = AXES[1 - AXES.index(axis)]
+        if other not in others and any(s.value(other) is not None for s in summaries):
+            others.insert(0, other)
+    groups: dict[tuple, list[RunSummary]] = defaultdict(list)
+    for s in summaries:
+        if _number(s.value(axis)) is None:
+            continue
+        fixed = tuple((a, s.value(a)) for a in others)
+        groups[(s.parameterization, s.optimizer, s.lr if with_lr else None, fixed)].append(s)
+    order = lambda kv: tuple(repr(x) if not isinstance(x, (int, float)) else x for x in kv[0][:3]) + (repr(kv[0][3]),)  # noqa: E731
+    return dict(sorted(groups.items(), key=order))
+
+
+def _comparisons(summaries: Sequence[RunSummary], axes: Sequence[str]) -> list[Comparison]:
+    return [Comparison(axis, param, opt, lr, dict(fixed), members)
+            for axis in axes for (param, opt, lr, fixed), members in _groups(summaries, axis, True).items()]
 
 
 def _mean_trajectory(trajs: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[float]]:
@@ -261,18 +441,33 @@ def _mismatch(c: Comparison) -> str | None:
     return None
 
 
-def _trajectories(c: Comparison, q: str) -> dict[float, tuple[list[int], list[float]]]:
-    return {size: _mean_trajectory([m.trajectories[q] for m in runs if q in m.trajectories])
-            for size, runs in c.by_size().items() if any(q in m.trajectories for m in runs)}
+def _trajectories(c: Comparison, q: str) -> dict[float, tuple[list[float], list[float]]]:
+    """Per value of the compared axis, the seed-mean trajectory of ``q``; along ``steps`` (the training
+    horizon) its x is the fraction of training, step / steps, so that horizons compare at equal
+    fractions."""
+    out = {}
+    for size, runs in c.by_size().items():
+        trajs = [m.trajectories[q] for m in runs if q in m.trajectories]
+        if trajs:
+            steps, values = _mean_trajectory(trajs)
+            out[size] = ([x / size for x in steps], values) if c.axis == "steps" else (steps, values)
+    return out
 
 
-def _compare(c: Comparison, problems: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The JSON entry of one comparison and the objects its figures need."""
+def _fraction_axis(axis: str) -> dict[str, Any]:
+    """How trajectories along ``axis`` are aligned: on common steps, or (along steps) interpolated on
+    common fractions of training."""
+    return {"on": "common", "interpolate": True} if axis == "steps" else {}
+
+
+def _compare(c: Comparison, problems: list[str]) -> ComparedGroup:
+    """The JSON entry of one comparison and the results its figures need."""
     names = f"{c.axis}s"
     seeds = {_key(size): len(runs) for size, runs in c.by_size().items()}
     entry: dict[str, Any] = {"axis": c.axis, "parameterization": c.parameterization, "optimizer": c.optimizer,
-                             "lr": c.lr, "fixed": c.fixed, "sizes": c.sizes, "seeds": seeds, "quantities": {}}
-    artifacts: dict[str, Any] = {}
+                             "lr": c.lr, "fixed": c.fixed, "sizes": c.sizes, "seeds": seeds, "quantities": {},
+                             "x": "fraction of training" if c.axis == "steps" else "step"}
+    results: dict[str, QuantityResult] = {}
     mismatch = _mismatch(c)
     if mismatch:
         problems.append(f"{c.label}: {mismatch}; not compared")
@@ -289,13 +484,13 @@ def _compare(c: Comparison, problems: list[str]) -> tuple[dict[str, Any], dict[s
             entry["quantities"][q] = {"verdict": "undetermined", "reason": f"only {len(traj)} {c.axis}(s) measured"}
             continue
         try:
-            res = consistency.super_consistency(traj)
+            res = consistency.super_consistency(traj, **_fraction_axis(c.axis))
         except ValueError as err:
             entry["quantities"][q] = {"verdict": "undetermined", "reason": str(err)}
             continue
         entry["quantities"][q] = res.evidence
-        artifacts[q] = (traj, res)
-        thresholds = {m.size(c.axis): m.thresholds[q] for m in c.members if q in m.thresholds}
+        results[q] = QuantityResult(traj, res)
+        thresholds = {m.value(c.axis): m.thresholds[q] for m in c.members if q in m.thresholds}
         if thresholds:
             eos = {}
             for size, threshold in sorted(thresholds.items()):
@@ -304,7 +499,7 @@ def _compare(c: Comparison, problems: list[str]) -> tuple[dict[str, Any], dict[s
             entry["quantities"][q]["edge_of_stability"] = eos
     if not quantities and not mismatch:
         problems.append(f"{c.label}: no spectra to compare")
-    return entry, artifacts
+    return ComparedGroup(c, entry, results)
 
 
 def _key(size: float) -> str:
@@ -322,58 +517,65 @@ def _lr_curves(c_members: Sequence[RunSummary], axis: str) -> dict[float, dict[f
     points: dict[float, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for s in c_members:
         if s.loss_source != "unknown":
-            points[s.size(axis)][s.lr].append(float("nan") if s.blew_up else s.final_loss)
+            points[s.value(axis)][s.lr].append(float("nan") if s.blew_up else s.final_loss)
     return {size: {lr: float(np.mean(v)) if all(math.isfinite(x) for x in v) else float("nan")
                    for lr, v in curve.items()} for size, curve in sorted(points.items())}
 
 
-def _transfers(summaries: Sequence[RunSummary], problems: list[str]) -> list[tuple[dict[str, Any], Any]]:
+def _transfers(summaries: Sequence[RunSummary], axes: Sequence[str], problems: list[str]) -> list[TransferFamily]:
     out = []
-    for axis, (param, opt, fixed), members in _by_axis(summaries, lambda s: (s.parameterization, s.optimizer)):
-        label = f"{param} / {opt}" + (f" / {_other(axis)} {fixed:g}" if fixed is not None else "")
-        curves = _lr_curves(members, axis)
-        blown = sorted(f"{s.size(axis):g}@{s.lr:g}" for s in members if s.blew_up)
-        if blown:
-            problems.append(f"{label}: {len(blown)} run(s) ended above twice their initial loss ({axis}@lr: "
-                            f"{', '.join(blown)}): counted as diverged in the lr transfer")
-        head = {"axis": axis, "parameterization": param, "optimizer": opt, "fixed": fixed}
-        n_lrs = max((len(curve) for curve in curves.values()), default=0)
-        dead = [size for size, curve in curves.items() if not any(math.isfinite(v) for v in curve.values())]
-        if dead:
-            problems.append(f"{label}: every lr diverged for {axis}s {_fmt(dead)}: lower the lr grid")
-        if len(curves) < 2 or n_lrs < 3:
-            out.append(({**head, "verdict": "undetermined",
-                         "reason": f"needs >= 2 {axis}s and >= 3 lrs, has {len(curves)} {axis}(s) and "
-                                   f"{n_lrs} lr(s)"}, (curves, None)))
-            continue
-        try:
-            res = consistency.lr_transfer(curves)
-            out.append(({**head, **res.evidence}, (curves, res)))
-        except ValueError as err:
-            out.append(({**head, "verdict": "undetermined", "reason": str(err)}, (curves, None)))
+    for axis in axes:
+        for (param, opt, _, fixed), members in _groups(summaries, axis, False).items():
+            fixed = dict(fixed)
+            label = group_label(param, opt, None, fixed)
+            curves = _lr_curves(members, axis)
+            blown = sorted(f"{s.value(axis):g}@{s.lr:g}" for s in members if s.blew_up)
+            if blown:
+                problems.append(f"{label}: {len(blown)} run(s) ended above twice their initial loss ({axis}@lr: "
+                                f"{', '.join(blown)}): counted as diverged in the lr transfer")
+            head = {"axis": axis, "parameterization": param, "optimizer": opt, "fixed": fixed}
+            n_lrs = max((len(curve) for curve in curves.values()), default=0)
+            dead = [size for size, curve in curves.items() if not any(math.isfinite(v) for v in curve.values())]
+            if dead:
+                problems.append(f"{label}: every lr diverged for {axis}s {_fmt(dead)}: lower the lr grid")
+            if len(curves) < 2 or n_lrs < 3:
+                reason = f"needs >= 2 {axis}s and >= 3 lrs, has {len(curves)} {axis}(s) and {n_lrs} lr(s)"
+                out.append(TransferFamily({**head, "verdict": "undetermined", "reason": reason}, curves, None))
+                continue
+            try:
+                res = consistency.lr_transfer(curves)
+                out.append(TransferFamily({**head, **res.evidence}, curves, res))
+            except ValueError as err:
+                out.append(TransferFamily({**head, "verdict": "undetermined", "reason": str(err)}, curves, None))
     return out
 
 
-def analyze_in_detail(summaries: Sequence[RunSummary]) -> tuple[dict[str, Any], list, list]:
-    """:func:`analyze`'s metrics, plus what the figures need: ``(comparison, entry, {quantity:
-    (trajectories, ConsistencyResult)})`` per comparison and ``(entry, (lr curves, TransferResult or
-    None))`` per lr-transfer family."""
+def analyze_in_detail(summaries: Sequence[RunSummary], compare: str | None = None) -> Analysis:
+    """:func:`analyze`'s metrics, plus what the figures need: per comparison its results, per lr-sweep
+    family its curves and transfer result."""
     problems: list[str] = []
-    comparisons = _comparisons(summaries)
-    for axis in AXES:
-        sizes = {s.size(axis) for s in summaries if s.size(axis) is not None}
-        if axis == _axes_of(summaries)[0] and len(sizes) == 1 and summaries:
-            problems.append(f"all runs have the same {axis} ({_fmt(sizes)}): super consistency and lr transfer "
+    axes = compared_axes(summaries, compare, problems)
+    for axis in axes:
+        values = {s.value(axis) for s in summaries if s.value(axis) is not None}
+        if summaries and not values:
+            problems.append(f"no run records a value of {axis!r} (sweeps record their axes; for your own runs put "
+                            f"it in the Recorder's meta or axes=)")
+        elif len(values) == 1:
+            problems.append(f"all runs have the same {axis} ({_fmt(values)}): super consistency and lr transfer "
                             f"need >= 2 {axis}s (better >= 3, for the convergence exponent)")
-    compared = [(c, *_compare(c, problems)) for c in comparisons]
-    transfers = _transfers(summaries, problems)
-    metrics = {"groups": [entry for _, entry, _ in compared], "transfer": [entry for entry, _ in transfers],
+        elif any(_number(v) is None for v in values):
+            problems.append(f"the compared axis {axis!r} holds values that are not numbers "
+                            f"({', '.join(sorted(map(str, values)))}): compare a numeric axis")
+    groups = [_compare(c, problems) for c in _comparisons(summaries, axes)]
+    transfers = _transfers(summaries, axes, problems)
+    metrics = {"compared": axes, "groups": [g.entry for g in groups], "transfer": [t.entry for t in transfers],
                "problems": problems}
-    return metrics, compared, transfers
+    return Analysis(metrics, groups, transfers)
 
 
-def analyze(summaries: Sequence[RunSummary]) -> dict[str, Any]:
-    """Verdicts and their evidence, as a JSON-able dict: ``groups`` (super consistency of every
-    quantity across widths, or depths, per parameterization/optimizer/lr), ``transfer`` (lr transfer
-    per parameterization/optimizer) and ``problems`` (what could not be compared, and why)."""
-    return analyze_in_detail(summaries)[0]
+def analyze(summaries: Sequence[RunSummary], compare: str | None = None) -> dict[str, Any]:
+    """Verdicts and their evidence, as a JSON-able dict: ``compared`` (the axes compared), ``groups``
+    (super consistency of every quantity along the compared axis, per parameterization / optimizer /
+    lr / other varied settings), ``transfer`` (lr transfer along it) and ``problems`` (what could not
+    be compared, and why)."""
+    return analyze_in_detail(summaries, compare).metrics

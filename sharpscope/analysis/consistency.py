@@ -113,7 +113,14 @@ def _positive(value: Any, name: str) -> float:
 
 
 def _check_size(key: Any) -> float:
-    return _positive(key, "a size (width/depth)")
+    """A value of the compared axis: any finite number (width, depth, batch size, a weight decay of 0...)."""
+    try:
+        v = float(key)
+    except (TypeError, ValueError):
+        raise ValueError(f"a size (a value of the compared axis) must be a number, got {key!r}") from None
+    if isinstance(key, bool) or not math.isfinite(v):
+        raise ValueError(f"a size (a value of the compared axis) must be a finite number, got {key!r}")
+    return v
 
 
 def _check_trajectory(key: Any, traj: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -494,6 +501,8 @@ def super_consistency(trajectories: Mapping[Any, Trajectory] | Aligned, *, windo
     alpha: AlphaFit | None = None
     if sizes.size < 3:
         note = f"alpha needs >= 3 sizes, got {sizes.size}"
+    elif sizes[0] <= 0:
+        note = "alpha needs positive sizes (n^-alpha); this axis holds 0 or less: a linear axis, no power law"
     elif not np.all(np.isfinite(dist_sum[:-1])) or np.any(dist_sum[:-1] <= 0):
         bad = [_k(s) for s, d in zip(sizes[:-1], dist_sum[:-1]) if not (np.isfinite(d) and d > 0)]
         note = f"alpha not fitted: distance to the widest is zero or missing for sizes {bad}"

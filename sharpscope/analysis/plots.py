@@ -25,15 +25,17 @@ def _plt():
 
 
 def _width_colors(widths: Sequence[float], cmap: str = "viridis"):
-    """A colour per width on a log scale of ``cmap`` (its too-light end cut off, so every curve shows
-    on white), plus the matching ScalarMappable for the colorbar."""
+    """A colour per width on a log scale of ``cmap`` (a linear one when a value is 0 or negative, e.g. a
+    weight decay of 0; the too-light end cut off, so every curve shows on white), plus the matching
+    ScalarMappable for the colorbar."""
     import matplotlib as mpl
 
     ws = np.asarray(sorted(widths), dtype=float)
     if len(ws) == 0:
         raise ValueError("nothing to plot: no widths")
     lo, hi = ws.min(), ws.max()
-    norm = mpl.colors.LogNorm(vmin=lo, vmax=hi if hi > lo else lo * 1.0001)
+    top = hi if hi > lo else lo + max(abs(lo), 1.0) * 1e-4
+    norm = mpl.colors.LogNorm(vmin=lo, vmax=top) if lo > 0 else mpl.colors.Normalize(vmin=lo, vmax=top)
     cm = mpl.colors.LinearSegmentedColormap.from_list(f"{cmap}-cut", mpl.colormaps[cmap](np.linspace(0.0, 0.85, 256)))
     mappable = mpl.cm.ScalarMappable(norm=norm, cmap=cm)
     mappable.widths = ws

@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -22,17 +23,16 @@ import numpy as np
 
 from . import plots
 from .._version import __version__
-from .comparisons import Comparison, RunSummary, analyze_in_detail, collect
+from ..runs.quantities import REGISTRY
+from .comparisons import Analysis, Comparison, RunSummary, analyze_in_detail, collect, group_label
 
 __all__ = ["write_report", "verdict_lines"]
 
-LABELS = {"hessian": "sharpness: top eigenvalue of H", "precond": "preconditioned sharpness: top eig. of P^-1 H",
-          "ggn": "top eigenvalue of the Gauss-Newton G", "ntk": "top eigenvalue of the NTK J J^T",
-          "trace": "trace of H (Hutch++)"}
+LABELS = {name: q.label for name, q in REGISTRY.items()}
 
 
 
-def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) -> list[tuple[str, Path]]:
+def _figures(summaries: Sequence[RunSummary], analysis: Analysis, out: Path) -> list[tuple[str, Path]]:
     import matplotlib.pyplot as plt
 
     figures: list[tuple[str, Path]] = []
@@ -44,12 +44,14 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
         plt.close(fig)
         figures.append((caption, path))
 
-    for c, _, artifacts in compared:
-        tag = f"{c.parameterization}-{c.optimizer}-lr{c.lr:g}" + (f"-{c.axis}s-at{c.fixed:g}" if c.fixed is not None else "")
-        for q, (traj, res) in artifacts.items():
+    for group in analysis.groups:
+        c = group.comparison
+        tag = _tag(c.parameterization, c.optimizer, c.lr, c.axis, c.fixed)
+        for q, found in group.quantities.items():
+            traj, res = found.trajectories, found.result
             thresholds = [m.thresholds[q] for m in c.members if q in m.thresholds]
             keep(plots.trajectories(traj, quantity=LABELS.get(q, q), threshold=thresholds[0] if thresholds else None,
-                                    size_label=c.axis, title=f"{q}: {c.label}"),
+                                    size_label=c.axis, title=f"{q}: {c.label}", step_label=_x_label(c.axis)),
                  f"{q}-{tag}", f"{q} per {c.axis}, {c.label}")
             keep(plots.spread(res.steps, res.spread, quantity=f"relative spread across {c.axis}s ({res.spread_kind})",
                               threshold=res.thresholds.spread_max, title=f"{q} spread: {c.label}"),
@@ -59,47 +61,60 @@ def _figures(summaries: Sequence[RunSummary], compared, transfers, out: Path) ->
             step, curves = density
             keep(plots.density_overlay(curves, size_label=c.axis, title=f"Hessian density at step {step}: {c.label}"),
                  f"density-{tag}", f"Hessian spectral density per {c.axis} at step {step}, {c.label}")
-        widest = max((m for m in c.members if m.layers), key=lambda m: m.size(c.axis), default=None)
+        widest = max((m for m in c.members if m.layers), key=lambda m: m.value(c.axis), default=None)
         if widest is not None:
-            names, steps, values = widest.layers
-            keep(plots.layer_heatmap(names, steps, np.array(values).T,
-                                     title=f"per-layer sharpness, {c.axis} {widest.size(c.axis):g}: {c.label}"),
-                 f"layers-{tag}", f"per-layer top Hessian eigenvalue, {c.axis} {widest.size(c.axis):g}, {c.label}")
+            layers = widest.layers
+            keep(plots.layer_heatmap(layers.names, layers.steps, np.array(layers.values).T,
+                                     title=f"per-layer sharpness, {c.axis} {widest.value(c.axis):g}: {c.label}"),
+                 f"layers-{tag}", f"per-layer top Hessian eigenvalue, {c.axis} {widest.value(c.axis):g}, {c.label}")
     panels: dict[tuple, list] = defaultdict(list)
-    for c, _, artifacts in compared:
-        for q, (traj, _) in artifacts.items():
-            panels[(c.axis, c.optimizer, c.lr, c.fixed, q)].append((c, traj))
+    for group in analysis.groups:
+        c = group.comparison
+        for q, found in group.quantities.items():
+            panels[(c.axis, c.optimizer, c.lr, tuple(c.fixed.items()), q)].append((c, found.trajectories))
     for (axis, optimizer, lr, fixed, q), row in sorted(panels.items(), key=lambda kv: str(kv[0])):
         if len(row) > 1:
             fig = _side_by_side(row, q)
             names = " vs ".join(c.parameterization for c, _ in row)
-            tag = f"{q}-{'-vs-'.join(c.parameterization for c, _ in row)}-{optimizer}-lr{lr:g}"
-            keep(fig, tag + (f"-{axis}s-at{fixed:g}" if fixed is not None else ""),
-                 f"{q} per {axis}: {names}, {optimizer}, lr {lr:g}")
+            tag = _tag("-vs-".join(c.parameterization for c, _ in row), optimizer, lr, axis, dict(fixed))
+            keep(fig, f"{q}-{tag}", f"{q} per {axis}: {group_label(names, optimizer, lr, dict(fixed))}")
     across_lrs: dict[tuple, list] = defaultdict(list)
-    for c, _, artifacts in compared:
-        for q, (traj, _) in artifacts.items():
-            across_lrs[(c.axis, c.parameterization, c.optimizer, c.fixed, q)].append((c, traj))
+    for group in analysis.groups:
+        c = group.comparison
+        for q, found in group.quantities.items():
+            across_lrs[(c.axis, c.parameterization, c.optimizer, tuple(c.fixed.items()), q)].append(
+                (c, found.trajectories))
     for (axis, param, optimizer, fixed, q), row in sorted(across_lrs.items(), key=lambda kv: str(kv[0])):
-        rescaled = _eos_normalized(row, q)
+        rescaled = _eos_normalized(row, q) if axis != "steps" else None
         if rescaled is not None:
             size, curves = rescaled
-            label = f"{param} / {optimizer}, {axis} {size:g}"
+            label = f"{group_label(param, optimizer, None, dict(fixed))}, {axis} {size:g}"
             keep(plots.trajectories(curves, quantity=f"{q} / its EoS threshold", threshold=1.0, size_label="lr",
                                     rescale_steps={lr: lr for lr in curves}, step_label="lr x step",
                                     title=f"{q} across lrs: {label}"),
-                 f"{q}-lrs-{param}-{optimizer}-{axis}{size:g}" + (f"-at{fixed:g}" if fixed is not None else ""),
+                 f"{q}-lrs-{_tag(param, optimizer, None, axis, dict(fixed))}-{axis}{size:g}",
                  f"{q} / EoS threshold against lr x step, one curve per lr, {label}")
-    for entry, (curves, res) in transfers:
+    for family in analysis.transfers:
+        entry, curves, res = family.entry, family.curves, family.result
         if max((sum(map(math.isfinite, curve.values())) for curve in curves.values()), default=0) < 2:
             continue  # no curve to draw (one lr, or all diverged): the verdict table says why
         optima = {o.size: o.lr_opt for o in res.optima if o.lr_opt is not None} if res is not None else None
-        label = f"{entry['parameterization']} / {entry['optimizer']}"
-        if entry["fixed"] is not None:
-            label += f" / {'depth' if entry['axis'] == 'width' else 'width'} {entry['fixed']:g}"
+        label = group_label(entry["parameterization"], entry["optimizer"], None, entry["fixed"])
         keep(plots.lr_sweep(curves, optima=optima, size_label=entry["axis"], title=f"final loss vs lr: {label}"),
-             f"lr-{label.replace(' / ', '-').replace(' ', '')}", f"final training loss vs lr per {entry['axis']}, {label}")
+             f"lr-{_tag(entry['parameterization'], entry['optimizer'], None, entry['axis'], entry['fixed'])}",
+             f"final training loss vs lr per {entry['axis']}, {label}")
     return figures
+
+
+def _tag(parameterization: str, optimizer: str, lr: float | None, axis: str, fixed: dict) -> str:
+    """A file-name tag of a group: its coordinates, the compared axis and the other axes' values."""
+    parts = [parameterization, optimizer] + ([f"lr{lr:g}"] if lr is not None else []) + [f"{axis}s"]
+    parts += [f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}" for name, value in fixed.items()]
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", "-".join(parts))
+
+
+def _x_label(axis: str) -> str:
+    return "fraction of training (step / steps)" if axis == "steps" else "step"
 
 
 def _eos_normalized(row: list, q: str):
@@ -108,7 +123,7 @@ def _eos_normalized(row: list, q: str):
     lr sits at 1, and progressive sharpening at different lrs lines up in "time" lr x step."""
     per_size: dict[float, dict[float, tuple]] = defaultdict(dict)
     for c, traj in row:
-        thresholds = {m.size(c.axis): m.thresholds[q] for m in c.members if q in m.thresholds}
+        thresholds = {m.value(c.axis): m.thresholds[q] for m in c.members if q in m.thresholds}
         for size, (steps, values) in traj.items():
             if size in thresholds and thresholds[size] > 0:
                 per_size[size][c.lr] = (steps, [v / thresholds[size] for v in values])
@@ -124,7 +139,7 @@ def _side_by_side(row: list, q: str):
     for ax, (c, traj) in zip(axes[0], row):
         thresholds = [m.thresholds[q] for m in c.members if q in m.thresholds]
         plots.trajectories(traj, quantity=LABELS.get(q, q), threshold=thresholds[0] if thresholds else None,
-                           size_label=c.axis, ax=ax, title=c.parameterization)
+                           size_label=c.axis, ax=ax, title=c.parameterization, step_label=_x_label(c.axis))
     for ax in axes[0][1:]:
         ax.set_ylabel("")
     fig.tight_layout()
@@ -155,19 +170,25 @@ def _density_curves(c: Comparison):
 
 
 def write_report(runs: Sequence[str | Path], out_dir: str | Path, title: str = "sharpscope report",
-                 settings: dict | None = None) -> Path:
-    """Write metrics.json, report.md, report.html and figures/ under ``out_dir``; returns report.html."""
+                 settings: dict | None = None, *, compare: str | None = None, spectrum: Any = None) -> Path:
+    """Write metrics.json, report.md, report.html and figures/ under ``out_dir``; returns report.html.
+
+    ``compare``: the axis the verdicts compare (default: the runs' sweep's, else width and depth where
+    they vary); ``spectrum``: a :class:`~sharpscope.runs.jobs.SpectrumSettings` whose results to use
+    when a run holds results under several settings (default: the settings most results used)."""
     if not runs:
         raise ValueError("no run files given")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summaries, problems = collect(runs)
-    metrics, compared, transfers = analyze_in_detail(summaries)
+    summaries, problems = collect(runs, compare=compare, spectrum=spectrum)
+    analysis = analyze_in_detail(summaries, compare)
+    metrics = analysis.metrics
     metrics["problems"] = problems + metrics["problems"]
     if not summaries:
         metrics["problems"].append("no usable run among the files given: nothing to analyse")
     metrics["runs"] = [{"path": s.path, "parameterization": s.parameterization, "optimizer": s.optimizer,
-                        "lr": s.lr, "width": s.width, "depth": s.depth, "seed": s.seed,
+                        "lr": s.lr, "width": s.width, "depth": s.depth, "seed": s.seed, "axes": s.axes,
+                        "results_settings": s.settings_used,
                         "final_loss": s.final_loss if math.isfinite(s.final_loss) else None,
                         "initial_loss": s.initial_loss if math.isfinite(s.initial_loss) else None,
                         "blew_up": s.blew_up}
@@ -177,7 +198,7 @@ def write_report(runs: Sequence[str | Path], out_dir: str | Path, title: str = "
 
     metrics["versions"] = {"sharpscope": __version__, "torch": torch.__version__, "numpy": np.__version__}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    figures = _figures(summaries, compared, transfers, out)
+    figures = _figures(summaries, analysis, out)
     (out / "report.md").write_text(_markdown(title, metrics, figures, out))
     page = out / "report.html"
     page.write_text(_html(title, metrics, figures))
@@ -192,19 +213,23 @@ def _json_default(x: Any) -> Any:
     return str(x)
 
 
+def _fixed(entry: dict) -> dict:
+    """The other axes' values of a metrics entry (a number in metrics.json files of sharpscope 0.1)."""
+    fixed = entry.get("fixed")
+    if isinstance(fixed, dict):
+        return fixed
+    return {} if fixed is None else {"depth" if entry["axis"] == "width" else "width": fixed}
+
+
 def _verdict_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
     rows = []
-    def other(entry: dict) -> str:
-        fixed = entry.get("fixed")
-        return "" if fixed is None else f" / {'depth' if entry['axis'] == 'width' else 'width'} {fixed:g}"
-
     for g in metrics["groups"]:
         for q, ev in g["quantities"].items():
-            rows.append((f"{g['parameterization']} / {g['optimizer']} / lr {g['lr']:g}{other(g)}",
+            rows.append((group_label(g["parameterization"], g["optimizer"], g["lr"], _fixed(g)),
                          f"{q} across {g['axis']}s", ev.get("verdict", "?"), ev.get("reason", "")))
     for t in metrics["transfer"]:
-        rows.append((f"{t['parameterization']} / {t['optimizer']}{other(t)}", f"lr transfer across {t['axis']}s",
-                     t.get("verdict", "?"), t.get("reason", "")))
+        rows.append((group_label(t["parameterization"], t["optimizer"], None, _fixed(t)),
+                     f"lr transfer across {t['axis']}s", t.get("verdict", "?"), t.get("reason", "")))
     return rows
 
 
@@ -258,7 +283,7 @@ def verdict_lines(metrics_json: str | Path) -> list[str]:
 
 
 def _report_command(args) -> int:
-    page = write_report(args.runs, args.out, title=args.title)
+    page = write_report(args.runs, args.out, title=args.title, compare=args.compare)
     for line in verdict_lines(Path(args.out) / "metrics.json"):
         print(line)
     print(f"report: {page}")
@@ -276,4 +301,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN.h5")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--title", default="sharpscope report")
+    p.add_argument("--compare", metavar="AXIS", help="the axis the verdicts compare: width, depth or any setting the "
+                                                     "runs record (sweep axes, the Recorder's axes= or meta keys, e.g. "
+                                                     "batch_size); default: the runs' sweep's, else width/depth")
     p.set_defaults(func=_report_command)

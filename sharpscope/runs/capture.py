@@ -220,7 +220,7 @@ class Recorder:
         self.sharpness_log: list[tuple[int, float]] = []
         if resume and os.path.exists(path):
             with open_run(path) as run:  # check before rewriting anything
-                self._check_compatible(run.specs, path)
+                self._check_compatible(run, path)
                 _check_same_config(run, config)
             self.writer = RunWriter.resume(path)
             self._specs = self.writer.specs
@@ -275,13 +275,30 @@ class Recorder:
             raise ValueError(f"meta must be JSON-serializable (no objects are pickled): {err}") from None
         return meta
 
-    def _check_compatible(self, stored_specs: list[TensorSpec], path) -> None:
-        stored = {(s.kind, s.name, s.key): s for s in stored_specs}
+    def _check_compatible(self, run, path) -> None:
+        """A resumed run continues with the same model and optimizer: the same tensors both ways (a
+        model holding a subset, or another optimizer's state, would leave stored slots unfilled)."""
+        stored_class = (run.meta.get("optimizer") or {}).get("class")
+        current = optimizer_meta(self.optimizer, self._names)
+        if stored_class and current and stored_class != current["class"]:
+            raise RunFileError(f"{path}: cannot resume: the run was recorded with {stored_class.rsplit('.', 1)[-1]}, "
+                               f"this optimizer is {current['class'].rsplit('.', 1)[-1]}")
+        stored = {(s.kind, s.name, s.key): s for s in run.specs}
+        mine = {(s.kind, s.name, s.key): s for s in self._specs}
         for s in self._specs:
             old = stored.get((s.kind, s.name, s.key))
             if old is None or old.shape != s.shape:
                 raise RunFileError(f"{path}: cannot resume: {s.kind} {s.name} has shape {s.shape}, "
                                    f"the run stores {None if old is None else old.shape}")
+        for key, s in stored.items():
+            if key not in mine and not (s.kind == "optim" and not self._predictable()):
+                raise RunFileError(f"{path}: cannot resume: the run stores {s.kind} {s.name}"
+                                   f"{'/' + s.key if s.key else ''}, which this model and optimizer do not have")
+
+    def _predictable(self) -> bool:
+        """Whether this optimizer's state tensors are known before its first step (see optimizer_state_specs)."""
+        return self.optimizer is None or any(s.kind == "optim" for s in self._specs) or isinstance(
+            self.optimizer, torch.optim.SGD)
 
     @property
     def probe(self) -> Any:

@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from .jobs import QUANTITIES, SpectrumSettings, run_spectrum_job
+from .jobs import SpectrumSettings, run_spectrum_job
+from .quantities import QUANTITIES
 from .spectra import SpectraFile, spectra_path
 from .store import open_run
 
@@ -15,6 +16,7 @@ def _spectrum(args: argparse.Namespace) -> int:
     quantities = [q.strip() for q in args.what.split(",") if q.strip()]
     settings = SpectrumSettings(k=args.k, tol=args.tol, seed=args.seed, trace_matvecs=args.trace_matvecs,
                                 density_probes=args.density_probes, density_steps=args.density_steps,
+                                device=args.device,
                                 batchnorm=args.batchnorm)
     steps = [int(s) for s in args.steps.split(",")] if args.steps else None
     report = run_spectrum_job(args.runs, quantities, settings, executor=args.executor, steps=steps,
@@ -24,6 +26,8 @@ def _spectrum(args: argparse.Namespace) -> int:
           + (f", {report.not_applicable} not applicable (no optimizer state yet)" if report.not_applicable else ""))
     for path, step, message in report.failures:
         print(f"FAILED {path} step {step}: {message}")
+    for note in report.notes:
+        print(f"note: {note}")
     return 1 if report.failures else 0
 
 
@@ -65,7 +69,7 @@ def _inspect(args: argparse.Namespace) -> int:
             counts: dict[str, int] = {}
             for step, quantity, _ in sf.keys():
                 counts[quantity] = counts.get(quantity, 0) + 1
-            info["results"] = {"file": str(results), "format": _format(sf.version, sf.checksummed), "rows": counts}
+            info["results"] = {"file": str(results), "format": _format(sf.version, sf.checksummed), "rows": dict(sorted(counts.items()))}
     else:
         info["results"] = None
     if args.json:
@@ -118,6 +122,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--density-probes", type=int, default=10)
     p.add_argument("--density-steps", type=int, default=80)
     p.add_argument("--batchnorm", choices=["batch", "eval"], default="batch")
+    p.add_argument("--device", default="cpu", help="where the products run: cpu (default), cuda, cuda:N or auto "
+                                                   "(CUDA when available); runs captured on any device")
     p.add_argument("--steps", help="comma-separated checkpoint steps (default: all)")
     p.add_argument("--loss", help="override the run's loss (torch.nn name or module:function)")
     p.add_argument("--executor", default="local",

@@ -1,49 +1,46 @@
 """Offline spectrum jobs over the checkpoints of run files: local, process pool or Dask distributed.
 
 A job is a list of tasks, one per (run file, checkpoint step); a task rebuilds the model from the
-run's meta (``model_factory`` = ``"module:function"`` + JSON ``model_kwargs``; no pickle), loads the
-checkpoint, and measures the requested quantities on the stored probe batch:
-
-============  ===================================================================================
-``hessian``   top-k Hessian eigenvalues (Lanczos, ``which="LA"``)
-``precond``   top-k of the optimizer-preconditioned Hessian ``D^1/2 H D^1/2`` (info: its threshold)
-``ggn``       top-k of the generalized Gauss-Newton matrix
-``ntk``       top-k of the empirical NTK ``J J^T`` on the probe inputs
-``trace``     Hessian trace by Hutch++ (values: [estimate], residuals: [stderr])
-``density``   SLQ spectral density (values: nodes, residuals: weights; info: probes, steps)
-``layers``    top Hessian eigenvalue of each parameter-owning module (values in ``info["layers"]`` order)
-============  ===================================================================================
+run's meta (trusted factory + JSON kwargs; no pickle: :mod:`.rebuild`), loads the checkpoint on the
+settings' device, and measures the requested quantities (:mod:`.quantities`) on the stored batch.
 
 Results go to a sibling file ``<run>.spectra.h5`` through one writer (the process that runs the
 job), appended row by row in SWMR mode like the run file itself, so an interrupted job loses only
-the tasks in flight and a re-run skips every (step, quantity, settings) already stored.
+the tasks in flight and a re-run skips every (step, quantity, settings) already stored. A result's
+settings key holds everything that changes it (the solver settings, a loss override, a non-CPU
+device): results of one step under different settings coexist.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from torch import nn
 
+from ..devices import resolve_device
+from ..progress import progress_bar
 from .executors import executor_from_spec
 from .rebuild import NoOptimizerState, allowed_by_probe, build_loss, check_trusted, model_at, optimizer_at
 from .spectra import SpectraFile, spectra_path
+from .quantities import QUANTITIES, Checkpoint, get as get_quantity, layer_groups
 from .store import first_diverged_step, open_run
 
 __all__ = ["QUANTITIES", "SpectrumSettings", "JobReport", "run_spectrum_job", "compute_task", "layer_groups"]
 
-QUANTITIES = ("hessian", "precond", "ggn", "ntk", "trace", "density", "layers")
 
 
 @dataclass(frozen=True)
 class SpectrumSettings:
-    """Solver settings; part of each result's identity (a re-run with other settings recomputes)."""
+    """Solver settings; part of each result's identity (a re-run with other settings recomputes).
+
+    ``loss`` overrides the run's own loss (a ``torch.nn`` name or a trusted ``"module:function"``);
+    ``device`` is where the products run (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``; runs captured
+    on one device are measured on any other). Both enter a result's key only when they change it from
+    the defaults, so results stored before they existed keep their keys."""
 
     k: int = 5
     tol: float = 1e-6
@@ -52,120 +49,96 @@ class SpectrumSettings:
     density_probes: int = 10
     density_steps: int = 80
     batchnorm: str = "batch"
+    loss: str | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("k", "trace_matvecs", "density_probes", "density_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
+            raise ValueError(f"tol must be in (0, 1), got {self.tol!r}")
+        if self.batchnorm not in ("batch", "eval"):
+            raise ValueError(f"batchnorm must be 'batch' or 'eval', got {self.batchnorm!r}")
 
     def key(self, quantity: str) -> str:
-        """Canonical JSON of the settings that matter for ``quantity``."""
-        relevant = {"seed": self.seed, "batchnorm": self.batchnorm}
-        if quantity in ("hessian", "precond", "ggn", "ntk", "layers"):
-            relevant.update(k=self.k if quantity != "layers" else 1, tol=self.tol)
-        elif quantity == "trace":
-            relevant.update(matvecs=self.trace_matvecs)
-        elif quantity == "density":
-            relevant.update(probes=self.density_probes, steps=self.density_steps)
-        return json.dumps(relevant, sort_keys=True)
+        """Canonical JSON of the settings that matter for ``quantity`` (:mod:`.quantities`)."""
+        return get_quantity(quantity).key(self)
 
+    def extra_key(self) -> dict[str, Any]:
+        """The settings that enter every key only when they are not the defaults: the loss, the device."""
+        extra: dict[str, Any] = {}
+        if self.loss:
+            extra["loss"] = self.loss
+        device = resolve_device(self.device)
+        if device.type != "cpu":
+            extra["device"] = device.type
+        return extra
 
 
 # -- one task ---------------------------------------------------------------------------------------------
+def _load_checkpoint(run, step: int, quantities: Sequence[str], settings: SpectrumSettings,
+                     allow: Sequence[str]) -> tuple[Checkpoint, str | None, str | None]:
+    """The checkpoint's model, batch, loss and (for ``precond``) optimizer on the settings' device;
+    plus why the optimizer is missing (an error message, or a not-applicable note)."""
+    device = resolve_device(settings.device)
+    model = model_at(run, step, allow=allow).to(device)
+    batch = run.batch()
+    if batch is None:
+        raise ValueError(f"{run.path}: no batch stored (pass batch= to the Recorder)")
+    optimizer, error, not_applicable = None, None, None
+    if any(get_quantity(q).needs_optimizer for q in quantities):
+        try:
+            optimizer = optimizer_at(run, step, model, allow=allow)
+        except NoOptimizerState as err:  # stored as an empty result: done, not a failure
+            not_applicable = str(err)
+        except ValueError as err:  # the other quantities still run
+            error = str(err)
+    loss_spec = settings.loss or run.meta.get("loss")
+    loss_fn = None
+    if any(get_quantity(q).needs_loss for q in quantities):
+        loss_fn = build_loss(loss_spec, [*allow, *allowed_by_probe(run.meta), *([settings.loss] if settings.loss else [])],
+                             str(run.path))
+    inputs, targets = batch
+    inputs = tuple(t.to(device) for t in inputs)
+    inputs = inputs[0] if len(inputs) == 1 else inputs
+    targets = targets.to(device) if targets is not None else None
+    return Checkpoint(model, (inputs, targets), inputs, loss_fn, optimizer, settings), error, not_applicable
+
+
 def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: SpectrumSettings,
                  loss: str | None = None, allow: Sequence[str] = ()) -> list[dict]:
     """Measure ``quantities`` at one checkpoint (runs in a worker; returns plain, picklable dicts; a
     quantity that cannot be measured at this checkpoint comes back as ``{"error": ...}``). ``allow``:
     patterns of factory names trusted beyond the built-in ones (:mod:`sharpscope.registry`)."""
-    from ..estimators import hutchpp_trace, spectral_density
-    from ..lanczos import lanczos
-    from ..operators import ggn_operator, hessian_operator, ntk_operator
-    from ..preconditioning import preconditioned_hessian_operator
-
+    if loss is not None:
+        settings = replace(settings, loss=loss)
     with open_run(run_path) as run:
-        model = model_at(run, step, allow=allow)
-        probe = run.batch()
-        optimizer, optimizer_error, not_applicable = None, None, None
-        if "precond" in quantities:
-            try:
-                optimizer = optimizer_at(run, step, model, allow=allow)
-            except NoOptimizerState as err:  # stored as an empty result: done, not a failure
-                not_applicable = str(err)
-            except ValueError as err:  # the others still run
-                optimizer_error = str(err)
-        loss_spec = loss or run.meta.get("loss")
-        loss_allow = [*allow, *allowed_by_probe(run.meta), *([loss] if loss else [])]
-    if probe is None:
-        raise ValueError(f"{run_path}: no batch stored (pass batch= to the Recorder)")
-    inputs, targets = probe
-    inputs = inputs[0] if len(inputs) == 1 else inputs
-    data = (inputs, targets)
-    loss_fn = build_loss(loss_spec, loss_allow, run_path) if any(q != "ntk" for q in quantities) else None
-    common = dict(batchnorm=settings.batchnorm)
+        checkpoint, optimizer_error, not_applicable = _load_checkpoint(run, step, quantities, settings, allow)
     out = []
-    for q in quantities:
-        if q == "precond" and optimizer_error:
-            out.append({"step": int(step), "quantity": q, "error": optimizer_error})
+    for name in quantities:
+        quantity = get_quantity(name)
+        row = {"step": int(step), "quantity": name}
+        if quantity.needs_optimizer and optimizer_error:
+            out.append({**row, "error": optimizer_error})
             continue
-        if q == "precond" and not_applicable:
-            out.append({"step": int(step), "quantity": q, "settings": settings.key(q), "values": np.zeros(0),
-                        "residuals": np.zeros(0), "num_matvecs": 0, "seconds": 0.0,
-                        "info": json.dumps({"not_applicable": not_applicable})})
+        if quantity.needs_optimizer and not_applicable:
+            out.append({**row, "settings": quantity.key(settings), "values": np.zeros(0), "residuals": np.zeros(0),
+                        "num_matvecs": 0, "seconds": 0.0, "info": json.dumps({"not_applicable": not_applicable})})
             continue
         t0 = time.perf_counter()
-        info: dict[str, Any] = {}
-        if q in ("hessian", "ggn", "ntk", "precond"):
-            if q == "hessian":
-                op = hessian_operator(model, loss_fn, data, **common)
-            elif q == "ggn":
-                op = ggn_operator(model, loss_fn, data, **common)
-            elif q == "ntk":
-                op = ntk_operator(model, inputs, **common)
-            else:
-                op = preconditioned_hessian_operator(model, loss_fn, data, optimizer, **common)
-                info["threshold"] = op.threshold
-            k = min(settings.k, op.shape[0] - 1)
-            res = lanczos(op, k=k, tol=settings.tol, seed=settings.seed)
-            values, residuals, mv = res.eigenvalues.numpy(), res.residuals.numpy(), res.num_matvecs
-            info["converged"] = res.converged.tolist()
-        elif q == "trace":
-            est = hutchpp_trace(hessian_operator(model, loss_fn, data, **common), settings.trace_matvecs,
-                                seed=settings.seed)
-            values, residuals, mv = np.array([est.estimate]), np.array([est.stderr]), est.num_matvecs
-        elif q == "density":
-            dens = spectral_density(hessian_operator(model, loss_fn, data, **common), settings.density_probes,
-                                    settings.density_steps, seed=settings.seed)
-            values, residuals, mv = np.concatenate(dens.nodes), np.concatenate(dens.weights), dens.num_matvecs
-            info["nodes_per_probe"] = [len(n) for n in dens.nodes]
-        elif q == "layers":
-            groups = layer_groups(model)
-            layers = list(groups)
-            vals, mv = [], 0
-            for name in layers:
-                op = hessian_operator(model, loss_fn, data, params=groups[name], **common)
-                res = lanczos(op, k=1, tol=settings.tol, seed=settings.seed) if op.shape[0] > 1 else None
-                vals.append(float(res.eigenvalues[0]) if res is not None else float(op.to_dense()[0, 0]))
-                mv += res.num_matvecs if res is not None else 1
-            values, residuals = np.array(vals), np.zeros(len(vals))
-            info["layers"] = layers
-        else:
-            raise ValueError(f"unknown quantity {q!r}; choose from {QUANTITIES}")
-        out.append({"step": int(step), "quantity": q, "settings": settings.key(q),
-                    "values": np.asarray(values, dtype=np.float64), "residuals": np.asarray(residuals, dtype=np.float64),
-                    "num_matvecs": int(mv), "seconds": time.perf_counter() - t0, "info": json.dumps(info)})
-    return out
-
-
-_PARAMETRIZED = re.compile(r"(?:^|\.)parametrizations\.")  # torch.nn.utils.parametrize's inserted path
-
-
-def layer_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Trainable parameter names grouped by the layer (module) that owns them, in model order; a
-    parameter under ``torch.nn.utils.parametrize`` (``layer.parametrizations.weight.original``, as muP
-    multipliers are applied) belongs to ``layer``, not to the parametrization's internal module."""
-    groups: dict[str, list[str]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
+        try:
+            m = quantity.measure(checkpoint)
+        except ValueError as err:  # one quantity's refusal (e.g. k too large) does not stop the others
+            out.append({**row, "error": str(err)})
             continue
-        owner = _PARAMETRIZED.split(name)[0] if _PARAMETRIZED.search(name) else name.rpartition(".")[0]
-        groups.setdefault(owner or "(top level)", []).append(name)
-    return groups
-
+        out.append({**row, "settings": quantity.key(settings), "values": np.asarray(m.values, dtype=np.float64),
+                    "residuals": np.asarray(m.residuals, dtype=np.float64), "num_matvecs": int(m.num_matvecs),
+                    "seconds": time.perf_counter() - t0, "info": json.dumps(m.info)})
+    return out
 
 
 # -- executors and the driver ---------------------------------------------------------------------------------
@@ -181,6 +154,7 @@ class JobReport:
     diverged: int = 0
     not_applicable: int = 0
     failures: list[tuple[str, int, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 
@@ -200,11 +174,20 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
         raise ValueError(f"unknown quantities {bad}; choose from {', '.join(QUANTITIES)}")
     if not quantities:
         raise ValueError("nothing to measure: give at least one quantity")
+    if loss is not None:
+        settings = replace(settings, loss=loss)
+    resolve_device(settings.device)  # a device that does not exist fails here, in one line
     wanted_steps = None if steps is None else {int(s) for s in steps}
     tasks: list[tuple[str, int, list[str]]] = []
     report = JobReport()
+    results_files = [str(p) for p in runs if str(p).endswith(".spectra.h5")]
+    if results_files:
+        report.notes.append(f"{len(results_files)} spectra file(s) among the inputs ignored "
+                            f"({Path(results_files[0]).name}{', ...' if len(results_files) > 1 else ''})")
     for path in runs:
         path = str(Path(path))
+        if path.endswith(".spectra.h5"):
+            continue
         with open_run(path) as run:
             # checkpoints from the diverged step on are meaningless (step 0, the initial model, stays)
             bad = first_diverged_step(run)
@@ -212,7 +195,7 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
             report.diverged += len(run.steps) - len(run_steps)
             if not run.meta.get("model_factory"):
                 raise ValueError(f"{path}: meta has no model_factory ('module:function'): the model cannot be rebuilt")
-            check_trusted(run, allow, loss)
+            check_trusted(run, allow, settings.loss)
         done = set()
         if spectra_path(path).exists():
             with SpectraFile(spectra_path(path)) as sf:
@@ -229,9 +212,9 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
     submit, shutdown, completed = executor_from_spec(executor)
     writers: dict[str, SpectraFile] = {}
     try:
-        futures = {submit(compute_task, path, step, todo, settings, loss, allow): (path, step)
+        futures = {submit(compute_task, path, step, todo, settings, None, allow): (path, step)
                    for path, step, todo in tasks}
-        bar = _progress(len(futures), progress)
+        bar = progress_bar(len(futures), "spectra", progress, unit="ckpt")
         for fut in completed(list(futures)):
             path, step = futures[fut]
             try:
@@ -243,8 +226,7 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
                     if "error" in row:
                         report.failures.append((path, step, f"{row['quantity']}: {row['error']}"))
                         continue
-                    sf = writers.get(path) or writers.setdefault(path, SpectraFile(spectra_path(path), "a"))
-                    sf.append(row)
+                    _store(writers, path, row)
                     report.written += 1
                     report.not_applicable += "not_applicable" in json.loads(row["info"])
                 report.computed += 1
@@ -257,7 +239,16 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
     return report
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
+def _store(writers: dict[str, SpectraFile], path: str, row: dict) -> None:
+    """Append one result through the run's one writer; a failed write (a full disk) stops the job with
+    one line: the rows stored before it are complete and kept, a re-run continues from there."""
+    results = spectra_path(path)
+    try:
+        sf = writers.get(path) or writers.setdefault(path, SpectraFile(results, "a"))
+        sf.append(row)
+    except OSError as err:
+        reason = err.strerror or str(err).splitlines()[0]
+        raise OSError(err.errno, f"{results}: results could not be written ({reason}); the results stored "
+                                 "before are intact: free space and run again to continue") from None
 
-    return tqdm(total=total, desc="spectra", unit="ckpt", disable=not enabled)
+

@@ -255,8 +255,37 @@ def _create_scalar_logs(grp: h5py.Group, names: Iterable[str]) -> None:
         grp.create_dataset(name, shape=(0, 2), maxshape=(None, 2), dtype="f8", chunks=(256, 2))
 
 
+_SPEC_KEYS = {"id", "kind", "name", "shape", "dtype", "key", "dataset", "offset"}
+
+
 def _spec_list(raw: str) -> list[TensorSpec]:
-    return [TensorSpec(**{**s, "shape": tuple(s["shape"])}) for s in json.loads(raw)]
+    """The stored tensor list, each entry checked (an edited list fails here, in one line)."""
+    entries = json.loads(raw)
+    if not isinstance(entries, list):
+        raise ValueError("the tensor list is not a JSON list")
+    specs = []
+    for e in entries:
+        if not isinstance(e, dict) or not {"id", "kind", "name", "shape", "dtype"} <= set(e) or set(e) - _SPEC_KEYS:
+            raise ValueError(f"a tensor entry is malformed: {str(e)[:80]}")
+        shape = e["shape"]
+        if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+            raise ValueError(f"tensor {e['name']!r} has an invalid shape {shape!r}")
+        offset = e.get("offset", 0)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"tensor {e['name']!r} has an invalid offset {offset!r}")
+        specs.append(TensorSpec(**{**e, "shape": tuple(shape)}))
+    return specs
+
+
+def _check_layout(grp: h5py.Group, specs: list[TensorSpec]) -> None:
+    """Every tensor lies inside an existing flat dataset of its dtype."""
+    for s in specs:
+        if s.dataset not in grp:
+            raise ValueError(f"tensor {s.name!r} points to a missing dataset {s.dataset!r}")
+        width = grp[s.dataset].shape[1] if grp[s.dataset].ndim == 2 else -1
+        if s.offset + s.numel > width:
+            raise ValueError(f"tensor {s.name!r} (offset {s.offset}, {s.numel} entries) lies outside its dataset "
+                             f"{s.dataset!r} of width {width}")
 
 
 class Run(H5Handle):
@@ -289,16 +318,20 @@ class Run(H5Handle):
         self.version = version
         try:
             self.meta: dict = json.loads(f["meta"].attrs["json"])
+            if not isinstance(self.meta, dict):
+                raise ValueError(f"the meta is a JSON {type(self.meta).__name__}, not an object")
             self.axes: dict = json.loads(f["meta"].attrs.get("axes", "{}")) if version >= 2 else {}
             self.provenance: dict | None = json.loads(f["provenance"].attrs["json"]) \
                 if version >= 2 and "provenance" in f else None
             self._grp = f["checkpoints"]
             self.specs = _spec_list(self._grp.attrs["tensors"])
+            _check_layout(self._grp, self.specs)
             self._segments = _segments(self.specs) if version >= 2 else None
             self._table = AppendTable(self._grp, self._segments)
-        except (KeyError, ValueError) as err:
+        except (KeyError, ValueError, TypeError, RecursionError) as err:
             self.close()
-            raise RunFileError(f"{self.path}: damaged run file ({err})") from None
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+            raise RunFileError(f"{self.path}: damaged run file ({reason})") from None
         self.versions = json.loads(f.attrs.get("versions", "{}"))
 
     @property

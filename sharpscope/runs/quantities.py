@@ -1,0 +1,204 @@
+"""The quantities spectrum jobs measure: one frozen description per quantity, used by the jobs, the
+comparisons and the report.
+
+Each :class:`Quantity` says how it is named and labelled, which solver settings identify a stored
+result (its key in the spectra file), how it is stored (``kind``), what it needs (a loss, the
+optimizer) and how to measure it at one checkpoint. Adding a quantity is one entry in
+:data:`REGISTRY`.
+
+============  ===================================================================================
+``hessian``   top-k Hessian eigenvalues (Lanczos, ``which="LA"``)
+``precond``   top-k of the optimizer-preconditioned Hessian ``D^1/2 H D^1/2`` (info: its threshold)
+``ggn``       top-k of the generalized Gauss-Newton matrix
+``ntk``       top-k of the empirical NTK ``J J^T`` on the stored inputs
+``trace``     Hessian trace by Hutch++ (values: [estimate], residuals: [stderr])
+``density``   SLQ spectral density (values: nodes, residuals: weights; info: nodes per probe)
+``layers``    top Hessian eigenvalue of each parameter-owning module (values in ``info["layers"]`` order)
+============  ===================================================================================
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+from torch import nn
+
+__all__ = ["Quantity", "Measurement", "Checkpoint", "REGISTRY", "QUANTITIES", "get", "layer_groups"]
+
+Kind = Literal["eigenvalues", "trace", "density", "layers"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a quantity is measured on: the rebuilt model at one step, its stored batch, the loss,
+    the optimizer (for ``precond``; None otherwise) and the job's settings."""
+
+    model: nn.Module
+    data: tuple[Any, Any]
+    inputs: Any
+    loss_fn: Callable | None
+    optimizer: Any
+    settings: Any  # sharpscope.runs.jobs.SpectrumSettings
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One stored result: values, residuals (stderr or weights by kind), products used and extra info."""
+
+    values: np.ndarray
+    residuals: np.ndarray
+    num_matvecs: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A measurable quantity.
+
+    Attributes:
+        name: its name in files, on the command line and in the report.
+        label: the axis label of its figures.
+        kind: how its results are stored and read (``eigenvalues``: the first value is the top one).
+        settings: the fields of :class:`~sharpscope.runs.jobs.SpectrumSettings` that identify a result,
+            as ``(key in the stored JSON, settings attribute or a fixed value)``.
+        measure: ``measure(checkpoint) -> Measurement``.
+        needs_loss, needs_optimizer: what the checkpoint must provide.
+    """
+
+    name: str
+    label: str
+    kind: Kind
+    settings: tuple[tuple[str, Any], ...]
+    measure: Callable[[Checkpoint], Measurement]
+    needs_loss: bool = True
+    needs_optimizer: bool = False
+
+    def key(self, settings: Any) -> str:
+        """The canonical JSON of the settings that identify a result of this quantity (byte-identical to
+        the keys stored by earlier versions for the same settings, so stored results are found)."""
+        relevant: dict[str, Any] = {"seed": settings.seed, "batchnorm": settings.batchnorm}
+        for key, source in self.settings:
+            relevant[key] = getattr(settings, source) if isinstance(source, str) else source
+        relevant.update(settings.extra_key())
+        return json.dumps(relevant, sort_keys=True)
+
+
+# -- how each is measured ----------------------------------------------------------------------------------
+def _top_k(op, cp: Checkpoint, info: dict[str, Any] | None = None) -> Measurement:
+    from ..lanczos import lanczos
+
+    s = cp.settings
+    if s.k >= op.shape[0]:
+        raise ValueError(f"k={s.k} is not below the operator's dimension {op.shape[0]}: ask for fewer eigenvalues")
+    res = lanczos(op, k=s.k, tol=s.tol, seed=s.seed)
+    return Measurement(res.eigenvalues.numpy(), res.residuals.numpy(), res.num_matvecs,
+                       {**(info or {}), "converged": res.converged.tolist()})
+
+
+def _common(cp: Checkpoint) -> dict[str, Any]:
+    return {"batchnorm": cp.settings.batchnorm}
+
+
+def _hessian(cp: Checkpoint) -> Measurement:
+    from ..operators import hessian_operator
+
+    return _top_k(hessian_operator(cp.model, cp.loss_fn, cp.data, **_common(cp)), cp)
+
+
+def _precond(cp: Checkpoint) -> Measurement:
+    from ..preconditioning import preconditioned_hessian_operator
+
+    op = preconditioned_hessian_operator(cp.model, cp.loss_fn, cp.data, cp.optimizer, **_common(cp))
+    return _top_k(op, cp, {"threshold": op.threshold})
+
+
+def _ggn(cp: Checkpoint) -> Measurement:
+    from ..operators import ggn_operator
+
+    return _top_k(ggn_operator(cp.model, cp.loss_fn, cp.data, **_common(cp)), cp)
+
+
+def _ntk(cp: Checkpoint) -> Measurement:
+    from ..operators import ntk_operator
+
+    return _top_k(ntk_operator(cp.model, cp.inputs, **_common(cp)), cp)
+
+
+def _trace(cp: Checkpoint) -> Measurement:
+    from ..estimators import hutchpp_trace
+    from ..operators import hessian_operator
+
+    s = cp.settings
+    est = hutchpp_trace(hessian_operator(cp.model, cp.loss_fn, cp.data, **_common(cp)), s.trace_matvecs, seed=s.seed)
+    return Measurement(np.array([est.estimate]), np.array([est.stderr]), est.num_matvecs)
+
+
+def _density(cp: Checkpoint) -> Measurement:
+    from ..estimators import spectral_density
+    from ..operators import hessian_operator
+
+    s = cp.settings
+    dens = spectral_density(hessian_operator(cp.model, cp.loss_fn, cp.data, **_common(cp)), s.density_probes,
+                            s.density_steps, seed=s.seed)
+    return Measurement(np.concatenate(dens.nodes), np.concatenate(dens.weights), dens.num_matvecs,
+                       {"nodes_per_probe": [len(n) for n in dens.nodes]})
+
+
+_PARAMETRIZED = re.compile(r"(?:^|\.)parametrizations\.")  # torch.nn.utils.parametrize's inserted path
+
+
+def layer_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Trainable parameter names grouped by the layer (module) that owns them, in model order; a
+    parameter under ``torch.nn.utils.parametrize`` (``layer.parametrizations.weight.original``, as muP
+    multipliers are applied) belongs to ``layer``, not to the parametrization's internal module."""
+    groups: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner = _PARAMETRIZED.split(name)[0] if _PARAMETRIZED.search(name) else name.rpartition(".")[0]
+        groups.setdefault(owner or "(top level)", []).append(name)
+    return groups
+
+
+def _layers(cp: Checkpoint) -> Measurement:
+    from ..lanczos import lanczos
+    from ..operators import hessian_operator
+
+    s = cp.settings
+    groups = layer_groups(cp.model)
+    values, products = [], 0
+    for name in groups:
+        op = hessian_operator(cp.model, cp.loss_fn, cp.data, params=groups[name], **_common(cp))
+        if op.shape[0] > 1:
+            res = lanczos(op, k=1, tol=s.tol, seed=s.seed)
+            values.append(float(res.eigenvalues[0]))
+            products += res.num_matvecs
+        else:  # a one-entry layer: its Hessian is a number
+            values.append(float(op.to_dense()[0, 0]))
+            products += 1
+    return Measurement(np.array(values), np.zeros(len(values)), products, {"layers": list(groups)})
+
+
+_TOP_K = (("k", "k"), ("tol", "tol"))
+REGISTRY: dict[str, Quantity] = {q.name: q for q in (
+    Quantity("hessian", "sharpness: top eigenvalue of H", "eigenvalues", _TOP_K, _hessian),
+    Quantity("precond", "preconditioned sharpness: top eig. of P^-1 H", "eigenvalues", _TOP_K, _precond,
+             needs_optimizer=True),
+    Quantity("ggn", "top eigenvalue of the Gauss-Newton G", "eigenvalues", _TOP_K, _ggn),
+    Quantity("ntk", "top eigenvalue of the NTK J J^T", "eigenvalues", _TOP_K, _ntk, needs_loss=False),
+    Quantity("trace", "trace of H (Hutch++)", "trace", (("matvecs", "trace_matvecs"),), _trace),
+    Quantity("density", "Hessian spectral density (SLQ)", "density",
+             (("probes", "density_probes"), ("steps", "density_steps")), _density),
+    Quantity("layers", "top Hessian eigenvalue per layer", "layers", (("k", 1), ("tol", "tol")), _layers),
+)}
+QUANTITIES = tuple(REGISTRY)
+
+
+def get(name: str) -> Quantity:
+    """The registered quantity ``name``, or a one-line error listing them."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown quantity {name!r}; choose from {', '.join(QUANTITIES)}")
+    return REGISTRY[name]
