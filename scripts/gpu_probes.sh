@@ -5,9 +5,9 @@
 #   ./scripts/gpu_probes.sh [--cpu] [OUTDIR]       (OUTDIR: $OUT if set, else ./gpu-probes-output)
 #
 # Each probe runs as `python3 -m sharpscope sweep probes/gpu/<probe>.toml --out OUTDIR/<probe>` with its
-# own timeout inside a total budget (SHARPSCOPE_GPU_PROBES_BUDGET seconds, default 570). Where the
-# sweep and spectrum commands take --device, training and spectra run on cuda; otherwise the runs
-# train on the CPU cores (--executor process:N, N = half the cores) and only what fits the budget
+# own timeout inside a total budget (SHARPSCOPE_GPU_PROBES_BUDGET seconds, default 570). The probe
+# files say device = "auto": training and spectra run on the GPU when torch sees one; without one the
+# runs go to the CPU cores (--executor process:N, N = half the cores) and only what fits the budget
 # completes (a probe that times out keeps its finished runs: re-running the script resumes it). Every
 # probe writes OUTDIR/<probe>/report.html, report.md and metrics.json; OUTDIR/gpu_probes.md lists each
 # probe's status, time and verdict lines; everything goes to OUTDIR/gpu_probes.log too. It uses the
@@ -46,17 +46,13 @@ log() { echo "$*" | tee -a "$LOG"; }
 # probe name, its share of the budget (s): (a) quickstart, (g) NTK vs Hessian, (e) MoE, (b) parameterizations
 PROBES=("quickstart_gpu 120" "ntk_vs_hessian_gpu 150" "moe_mup_gpu 120" "mlp_sgd_parameterizations_gpu 180")
 
-EXTRA=()
+EXTRA=()   # the probe files train and measure on device = "auto": CUDA when torch sees a GPU
 if [ "$DRY" != "1" ]; then
-  if "$PY" -m sharpscope sweep --help 2>/dev/null | grep -q -- "--device"; then
-    EXTRA=(--device cuda)
-  else
-    CORES="$(nproc 2>/dev/null || echo 2)"
-    EXTRA=(--executor "process:$(( CORES > 3 ? CORES / 2 : 1 ))")
-  fi
   "$PY" -c 'import sys, time, torch
-print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device",
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device: runs on the CPU",
       "| date:", time.strftime("%Y-%m-%d %H:%M"), "| torch", torch.__version__)' 2>&1 | tee -a "$LOG"
+  "$PY" -c 'import torch; raise SystemExit(0 if torch.cuda.is_available() else 1)' || {
+    CORES="$(nproc 2>/dev/null || echo 2)"; EXTRA=(--executor "process:$(( CORES > 3 ? CORES / 2 : 1 ))"); }
 fi
 log "gpu_probes.sh: output in $OUTDIR; python: $PY; budget ${BUDGET}s; sweep options: ${EXTRA[*]:-(dry run)}"
 

@@ -588,9 +588,11 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
             :math:`\epsilon\, m^{-e}`, e = :func:`eps_exponent` (the width exponent of that tensor's
             gradient), stored as the group's ``eps`` (and ``eps_exponent``) and in the record; optimizers
             without Adam's epsilon (SGD, Adafactor, Muon's own groups, adam-atan2) are left as they are.
-        base_eps: the base epsilon :math:`\epsilon` (at the base width; default torch's 1e-8). Only with
-            ``eps_scaling``; :func:`sharpscope.optim.build_optimizer` ``(groups, eps=...)`` replaces it
-            (the optimizer's ``eps`` is then the base: a probe's ``optimizer_kwargs`` or ``eps`` axis).
+        base_eps: the base epsilon :math:`\epsilon` (at the base width; default torch's 1e-8), put in every
+            Adam/AdamW group (scaled per group with ``eps_scaling``, the same everywhere without; groups of
+            optimizers without that epsilon get none, so one probe can mix Adam and Adam-atan2).
+            :func:`sharpscope.optim.build_optimizer` ``(groups, eps=...)`` replaces it (the optimizer's
+            ``eps`` is then the base: a probe's ``optimizer_kwargs`` or ``eps`` axis).
         expert_input: role of each MoE expert's input projection: ``"hidden"`` (default: its fan-in and
             fan-out grow) or ``"embedding"`` (the reading of SCIENCE.md; see docs/parameterizations.md).
         router: MoE router scaling: ``"readout"`` (default: the readout row), ``"no_alignment"`` (the
@@ -613,9 +615,8 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
         raise ValueError(f"unknown lr_scaling {lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
-    if base_eps is not None and not (eps_scaling and float(base_eps) > 0):
-        raise ValueError("base_eps= is the base epsilon of eps_scaling=True (a positive number); without "
-                         "eps_scaling give eps to the optimizer (build_optimizer(groups, eps=...))")
+    if base_eps is not None and not float(base_eps) > 0:
+        raise ValueError(f"base_eps must be a positive number, got {base_eps!r}")
     _strip_multipliers(model)
     base_model, delta_model = _base_models(model, base_width, base_model, delta_model)
     moe = _moe_overrides(model, roles, expert_input, router)
@@ -626,6 +627,7 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
     attn = _attention_setup(model, base_model, p, attention)
     slots = {s.name: s for s in _slots(model)}
     _reinit(slots, assignments, p, seed)
+    eps_given = base_eps is not None
     base_eps = DEFAULT_ADAM_EPS if base_eps is None else float(base_eps)
     groups, entries = [], []
     for a in assignments:
@@ -644,8 +646,8 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
             {"kind": "constant", "value": a.base_value * a.width_mult ** (-e.b)}
         meta = {"name": a.name, "role": a.role, "width_mult": a.width_mult, "multiplier": a.width_mult ** (-e.a),
                 "lr_exponent": c, "init": init, "optimizer": opt_name, "in_residual_branch": in_branch}
-        if eps_scaling and opt_name in EPS_OPTIMIZERS:
-            ee = eps_exponent(p, a.role)
+        if (eps_scaling or eps_given) and opt_name in EPS_OPTIMIZERS:
+            ee = eps_exponent(p, a.role) if eps_scaling else 0.0
             meta.update(eps=float(base_eps * a.width_mult ** (-ee)), eps_exponent=ee)
         groups.append({"params": [slot.tensor], "lr": group_lr, **meta})
         entries.append({**meta, "lr": group_lr, "shape": list(slot.tensor.shape),

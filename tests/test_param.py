@@ -582,8 +582,14 @@ def test_eps_given_to_build_optimizer_is_the_base_eps_and_muon_scales_its_adamw_
     assert {g["name"]: g["eps"] for g in ol.optimizers[1].param_groups}["input.weight"] == pytest.approx(1e-4 / 2)
     sgd = parametrize(MLP(width=128), "mup", optimizer="sgd", base_width=32, eps_scaling=True)
     assert not any("eps" in g for g in sgd) and sgd.record["eps"] is None and sgd.record["eps_scaling"]
-    with pytest.raises(ValueError, match="base epsilon of eps_scaling"):
-        parametrize(MLP(width=128), "mup", optimizer="adam", base_width=32, base_eps=1e-6)
+    fixed = parametrize(MLP(width=128), "mup", optimizer="adam", base_width=32, base_eps=1e-3)   # one eps, in the groups
+    assert {g["eps"] for g in fixed} == {1e-3} and {g["eps_exponent"] for g in fixed} == {0.0}
+    assert fixed.record["eps"] == 1e-3 and not fixed.record["eps_scaling"]
+    assert {g["eps"] for g in build_optimizer(fixed).param_groups} == {1e-3}
+    atan = parametrize(MLP(width=128), "mup", optimizer="adam-atan2", base_width=32, base_eps=1e-3, eps_scaling=True)
+    assert not any("eps" in g for g in atan) and atan.record["eps"] is None
+    with pytest.raises(ValueError, match="base_eps must be a positive number"):
+        parametrize(MLP(width=128), "mup", optimizer="adam", base_width=32, base_eps=0.0)
 
 
 # -- MoE alternatives: the expert input projection and the router ---------------------------------------------
