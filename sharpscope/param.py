@@ -77,7 +77,14 @@ dimension :math:`d_0`). With a fixed head dimension (heads grow with width) the 
 **MoE** (Małaśnicki et al. 2025, "muP for Mixture of Experts", arXiv 2508.09752): the router is a
 readout layer (width -> fixed #experts), each expert's matrices are hidden layers; experts and
 top-k fixed. SCIENCE.md says an expert's input projection n -> k n is "embedding-like"; its fan-in
-n grows with width, so by the role definitions it is hidden, which is what this module does.
+n grows with width, so by the role definitions it is hidden, which is the default
+(``expert_input="embedding"`` gives the other reading). ``router="no_alignment"`` raises the router's
+lr by :math:`m^{1/2}` over a readout's: with SGD its logit gradient, an inner product of vectors not
+yet aligned, is :math:`O(m^{1/2-g})`, and that lr restores an O(1) change of its logits (measured in
+probes/moe_mup_alternatives.toml); ``router="hidden"`` gives it O(1) logits at init.
+
+**Adam's epsilon** (``eps_scaling``): :func:`eps_exponent`; **Adam-atan2**: Adam's exponents
+(:class:`sharpscope.optim.AdamAtan2`). Derivations and measurements: docs/parameterizations.md.
 """
 from __future__ import annotations
 
