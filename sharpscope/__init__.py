@@ -18,6 +18,7 @@ from .operators import (GGNOperator, HessianOperator, NTKOperator, ggn_operator,
 from .preconditioning import (PreconditionedOperator, effective_step_sizes,
                               preconditioned_hessian_operator, stability_threshold)
 from .analysis.consistency import edge_of_stability, eos_threshold, lr_transfer, super_consistency, to_long_table
+from .alignment import alignment_terms, layer_alignment
 from .coordcheck import CoordCheckResult, coord_check, plot_coord_check
 from .models import CNN, FAMILIES, MLP, MoE, MoELayer, Transformer, build_model
 from .optim import OptimizerList, build_optimizer
@@ -45,6 +46,7 @@ __all__ = [
     "parametrize", "parametrize_from_record", "infer_roles", "lr_exponent", "Parameterization", "Exponents",
     "ParamGroups", "PARAMETERIZATIONS", "MLP", "CNN", "Transformer", "MoE", "MoELayer", "FAMILIES",
     "build_model", "build_optimizer", "OptimizerList", "coord_check", "plot_coord_check", "CoordCheckResult",
+    "layer_alignment", "alignment_terms",
     "super_consistency", "lr_transfer", "edge_of_stability", "eos_threshold", "to_long_table",
     "open_run", "Run", "RunWriter", "RunFileError", "run_spectrum_job",
     "register_model", "register_loss", "register_optimizer", "UntrustedNameError",

@@ -189,3 +189,5 @@ def test_report_fits_exponents_across_widths(tmp_path, capsys):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Alignment" in md and "hidden.0" in md
     assert "Alignment" in (tmp_path / "rep" / "report.html").read_text()
+    assert any(p.name.startswith("alignment-mup-sgd") for p in (tmp_path / "rep" / "figures").glob("*.png"))
+    assert ss.layer_alignment is layer_alignment

@@ -61,6 +61,7 @@ def _figures(summaries: Sequence[RunSummary], analysis: Analysis, out: Path) -> 
             step, curves = density
             keep(plots.density_overlay(curves, size_label=c.axis, title=f"Hessian density at step {step}: {c.label}"),
                  f"density-{tag}", f"Hessian spectral density per {c.axis} at step {step}, {c.label}")
+        _alignment_figure(group.entry.get("alignment"), c, tag, keep)
         widest = max((m for m in c.members if m.layers), key=lambda m: m.value(c.axis), default=None)
         if widest is not None:
             layers = widest.layers
@@ -104,6 +105,21 @@ def _figures(summaries: Sequence[RunSummary], analysis: Analysis, out: Path) -> 
              f"lr-{_tag(entry['parameterization'], entry['optimizer'], None, entry['axis'], entry['fixed'])}",
              f"final training loss vs lr per {entry['axis']}, {label}")
     return figures
+
+
+def _alignment_figure(found: dict | None, c: Comparison, tag: str, keep) -> None:
+    """The fitted alignment exponent per layer against the step (layers whose fan-in grows)."""
+    if not found:
+        return
+    from .alignment import FULL_AT_LEAST, NONE_AT_MOST
+
+    curves = {layer: {int(s): e for s, e in a["exponent_by_step"].items() if e is not None}
+              for layer, a in found["layers"].items()}
+    curves = {layer: by_step for layer, by_step in curves.items() if by_step}
+    if curves:
+        keep(plots.alignment_exponents(curves, full_at_least=FULL_AT_LEAST, none_at_most=NONE_AT_MOST,
+                                       title=f"alignment exponent across {c.axis}s: {c.label}"),
+             f"alignment-{tag}", f"fitted alignment exponent per layer against the step, across {c.axis}s, {c.label}")
 
 
 def _tag(parameterization: str, optimizer: str, lr: float | None, axis: str, fixed: dict) -> str:
