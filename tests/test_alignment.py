@@ -191,3 +191,12 @@ def test_report_fits_exponents_across_widths(tmp_path, capsys):
     assert "Alignment" in (tmp_path / "rep" / "report.html").read_text()
     assert any(p.name.startswith("alignment-mup-sgd") for p in (tmp_path / "rep" / "figures").glob("*.png"))
     assert ss.layer_alignment is layer_alignment
+
+
+def test_models_without_handled_layers_and_mismatched_references_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="has no layer alignment can measure") as err:
+        layer_alignment(nn.Sequential(nn.Tanh()), torch.randn(4, 3))
+    assert "\n" not in str(err.value)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    with pytest.raises(ValueError, match="reference model has no layer '2' of shape \\(2, 5\\)"):
+        layer_alignment(model, torch.randn(4, 3), nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)))
