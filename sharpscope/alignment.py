@@ -59,6 +59,7 @@ from torch import nn
 __all__ = ["AlignmentTerms", "LayerAlignment", "alignment_terms", "layer_alignment", "MIN_SPREAD"]
 
 MIN_SPREAD = 1.01  # F/N below this (an effective fan-in below ~1.02): alignment is undefined
+_CHUNK = 1 << 24  # entries of one block of rows (x U^T) in float64: 128 MiB
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,18 @@ def alignment_terms(U: torch.Tensor, X: torch.Tensor) -> AlignmentTerms:
     if U.ndim != 2 or X.ndim != 2 or U.shape[1] != X.shape[1]:
         raise ValueError(f"alignment needs U (out x d) and X (samples x d) with the same d, got "
                          f"{tuple(U.shape)} and {tuple(X.shape)}")
-    U, X = U.detach().double(), X.detach().double()
+    U = U.detach().double()
     S, out, d = X.shape[0], U.shape[0], U.shape[1]
-    measured = float(((X @ U.T) ** 2).mean().sqrt())
-    x_sq = (X ** 2).mean(dim=0)                      # mean square of each input coordinate
+    ux_sq, x_sq = 0.0, torch.zeros(d, dtype=torch.float64, device=U.device)
+    for rows in X.detach().split(max(1, _CHUNK // max(out, d))):  # S x out products in bounded memory
+        rows = rows.to(U.device, torch.float64)
+        ux_sq += float(((rows @ U.T) ** 2).sum())
+        x_sq += (rows ** 2).sum(dim=0)
+    x_sq = x_sq / S                                   # mean square of each input coordinate
+    measured = (ux_sq / (S * out)) ** 0.5
     none = float(((U ** 2) @ x_sq).sum().div(out).sqrt())
-    full = float(((U ** 2).sum() / out * (X ** 2).sum() / S).sqrt())
-    return AlignmentTerms(measured, none, full, float((U ** 2).mean().sqrt()), float((X ** 2).mean().sqrt()),
+    full = float(((U ** 2).sum() / out * x_sq.sum()).sqrt())
+    return AlignmentTerms(measured, none, full, float((U ** 2).mean().sqrt()), float((x_sq.mean()).sqrt()),
                           int(d))
 
 
