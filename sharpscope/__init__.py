@@ -7,6 +7,7 @@ eigensolver (:func:`lanczos`) and randomized estimators (:func:`hutchinson_trace
 (:class:`Recorder`, :func:`open_run`) and offline spectrum jobs (``sharpscope spectrum``).
 """
 from ._version import __version__
+from .alignment import alignment_terms, layer_alignment
 from .analysis.comparisons import analyze, collect
 from .analysis.consistency import edge_of_stability, eos_threshold, lr_transfer, super_consistency, to_long_table
 from .analysis.report import write_report
@@ -57,6 +58,7 @@ __all__ = [
     "parametrize", "parametrize_from_record", "infer_roles", "lr_exponent", "Parameterization", "Exponents",
     "ParamGroups", "PARAMETERIZATIONS", "MLP", "CNN", "Transformer", "MoE", "MoELayer", "FAMILIES",
     "build_model", "build_optimizer", "OptimizerList", "coord_check", "plot_coord_check", "CoordCheckResult",
+    "layer_alignment", "alignment_terms",
     "super_consistency", "lr_transfer", "edge_of_stability", "eos_threshold", "to_long_table",
     "open_run", "Run", "RunWriter", "RunFileError", "run_spectrum_job",
     "register_model", "register_loss", "register_optimizer", "UntrustedNameError",

@@ -212,6 +212,24 @@ class Router(nn.Linear):
     sharpscope_role = "router"
 
 
+class _AddAuxiliaryGradient(torch.autograd.Function):
+    """Identity on ``x`` whose backward also sends gradient 1 into ``aux``: the loss's gradient then
+    includes the gradient of aux without the training loop adding aux to its loss (the device of
+    DeepSeek-MoE's ``AddAuxiliaryLoss``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad.device)
+
+
+AUX_LOSS_MODES = ("loop", "backward")
+
+
 class MoELayer(nn.Module):
     """Top-k Mixture-of-Experts feed-forward layer (Shazeer et al. 2017; Switch/GShard-style balancing).
 
@@ -219,14 +237,20 @@ class MoELayer(nn.Module):
     :math:`\\sum_e g_e\\, \\mathrm{expert}_e(h)`. Load-balancing loss (Fedus et al. 2022, Switch
     Transformer): :math:`E \\sum_e f_e P_e`, :math:`f_e` = fraction of top-k slots routed to e,
     :math:`P_e` = mean router probability; kept in ``last_aux_loss`` after each forward.
+    ``aux_in_backward`` > 0 adds that weight times the balance loss's gradient to every backward pass in
+    training mode (the forward output and the loss value are unchanged; in eval mode, where curvature
+    is measured, nothing is added), so any training loop balances the experts.
     """
 
     def __init__(self, width: int, num_experts: int = 4, top_k: int = 2, expert_ratio: int = 2,
-                 activation: str = "relu", bias: bool = True) -> None:
+                 activation: str = "relu", bias: bool = True, aux_in_backward: float = 0.0) -> None:
         super().__init__()
         _positive(num_experts=num_experts, top_k=top_k, expert_ratio=expert_ratio)
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
+        if not aux_in_backward >= 0:
+            raise ValueError(f"aux_in_backward must be >= 0, got {aux_in_backward}")
+        self.aux_in_backward = float(aux_in_backward)
         self.num_experts, self.top_k = num_experts, top_k
         self.router = Router(width, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(width, expert_ratio, activation, bias) for _ in range(num_experts))
@@ -245,7 +269,10 @@ class MoELayer(nn.Module):
         outs = torch.stack([expert(h) for expert in self.experts], dim=1)    # (N, E, width)
         chosen = (gates > 0).to(probs.dtype)
         self.last_aux_loss = self.num_experts * (chosen.mean(0) / self.top_k * probs.mean(0)).sum()
-        return (gates.unsqueeze(-1) * outs).sum(1).reshape(x.shape)
+        out = (gates.unsqueeze(-1) * outs).sum(1)
+        if self.aux_in_backward and self.training and torch.is_grad_enabled():
+            out = _AddAuxiliaryGradient.apply(out, self.aux_in_backward * self.last_aux_loss)
+        return out.reshape(x.shape)
 
 
 class _MoEMixin:
@@ -254,6 +281,8 @@ class _MoEMixin:
 
     def auxiliary_loss(self) -> torch.Tensor:
         weight = float(self.config.get("aux_loss_weight", 0.0))
+        if self.config.get("aux_loss_mode", "loop") == "backward":   # already in every backward pass
+            return next(self.parameters()).new_zeros(())
         losses = [m.last_aux_loss for m in self.moe_layers() if m.last_aux_loss is not None]
         if weight == 0.0 or not losses:
             return next(self.parameters()).new_zeros(())
@@ -264,20 +293,28 @@ class MoE(_MoEMixin, _Scalable):
     """in_features -> width -> depth residual MoE blocks (h + s * MoE(h)) -> out_features.
 
     E = ``num_experts`` and k = ``top_k`` stay fixed as width grows (the setting of Małaśnicki et al.
-    2025); ``aux_loss_weight`` scales the load-balancing loss returned by :meth:`auxiliary_loss`.
+    2025); ``aux_loss_weight`` scales the load-balancing loss: returned by :meth:`auxiliary_loss` for the
+    training loop to add (``aux_loss_mode="loop"``), or added to every training-mode backward pass by the
+    layers themselves (``"backward"``: any loop, e.g. a sweep's, balances; :meth:`auxiliary_loss` is 0).
+    Active parameters per token are fixed by k and ``expert_ratio``; ``num_experts`` only adds experts
+    (the sparsity axis of Abnar et al. 2025).
     """
 
     def __init__(self, width: int = 64, depth: int = 1, in_features: int = 8, out_features: int = 4,
                  num_experts: int = 4, top_k: int = 2, expert_ratio: int = 2, aux_loss_weight: float = 0.0,
-                 activation: str = "relu", bias: bool = True) -> None:
+                 activation: str = "relu", bias: bool = True, aux_loss_mode: str = "loop") -> None:
         super().__init__()
         _positive(width=width, depth=depth, in_features=in_features, out_features=out_features)
+        if aux_loss_mode not in AUX_LOSS_MODES:
+            raise ValueError(f"unknown aux_loss_mode {aux_loss_mode!r}; choose one of {', '.join(AUX_LOSS_MODES)}")
         self._store(dict(width=width, depth=depth, in_features=in_features, out_features=out_features,
                          num_experts=num_experts, top_k=top_k, expert_ratio=expert_ratio,
-                         aux_loss_weight=aux_loss_weight, activation=activation, bias=bias))
+                         aux_loss_weight=aux_loss_weight, activation=activation, bias=bias,
+                         aux_loss_mode=aux_loss_mode))
         self.act = _activation(activation)
         self.input = nn.Linear(in_features, width, bias=bias)
-        self.blocks = nn.ModuleList(MoELayer(width, num_experts, top_k, expert_ratio, activation, bias)
+        in_backward = float(aux_loss_weight) if aux_loss_mode == "backward" else 0.0
+        self.blocks = nn.ModuleList(MoELayer(width, num_experts, top_k, expert_ratio, activation, bias, in_backward)
                                     for _ in range(depth))
         self.readout = nn.Linear(width, out_features, bias=bias)
 

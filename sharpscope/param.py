@@ -77,7 +77,14 @@ dimension :math:`d_0`). With a fixed head dimension (heads grow with width) the 
 **MoE** (Małaśnicki et al. 2025, "muP for Mixture of Experts", arXiv 2508.09752): the router is a
 readout layer (width -> fixed #experts), each expert's matrices are hidden layers; experts and
 top-k fixed. SCIENCE.md says an expert's input projection n -> k n is "embedding-like"; its fan-in
-n grows with width, so by the role definitions it is hidden, which is what this module does.
+n grows with width, so by the role definitions it is hidden, which is the default
+(``expert_input="embedding"`` gives the other reading). ``router="no_alignment"`` raises the router's
+lr by :math:`m^{1/2}` over a readout's: with SGD its logit gradient, an inner product of vectors not
+yet aligned, is :math:`O(m^{1/2-g})`, and that lr restores an O(1) change of its logits (measured in
+probes/moe_mup_alternatives.toml); ``router="hidden"`` gives it O(1) logits at init.
+
+**Adam's epsilon** (``eps_scaling``): :func:`eps_exponent`; **Adam-atan2**: Adam's exponents
+(:class:`sharpscope.optim.AdamAtan2`). Derivations and measurements: docs/parameterizations.md.
 """
 from __future__ import annotations
 
@@ -91,18 +98,25 @@ from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 __all__ = [
-    "parametrize", "parametrize_from_record", "infer_roles", "lr_exponent", "uses_muon",
+    "parametrize", "parametrize_from_record", "infer_roles", "lr_exponent", "eps_exponent", "uses_muon",
     "Parameterization", "Exponents", "ParamGroups", "Multiplier",
-    "PARAMETERIZATIONS", "ROLES", "OPTIMIZERS", "LR_SCALINGS", "RECORD_FORMAT",
+    "PARAMETERIZATIONS", "ROLES", "OPTIMIZERS", "LR_SCALINGS", "RECORD_FORMAT", "EPS_OPTIMIZERS",
+    "EXPERT_INPUT_ROLES", "ROUTER_SCALINGS", "DEFAULT_ADAM_EPS",
 ]
 
 RECORD_FORMAT = "sharpscope.parameterization/1"
 ROLES = ("embedding", "hidden", "readout", "vector", "router", "expert", "fixed", "unknown")
 BASE_ROLE = {"embedding": "embedding", "vector": "embedding", "hidden": "hidden", "expert": "hidden",
              "readout": "readout", "router": "readout", "fixed": "fixed", "unknown": "fixed"}
-OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "muon")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "muon", "adam-atan2")
 LR_SCALINGS = ("global", "full_alignment", "no_alignment")
-_FAMILY = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "adafactor": "adafactor", "muon": "muon"}
+_FAMILY = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "adafactor": "adafactor", "muon": "muon",
+           "adam-atan2": "adam"}
+# optimizers (or, under Muon, the groups) whose update divides by sqrt(v) + eps: what eps_scaling scales
+EPS_OPTIMIZERS = ("adam", "adamw")
+DEFAULT_ADAM_EPS = 1e-8                      # torch.optim.Adam / AdamW
+EXPERT_INPUT_ROLES = ("hidden", "embedding")
+ROUTER_SCALINGS = ("readout", "no_alignment", "hidden")
 _SCALE_INVARIANT = ("adam", "adafactor", "muon")
 MuonAdjust = Literal["original", "match_rms_adamw"]
 
@@ -224,6 +238,31 @@ def lr_exponent(parameterization: str | Parameterization, role: str, optimizer: 
     return c
 
 
+def eps_exponent(parameterization: str | Parameterization, role: str) -> float:
+    r"""The exponent e of Adam's per-layer epsilon :math:`\epsilon_r = \epsilon\, m^{-e}` (``eps_scaling``).
+
+    e is the width exponent of the gradient entries of the trainable tensor w (:math:`W = m^{-a} w`):
+    :math:`\partial L/\partial w = m^{-a}\,\delta\, h^\top` with the layer's input h O(1) and the backward
+    signal at its output :math:`\delta` of size 1 at the readout (the loss gradient) and
+    :math:`m^{-g}`, :math:`g = (a+b)_{readout}`, below it (the readout's weights carry it back; each
+    hidden layer, :math:`a+b = 1/2`, keeps its size). So :math:`e = a_r + g` (embedding, vector, hidden,
+    expert), :math:`e = a_r` (readout), 0 (fixed). An MoE router's logit gradient is the inner product
+    of the :math:`m^{-g}` backward signal with the experts' O(1) outputs over n coordinates, unaligned
+    at init: :math:`m^{1/2-g}`, so :math:`e = a_r + g - 1/2` (once aligned it grows to :math:`m^{1-g}`;
+    an epsilon smaller than needed is harmless, a larger one is the failure). Under the symmetry
+    :math:`(a+t, b-t)` the gradient of w scales by :math:`m^{-t}` and e moves by t, so the symmetry stays
+    exact with a non-negligible eps. Checked against measured gradient RMS in tests/test_param.py.
+    """
+    p = _resolve(parameterization)
+    base = _base_role(role)
+    if base == "fixed":
+        return 0.0
+    e, g = p.exponents(role), p.readout.a + p.readout.b
+    if role == "router":
+        return float(e.a + g - 0.5)
+    return float(e.a if base == "readout" else e.a + g)
+
+
 # -- tensor layouts of the layers we understand ---------------------------------------------------------
 @dataclass(frozen=True)
 class _Layout:
@@ -299,6 +338,30 @@ def _is_router(slot: _Slot) -> bool:
 
 def _is_expert(slot: _Slot) -> bool:
     return "experts" in slot.module_name.split(".")
+
+
+def _moe_overrides(model: nn.Module, roles: Mapping[str, str] | None, expert_input: str, router: str) -> dict:
+    """Role overrides for the MoE alternatives: each expert's input projection (the first matrix of every
+    ``experts.<i>`` module) as ``embedding``, the router as ``hidden``. The user's ``roles`` win."""
+    if expert_input not in EXPERT_INPUT_ROLES:
+        raise ValueError(f"unknown expert_input {expert_input!r}; choose one of {', '.join(EXPERT_INPUT_ROLES)}")
+    if router not in ROUTER_SCALINGS:
+        raise ValueError(f"unknown router scaling {router!r}; choose one of {', '.join(ROUTER_SCALINGS)}")
+    out: dict[str, str] = {}
+    seen_experts: set[str] = set()
+    for s in _slots(model):
+        if _override(s.name, roles, set()) is not None or s.tensor.ndim < 2:
+            continue
+        parts = s.module_name.split(".")
+        if expert_input == "embedding" and _is_expert(s):
+            i = len(parts) - 1 - parts[::-1].index("experts")
+            expert = ".".join(parts[: i + 2])
+            if expert not in seen_experts:
+                seen_experts.add(expert)
+                out[s.name] = "embedding"
+        if router == "hidden" and _is_router(s):
+            out[s.name] = "hidden"
+    return out
 
 
 def _shape_role(name: str, shape: Sequence[int], grows: Sequence[bool], layout: _Layout) -> str:
@@ -503,7 +566,8 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
                 roles: Mapping[str, str] | None = None, depth_scaling: bool = False,
                 base_depth: int | None = None, attention: str = "auto", init_scale: float = 1.0,
                 zero_readout: bool = False, muon_adjust_lr_fn: MuonAdjust = "original",
-                seed: int = 0) -> ParamGroups:
+                eps_scaling: bool = False, base_eps: float | None = None, expert_input: str = "hidden",
+                router: str = "readout", seed: int = 0) -> ParamGroups:
     r"""Put ``model`` into an abc-parameterization in place and return its optimizer param groups.
 
     Re-initializes every trainable tensor (:math:`w_0 \sim \mathcal N(0, \sigma_0^2 m^{-2b})`, biases 0,
@@ -527,6 +591,21 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
         attention: ``"auto"`` (the parameterization's rule), ``"1/d"`` or ``"1/sqrt(d)"``.
         init_scale: :math:`\sigma_0 = \text{init\_scale}/\sqrt{\text{fan-in}_0}`; ``zero_readout``: readout w = 0.
         muon_adjust_lr_fn: torch Muon's ``adjust_lr_fn`` the groups are meant for (changes Muon's c).
+        eps_scaling: give every Adam/AdamW group (under Muon: every AdamW group) its own epsilon
+            :math:`\epsilon\, m^{-e}`, e = :func:`eps_exponent` (the width exponent of that tensor's
+            gradient), stored as the group's ``eps`` (and ``eps_exponent``) and in the record; optimizers
+            without Adam's epsilon (SGD, Adafactor, Muon's own groups, adam-atan2) are left as they are.
+        base_eps: the base epsilon :math:`\epsilon` (at the base width; default torch's 1e-8), put in every
+            Adam/AdamW group (scaled per group with ``eps_scaling``, the same everywhere without; groups of
+            optimizers without that epsilon get none, so one probe can mix Adam and Adam-atan2).
+            :func:`sharpscope.optim.build_optimizer` ``(groups, eps=...)`` replaces it (the optimizer's
+            ``eps`` is then the base: a probe's ``optimizer_kwargs`` or ``eps`` axis).
+        expert_input: role of each MoE expert's input projection: ``"hidden"`` (default: its fan-in and
+            fan-out grow) or ``"embedding"`` (the reading of SCIENCE.md; see docs/parameterizations.md).
+        router: MoE router scaling: ``"readout"`` (default: the readout row), ``"no_alignment"`` (the
+            readout row with its lr exponent lowered by 1/2, i.e. the router's lr grows by
+            :math:`m^{1/2}` over the readout's: its logit gradient is an inner product of unaligned
+            vectors early in training) or ``"hidden"`` (the hidden row: O(1) router logits at init).
 
     Returns:
         :class:`ParamGroups` (one group per tensor) with ``.record``.
@@ -543,14 +622,20 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
         raise ValueError(f"unknown lr_scaling {lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
+    if base_eps is not None and not float(base_eps) > 0:
+        raise ValueError(f"base_eps must be a positive number, got {base_eps!r}")
     _strip_multipliers(model)
     base_model, delta_model = _base_models(model, base_width, base_model, delta_model)
-    assignments = _assign(model, base_model, delta_model, roles, init_scale, zero_readout)
+    moe = _moe_overrides(model, roles, expert_input, router)
+    all_roles = {**(roles or {}), **moe}
+    assignments = _assign(model, base_model, delta_model, all_roles or None, init_scale, zero_readout)
     _need_roles(assignments, fam, zero_readout)
     depth = _depth_setup(model, depth_scaling, base_depth)
     attn = _attention_setup(model, base_model, p, attention)
     slots = {s.name: s for s in _slots(model)}
     _reinit(slots, assignments, p, seed)
+    eps_given = base_eps is not None
+    base_eps = DEFAULT_ADAM_EPS if base_eps is None else float(base_eps)
     groups, entries = [], []
     for a in assignments:
         slot = slots[a.name]
@@ -558,6 +643,8 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
             continue
         e = p.exponents(a.role)
         c = lr_exponent(p, a.role, optimizer, lr_scaling, ndim=slot.tensor.ndim, muon_adjust_lr_fn=muon_adjust_lr_fn)
+        if router == "no_alignment" and a.role == "router" and lr_scaling != "global":
+            c = lr_exponent(p, a.role, optimizer, "no_alignment", ndim=slot.tensor.ndim)
         in_branch = id(slot.tensor) in depth["branch_ids"]
         depth_lr = depth["lr_factor"][fam] if in_branch else 1.0
         group_lr = lr * a.width_mult ** (-c) * depth_lr
@@ -566,13 +653,19 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
             {"kind": "constant", "value": a.base_value * a.width_mult ** (-e.b)}
         meta = {"name": a.name, "role": a.role, "width_mult": a.width_mult, "multiplier": a.width_mult ** (-e.a),
                 "lr_exponent": c, "init": init, "optimizer": opt_name, "in_residual_branch": in_branch}
+        if (eps_scaling or eps_given) and opt_name in EPS_OPTIMIZERS:
+            ee = eps_exponent(p, a.role) if eps_scaling else 0.0
+            meta.update(eps=float(base_eps * a.width_mult ** (-ee)), eps_exponent=ee)
         groups.append({"params": [slot.tensor], "lr": group_lr, **meta})
         entries.append({**meta, "lr": group_lr, "shape": list(slot.tensor.shape),
                         "trainable_name": _trainable_name(a.name, e.a)})
+    has_eps = any("eps" in g for g in groups)
     record = {"format": RECORD_FORMAT, "parameterization": p.to_dict(), "optimizer": optimizer.lower(),
               "lr": float(lr), "lr_scaling": lr_scaling, "base_width": base_width,
               "width": getattr(model, "width", None), "init_scale": init_scale, "zero_readout": zero_readout,
-              "muon_adjust_lr_fn": muon_adjust_lr_fn, "seed": seed, "attention": attn,
+              "muon_adjust_lr_fn": muon_adjust_lr_fn, "eps_scaling": bool(eps_scaling),
+              "eps": float(base_eps) if has_eps else None, "expert_input": expert_input, "router": router,
+              "seed": seed, "attention": attn,
               "depth": {k: v for k, v in depth.items() if k != "branch_ids"},
               "frozen": [a.name for a in assignments if not slots[a.name].tensor.requires_grad],
               "params": entries}
@@ -699,7 +792,7 @@ def parametrize_from_record(model: nn.Module, record: Mapping[str, Any]) -> Para
         if entry["trainable_name"] != entry["name"]:
             _set_multiplier(slot.module, slot.attr, entry["multiplier"])
         meta = {k: entry[k] for k in ("name", "role", "width_mult", "multiplier", "lr_exponent", "init",
-                                      "optimizer", "in_residual_branch")}
+                                      "optimizer", "in_residual_branch", "eps", "eps_exponent") if k in entry}
         groups.append({"params": [slot.tensor], "lr": entry["lr"], **meta})
     modules = dict(model.named_modules())
     for name, scale in record["attention"]["logit_scales"].items():

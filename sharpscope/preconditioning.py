@@ -15,6 +15,22 @@ stability"). For Adam (Cohen et al. 2022, "Adaptive gradient methods at the edge
 :math:`(2 + 2\beta_1)/((1-\beta_1)\eta_{ref})` (38/eta at beta1 = 0.9). Because :math:`D` absorbs the
 per-layer learning rates, :math:`\lambda_{max}(\tilde H)` is invariant under the abc-symmetry of
 parameterizations (Everett et al. 2024) and comparable across widths and parameterizations.
+
+Adam-atan2 (:class:`sharpscope.optim.AdamAtan2`, Everett et al. 2024) updates by
+:math:`\eta\, a\, \mathrm{atan2}(\hat m, b\sqrt{\hat v})`. Derived here (not read from a paper):
+linearizing that update in the first moment around the current state, with :math:`\hat v` frozen
+as for Adam, a perturbation :math:`\delta m` of the raw EMA moves the parameter by
+:math:`\eta\, a\, x\, \delta m / ((1-\beta_1^t)(x^2 + \hat m^2))`, :math:`x = b\sqrt{\hat v}`
+(the derivative of atan2 in its first argument). So its preconditioner is
+:math:`p_i = (1-\beta_1^t)(x_i^2 + \hat m_i^2)/(a\, x_i)`, which is Adam's with
+:math:`\epsilon = 0` and lr times a/b where :math:`|\hat m| \ll b\sqrt{\hat v}` and larger (a
+saturated atan2 responds less) where the first moment is not small against the second. The update
+is the same EMA momentum as Adam's, so the threshold is Adam's,
+:math:`(2+2\beta_1)/((1-\beta_1)\eta_{ref})`. Approximations: :math:`\hat v` frozen (it moves by a
+fraction :math:`1-\beta_2` per step), the tangent of atan2 at the current :math:`\hat m` (exact for
+small perturbations; the next step's :math:`\hat m` is not the current one), and entries with no
+gradient history (:math:`v = 0`, where atan2 acts as a sign step with no linearization) excluded
+(:math:`s_i = 0`).
 """
 from __future__ import annotations
 
@@ -26,6 +42,7 @@ from torch import nn
 
 from .linop import StaleOperatorError, SymmetricOperator
 from .operators import HessianOperator, HvpMode, hessian_operator
+from .optim import AdamAtan2
 
 __all__ = ["preconditioned_hessian_operator", "stability_threshold", "effective_step_sizes",
            "PreconditionedOperator"]
@@ -51,7 +68,8 @@ def stability_threshold(optimizer: torch.optim.Optimizer, reference_lr: float | 
     * SGD: :math:`2/\eta`; heavy-ball momentum :math:`\mu` with dampening :math:`d`:
       :math:`(2+2\mu)/((1-d)\eta)`; Nesterov: :math:`(2+2\mu)/((1+2\mu)\eta)`
       (largest :math:`\eta\lambda` with both roots of the quadratic's recurrence in the unit disc).
-    * Adam/AdamW: :math:`(2+2\beta_1)/((1-\beta_1)\eta)` (Cohen et al. 2022).
+    * Adam/AdamW: :math:`(2+2\beta_1)/((1-\beta_1)\eta)` (Cohen et al. 2022); Adam-atan2 the same
+      (its linearized update is Adam's EMA momentum with another preconditioner; module docstring).
     * Adafactor (torch's, no momentum): :math:`2/\eta`.
     """
     eta = reference_lr if reference_lr is not None else _reference_lr(optimizer)
@@ -63,7 +81,7 @@ def stability_threshold(optimizer: torch.optim.Optimizer, reference_lr: float | 
         if d.get("nesterov", False):
             return (2.0 + 2.0 * mu) / ((1.0 + 2.0 * mu) * eta)
         return (2.0 + 2.0 * mu) / ((1.0 - damp) * eta)
-    if isinstance(optimizer, _ADAM):
+    if isinstance(optimizer, (*_ADAM, AdamAtan2)):
         beta1 = float(d["betas"][0])
         return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * eta)
     if isinstance(optimizer, torch.optim.Adafactor):
@@ -76,7 +94,7 @@ def _unsupported(optimizer: torch.optim.Optimizer) -> str:
     if name == "Muon":
         return ("Muon's orthogonalized (Newton-Schulz) update is not a diagonal preconditioner: its "
                 "preconditioned sharpness is not defined here; use the raw Hessian (ss.hessian_operator)")
-    return f"preconditioned sharpness is implemented for SGD, Adam, AdamW and Adafactor, not {name}"
+    return f"preconditioned sharpness is implemented for SGD, Adam, AdamW, Adam-atan2 and Adafactor, not {name}"
 
 
 def _adam_preconditioner(state: dict, group: dict, name: str) -> torch.Tensor:
@@ -87,6 +105,21 @@ def _adam_preconditioner(state: dict, group: dict, name: str) -> torch.Tensor:
     v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
     v_hat = v / (1.0 - beta2 ** t)
     return (1.0 - beta1 ** t) * (v_hat.sqrt() + group["eps"])
+
+
+def _adam_atan2_step(state: dict, group: dict, name: str) -> torch.Tensor:
+    """Adam-atan2's step per entry: the tangent gain of ``lr a atan2(m_hat, b sqrt(v_hat))`` in the raw
+    first moment, ``lr a x / ((1 - beta1^t)(x^2 + m_hat^2))``, x = b sqrt(v_hat); 0 where v = 0."""
+    if "exp_avg_sq" not in state:
+        raise ValueError(f"Adam-atan2 has no second-moment state for {name} yet: take at least one optimizer step")
+    t = _lr(state["step"])
+    beta1, beta2 = group["betas"]
+    bc1 = 1.0 - beta1 ** t
+    x = float(group["b"]) * (state["exp_avg_sq"] / (1.0 - beta2 ** t)).sqrt()
+    m_hat = state["exp_avg"] / bc1
+    den = bc1 * (x * x + m_hat * m_hat)
+    gain = torch.where(x > 0, x / torch.where(x > 0, den, torch.ones_like(den)), torch.zeros_like(x))
+    return _lr(group["lr"]) * float(group["a"]) * gain
 
 
 def _adafactor_step(state: dict, group: dict, param: torch.Tensor, name: str) -> torch.Tensor:
@@ -120,6 +153,8 @@ def effective_step_sizes(optimizer: torch.optim.Optimizer, named_params: Sequenc
             s = torch.full_like(p, _lr(group["lr"]))
         elif isinstance(optimizer, _ADAM):
             s = _lr(group["lr"]) / _adam_preconditioner(state, group, name)
+        elif isinstance(optimizer, AdamAtan2):
+            s = _adam_atan2_step(state, group, name)
         elif isinstance(optimizer, torch.optim.Adafactor):
             s = _adafactor_step(state, group, p, name)
         else:

@@ -126,3 +126,30 @@ def test_moe_aux_loss_and_router_gradient():
     assert moe_tf.auxiliary_loss().item() > 0
     with pytest.raises(ValueError, match="top_k=3 exceeds"):
         MoELayer(8, num_experts=2, top_k=3)
+
+
+def test_moe_balance_loss_in_backward_matches_the_loop_and_leaves_eval_alone():
+    """aux_loss_mode="backward": the layers add the balance loss's gradient themselves, so a plain loop
+    gets the gradient of loss + aux; the loss value and eval-mode (curvature) gradients are untouched."""
+    grads = {}
+    for mode in ("loop", "backward"):
+        torch.manual_seed(0)
+        model = MoE(width=16, depth=2, aux_loss_weight=0.3, aux_loss_mode=mode).double()
+        x, y = _batch(model, 8)
+        x = x.double()
+        loss = nn.functional.cross_entropy(model(x), y)
+        total = loss + model.auxiliary_loss()
+        total.backward()
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+        if mode == "backward":
+            assert model.auxiliary_loss().item() == 0.0 and total.item() == loss.item()
+            model.zero_grad()
+            model.eval()
+            nn.functional.cross_entropy(model(x), y).backward()
+            plain = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["loop"], grads["backward"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    router = [i for i, (n, _) in enumerate(model.named_parameters()) if "router" in n][0]
+    assert not torch.allclose(plain[router], grads["backward"][router])     # training mode did add aux
+    with pytest.raises(ValueError, match="unknown aux_loss_mode"):
+        MoE(width=16, aux_loss_mode="sometimes")

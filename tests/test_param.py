@@ -11,14 +11,7 @@ from torch.func import functional_call
 
 from sharpscope.models import CNN, MLP, MoE, Transformer
 from sharpscope.optim import OptimizerList, build_optimizer
-from sharpscope.param import (
-    PARAMETERIZATIONS,
-    Multiplier,
-    infer_roles,
-    lr_exponent,
-    parametrize,
-    parametrize_from_record,
-)
+from sharpscope.param import PARAMETERIZATIONS, Multiplier, eps_exponent, infer_roles, lr_exponent, parametrize, parametrize_from_record
 
 H = 0.5
 # Everett et al. 2024, Table 1 / SCIENCE.md, written out independently of sharpscope.param's data:
@@ -482,3 +475,146 @@ class GrowingKernel(nn.Module):
 def test_bad_input_gives_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# -- Adam's epsilon scaled with width (eps_scaling) ------------------------------------------------------------
+# e of eps_r = eps m^-e, written out from the derivation in docs/parameterizations.md: the gradient of w is
+# m^-a delta h, delta = 1 at the readout and m^-(a+b)_readout below it; the router's logit gradient is an
+# unaligned inner product at init, m^(1/2 - (a+b)_readout).
+EPS_E = {"sp": {"embedding": H, "hidden": H, "readout": 0, "router": 0},
+         "ntk": {"embedding": H, "hidden": 1, "readout": H, "router": H},
+         "mup": {"embedding": H, "hidden": 1, "readout": H, "router": 1},
+         "mf": {"embedding": 1, "hidden": 1.5, "readout": 1, "router": 1.5}}
+
+
+@pytest.mark.parametrize("param", ["sp", "ntk", "mup", "mf"])
+def test_eps_exponents_groups_and_record(param):
+    for width in (32, 128):
+        model = MoE(width=width, depth=1)
+        groups = parametrize(model, param, optimizer="adam", lr=1e-2, base_width=32, eps_scaling=True, base_eps=1e-6)
+        m = width / 32
+        for g in groups:
+            base = {"vector": "embedding", "expert": "hidden"}.get(g["role"], g["role"])
+            e = 0.0 if g["role"] == "fixed" else EPS_E[param][base]
+            assert g["eps_exponent"] == e and eps_exponent(param, g["role"]) == e
+            assert g["eps"] == pytest.approx(1e-6 * m ** -e, rel=1e-12)
+        opt = build_optimizer(groups)
+        assert [pg["eps"] for pg in opt.param_groups] == [g["eps"] for g in groups]
+        rec = json.loads(json.dumps(groups.record))
+        assert rec["eps_scaling"] is True and rec["eps"] == 1e-6
+        again = build_optimizer(parametrize_from_record(MoE(width=width, depth=1), rec))
+        assert [pg["eps"] for pg in again.param_groups] == [g["eps"] for g in groups]
+
+
+def _grad_rms_slope(family, param, widths, base, seeds=3, **kw):
+    """Fitted d log RMS(grad of w) / d log width per tensor, at init, averaged over seeds."""
+    rms: dict = {}
+    for width in widths:
+        acc: dict = {}
+        for seed in range(seeds):
+            model = family(width=width, depth=1, in_features=16, out_features=5, activation="tanh", **kw).double()
+            groups = parametrize(model, param, optimizer="adam", base_width=base, seed=seed)
+            gen = torch.Generator().manual_seed(seed)
+            x = torch.randn(256, 16, generator=gen, dtype=torch.float64)
+            nn.functional.cross_entropy(model(x), torch.randint(0, 5, (256,), generator=gen)).backward()
+            for g in groups:
+                acc.setdefault((g["name"], g["role"]), []).append(float(g["params"][0].grad.square().mean()))
+        for key, v in acc.items():
+            rms.setdefault(key, []).append(0.5 * math.log(sum(v) / len(v)))
+    logm = [math.log(w) for w in widths]
+    mean_x = sum(logm) / len(logm)
+    out = {}
+    for key, ys in rms.items():
+        mean_y = sum(ys) / len(ys)
+        out[key] = sum((a - mean_x) * (b - mean_y) for a, b in zip(logm, ys)) / sum((a - mean_x) ** 2 for a in logm)
+    return out
+
+
+@pytest.mark.parametrize("param", ["sp", "ntk", "mup", "mf"])
+def test_eps_exponent_is_the_measured_gradient_scaling(param):
+    """The gradient RMS of every tensor falls as m^-e (muP/MF: past the base-width crossover of their
+    vanishing logits, hence widths from 4x the base)."""
+    widths = (64, 128, 256, 512) if param in ("sp", "ntk") else (256, 512, 1024)
+    for (name, role), slope in _grad_rms_slope(MLP, param, widths, 64).items():
+        assert slope == pytest.approx(-eps_exponent(param, role), abs=0.08), (name, role, slope)
+    if param == "mup":    # the router: unaligned at init, m^(1/2 - 1) on top of its a = 1/2
+        slopes = _grad_rms_slope(MoE, param, (128, 256, 512), 32, num_experts=2, top_k=1, expert_ratio=1)
+        router = [s for (n, r), s in slopes.items() if r == "router"]
+        assert router and all(s == pytest.approx(-1.0, abs=0.1) for s in router), router
+
+
+@pytest.mark.parametrize("pair", [("ntk", "sp"), ("mf", "mup")])
+def test_eps_scaling_keeps_the_symmetry_exact_with_a_large_eps(pair):
+    """NTK = SP and MF = muP shifted along (a + t, b - t): with eps_scaling the trajectories agree even
+    where eps dominates the update; with one eps for every width they do not."""
+    def traj(param, scaled):
+        torch.manual_seed(0)
+        model = MLP(width=128, depth=2, in_features=5, out_features=3, activation="tanh").double()
+        kw = {"eps_scaling": True, "base_eps": 1e-2} if scaled else {}
+        groups = parametrize(model, param, optimizer="adam", lr=1e-2, base_width=32, lr_scaling="full_alignment", **kw)
+        opt = build_optimizer(groups, **({} if scaled else {"eps": 1e-2}))
+        gen = torch.Generator().manual_seed(3)
+        x, y = torch.randn(24, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (24,), generator=gen)
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return model(x).detach()
+
+    a, b = pair
+    torch.testing.assert_close(traj(a, True), traj(b, True), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(traj(a, False), traj(b, False), rtol=1e-4)
+
+
+def test_eps_given_to_build_optimizer_is_the_base_eps_and_muon_scales_its_adamw_groups():
+    groups = parametrize(MLP(width=128), "mup", optimizer="adam", base_width=32, eps_scaling=True)
+    assert groups.record["eps"] == 1e-8                                   # torch's default
+    opt = build_optimizer(groups, eps=1e-3)
+    by = {g["name"]: g for g in opt.param_groups}
+    assert by["hidden.0.weight"]["eps"] == pytest.approx(1e-3 / 4) and by["readout.bias"]["eps"] == 1e-3
+    assert groups.record["eps"] == 1e-3                                   # the record follows the optimizer
+    assert {e["name"]: e["eps"] for e in groups.record["params"]}["hidden.0.weight"] == pytest.approx(1e-3 / 4)
+    muon = parametrize(MLP(width=128), "mup", optimizer="muon", base_width=32, eps_scaling=True)
+    assert {g["optimizer"] for g in muon if "eps" in g} == {"adamw"} and any(g["optimizer"] == "muon" for g in muon)
+    ol = build_optimizer(muon, adamw_kwargs={"eps": 1e-4})
+    assert all("eps_exponent" not in g for g in ol.optimizers[0].param_groups)    # Muon's own eps untouched
+    assert {g["name"]: g["eps"] for g in ol.optimizers[1].param_groups}["input.weight"] == pytest.approx(1e-4 / 2)
+    sgd = parametrize(MLP(width=128), "mup", optimizer="sgd", base_width=32, eps_scaling=True)
+    assert not any("eps" in g for g in sgd) and sgd.record["eps"] is None and sgd.record["eps_scaling"]
+    fixed = parametrize(MLP(width=128), "mup", optimizer="adam", base_width=32, base_eps=1e-3)   # one eps, in the groups
+    assert {g["eps"] for g in fixed} == {1e-3} and {g["eps_exponent"] for g in fixed} == {0.0}
+    assert fixed.record["eps"] == 1e-3 and not fixed.record["eps_scaling"]
+    assert {g["eps"] for g in build_optimizer(fixed).param_groups} == {1e-3}
+    atan = parametrize(MLP(width=128), "mup", optimizer="adam-atan2", base_width=32, base_eps=1e-3, eps_scaling=True)
+    assert not any("eps" in g for g in atan) and atan.record["eps"] is None
+    with pytest.raises(ValueError, match="base_eps must be a positive number"):
+        parametrize(MLP(width=128), "mup", optimizer="adam", base_width=32, base_eps=0.0)
+
+
+# -- MoE alternatives: the expert input projection and the router ---------------------------------------------
+def test_moe_expert_input_and_router_options():
+    default = {g["name"]: g for g in parametrize(MoE(width=128, depth=1), "mup", optimizer="sgd", lr=0.1,
+                                                   base_width=32)}
+    emb = {g["name"]: g for g in parametrize(MoE(width=128, depth=1), "mup", optimizer="sgd", lr=0.1, base_width=32,
+                                               expert_input="embedding", router="hidden")}
+    for e in range(4):
+        assert emb[f"blocks.0.experts.{e}.fc1.weight"]["role"] == "embedding"
+        assert emb[f"blocks.0.experts.{e}.fc1.weight"]["multiplier"] == pytest.approx(2.0)   # muP embedding a = -1/2
+        assert emb[f"blocks.0.experts.{e}.fc2.weight"]["role"] == "expert"
+        assert emb[f"blocks.0.experts.{e}.fc1.bias"]["role"] == "vector"
+    assert emb["blocks.0.router.weight"]["role"] == "hidden" and emb["blocks.0.router.weight"]["multiplier"] == 1.0
+    assert default["blocks.0.router.weight"]["role"] == "router"
+    na = {g["name"]: g for g in parametrize(MoE(width=128, depth=1), "mup", optimizer="adam", lr=0.1,
+                                              base_width=32, router="no_alignment")}
+    ro = {g["name"]: g for g in parametrize(MoE(width=128, depth=1), "mup", optimizer="adam", lr=0.1, base_width=32)}
+    assert na["blocks.0.router.weight"]["lr"] == pytest.approx(ro["blocks.0.router.weight"]["lr"] * 2)   # x m^1/2
+    assert na["readout.weight"]["lr"] == ro["readout.weight"]["lr"]
+    user = parametrize(MoE(width=128, depth=1), "mup", base_width=32, expert_input="embedding",
+                       roles={"blocks.0.experts.0.fc1.weight": "expert"})
+    assert {g["name"]: g["role"] for g in user}["blocks.0.experts.0.fc1.weight"] == "expert"   # the user's roles win
+    rec = json.loads(json.dumps(user.record))
+    assert rec["expert_input"] == "embedding" and rec["router"] == "readout"
+    with pytest.raises(ValueError, match="unknown expert_input"):
+        parametrize(MoE(width=128), "mup", base_width=32, expert_input="output")
+    with pytest.raises(ValueError, match="unknown router scaling"):
+        parametrize(MoE(width=128), "mup", base_width=32, router="zero")

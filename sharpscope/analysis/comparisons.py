@@ -29,6 +29,7 @@ from ..runs.quantities import get as get_quantity
 from ..runs.spectra import SpectraFile, spectra_path
 from ..runs.store import first_diverged_step, logged_losses, open_run
 from . import consistency
+from .alignment import compare_alignment, series_from_rows
 
 __all__ = ["RunSummary", "Comparison", "LayerSharpness", "QuantityResult", "ComparedGroup", "TransferFamily",
            "Analysis", "collect", "analyze", "analyze_in_detail", "group_label", "AXES", "compared_axes"]
@@ -52,7 +53,8 @@ class LayerSharpness:
 class RunSummary:
     """What the report needs from one run: its coordinates (``axes`` holds every recorded setting
     beyond parameterization, optimizer, lr, width, depth and seed), final loss and measured results
-    (trajectories of the scalar quantities, SLQ densities per step, per-layer sharpness)."""
+    (trajectories of the scalar quantities, SLQ densities per step, per-layer sharpness, per-layer
+    alignment: an :class:`~sharpscope.analysis.alignment.AlignmentSeries`)."""
 
     path: str
     parameterization: str
@@ -73,6 +75,7 @@ class RunSummary:
     axes: dict[str, Any] = field(default_factory=dict)
     compare: str | None = None
     settings_used: dict[str, str] = field(default_factory=dict)
+    alignment: Any = None
 
     @property
     def blew_up(self) -> bool:
@@ -234,6 +237,7 @@ def _read_spectra(summary: RunSummary, results: Path, wanted: Any, problems: lis
     chosen = _chosen_keys(rows, wanted, summary, problems)
     summary.settings_used = dict(chosen)
     layer_steps, layer_values, layer_names = [], [], None
+    alignment_rows = []
     for row in rows:
         q, info = row["quantity"], row["info"]
         if json.dumps(row["settings"], sort_keys=True) != chosen.get(q) or not len(row["values"]):
@@ -244,6 +248,8 @@ def _read_spectra(summary: RunSummary, results: Path, wanted: Any, problems: lis
             continue  # a quantity this version does not know
         if kind == "density":
             summary.densities[row["step"]] = (row["values"], row["residuals"], info.get("nodes_per_probe"))
+        elif kind == "alignment":
+            alignment_rows.append((row["step"], row["values"], row["residuals"], info))
         elif kind == "layers":
             layer_names = info.get("layers")
             layer_steps.append(row["step"])
@@ -256,6 +262,10 @@ def _read_spectra(summary: RunSummary, results: Path, wanted: Any, problems: lis
                 summary.thresholds[q] = float(info["threshold"])
     if layer_names and all(len(v) == len(layer_names) for v in layer_values):
         summary.layers = LayerSharpness(layer_names, layer_steps, layer_values)
+    if alignment_rows:
+        summary.alignment = series_from_rows(alignment_rows)
+        if summary.alignment is None:
+            problems.append(f"{results.name}: alignment results of different layers at different steps: left out")
 
 
 def collect(runs: Sequence[str | Path], *, compare: str | None = None, spectrum: Any = None
@@ -499,7 +509,11 @@ def _compare(c: Comparison, problems: list[str]) -> ComparedGroup:
                 r = consistency.edge_of_stability(*traj[size], threshold)
                 eos[_key(size)] = {"threshold": threshold, "tail_ratio": r.tail_mean, "first_step_at_0.9": r.first_step}
             entry["quantities"][q]["edge_of_stability"] = eos
-    if not quantities and not mismatch:
+    if any(m.alignment is not None for m in c.members) and not mismatch:
+        found = compare_alignment({size: [m.alignment for m in runs] for size, runs in c.by_size().items()}, c.axis)
+        if found is not None:
+            entry["alignment"] = found
+    if not quantities and not mismatch and "alignment" not in entry:
         problems.append(f"{c.label}: no spectra to compare")
     return ComparedGroup(c, entry, results)
 

@@ -297,14 +297,8 @@ def _log_shape(alpha: float, n: np.ndarray, N: float) -> np.ndarray:
     return -alpha * math.log(N) + np.log(np.expm1(alpha * delta) / alpha)
 
 
-def fit_alpha(sizes: Sequence[float], distances: Sequence[float], widest: float,
-              signed: Sequence[float] | None = None, widest_value: float | None = None) -> AlphaFit:
-    """Fit the width-convergence exponent alpha to distances ``D_n`` of sizes n to the ``widest``.
-
-    ``distances`` are relative distances to the widest (> 0, finite); ``signed`` (optional) the
-    signed relative differences, used for the sign and the limit ratio; ``widest_value`` the
-    widest's value (its sign enters the limit ratio). Needs >= 2 sizes below the widest.
-    """
+def _alpha_input(sizes: Sequence[float], distances: Sequence[float], widest: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fit_alpha`'s checked sizes and distances as arrays."""
     n = np.asarray(sizes, dtype=float)
     d = np.asarray(distances, dtype=float)
     if n.shape != d.shape or n.ndim != 1:
@@ -315,6 +309,34 @@ def fit_alpha(sizes: Sequence[float], distances: Sequence[float], widest: float,
         raise ValueError("alpha: sizes must be positive and smaller than the widest")
     if not np.all(np.isfinite(d)) or np.any(d <= 0):
         raise ValueError("alpha: distances to the widest must be finite and > 0")
+    return n, d
+
+
+def _alpha_stderr(alpha: float, r: np.ndarray, n: np.ndarray, widest: float) -> float:
+    """The standard error of the fitted alpha (linearised least squares; NaN with <= 2 sizes)."""
+    m = n.size
+    if m <= 2:
+        return float("nan")
+    h = 1e-6
+    dg = (_log_shape(alpha + h, n, widest) - _log_shape(alpha - h, n, widest)) / (2 * h)
+    J = np.column_stack([np.ones(m), dg])
+    s2 = float(r @ r) / (m - 2)
+    try:
+        cov = s2 * np.linalg.inv(J.T @ J)
+    except np.linalg.LinAlgError:
+        return float("nan")
+    return float(np.sqrt(max(cov[1, 1], 0.0)))
+
+
+def fit_alpha(sizes: Sequence[float], distances: Sequence[float], widest: float,
+              signed: Sequence[float] | None = None, widest_value: float | None = None) -> AlphaFit:
+    """Fit the width-convergence exponent alpha to distances ``D_n`` of sizes n to the ``widest``.
+
+    ``distances`` are relative distances to the widest (> 0, finite); ``signed`` (optional) the
+    signed relative differences, used for the sign and the limit ratio; ``widest_value`` the
+    widest's value (its sign enters the limit ratio). Needs >= 2 sizes below the widest.
+    """
+    n, d = _alpha_input(sizes, distances, widest)
     y = np.log(d)
 
     def ssr(a: float) -> float:
@@ -335,25 +357,15 @@ def fit_alpha(sizes: Sequence[float], distances: Sequence[float], widest: float,
 
     c0 = float(np.mean(y - _log_shape(a0, n, widest)))
     if n.size >= 2:
-        ls = optimize.least_squares(resid, x0=[c0, a0], bounds=([-np.inf, _ALPHA_BOUNDS[0]], [np.inf, _ALPHA_BOUNDS[1]]),
+        ls = optimize.least_squares(resid, x0=[c0, a0],
+                                    bounds=([-np.inf, _ALPHA_BOUNDS[0]], [np.inf, _ALPHA_BOUNDS[1]]),
                                     xtol=1e-15, ftol=1e-15, gtol=1e-15)
         if float(ls.cost) * 2 <= ssr(a0) + 1e-300:
             c0, a0 = float(ls.x[0]), float(ls.x[1])
     alpha = a0
     r = resid([c0, alpha])
-    m = n.size
     rmse = float(np.sqrt(np.mean(r ** 2)))
-    stderr = float("nan")
-    if m > 2:
-        h = 1e-6
-        dg = (_log_shape(alpha + h, n, widest) - _log_shape(alpha - h, n, widest)) / (2 * h)
-        J = np.column_stack([np.ones(m), dg])
-        s2 = float(r @ r) / (m - 2)
-        try:
-            cov = s2 * np.linalg.inv(J.T @ J)
-            stderr = float(np.sqrt(max(cov[1, 1], 0.0)))
-        except np.linalg.LinAlgError:
-            pass
+    stderr = _alpha_stderr(alpha, r, n, widest)
     # amplitude C of d_n = C |n^-a - N^-a| (the fitted constant absorbs a factor 1/|a|)
     amplitude = float(math.exp(c0) * (abs(alpha) if abs(alpha) >= 1e-12 else 1.0))
     if abs(alpha) < 1e-12:
@@ -470,8 +482,9 @@ def super_consistency(trajectories: Mapping[Any, Trajectory] | Aligned, *, windo
     default 0.25 = skip the first quarter of the step range). ``spread``: ``"std"`` (default:
     std/mean across sizes; robust to the few-step oscillations at the edge of stability, where one
     width's spike would dominate a range) or ``"range"`` ((max - min)/mean). Needs >= 2 sizes;
-    alpha needs >= 3. Returns a :class:`ConsistencyResult` whose verdict is one of "consistent", "converging", "diverging-up", "diverging-down",
-    "inconsistent" (or "undetermined" without data in the window), with the numbers that led to it.
+    alpha needs >= 3. Returns a :class:`ConsistencyResult` whose verdict is one of "consistent", "converging",
+    "diverging-up", "diverging-down", "inconsistent" (or "undetermined" without data in the window), with the
+    numbers that led to it.
     """
     th = thresholds if thresholds is not None else ConsistencyThresholds()
     if spread not in ("range", "std"):
@@ -565,7 +578,8 @@ def eos_threshold(optimizer: str, lr: float, momentum: float = 0.0, beta1: float
       :math:`(2+2\mu)/\eta` (with dampening d: :math:`(2+2\mu)/((1-d)\eta)`); Nesterov:
       :math:`(2+2\mu)/((1+2\mu)\eta)`.
     * ``"adam"``/``"adamw"`` (Cohen et al. 2022): :math:`(2+2\beta_1)/((1-\beta_1)\eta)`
-      (38/eta for beta1 = 0.9), for the Adam-preconditioned sharpness.
+      (38/eta for beta1 = 0.9), for the Adam-preconditioned sharpness; ``"adam-atan2"`` the same for
+      its linearized preconditioner (see :mod:`sharpscope.preconditioning`).
     * ``"adafactor"`` (no momentum): :math:`2/\eta`.
 
     Same formulas as the torch-side :func:`sharpscope.stability_threshold` (which reads an
@@ -584,12 +598,13 @@ def eos_threshold(optimizer: str, lr: float, momentum: float = 0.0, beta1: float
         if nesterov:
             return (2.0 + 2.0 * mu) / ((1.0 + 2.0 * mu) * eta)
         return (2.0 + 2.0 * mu) / ((1.0 - float(dampening)) * eta)
-    if name in ("adam", "adamw"):
+    if name in ("adam", "adamw", "adam-atan2", "adam_atan2", "adamatan2"):
         b = float(beta1)
         return (2.0 + 2.0 * b) / ((1.0 - b) * eta)
     if name == "adafactor":
         return 2.0 / eta
-    raise ValueError(f"unknown optimizer {optimizer!r}: expected 'sgd', 'gd', 'adam', 'adamw' or 'adafactor'")
+    raise ValueError(f"unknown optimizer {optimizer!r}: expected 'sgd', 'gd', 'adam', 'adamw', 'adam-atan2' or "
+                     "'adafactor'")
 
 
 @dataclass(frozen=True, eq=False)
@@ -781,7 +796,8 @@ def _interp_loss(opt: LrOptimum, x: float) -> tuple[float, str]:
     k = j + 1
     if not (np.isfinite(y[j]) and np.isfinite(y[k])):
         return float("inf"), "next to a diverged run"
-    cands = [t for t in ((j - 1, j, k), (j, k, k + 1)) if t[0] >= 0 and t[2] < lx.size and np.all(np.isfinite(y[list(t)]))]
+    cands = [t for t in ((j - 1, j, k), (j, k, k + 1))
+             if t[0] >= 0 and t[2] < lx.size and np.all(np.isfinite(y[list(t)]))]
     if cands:
         t = min(cands, key=lambda t: abs(0.5 * (lx[t[0]] + lx[t[2]]) - x))
         xx, yy = lx[list(t)], y[list(t)]
@@ -834,8 +850,8 @@ class TransferResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """Long table of the grids: one dict (size, lr, loss, diverged) per run."""
-        return [{"size": _k(o.size), "lr": float(lr), "loss": float(l), "diverged": not math.isfinite(l)}
-                for o in self.optima for lr, l in zip(o.lrs, o.losses)]
+        return [{"size": _k(o.size), "lr": float(lr), "loss": float(loss), "diverged": not math.isfinite(loss)}
+                for o in self.optima for lr, loss in zip(o.lrs, o.losses)]
 
 
 def lr_transfer(losses: Mapping[Any, Mapping[float, float] | tuple[Sequence[float], Sequence[float]]], *,
@@ -861,15 +877,7 @@ def lr_transfer(losses: Mapping[Any, Mapping[float, float] | tuple[Sequence[floa
       block the verdict.
     Needs >= 2 sizes.
     """
-    if not isinstance(losses, Mapping):
-        raise ValueError("need a mapping size -> {lr: loss}")
-    if len(losses) < 2:
-        raise ValueError(f"lr transfer needs >= 2 sizes, got {len(losses)}")
-    if not (math.isfinite(shift_max) and shift_max >= 0 and math.isfinite(cost_max) and cost_max >= 0):
-        raise ValueError(f"shift_max and cost_max must be finite and >= 0, got {shift_max}, {cost_max}")
-    items = sorted(((_check_size(k), v) for k, v in losses.items()), key=lambda t: t[0])
-    if len({s for s, _ in items}) != len(items):
-        raise ValueError("duplicate sizes")
+    items = _transfer_items(losses, shift_max, cost_max)
     optima = tuple(lr_optimum(curve, size=s) for s, curve in items)
     ndiv = {o.size: o.n_diverged for o in optima}
     dead = [_k(o.size) for o in optima if o.method == "all-diverged"]
@@ -890,32 +898,55 @@ def lr_transfer(losses: Mapping[Any, Mapping[float, float] | tuple[Sequence[floa
         cost_rel = cost / abs(large.loss_opt) if large.loss_opt != 0 else (0.0 if cost == 0 else float("inf"))
     div_note = ", ".join(f"{_k(o.size)}: {o.n_diverged}/{o.lrs.size}" for o in optima if o.n_diverged)
     div_note = f"; diverged runs per size {div_note}" if div_note else ""
-    edges = [f"{_k(o.size)} ({o.edge}, {o.edge_cause})" for o in optima if o.at_grid_edge]
-    grid_end = [_k(o.size) for o in optima if o.edge_cause == "grid-end"]
     if dead:
         verdict = "undetermined"
         reason = f"all runs diverged for sizes {dead}: no optimum to compare" + div_note
     elif not known or not math.isfinite(shift_range):
         verdict, reason = "undetermined", "fewer than 2 sizes have an optimum" + div_note
     else:
-        ok_shift = shift_range <= shift_max
-        ok_cost = math.isfinite(cost_rel) and cost_rel <= cost_max
-        edge_txt = f"; optimum at the grid edge for {edges}" if edges else ""
-        if grid_end:
-            verdict = "undetermined"
-        elif ok_shift and ok_cost:
-            verdict = "transfers"
-        elif math.isnan(cost_rel) and ok_shift:
-            verdict = "undetermined"
-        else:
-            verdict = "shifts"
-        reason = (f"optimum moves {shift_range:.3g} octaves across sizes (threshold {shift_max:g}); "
-                  f"transferring the smallest size's lr costs {cost:.3g} ({cost_rel:.3g} relative, threshold "
-                  f"{cost_max:g}{', ' + cnote if cnote else ''})" + edge_txt + div_note)
+        verdict, reason = _transfer_verdict(optima, shift_range, cost, cost_rel, cnote, shift_max, cost_max)
+        reason += div_note
     return TransferResult(optima=optima, shifts=shifts, shift_range=shift_range,
                           transfer_lr=small.lr_opt, cost=float(cost), cost_relative=float(cost_rel),
                           cost_note=cnote, n_diverged=ndiv, shift_max=float(shift_max),
                           cost_max=float(cost_max), verdict=verdict, reason=reason)
+
+
+def _transfer_items(losses: Any, shift_max: float, cost_max: float) -> list[tuple[float, Any]]:
+    """:func:`lr_transfer`'s checked input: (size, curve) sorted by size."""
+    if not isinstance(losses, Mapping):
+        raise ValueError("need a mapping size -> {lr: loss}")
+    if len(losses) < 2:
+        raise ValueError(f"lr transfer needs >= 2 sizes, got {len(losses)}")
+    if not (math.isfinite(shift_max) and shift_max >= 0 and math.isfinite(cost_max) and cost_max >= 0):
+        raise ValueError(f"shift_max and cost_max must be finite and >= 0, got {shift_max}, {cost_max}")
+    items = sorted(((_check_size(k), v) for k, v in losses.items()), key=lambda t: t[0])
+    if len({s for s, _ in items}) != len(items):
+        raise ValueError("duplicate sizes")
+    return items
+
+
+def _transfer_verdict(optima: Sequence[Any], shift_range: float, cost: float, cost_rel: float, cnote: str,
+                      shift_max: float, cost_max: float) -> tuple[str, str]:
+    """:func:`lr_transfer`'s verdict and reason (without the diverged-runs note) once >= 2 sizes have an
+    optimum and none has only diverged runs."""
+    edges = [f"{_k(o.size)} ({o.edge}, {o.edge_cause})" for o in optima if o.at_grid_edge]
+    grid_end = [_k(o.size) for o in optima if o.edge_cause == "grid-end"]
+    ok_shift = shift_range <= shift_max
+    ok_cost = math.isfinite(cost_rel) and cost_rel <= cost_max
+    edge_txt = f"; optimum at the grid edge for {edges}" if edges else ""
+    if grid_end:
+        verdict = "undetermined"
+    elif ok_shift and ok_cost:
+        verdict = "transfers"
+    elif math.isnan(cost_rel) and ok_shift:
+        verdict = "undetermined"
+    else:
+        verdict = "shifts"
+    reason = (f"optimum moves {shift_range:.3g} octaves across sizes (threshold {shift_max:g}); "
+              f"transferring the smallest size's lr costs {cost:.3g} ({cost_rel:.3g} relative, threshold "
+              f"{cost_max:g}{', ' + cnote if cnote else ''})" + edge_txt)
+    return verdict, reason
 
 
 # ----------------------------------------------------------------------------------------------
@@ -946,17 +977,8 @@ def to_long_table(data: Mapping[Any, Trajectory] | Aligned | ConsistencyResult, 
         rows.append({size_name: size, "step": int(st) if st.is_integer() else st, "quantity": q,
                      "value": value, **extra})
 
-    if isinstance(data, ConsistencyResult):
-        for i, s in enumerate(data.sizes):
-            for j, t in enumerate(data.steps):
-                add(_k(s), t, quantity, data.values[i, j])
-        for j, t in enumerate(data.steps):
-            add(None, t, f"{quantity}/spread", data.spread[j])
-        return rows
-    if isinstance(data, Aligned):
-        for i, s in enumerate(data.sizes):
-            for j, t in enumerate(data.steps):
-                add(_k(s), t, quantity, data.values[i, j])
+    if isinstance(data, (ConsistencyResult, Aligned)):
+        _grid_rows(add, data, quantity)
         return rows
     if not isinstance(data, Mapping) or not data:
         raise ValueError("need a non-empty mapping size -> (steps, values), an Aligned or a ConsistencyResult")
@@ -965,3 +987,13 @@ def to_long_table(data: Mapping[Any, Trajectory] | Aligned | ConsistencyResult, 
         for t, x in zip(s, v):
             add(_k(_check_size(key)), t, quantity, x)
     return rows
+
+
+def _grid_rows(add: Any, data: "Aligned | ConsistencyResult", quantity: str) -> None:
+    """:func:`to_long_table`'s rows of aligned values (and, of a :class:`ConsistencyResult`, its spread)."""
+    for i, s in enumerate(data.sizes):
+        for j, t in enumerate(data.steps):
+            add(_k(s), t, quantity, data.values[i, j])
+    if isinstance(data, ConsistencyResult):
+        for j, t in enumerate(data.steps):
+            add(None, t, f"{quantity}/spread", data.spread[j])

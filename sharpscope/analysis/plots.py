@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["trajectories", "spread", "lr_sweep", "density_overlay", "layer_heatmap", "save"]
+__all__ = ["trajectories", "spread", "lr_sweep", "density_overlay", "layer_heatmap", "alignment_exponents", "save"]
 
 Trajectories = Mapping[float, tuple[Sequence[float], Sequence[float]]]
 
@@ -200,5 +200,25 @@ def layer_heatmap(layers: Sequence[str], steps: Sequence[float], values: np.ndar
     ax.set_xlabel("step")
     ax.set_title(title or f"per-layer {quantity}")
     fig.colorbar(im, ax=ax, label=quantity, pad=0.02)
+    save(fig, path)
+    return fig
+
+
+def alignment_exponents(exponents: Mapping[str, Mapping[float, float]], *, full_at_least: float = 0.85,
+                        none_at_most: float = 0.65, ax=None, path: str | Path | None = None,
+                        title: str | None = None):
+    """Per layer (one line each), the fitted alignment exponent against the step, with the no-alignment
+    (1/2) and full-alignment (1) predictions and the regime thresholds as horizontal lines."""
+    fig, ax = _axes(ax)
+    for i, (layer, by_step) in enumerate(exponents.items()):
+        steps = sorted(by_step)
+        ax.plot(steps, [by_step[s] for s in steps], marker="o", ms=3, lw=1.5, color=f"C{i % 10}", label=layer)
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="full (1)")
+    ax.axhline(0.5, color="k", ls=":", lw=1, label="none (1/2)")
+    ax.axhspan(none_at_most, full_at_least, color="0.9", zorder=0, label="between")
+    ax.set_xlabel("step")
+    ax.set_ylabel("exponent of ||dW x|| / (RMS dW RMS x) vs fan-in")
+    ax.set_title(title or "alignment exponent per layer")
+    ax.legend(fontsize=8)
     save(fig, path)
     return fig

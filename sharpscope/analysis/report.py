@@ -64,6 +64,7 @@ class _Figures:
             step, curves = density
             self.keep(plots.density_overlay(curves, size_label=c.axis, title=f"Hessian density at step {step}: {c.label}"),
                       f"density-{tag}", f"Hessian spectral density per {c.axis} at step {step}, {c.label}")
+        _alignment_figure(group.entry.get("alignment"), c, tag, self.keep)
         widest = max((m for m in c.members if m.layers), key=lambda m: m.value(c.axis), default=None)
         if widest is not None:
             layers, size = widest.layers, widest.value(c.axis)
@@ -125,6 +126,21 @@ def _figures(analysis: Analysis, out: Path) -> list[tuple[str, Path]]:
     for family in analysis.transfers:
         figures.transfer(family)
     return figures.saved
+
+
+def _alignment_figure(found: dict | None, c: Comparison, tag: str, keep) -> None:
+    """The fitted alignment exponent per layer against the step (layers whose fan-in grows)."""
+    if not found:
+        return
+    from .alignment import FULL_AT_LEAST, NONE_AT_MOST
+
+    curves = {layer: {int(s): e for s, e in a["exponent_by_step"].items() if e is not None}
+              for layer, a in found["layers"].items()}
+    curves = {layer: by_step for layer, by_step in curves.items() if by_step}
+    if curves:
+        keep(plots.alignment_exponents(curves, full_at_least=FULL_AT_LEAST, none_at_most=NONE_AT_MOST,
+                                       title=f"alignment exponent across {c.axis}s: {c.label}"),
+             f"alignment-{tag}", f"fitted alignment exponent per layer against the step, across {c.axis}s, {c.label}")
 
 
 def _tag(parameterization: str, optimizer: str, lr: float | None, axis: str, fixed: dict) -> str:
@@ -252,12 +268,59 @@ def _verdict_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
     for t in metrics["transfer"]:
         rows.append((group_label(t["parameterization"], t["optimizer"], None, _fixed(t)),
                      f"lr transfer across {t['axis']}s", t.get("verdict", "?"), t.get("reason", "")))
+    for g in metrics["groups"]:
+        found = g.get("alignment") or {}
+        th = found.get("thresholds", {})
+        for layer, a in found.get("layers", {}).items():
+            evidence = a.get("reason") or (f"exponent {a['exponent']:.2f} of ||dW x||/(RMS dW RMS x) vs fan-in at step "
+                                           f"{found['step']} (none 1/2, full 1; full >= {th.get('full')}, none <= "
+                                           f"{th.get('none')})")
+            rows.append((group_label(g["parameterization"], g["optimizer"], g["lr"], _fixed(g)),
+                         f"alignment of {layer} across {g['axis']}s", a.get("verdict", "?"), evidence))
     return rows
+
+
+def _alignment_tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per comparison with alignment results: a caption, the column heads and one row per layer (fan-in
+    and update alignment per size at the verdict's step, the fitted exponents and the regime)."""
+    tables = []
+    for g in metrics["groups"]:
+        found = g.get("alignment")
+        if not found or not found.get("layers"):
+            continue
+        sizes = list(next(iter(found["layers"].values()))["fan_in"])
+        head = ["layer"] + [f"{g['axis']} {float(s):g}: fan-in / alignment (W)" for s in sizes] + \
+            ["exponent dW", "exponent W", "regime"]
+        rows = []
+        for layer, a in found["layers"].items():
+            cells = [f"{a['fan_in'][s]} / {_num(a['alignment'][s])} ({_num(a['param_alignment'][s])})" for s in sizes]
+            rows.append([layer, *cells, _num(a["exponent"]), _num(a["param_exponent"]), a["verdict"]])
+        caption = (f"{group_label(g['parameterization'], g['optimizer'], g['lr'], _fixed(g))}, step {found['step']}")
+        tables.append((caption, head, rows))
+    return tables
+
+
+def _num(x: Any) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+ALIGNMENT_NOTE = ("Alignment per layer (0 = none, 1 = full; not clipped: below 0 anti-aligned) of the update dW "
+                  "since step 0, and in brackets of the weights W, with the layer's inputs on the stored batch; "
+                  "the exponent is the slope of log(||dW x|| / (RMS dW RMS x)) against log(fan-in) across the "
+                  "compared runs (1/2: no alignment, 1: full); regimes: full >= {full}, none <= {none}.")
 
 
 def _markdown(title: str, metrics: dict, figures, out: Path) -> str:
     lines = [f"# {title}", "", "| runs | quantity | verdict | evidence |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | **{c}** | {d} |" for a, b, c, d in _verdict_rows(metrics)]
+    tables = _alignment_tables(metrics)
+    if tables:
+        from .alignment import FULL_AT_LEAST, NONE_AT_MOST
+
+        lines += ["", "## Alignment", "", ALIGNMENT_NOTE.format(full=FULL_AT_LEAST, none=NONE_AT_MOST)]
+        for caption, head, rows in tables:
+            lines += ["", f"{caption}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
     if metrics["problems"]:
         lines += ["", "Problems:", ""] + [f"- {p}" for p in metrics["problems"]]
     lines += [""] + [f"![{cap}]({path.relative_to(out)})" for cap, path in figures]
@@ -277,6 +340,16 @@ def _html(title: str, metrics: dict, figures) -> str:
                 f"src='data:image/png;base64,{base64.b64encode(png).decode()}'><figcaption>{esc(caption)}</figcaption></figure>")
 
     images = "".join(figure(cap, path) for cap, path in figures)
+    alignment = ""
+    tables = _alignment_tables(metrics)
+    if tables:
+        from .alignment import FULL_AT_LEAST, NONE_AT_MOST
+
+        alignment = f"<h2>Alignment</h2><p>{esc(ALIGNMENT_NOTE.format(full=FULL_AT_LEAST, none=NONE_AT_MOST))}</p>"
+        for caption, head, rows in tables:
+            alignment += (f"<p>{esc(caption)}</p><table><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr>"
+                          + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+                          + "</table>")
     runs = "".join(f"<tr><td>{esc(Path(r['path']).name)}</td><td>{_cell(r['width'])}</td>"
                    f"<td>{_cell(r['depth'])}</td><td>{r['lr']:g}</td>"
                    f"<td>{'diverged' if r['final_loss'] is None else format(r['final_loss'], '.4g')}</td></tr>"
@@ -288,6 +361,7 @@ td.v{{font-weight:bold}}figure{{display:inline-block;vertical-align:top;width:52
 figcaption{{font-size:13px;color:#444}}
 </style></head><body><h1>{esc(title)}</h1>
 <h2>Verdicts</h2><table><tr><th>runs</th><th>quantity</th><th>verdict</th><th>evidence</th></tr>{rows}</table>
+{alignment}
 {'<h2>Problems</h2><ul>' + problems + '</ul>' if problems else ''}
 <h2>Figures</h2>{images or '<p>No spectra to plot.</p>'}
 <h2>Runs</h2><table><tr><th>run</th><th>width</th><th>depth</th><th>lr</th><th>final loss</th></tr>{runs}</table>

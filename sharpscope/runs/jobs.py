@@ -103,11 +103,27 @@ def _load_checkpoint(run, step: int, quantities: Sequence[str], settings: Spectr
     if any(get_quantity(q).needs_loss for q in quantities):
         loss_fn = build_loss(loss_spec, [*allow, *allowed_by_probe(run.meta), *([settings.loss] if settings.loss else [])],
                              str(run.path))
+    initial, initial_error = None, None
+    if any(get_quantity(q).needs_initial for q in quantities):
+        initial, initial_error = _initial_model(run, step, model, allow, device)
     inputs, targets = batch
     inputs = tuple(t.to(device) for t in inputs)
     inputs = inputs[0] if len(inputs) == 1 else inputs
     targets = targets.to(device) if targets is not None else None
-    return Checkpoint(model, (inputs, targets), inputs, loss_fn, optimizer, settings), error, not_applicable
+    return Checkpoint(model, (inputs, targets), inputs, loss_fn, optimizer, settings, initial, initial_error), \
+        error, not_applicable
+
+
+def _initial_model(run, step: int, model, allow: Sequence[str], device) -> tuple[Any, str | None]:
+    """The model at step 0 (the reference of ``alignment``), or why there is none (one line)."""
+    steps = run.steps
+    if 0 not in steps:
+        first = f"its first checkpoint is step {steps[0]}" if steps else "it has no complete checkpoint"
+        return None, (f"{run.path}: alignment needs the step-0 checkpoint (the initial weights), but {first}: "
+                      "record from the start of training (the Recorder stores step 0 when it opens)")
+    if step == 0:
+        return model, None
+    return model_at(run, 0, allow=allow).to(device), None
 
 
 def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: SpectrumSettings,

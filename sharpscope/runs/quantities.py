@@ -14,6 +14,9 @@ optimizer) and how to measure it at one checkpoint. Adding a quantity is one ent
 ``trace``     Hessian trace by Hutch++ (values: [estimate], residuals: [stderr])
 ``density``   SLQ spectral density (values: nodes, residuals: weights; info: nodes per probe)
 ``layers``    top Hessian eigenvalue of each parameter-owning module (values in ``info["layers"]`` order)
+``alignment`` per weight-like layer, alignment of its update since step 0 (values) and of its weights
+              (residuals) with its inputs, 0 none .. 1 full (:mod:`sharpscope.alignment`; info: the
+              layers, fan-ins and the terms M, N, F of both; needs the run's step-0 checkpoint)
 ============  ===================================================================================
 """
 from __future__ import annotations
@@ -28,13 +31,14 @@ from torch import nn
 
 __all__ = ["Quantity", "Measurement", "Checkpoint", "REGISTRY", "QUANTITIES", "get", "layer_groups"]
 
-Kind = Literal["eigenvalues", "trace", "density", "layers"]
+Kind = Literal["eigenvalues", "trace", "density", "layers", "alignment"]
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     """What a quantity is measured on: the rebuilt model at one step, its stored batch, the loss,
-    the optimizer (for ``precond``; None otherwise) and the job's settings."""
+    the optimizer (for ``precond``; None otherwise), the job's settings and, for quantities that
+    compare with the start of training (``alignment``), the model at step 0 (or why it is missing)."""
 
     model: nn.Module
     data: tuple[Any, Any]
@@ -42,6 +46,8 @@ class Checkpoint:
     loss_fn: Callable | None
     optimizer: Any
     settings: Any  # sharpscope.runs.jobs.SpectrumSettings
+    initial: nn.Module | None = None
+    initial_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ class Quantity:
         settings: the fields of :class:`~sharpscope.runs.jobs.SpectrumSettings` that identify a result,
             as ``(key in the stored JSON, settings attribute or a fixed value)``.
         measure: ``measure(checkpoint) -> Measurement``.
-        needs_loss, needs_optimizer: what the checkpoint must provide.
+        needs_loss, needs_optimizer, needs_initial: what the checkpoint must provide (``needs_initial``:
+            the model at step 0, rebuilt from the run's step-0 checkpoint).
     """
 
     name: str
@@ -75,6 +82,7 @@ class Quantity:
     measure: Callable[[Checkpoint], Measurement]
     needs_loss: bool = True
     needs_optimizer: bool = False
+    needs_initial: bool = False
 
     def key(self, settings: Any) -> str:
         """The canonical JSON of the settings that identify a result of this quantity (byte-identical to
@@ -182,6 +190,26 @@ def _layers(cp: Checkpoint) -> Measurement:
     return Measurement(np.array(values), np.zeros(len(values)), products, {"layers": list(groups)})
 
 
+def _alignment(cp: Checkpoint) -> Measurement:
+    """Per layer: alignment of the update since step 0 (values; NaN at step 0, where it is zero) and of
+    the effective weights (residuals) with the layer's inputs on the stored batch; info holds the
+    layer names, fan-ins and the terms (measured M, no-alignment N, full-alignment F, entry RMSs) of
+    both, from which the report fits the exponents across widths."""
+    from ..alignment import layer_alignment
+
+    if cp.initial is None:
+        raise ValueError(cp.initial_error or "alignment needs the run's step-0 checkpoint (the initial weights)")
+    layers = layer_alignment(cp.model, cp.inputs, cp.initial, batchnorm=cp.settings.batchnorm)
+
+    def terms(t) -> dict[str, float]:
+        return {"measured": t.measured, "none": t.none, "full": t.full, "rms_u": t.rms_u, "rms_x": t.rms_x}
+
+    info = {"layers": [la.name for la in layers], "fan_in": [la.fan_in for la in layers],
+            "update": [terms(la.update) for la in layers], "params": [terms(la.params) for la in layers]}
+    return Measurement(np.array([la.update.alignment for la in layers]),
+                       np.array([la.params.alignment for la in layers]), 0, info)
+
+
 _TOP_K = (("k", "k"), ("tol", "tol"))
 REGISTRY: dict[str, Quantity] = {q.name: q for q in (
     Quantity("hessian", "sharpness: top eigenvalue of H", "eigenvalues", _TOP_K, _hessian),
@@ -193,6 +221,8 @@ REGISTRY: dict[str, Quantity] = {q.name: q for q in (
     Quantity("density", "Hessian spectral density (SLQ)", "density",
              (("probes", "density_probes"), ("steps", "density_steps")), _density),
     Quantity("layers", "top Hessian eigenvalue per layer", "layers", (("k", 1), ("tol", "tol")), _layers),
+    Quantity("alignment", "alignment of the update with the layer input (0 none, 1 full)", "alignment", (),
+             _alignment, needs_loss=False, needs_initial=True),
 )}
 QUANTITIES = tuple(REGISTRY)
 
