@@ -1,12 +1,14 @@
 """sharpscope: Hessian-spectrum and sharpness diagnostics for PyTorch.
 
 Curvature operators (:func:`hessian_operator`, :func:`ggn_operator`, :func:`ntk_operator`,
-:func:`preconditioned_hessian_operator`; :func:`as_operator` for a matrix or a function), the Lanczos
+:func:`preconditioned_hessian_operator`; :func:`batch_loss` for loss closures over dict batches;
+:func:`as_operator` for a matrix or a function), the Lanczos
 eigensolver (:func:`lanczos`) and randomized estimators (:func:`hutchinson_trace`, :func:`hutchpp_trace`,
 :func:`spectral_density`); parameterizations (:func:`parametrize`) and scalable model families; capture
 (:class:`Recorder`, :func:`open_run`) and offline spectrum jobs (``sharpscope spectrum``).
 """
 from ._version import __version__
+from .closures import BatchLoss, batch_loss
 from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
 from .estimators import (SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace,
                          spectral_density)
@@ -34,7 +36,7 @@ from .sweep import load_probe, run_sweep
 
 __all__ = [
     "__version__",
-    "hessian_operator", "ggn_operator", "ntk_operator", "preconditioned_hessian_operator",
+    "hessian_operator", "ggn_operator", "ntk_operator", "preconditioned_hessian_operator", "batch_loss", "BatchLoss",
     "HessianOperator", "GGNOperator", "NTKOperator", "PreconditionedOperator", "SymmetricOperator", "as_operator",
     "stability_threshold", "effective_step_sizes",
     "lanczos", "LanczosResult",
