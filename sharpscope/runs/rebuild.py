@@ -24,7 +24,7 @@ __all__ = ["build_loss", "model_at", "optimizer_at", "NoOptimizerState", "allowe
 
 def build_loss(spec: str | None, allow: Iterable[str] = (), where: str = "the run file") -> Callable:
     """A loss from its name in ``torch.nn`` (``"CrossEntropyLoss"``) or a trusted ``"module:function"``
-    factory (:mod:`sharpscope.registry`)."""
+    factory (:mod:`sharpscope.registry`; it may return a loss closure, ``sharpscope.hf:causal_lm_loss``)."""
     if not spec:
         raise ValueError("the run's meta names no loss: pass loss= (a torch.nn loss name or 'module:function')")
     if not isinstance(spec, str):
