@@ -22,7 +22,10 @@ no threshold is defined (no optimizer, Muon). The metrics, by name (:data:`SHARP
   threshold defined) or the same thing (SGD with one lr: ``D = I``, the ratio is ``lambda / (2/lr)``).
 
 They go to the run file (scalar logs ``sharpness_preconditioned``, ``eos_ratio``, ``sharpness``), to
-``log_fn(metrics, step)``, and to ``summary_writer`` (TensorBoard tags ``sharpscope/<name>``).
+``log_fn(metrics, step)``, and to ``summary_writer`` (TensorBoard tags ``sharpscope/<name>``). The
+preconditioner is the next step's (the optimizer's state and current lrs); where it is undefined (every
+lr 0 at the end of a schedule, no second moment yet) nothing is logged at that step, and
+``Recorder.sharpness_skipped`` holds the step and the reason.
 """
 from __future__ import annotations
 
@@ -252,6 +255,7 @@ class Recorder:
         self._warm: torch.Tensor | None = None
         self.sharpness_log: list[tuple[int, float]] = []
         self.metrics_log: list[tuple[int, dict[str, float]]] = []
+        self.sharpness_skipped: list[tuple[int, str]] = []
         if resume and os.path.exists(path):
             with open_run(path) as run:  # check before rewriting anything
                 self._check_compatible(run, path)
@@ -398,10 +402,22 @@ class Recorder:
     def measure_sharpness(self) -> float:
         """The online sharpness on the stored batch (warm-started Lanczos): the top eigenvalue of the
         preconditioned Hessian when the optimizer defines one, else of the Hessian (module docstring).
-        Logged to the run file, ``log_fn`` and ``summary_writer``; returns the value measured."""
+        Logged to the run file, ``log_fn`` and ``summary_writer``; returns the value measured.
+
+        The preconditioner is the one the next step will use: the optimizer's state and its groups'
+        current learning rates (after a scheduler's step; a Hugging Face Trainer's logged
+        ``learning_rate`` is the one of the step just taken). Where that value means nothing -- every
+        learning rate 0 (the end of a linear schedule) or no second moment yet (Adam before its first
+        step) -- nothing is logged: the step and the reason go to :attr:`sharpness_skipped`, with a
+        ``RuntimeWarning``, and NaN is returned."""
         from ..lanczos import lanczos
 
-        op, threshold = self._sharpness_operator()
+        op, threshold, reason = self._sharpness_operator()
+        if op is None:
+            self.sharpness_skipped.append((self.step_count, reason))
+            warnings.warn(f"online sharpness not logged at step {self.step_count}: {reason}", RuntimeWarning,
+                          stacklevel=3)
+            return float("nan")
         v0 = self._warm if self._warm is not None and self._warm.shape[0] == op.shape[0] else None
         res = lanczos(op, k=1, tol=1e-4, v0=v0, return_eigenvectors=True)
         self._warm = res.eigenvectors[:, 0]
@@ -423,19 +439,29 @@ class Recorder:
         return value
 
     def _sharpness_operator(self):
-        """``(operator, threshold)``: the preconditioned Hessian and its threshold, or ``(H, None)`` where
-        the optimizer defines no threshold (none, Muon) or has no state yet (one warning each)."""
+        """``(operator, threshold, None)``: the preconditioned Hessian and its threshold, or ``(H, None, None)``
+        where the optimizer defines no threshold (none, RMSprop, Muon: one warning); ``(None, None, reason)``
+        where the preconditioned sharpness is undefined at this step (all lrs 0, no optimizer state yet)."""
         from ..operators import hessian_operator
-        from ..preconditioning import preconditioned_hessian_operator
+        from ..preconditioning import preconditioned_hessian_operator, stability_threshold
 
         if self.optimizer is not None:
             try:
-                P = preconditioned_hessian_operator(self.model, self.loss_fn, self.batch, self.optimizer)
-                return P, P.threshold
-            except ValueError as err:  # no threshold defined for this optimizer, or no state yet
+                stability_threshold(self.optimizer)
+            except (ValueError, ZeroDivisionError) as err:  # no threshold defined for this optimizer
                 self._warn_once(f"online sharpness is the raw Hessian's, without an edge-of-stability ratio: "
-                                f"{str(err).splitlines()[0]}")
-        return hessian_operator(self.model, self.loss_fn, self.batch), None
+                                f"{str(err).splitlines()[0] or type(err).__name__}")
+                return hessian_operator(self.model, self.loss_fn, self.batch), None, None
+            lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+            if all(lr == 0 for lr in lrs):
+                return None, None, ("every learning rate of the optimizer is 0 (e.g. the end of a linear schedule): "
+                                    "a step of size 0 has no edge of stability")
+            try:
+                P = preconditioned_hessian_operator(self.model, self.loss_fn, self.batch, self.optimizer)
+            except ValueError as err:  # no optimizer state yet
+                return None, None, str(err).splitlines()[0]
+            return P, P.threshold, None
+        return hessian_operator(self.model, self.loss_fn, self.batch), None, None
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
