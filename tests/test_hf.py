@@ -235,6 +235,41 @@ def test_bad_input_is_one_line():
             torch.zeros(7520, dtype=torch.float64))
 
 
+def test_more_bad_input_is_one_line(tmp_path):
+    """The same one-line refusals where a Mapping batch reaches the Recorder or an offline job with a criterion,
+    and for other non-scalar losses and non-numeric weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    batch = {"x": torch.randn(4, 3, dtype=torch.float64), "y": torch.randint(0, 2, (4,))}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="Mapping batch \\(keys x, y\\) needs a loss closure") as err:
+        ss.Recorder(tmp_path / "r.h5", model, opt, batch=batch, loss_fn=torch.nn.CrossEntropyLoss(), sharpness_every=1)
+    _one_line(err)
+    mlp = ss.MLP(width=4, depth=1, in_features=3, out_features=2)
+    float_batch = {"x": batch["x"].float(), "y": batch["y"]}
+    with ss.Recorder(tmp_path / "run.h5", mlp, None, batch=float_batch, every=1,
+                     meta={"model_factory": "sharpscope.models:MLP", "model_kwargs": mlp.config}):
+        pass
+    report = ss.run_spectrum_job([tmp_path / "run.h5"], ["hessian"], loss="CrossEntropyLoss", progress=False)
+    [(_, step, message)] = report.failures
+    assert step == 0 and "\n" not in message
+    assert "the stored batch is a Mapping (keys x, y) but the loss 'CrossEntropyLoss' is a criterion" in message
+    split = ss.batch_loss(outputs=lambda m, b: m(b["x"]), loss_of_outputs=lambda out, b: torch.nn.functional.cross_entropy(
+        out, b["y"], reduction="none"))
+    with pytest.raises(ValueError, match="loss_of_outputs\\(outputs, batch\\) returned a tensor of shape \\(4,\\)") as err:
+        ss.ggn_operator(model, split, batch).matvec(torch.zeros(8, dtype=torch.float64))
+    _one_line(err)
+    with pytest.raises(ValueError, match="returned a float on the first batch: it must return a scalar tensor") as err:
+        ss.hessian_operator(model, ss.batch_loss(lambda m, b: 1.0), batch).matvec(torch.zeros(8, dtype=torch.float64))
+    _one_line(err)
+    for bad in ("4", None, True, torch.ones(2)):
+        weighted = ss.batch_loss(lambda m, b: torch.nn.functional.cross_entropy(m(b["x"]), b["y"]), weight=lambda b, bad=bad: bad)
+        with pytest.raises(ValueError, match="weight\\(batch\\) returned .* for batch 0") as err:
+            ss.hessian_operator(model, weighted, batch).matvec(torch.zeros(8, dtype=torch.float64))
+        _one_line(err)
+
+
+
 def test_builtin_losses_are_huggingfaces():
     """The built-in closures' losses equal Hugging Face's own loss functions on the same logits."""
     from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
