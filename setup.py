@@ -29,8 +29,11 @@ setup(
         "scikit-learn>=1.2",
     ],
     extras_require={
+        # curvlinops-for-pytorch (tests/test_curvlinops.py) is installed by scripts/_env.sh with --no-deps:
+        # its backpack-for-pytorch pulls torchvision, which replaces the pinned torch; these are the
+        # dependencies it imports
         "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1", "lightning>=2.0",
-                 "transformers>=4.40", "accelerate>=1.1"],
+                 "transformers>=4.40", "accelerate>=1.1", "einops>=0.6", "einconv>=0.1", "linear_operator>=0.5"],
         "dask": ["dask[distributed]"],
         "dask-cuda": ["dask[distributed]", "dask-cuda"],
         "lightning": ["lightning"],

@@ -20,6 +20,14 @@ stamp="$VENV/.sharpscope-installed-${extras:-base}"
 if [ ! -f "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ]; then
   echo "[sharpscope] installing sharpscope${extras:+[$extras]} (editable)"
   "$VENV/bin/pip" install -q -e "$spec"
+  case ",$extras," in
+    *,test,*)
+      # curvlinops for the cross-checks, without its dependencies: backpack-for-pytorch pulls torchvision,
+      # which replaces the pinned torch with a CUDA build; what it imports (einops, einconv,
+      # linear_operator, scipy) comes with the [test] extra
+      echo "[sharpscope] installing curvlinops-for-pytorch==3.0.1 (--no-deps)"
+      "$VENV/bin/pip" install -q --no-deps curvlinops-for-pytorch==3.0.1 ;;
+  esac
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

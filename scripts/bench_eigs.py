@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Top-5 Hessian eigenvalues: sharpscope against PyHessian, hessian-eigenthings and scipy eigsh.
+"""Top-5 Hessian eigenvalues: sharpscope against PyHessian, hessian-eigenthings, curvlinops and scipy eigsh.
 
 Everything is measured in ONE run on the same machine (issue 2, "Performance"):
 
@@ -29,6 +29,11 @@ How HVPs are counted (each exact: one count = one Hessian-vector product):
   counting wrapper. Its constructor's one gradient (``backward(create_graph=True)``) is not an HVP.
 * hessian-eigenthings: its ``HessianOperator.matvec`` is wrapped on the instance (one full
   double-backward HVP on the single batch per call).
+* curvlinops: ``HessianLinearOperator._matmat_batch`` is replaced on the class for the run by a wrapper
+  counting its matrix's columns (one column = one HVP, forward-over-reverse ``jvp(grad)`` under
+  ``vmap``), so the products of its default determinism check at construction count too; it is
+  driven by scipy ``eigsh`` on ``op.to_scipy(float32)`` with the same settings and start vector as
+  the ``scipy-eigsh`` row (a peer: its own operator, not sharpscope's).
 
 A/B against another revision (``--ab REV``): the sharpscope tools run also from ``git archive REV``
 (extracted into bench-output/ab-REV/), each in its own process like every tool, interleaved round-robin
@@ -244,6 +249,35 @@ def tool_eigenthings(model, loss_fn, data, **lanczos_kwargs) -> ToolOutput:
                       info={"converged": int(res.converged.sum()), "iterations": res.iterations})
 
 
+def tool_curvlinops(model, loss_fn, data, tol: float) -> ToolOutput:
+    """curvlinops ``HessianLinearOperator`` (defaults: determinism check on) + scipy ``eigsh(which="LA")``
+    on ``op.to_scipy(float32)``, the start vector of the scipy-eigsh row."""
+    import curvlinops
+    from scipy.sparse.linalg import eigsh
+
+    cls = curvlinops.HessianLinearOperator
+    original = cls._matmat_batch
+    count = Counter(original)
+    columns = {"n": 0}
+
+    def counted(self, X, y, M):
+        columns["n"] += int(M[0].shape[-1])
+        return count(self, X, y, M)
+
+    cls._matmat_batch = counted
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        op = cls(model, loss_fn, params, [data])
+        checked = columns["n"]  # the products of its determinism check
+        v0 = np.random.default_rng(0).standard_normal(op.shape[0]).astype(np.float32)
+        vals = eigsh(op.to_scipy(np.float32), k=K, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+    finally:
+        cls._matmat_batch = original
+    return ToolOutput(eigenvalues=sorted(vals.astype(np.float64).tolist(), reverse=True), hvps=columns["n"],
+                      hvp_kind="curvlinops", hvp_seconds=count.seconds,
+                      info={"construction_hvps": checked})
+
+
 def tool_scipy_eigsh(model, loss_fn, data, tol: float) -> ToolOutput:
     """scipy ``eigsh(which="LA")`` (ARPACK) on sharpscope's operator via ``H.to_scipy()``.
 
@@ -281,6 +315,8 @@ TOOLS = [
     Tool("eigenthings-LA-50", "lanczos(op, k=5, which='LA', max_iter=50)", tool_eigenthings,
          {"which": "LA", "max_iter": 50}),
     Tool("scipy-eigsh-tol1e-4", "eigsh(H.to_scipy(), LA, tol=1e-4)", tool_scipy_eigsh, {"tol": 1e-4}),
+    Tool("curvlinops-eigsh-tol1e-4", "eigsh(HessianLinearOperator(...).to_scipy(), LA, tol=1e-4)", tool_curvlinops,
+         {"tol": 1e-4}),
 ]
 TOOL_BY_NAME = {t.name: t for t in TOOLS}
 
@@ -330,6 +366,9 @@ def worker_tool(name: str, path: Path) -> dict:
         import pyhessian.hessian  # noqa: F401
     elif tool.run is tool_eigenthings:
         import hessian_eigenthings  # noqa: F401
+    elif tool.run is tool_curvlinops:
+        import curvlinops  # noqa: F401
+        import scipy.sparse.linalg  # noqa: F401
     else:
         import scipy.sparse.linalg  # noqa: F401
 
@@ -393,6 +432,16 @@ def worker_calibrate(path: Path, samples: int) -> dict:
             H = None
     except Exception as err:  # noqa: BLE001 - reported, the peers are still measured
         out["sharpscope_error"] = f"{type(err).__name__}: {err}"
+    try:  # one curvlinops HVP (its operator's product on one vector), the unit of its overhead
+        import curvlinops
+
+        op = curvlinops.HessianLinearOperator(model, loss_fn, params, [data], check_deterministic=False)
+        v = torch.cat([t.reshape(-1) for t in v_split])
+        timed("curvlinops", lambda op=op: op @ v)
+    except ImportError:
+        pass
+    except Exception as err:  # noqa: BLE001 - reported, the others are still measured
+        out["curvlinops_error"] = f"{type(err).__name__}: {err}"
     out["spreads"] = spreads
     return out
 
@@ -500,6 +549,8 @@ def make_rows(runs: dict[str, list[dict]], calib: dict, ref: dict) -> list[Row]:
             notes.append("peak RSS includes set-up (VmHWM not resettable)")
         if "hvp_mode" in info:
             notes.append(f"mode {info['hvp_mode']}")
+        if info.get("construction_hvps"):
+            notes.append(f"{info['construction_hvps']} HVPs in its determinism check")
         unit = calib.get(first["hvp_kind"])
         settings = tool.settings + (f" [{name.split('@')[1]}]" if "@" in name else "")
         rows.append(Row(name, settings, hvps=hvps, seconds=seconds, cold_seconds=cold_seconds,
@@ -566,6 +617,8 @@ def details(rows: list[Row], calib: dict, ref: dict) -> list[str]:
                    + ", ".join(f"{k} {v:.2f}" for k, v in noisy.items()) + " (q3/q1 of the samples or ratio)")
     if "sharpscope_error" in calib:
         out.append(f"sharpscope modes not timed: {calib['sharpscope_error']}")
+    if "curvlinops_error" in calib:
+        out.append(f"curvlinops HVP not timed: {calib['curvlinops_error']}")
     modes = {m: calib[f"sharpscope-{m}"] for m in ("reverse", "forward", "cached") if f"sharpscope-{m}" in calib}
     ss_row = next((r for r in rows if r.tool == "sharpscope" and r.hvps), None)
     if modes and ss_row:
@@ -615,7 +668,8 @@ LEGEND = [
     "  (lazy imports, first-call kernel set-up); all ratios and overheads use the warm time;",
     "  time/raw HVP: in units of one full double-backward HVP (forward + grad(create_graph) + grad);",
     "  overhead: time / (#HVPs x median single-HVP time of the tool's own kind of HVP: sharpscope and scipy",
-    "  -> the mode sharpscope used, PyHessian -> retained-graph HVP, eigenthings -> raw double backward);",
+    "  -> the mode sharpscope used, PyHessian -> retained-graph HVP, eigenthings -> raw double backward,",
+    "  curvlinops -> its own operator's product);",
     "  outside HVPs s: warm time not spent inside the counted HVP calls (solver, set-up; the first",
     "  product of a cached-graph operator builds the graph and counts as inside);",
     "  peak RSS: VmHWM of the tool's process during the cold run (reset after loading the problem and",
@@ -643,7 +697,8 @@ def header(argv: list[str], threads: int) -> str:
         f"torch {torch.__version__} with {threads} threads; python {platform.python_version()}; "
         f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"numpy {np.__version__}, scipy {version('scipy')}, sharpscope {version('sharpscope')}, "
-        f"PyHessian {version('pyhessian')}, hessian-eigenthings {version('hessian-eigenthings')}",
+        f"PyHessian {version('pyhessian')}, hessian-eigenthings {version('hessian-eigenthings')}, "
+        f"curvlinops {version('curvlinops-for-pytorch')}",
     ])
 
 

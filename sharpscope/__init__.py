@@ -1,7 +1,8 @@
 """sharpscope: Hessian-spectrum and sharpness diagnostics for PyTorch.
 
 Curvature operators (:func:`hessian_operator`, :func:`ggn_operator`, :func:`ntk_operator`,
-:func:`preconditioned_hessian_operator`; :func:`as_operator` for a matrix or a function), the Lanczos
+:func:`preconditioned_hessian_operator`; :func:`batch_loss` for loss closures over dict batches;
+:func:`as_operator` for a matrix or a function), the Lanczos
 eigensolver (:func:`lanczos`) and randomized estimators (:func:`hutchinson_trace`, :func:`hutchpp_trace`,
 :func:`spectral_density`); parameterizations (:func:`parametrize`) and scalable model families; capture
 (:class:`Recorder`, :func:`open_run`) and offline spectrum jobs (``sharpscope spectrum``).
@@ -11,6 +12,7 @@ from .alignment import alignment_terms, layer_alignment
 from .analysis.comparisons import analyze, collect
 from .analysis.consistency import edge_of_stability, eos_threshold, lr_transfer, super_consistency, to_long_table
 from .analysis.report import write_report
+from .closures import BatchLoss, batch_loss
 from .coordcheck import CoordCheckResult, coord_check, plot_coord_check
 from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
 from .estimators import SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace, spectral_density
@@ -47,7 +49,7 @@ from .sweep import load_probe, run_sweep
 
 __all__ = [
     "__version__",
-    "hessian_operator", "ggn_operator", "ntk_operator", "preconditioned_hessian_operator",
+    "hessian_operator", "ggn_operator", "ntk_operator", "preconditioned_hessian_operator", "batch_loss", "BatchLoss",
     "HessianOperator", "GGNOperator", "NTKOperator", "PreconditionedOperator", "SymmetricOperator", "as_operator",
     "stability_threshold", "effective_step_sizes",
     "lanczos", "LanczosResult",

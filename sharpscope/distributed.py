@@ -246,7 +246,7 @@ class RankGroup:
         return buf.to(t.device)
 
     # -- construction ------------------------------------------------------------------------------
-    def agree_on_operator(self, build: Callable[[], tuple[Any, list, int]], what: str) -> tuple[Any, int]:
+    def agree_on_operator(self, build: Callable[[], tuple[Any, list, float]], what: str) -> tuple[Any, float]:
         """Run ``build() -> (operator, signature, local sample count)`` on every rank and agree: an error on
         any rank, ranks whose signatures (parameter names, shapes, dtypes) differ from rank 0's, or a rank
         without samples make every rank raise the same one-line error. Returns ``(operator, N)``, ``N``
@@ -256,7 +256,9 @@ class RankGroup:
             op, signature, count = build()
         except Exception as err:  # noqa: BLE001
             error = err
-        infos = self.gather(None if error is not None else (signature, int(count)))
+        if error is None:  # a closure's batch weights may be fractional (token counts are whole)
+            count = int(count) if float(count).is_integer() else float(count)
+        infos = self.gather(None if error is not None else (signature, count))
         if any(i is None for i in infos):
             self._raise_first(None if error is None else (type(error).__name__, one_line(error)), error)
         mismatch = _first_mismatch([i[0] for i in infos])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -50,7 +50,21 @@ def _to(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
         return x.to(device=device)
     if isinstance(x, (tuple, list)):
         return type(x)(_to(t, device, dtype) for t in x)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device, dtype) for k, v in x.items()}
     return x
+
+
+_CRITERION = ("a loss closure, not a criterion of (outputs, targets): pass ss.batch_loss(lambda model, batch: "
+              "model(**batch).loss, weight=...) as the loss (sharpscope.hf.causal_lm_loss() for a causal LM)")
+_INPUTS = ("the model's outputs as a function of the batch: pass ss.batch_loss(outputs=lambda model, batch: ..., "
+           "loss_of_outputs=...) before the data (sharpscope.hf.causal_lm_loss() for a causal LM)")
+
+
+def mapping_batch_error(batch: Mapping, needs: str = _CRITERION) -> ValueError:
+    """The one-line refusal of a Mapping batch given without a loss closure."""
+    keys = ", ".join(map(str, list(batch)[:5])) + (", ..." if len(batch) > 5 else "")
+    return ValueError(f"a Mapping batch (keys {keys}) needs {needs}")
 
 
 def _make_batch(inputs: Any, targets: Any, device: torch.device, dtype: torch.dtype | None) -> Batch:
@@ -84,6 +98,8 @@ class as_batches:  # noqa: N801 - used like a function (as_batches(data, device)
         self.device, self.dtype, self.with_targets = device, dtype, with_targets
         if data is None:
             raise ValueError("no data: pass an (inputs, targets) batch or an iterable of batches")
+        if isinstance(data, Mapping):
+            raise mapping_batch_error(data, _CRITERION if with_targets else _INPUTS)
         if not with_targets and isinstance(data, torch.Tensor):
             self._source: Any = [data]
         elif with_targets and _is_single_batch(data):
@@ -92,11 +108,15 @@ class as_batches:  # noqa: N801 - used like a function (as_batches(data, device)
             _check_fixed_order(data)
             if iter(data) is data:  # one-shot iterator: keep what it yields
                 data = list(data)
+            if isinstance(data, (tuple, list)) and data and isinstance(data[0], Mapping):
+                raise mapping_batch_error(data[0], _CRITERION if with_targets else _INPUTS)
             self._source = data
 
     def __iter__(self) -> Iterator[Batch]:
         count = 0
         for item in self._source:
+            if isinstance(item, Mapping):
+                raise mapping_batch_error(item, _CRITERION if self.with_targets else _INPUTS)
             if self.with_targets:
                 if not (isinstance(item, (tuple, list)) and len(item) == 2):
                     raise TypeError("each batch must be an (inputs, targets) pair, got "
@@ -161,12 +181,15 @@ class ModelFunction:
     """
 
     def __init__(self, model: nn.Module, params: Sequence[str] | str | None = None,
-                 batchnorm: BatchNormMode = "batch") -> None:
+                 batchnorm: BatchNormMode = "batch", call: Callable[[nn.Module, Any], Any] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batchnorm not in ("batch", "eval"):
             raise ValueError(f"batchnorm must be 'batch' or 'eval', got {batchnorm!r}")
-        self.model, self.batchnorm, self.selection = model, batchnorm, params
+        self.model, self.batchnorm, self.selection, self.call = model, batchnorm, params, call
+        # a closure call(model, batch) is evaluated as the forward pass of a wrapper holding the model
+        self._module = model if call is None else _Closure(model, call)
+        self._prefix = "" if call is None else "model."
         selected = _select(model, params)
         self.names = [n for n, _ in selected]
         self.params = [p for _, p in selected]
@@ -189,7 +212,7 @@ class ModelFunction:
 
     def rebuilt(self) -> "ModelFunction":
         """The same selection on the model as it is now (after its parameters changed)."""
-        return ModelFunction(self.model, self.selection, self.batchnorm)
+        return ModelFunction(self.model, self.selection, self.batchnorm, self.call)
 
     # -- flat vectors <-> parameter tuples -------------------------------------------------
     def unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -240,15 +263,31 @@ class ModelFunction:
             for m, flag in flags:
                 m.training = flag
 
-    def __call__(self, params: Sequence[torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Model outputs with the selected parameters replaced by ``params`` (call inside ``deterministic``)."""
+    def __call__(self, params: Sequence[torch.Tensor], inputs: tuple[Any, ...]) -> torch.Tensor:
+        """Model outputs with the selected parameters replaced by ``params`` (call inside ``deterministic``);
+        with ``call=``, ``call(model, *inputs)`` evaluated the same way."""
         mapping: dict[str, torch.Tensor] = dict(self._constants)
         mapping.update(zip(self.names, params))
         if self.batchnorm == "batch":
             # BatchNorm in train mode updates its running stats in place: give it copies to update
             buffers = dict(self.model.named_buffers())
             mapping.update({n: buffers[n].clone() for n in self._bn_buffers if n in buffers})
-        return functional_call(self.model, mapping, inputs)
+        if self._prefix:
+            mapping = {self._prefix + n: t for n, t in mapping.items()}
+        return functional_call(self._module, mapping, inputs)
+
+
+class _Closure(nn.Module):
+    """``forward(*inputs) = call(model, *inputs)``: a closure over the model, evaluated with substituted
+    parameters by ``functional_call`` (the model is this module's ``model`` submodule)."""
+
+    def __init__(self, model: nn.Module, call: Callable[[nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "call", call)  # not registered: a loss module's own state stays its own
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.call(self.model, *inputs)
 
 
 @dataclass(frozen=True)

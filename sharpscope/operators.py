@@ -78,6 +78,7 @@ from torch import nn
 
 from . import finite_difference as fd
 from ._memory import memory_budget
+from .closures import BatchLoss, check_closure_loss, closure_batches, describe_batch
 from .distributed import RankGroup, local_sample_count, model_signature, resolve_group, unwrap_model
 from .functional import BatchNormMode, ModelFunction, as_batches, check_loss, check_targets, describe_change, loss_reduction_weight
 from .linop import NotSymmetricError, StaleOperatorError, StochasticForwardError, SymmetricOperator
@@ -209,8 +210,12 @@ class CurvatureOperator(SymmetricOperator):
             raise ValueError(f"hvp_mode must be one of {_MODES}, got {hvp_mode!r}")
         super().__init__(n, fn.dtype, fn.device)
         self.fn, self.loss_fn = fn, loss_fn
+        # a loss closure (ss.batch_loss): batches of any structure, weighted by closure.weight
+        self.closure = loss_fn if isinstance(loss_fn, BatchLoss) else None
+        if self.closure is not None and self._closure_part == "outputs":
+            self.loss_fn = self.closure.loss_of_outputs
         self._data, self._with_targets, self._data_dtype = data, with_targets, fn.dtype
-        self.batches = as_batches(data, fn.device, with_targets=with_targets)
+        self.batches = self._make_batches(None)
         self._fingerprint = fn.fingerprint()
         self._deterministic_checked = False
         self.requested_mode = hvp_mode
@@ -232,16 +237,35 @@ class CurvatureOperator(SymmetricOperator):
         self._fd_theta: tuple[Any, float] | None = None
 
     # -- data --------------------------------------------------------------------------------
+    _closure_part = "loss"  # what a loss closure's wrapper evaluates: the loss, or the outputs (GGN, NTK)
+    _closure_weighs = True  # whether the closure's batch weights are read (not by the NTK)
+
+    def _make_batches(self, dtype: torch.dtype | None):
+        if self.closure is not None:
+            return closure_batches(self._data, self.fn.device, dtype, self.closure, weigh=self._closure_weighs)
+        return as_batches(self._data, self.fn.device, dtype, with_targets=self._with_targets)
+
     @property
     def num_samples(self) -> int:
+        """The number of samples (with a loss closure: the sum of the batches' weights)."""
         if self._total is None:
             self._total = self.batches.total_size()
         return self._total
 
     def _weight(self, size: int) -> float:
+        if self.closure is not None:
+            return size / self.num_samples
         return loss_reduction_weight(self.loss_fn, size, self.num_samples)
 
     def _loss(self, outputs: torch.Tensor, batch) -> torch.Tensor:
+        if self.closure is not None:
+            if self._closure_part == "loss":
+                loss, what = outputs, "the loss closure fn(model, batch)"
+            else:
+                loss, what = self.loss_fn(outputs, batch.targets), "loss_of_outputs(outputs, batch)"
+            if not self._checked:
+                check_closure_loss(loss, what, "on the first batch")
+            return loss
         if not self._checked:
             check_targets(self.loss_fn, outputs, batch.targets)
         loss = self.loss_fn(outputs, batch.targets)
@@ -284,7 +308,7 @@ class CurvatureOperator(SymmetricOperator):
                              f"{self.fn.dim}: the operator's dimension cannot change; build a new operator")
         dtype = fn.dtype if fn.dtype != self._data_dtype else None  # data follows a model cast (e.g. .double())
         self.fn, self.dtype, self.device = fn, fn.dtype, fn.device
-        self.batches = as_batches(self._data, fn.device, dtype, with_targets=self._with_targets)
+        self.batches = self._make_batches(dtype)
         self._fingerprint = fn.fingerprint()
         self._graphs = None
         self._deterministic_checked = False
@@ -327,7 +351,7 @@ class CurvatureOperator(SymmetricOperator):
             except (RuntimeError, TypeError, IndexError) as err:
                 if _is_unsupported_derivative(err):
                     raise
-                shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in batch.inputs)
+                shapes = describe_batch(batch.inputs[0] if self.closure is not None else batch.inputs)
                 raise ValueError(f"{type(self).__name__}: the model cannot be evaluated on batch {i} (inputs "
                                  f"{shapes}): {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
             if i == 0 and not value.requires_grad:
@@ -797,7 +821,28 @@ class GGNOperator(CurvatureOperator):
 
     The loss Hessian w.r.t. the outputs is applied exactly for any twice-differentiable loss
     (MSE: :math:`\frac{2}{N C} I`; cross-entropy: :math:`\frac1N(\mathrm{diag}(p) - p p^\top)` per sample).
+    With a loss closure, ``f`` is ``closure.outputs`` and the loss ``closure.loss_of_outputs``.
     """
+
+    _closure_part = "outputs"
+
+    def _check_deterministic(self) -> None:
+        super()._check_deterministic()
+        if self.closure is not None and self.closure.fn is not None:
+            self._check_same_loss()
+
+    def _check_same_loss(self) -> None:
+        """A closure given as ``fn`` and as ``outputs``/``loss_of_outputs`` must describe one loss (the
+        Hessian uses the first, the GGN the second): compared on the first batch, to 1e-4 relative (a
+        loss computed in float32 inside a float64 model, as Hugging Face's, differs at rounding)."""
+        batch = next(iter(self.batches))
+        whole_fn = ModelFunction(self.fn.model, self.fn.selection, self.fn.batchnorm, call=self.closure.fn)
+        with torch.no_grad(), self.fn.deterministic(), self._context():
+            split = float(self._loss(self.fn(self.fn.params, batch.inputs), batch))
+            whole = float(whole_fn(whole_fn.params, batch.inputs))
+        if not abs(split - whole) <= 1e-4 * max(abs(split), abs(whole), 1e-30):
+            raise ValueError(f"GGNOperator: fn(model, batch) = {whole:.8g} but loss_of_outputs(outputs(model, batch), "
+                             f"batch) = {split:.8g} on batch 0: the two must describe the same loss")
 
     def _build_graph(self, batch):
         graph = _JacobianGraph(self.fn, batch.inputs)
@@ -878,13 +923,20 @@ class NTKOperator(CurvatureOperator):
     operator's dimension is the total number of output entries (samples x outputs).
     """
 
+    _closure_part = "outputs"
+    _closure_weighs = False
+
     def __init__(self, fn: ModelFunction, inputs: Any, hvp_mode: HvpMode,
-                 graph_memory_budget: int | None, *, batched: bool | None = None) -> None:
-        batches = as_batches(inputs, fn.device, with_targets=False)
+                 graph_memory_budget: int | None, *, batched: bool | None = None,
+                 closure: BatchLoss | None = None) -> None:
+        if closure is not None:
+            batches: Any = closure_batches(inputs, fn.device, None, closure, weigh=False)
+        else:
+            batches = as_batches(inputs, fn.device, with_targets=False)
         with torch.no_grad(), fn.deterministic():
             self.output_shapes = [fn(fn.params, b.inputs).shape for b in batches]
         n = sum(int(torch.Size(s).numel()) for s in self.output_shapes)
-        super().__init__(fn, None, inputs, n, hvp_mode, graph_memory_budget, with_targets=False, batched=batched)
+        super().__init__(fn, closure, inputs, n, hvp_mode, graph_memory_budget, with_targets=False, batched=batched)
         self._sizes = [int(torch.Size(s).numel()) for s in self.output_shapes]
 
     def _after_rebuild(self) -> None:
@@ -970,10 +1022,17 @@ class NTKOperator(CurvatureOperator):
         return torch.func.vmap(product)(rows)
 
 
-def _model_function(model: nn.Module, params, batchnorm, hvp_mode) -> ModelFunction:
+def _model_function(model: nn.Module, loss_fn: Any, params: Sequence[str] | str | None, batchnorm: BatchNormMode,
+                    hvp_mode: str, who: str, outputs: bool = False) -> ModelFunction:
+    """The model as a function of its parameters: its forward pass, or a loss closure's loss (``outputs``:
+    the closure's outputs, refused for a bare closure). Finite differences need floating, trainable parameters."""
     if hvp_mode == _FD:
         fd.check_fd_parameters(model, params)
-    return ModelFunction(model, params, batchnorm)
+    if not isinstance(loss_fn, BatchLoss):
+        return ModelFunction(model, params, batchnorm)
+    if outputs:
+        loss_fn.require_outputs(who)
+    return ModelFunction(model, params, batchnorm, call=loss_fn.outputs if outputs else loss_fn.loss)
 
 
 def _make(group: RankGroup | None, what: str, build: Callable[[], CurvatureOperator]) -> CurvatureOperator:
@@ -1007,6 +1066,9 @@ def _sharded(model: nn.Module, loss_fn: Callable, data: Any, group: RankGroup | 
     if hvp_mode not in ("auto", _FD):
         raise ValueError(f"an FSDP2-sharded model is multiplied by finite differences only: hvp_mode='auto' or "
                          f"'finite-difference', got {hvp_mode!r}")
+    if isinstance(loss_fn, BatchLoss):
+        raise ValueError("an FSDP2-sharded model takes a criterion loss_fn(outputs, targets) and (inputs, targets) "
+                         "batches, not a loss closure (ss.batch_loss)")
 
     def local():
         op = fd.ShardedHessianOperator(model, loss_fn, data, group, params=params, batchnorm=batchnorm)
@@ -1036,9 +1098,11 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
     Args:
         model: the model; read, never modified (its train/eval flags are restored after each product).
             A ``DistributedDataParallel`` wrapper is unwrapped.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``, averaging over the batch (torch's default).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, averaging over the batch (torch's default); or
+            a loss closure :func:`~sharpscope.batch_loss` for batches of any structure (dicts of tensors).
         data: one ``(inputs, targets)`` batch, a list of batches or a fixed-order DataLoader;
-            the operator is the sample-weighted average over all of them.
+            the operator is the sample-weighted average over all of them (with a closure: one batch,
+            e.g. a dict, or an iterable of them, weighted by the closure's ``weight``).
         params: parameter names or module prefixes to restrict to (per-layer curvature); default all trainable.
         hvp_mode: ``"auto"``, ``"cached"``, ``"reverse"``, ``"forward"`` or ``"finite-difference"`` (module
             docstring).
@@ -1067,7 +1131,7 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
         return _sharded(model, loss_fn, data, group, params, hvp_mode, batchnorm, "hessian_operator")
 
     def build():
-        fn = _model_function(model, params, batchnorm, hvp_mode)
+        fn = _model_function(model, loss_fn, params, batchnorm, hvp_mode, "hessian_operator")
         return HessianOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched)
     return _make(group, "hessian_operator", build)
 
@@ -1077,24 +1141,27 @@ def ggn_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
                  batchnorm: BatchNormMode = "batch", graph_memory_budget: int | None = None,
                  batched: bool | None = None, distributed: Any = None) -> GGNOperator:
     """The generalized Gauss-Newton matrix ``J^T H_L J`` (same arguments as :func:`hessian_operator`;
-    in ``"finite-difference"`` mode ``J v`` is a central difference of the outputs)."""
+    in ``"finite-difference"`` mode ``J v`` is a central difference of the outputs). A loss closure must
+    give the outputs apart from the loss: ``ss.batch_loss(outputs=..., loss_of_outputs=...)``."""
     group = resolve_group(distributed)
     model = unwrap_model(model)
     if _is_sharded(model):
         return _sharded(model, loss_fn, data, group, params, hvp_mode, batchnorm, "ggn_operator")
 
     def build():
-        fn = _model_function(model, params, batchnorm, hvp_mode)
+        fn = _model_function(model, loss_fn, params, batchnorm, hvp_mode, "ggn_operator", outputs=True)
         return GGNOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched)
     return _make(group, "ggn_operator", build)
 
 
-def ntk_operator(model: nn.Module, inputs: Any, *, params: Sequence[str] | str | None = None,
+def ntk_operator(model: nn.Module, inputs: Any, data: Any = None, *, params: Sequence[str] | str | None = None,
                  hvp_mode: HvpMode = "auto", batchnorm: BatchNormMode = "batch",
                  graph_memory_budget: int | None = None, batched: bool | None = None,
                  distributed: Any = None) -> NTKOperator:
     """The empirical NTK ``K = J J^T`` on the outputs of ``inputs`` (a tensor or a list of input batches).
 
+    With a loss closure, ``ntk_operator(model, ss.batch_loss(outputs=..., loss_of_outputs=...), data)``:
+    the NTK of ``outputs(model, batch)`` over the batches of ``data`` (e.g. dicts of tensors).
     ``hvp_mode`` selects how Jacobian products are formed: ``"cached"``/``"reverse"`` (double-vjp
     trick), ``"forward"`` (``torch.func.jvp``/``vjp``) or ``"finite-difference"`` (``J w`` by central
     differences of the outputs). For an exact dense Gram matrix on small problems use
@@ -1103,11 +1170,24 @@ def ntk_operator(model: nn.Module, inputs: Any, *, params: Sequence[str] | str |
     """
     _no_ntk(distributed)
     model = unwrap_model(model)
-    fn = _model_function(model, params, batchnorm, hvp_mode)
-    return NTKOperator(fn, inputs, hvp_mode, graph_memory_budget, batched=batched)
+    closure, inputs = _ntk_closure(inputs, data)
+    fn = _model_function(model, closure, params, batchnorm, hvp_mode, "ntk_operator", outputs=True)
+    return NTKOperator(fn, inputs, hvp_mode, graph_memory_budget, batched=batched, closure=closure)
 
 
 def _is_sharded(model: nn.Module) -> bool:
     from .distributed import is_fsdp_model
 
     return is_fsdp_model(model)
+
+
+def _ntk_closure(inputs: Any, data: Any) -> tuple[BatchLoss | None, Any]:
+    """``(closure, data)`` of ``ntk_operator(model, closure, data)``, ``(None, inputs)`` of ``(model, inputs)``."""
+    if isinstance(inputs, BatchLoss):
+        if data is None:
+            raise ValueError("ntk_operator(model, loss, data): the data is missing")
+        return inputs, data
+    if data is not None:
+        raise ValueError("ntk_operator(model, inputs) takes the inputs only; a third argument is the data after "
+                         "a loss closure: ntk_operator(model, ss.batch_loss(outputs=..., loss_of_outputs=...), data)")
+    return None, inputs

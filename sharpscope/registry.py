@@ -7,6 +7,8 @@ read from a file is resolved only if it is
 
 1. sharpscope's own: the model families (``sharpscope.models:MLP``, ``CNN``, ``Transformer``,
    ``MoE``, their short names ``mlp``, ``cnn``, ...), the demo's ``sharpscope.demo:digits_mlp``,
+   the Hugging Face factories and loss closures of :mod:`sharpscope.hf`
+   (``sharpscope.hf:causal_lm_from_config``, ``sharpscope.hf:causal_lm_loss``, ...),
    ``torch.nn`` losses and ``torch.optim`` optimizers (permanent names: stored files keep working);
 2. registered: :func:`register_model`, :func:`register_loss`, :func:`register_optimizer` in this
    process, or an entry point of an installed package in the groups ``sharpscope.models``,
@@ -36,7 +38,11 @@ Kind = Literal["model", "loss", "optimizer"]
 T = TypeVar("T")
 
 _OWN_MODELS = ("sharpscope.models:MLP", "sharpscope.models:CNN", "sharpscope.models:Transformer",
-               "sharpscope.models:MoE", "sharpscope.demo:digits_mlp")
+               "sharpscope.models:MoE", "sharpscope.demo:digits_mlp", "sharpscope.hf:causal_lm_from_config",
+               "sharpscope.hf:model_from_config")
+# loss closures (factories called with no arguments, returning a sharpscope.BatchLoss)
+_OWN_LOSSES = ("sharpscope.hf:causal_lm_loss", "sharpscope.hf:masked_lm_loss",
+               "sharpscope.hf:sequence_classification_loss")
 _SHORT_NAMES = {"mlp": "sharpscope.models:MLP", "cnn": "sharpscope.models:CNN",
                 "transformer": "sharpscope.models:Transformer", "moe": "sharpscope.models:MoE"}
 _GROUPS = {"model": "sharpscope.models", "loss": "sharpscope.losses", "optimizer": "sharpscope.optimizers"}
@@ -108,7 +114,7 @@ def _builtin(kind: Kind, reference: str) -> bool:
     if kind == "model":
         return reference in _OWN_MODELS
     if kind == "loss":
-        return module in ("torch.nn", "torch.nn.modules.loss")
+        return module in ("torch.nn", "torch.nn.modules.loss") or reference in _OWN_LOSSES
     return module == "torch.optim" or module.startswith("torch.optim.") or module == "sharpscope.optim"
 
 
@@ -123,7 +129,8 @@ def _import(reference: str) -> Any:
 def _check(kind: Kind, reference: str, obj: Any) -> Any:
     """Built-in names must resolve to what their kind promises (a loss, an optimizer class)."""
     builtin = _builtin(kind, reference)
-    if builtin and kind == "loss" and not (isinstance(obj, type) and issubclass(obj, nn.modules.loss._Loss)):
+    if builtin and kind == "loss" and reference not in _OWN_LOSSES and not (
+            isinstance(obj, type) and issubclass(obj, nn.modules.loss._Loss)):
         raise ValueError(f"{reference!r} is not a torch.nn loss")
     if builtin and kind == "optimizer" and not (isinstance(obj, type) and (
             issubclass(obj, torch.optim.Optimizer) or obj.__module__ == "sharpscope.optim")):

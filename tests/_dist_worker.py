@@ -81,6 +81,17 @@ def s_operators(out):
     out["seconds_per_product"] = (time.perf_counter() - start) / 3
 
 
+def s_closure(out):
+    """A loss closure over dict batches, with fractional batch weights (half the sample count)."""
+    model, (x, y) = make_mlp(0), make_data("mlp", 0, n=21)
+    loss = ss.batch_loss(lambda m, b: CE(m(b["x"]), b["y"]), weight=lambda b: 0.5 * b["x"].shape[0])
+    mine = shards(x, y)
+    data = [{"x": a, "y": b} for a, b in (mine if isinstance(mine, list) else [mine])]
+    H = ss.hessian_operator(model, loss, data, distributed=True)
+    ref = ss.hessian_operator(model, loss, {"x": x, "y": y})
+    out["closure"] = [top(H, 3).eigenvalues.tolist(), top(ref, 3).eigenvalues.tolist(), H.global_num_samples]
+
+
 def s_ddp(out):
     from torch.nn.parallel import DistributedDataParallel as DDP
 

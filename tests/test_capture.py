@@ -31,18 +31,43 @@ def _train_step(model, opt, data):
 
 
 def test_offline_spectrum_equals_online(tmp_path):
+    """Online sharpness with Adam is the preconditioned sharpness (the EoS ratio over 38/lr), and equals the
+    offline one on the stored checkpoint; the raw Hessian is not what Adam sees, so it is not logged."""
     model, opt, data = _setup(1)
     with Recorder(tmp_path / "run.h5", model, opt, batch=data, every=4, loss_fn=CE, sharpness_every=4) as rec:
         for _ in range(8):
             rec.step(loss=_train_step(model, opt, data))
-    online_steps, online = open_run(tmp_path / "run.h5").scalars("sharpness")
-    assert list(online_steps) == [4, 8]
+    run = open_run(tmp_path / "run.h5")
+    online_steps, online = run.scalars("sharpness_preconditioned")
+    ratio_steps, ratio = run.scalars("eos_ratio")
+    assert list(online_steps) == list(ratio_steps) == [4, 8] and len(run.scalars("sharpness")[0]) == 0
     with open_run(tmp_path / "run.h5") as run:
-        fresh, _, _ = _setup(1)
+        fresh, fresh_opt, _ = _setup(1)
         fresh.load_state_dict({**run.params(8), **run.buffers(8)})
+        fresh_opt.load_state_dict(opt.state_dict())  # the live optimizer, still at step 8
         (x,), y = run.batch()
-        offline = ss.lanczos(ss.hessian_operator(fresh, CE, (x, y)), k=1, tol=1e-8).eigenvalues[0].item()
-    assert offline == pytest.approx(online[-1], rel=1e-6)
+        P = ss.preconditioned_hessian_operator(fresh, CE, (x, y), fresh_opt)
+        offline = ss.lanczos(P, k=1, tol=1e-8).eigenvalues[0].item()
+    assert offline == pytest.approx(online[-1], rel=1e-4)
+    assert ratio[-1] == pytest.approx(online[-1] / (2 * 1.9 / (0.1 * 1e-2)))
+    assert rec.metrics_log[-1] == (8, {"sharpness/preconditioned": online[-1], "sharpness/eos_ratio": ratio[-1]})
+
+
+def test_online_sharpness_with_plain_sgd_is_the_raw_hessian(tmp_path):
+    """SGD with one lr: D = I, so the preconditioned sharpness is the Hessian's and the ratio is lambda/(2/lr)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    with Recorder(tmp_path / "run.h5", model, opt, batch=data, schedule="on_demand", loss_fn=CE, sharpness_every=2) as rec:
+        for _ in range(2):
+            rec.step(loss=_train_step(model, opt, data))
+    raw = ss.lanczos(ss.hessian_operator(model, CE, data), k=1, tol=1e-8).eigenvalues[0].item()
+    step, metrics = rec.metrics_log[-1]
+    assert step == 2 and set(metrics) == {"sharpness/preconditioned", "sharpness/eos_ratio", "sharpness/hessian"}
+    assert metrics["sharpness/hessian"] == metrics["sharpness/preconditioned"] == pytest.approx(raw, rel=1e-4)
+    assert metrics["sharpness/eos_ratio"] == pytest.approx(metrics["sharpness/hessian"] * 0.1 / 2)
+    assert open_run(tmp_path / "run.h5").scalars("sharpness")[1][-1] == metrics["sharpness/hessian"]
 
 
 def test_schedules(tmp_path):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-SCENARIOS = ["operators", "ddp", "failures", "recorder", "fsdp", "timeout"]
+SCENARIOS = ["operators", "closure", "ddp", "failures", "recorder", "fsdp", "timeout"]
 LIMIT = 240  # seconds for the whole 2-process run
 
 
@@ -87,6 +87,13 @@ def test_distributed_estimators_gradient_and_loss(ranks):
     grad_diff, loss_diff = r0["gradient_loss"]
     assert grad_diff < 1e-14 and abs(loss_diff) < 1e-14
     assert r0["symmetric"] and r1["symmetric"]
+
+
+def test_a_loss_closure_over_dict_shards_with_fractional_weights(ranks):
+    for out in _both(ranks, "closure"):
+        dist_top, ref_top, total = out["closure"]
+        _close(dist_top, ref_top, 1e-10)
+        assert total == 10.5  # 0.5 x (8 + 6 + 7) samples
 
 
 def test_a_ddp_model_is_unwrapped(ranks):

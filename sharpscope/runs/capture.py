@@ -10,6 +10,22 @@ Two or three lines in an existing loop::
 
 Step ``t`` counts optimizer steps taken: the checkpoint at ``t`` holds the parameters after ``t`` steps
 (``t = 0``: at construction, the initialization) and the optimizer state that the next step will use.
+
+Online sharpness (``sharpness_every=K``) is the top eigenvalue of what the optimizer sees: the
+preconditioned Hessian ``D^1/2 H D^1/2`` (:mod:`sharpscope.preconditioning`: Adam/AdamW/Adafactor, SGD
+with per-group lrs or momentum) compared with its edge-of-stability threshold, or the raw Hessian where
+no threshold is defined (no optimizer, Muon). The metrics, by name (:data:`SHARPNESS_METRICS`):
+
+* ``sharpness/preconditioned`` -- top eigenvalue of ``D^1/2 H D^1/2``;
+* ``sharpness/eos_ratio`` -- that over its threshold (``ss.stability_threshold``): 1 = at the edge;
+* ``sharpness/hessian`` -- top eigenvalue of the raw Hessian, when that is what was measured (no
+  threshold defined) or the same thing (SGD with one lr: ``D = I``, the ratio is ``lambda / (2/lr)``).
+
+They go to the run file (scalar logs ``sharpness_preconditioned``, ``eos_ratio``, ``sharpness``), to
+``log_fn(metrics, step)``, and to ``summary_writer`` (TensorBoard tags ``sharpscope/<name>``). The
+preconditioner is the next step's (the optimizer's state and current lrs); where it is undefined (every
+lr 0 at the end of a schedule, no second moment yet) nothing is logged at that step, and
+``Recorder.sharpness_skipped`` holds the step and the reason.
 """
 from __future__ import annotations
 
@@ -21,10 +37,17 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..closures import BatchLoss
+from ..functional import mapping_batch_error
 from .provenance import config_digest
 from .store import RunFileError, RunWriter, TensorSpec, open_run
 
-__all__ = ["Recorder", "every_schedule", "log_schedule", "optimizer_state_specs"]
+__all__ = ["Recorder", "every_schedule", "log_schedule", "optimizer_state_specs", "SHARPNESS_METRICS"]
+
+SHARPNESS_METRICS = ("sharpness/preconditioned", "sharpness/eos_ratio", "sharpness/hessian")
+# the run file's scalar log of each metric
+_SCALAR_LOGS = {"sharpness/preconditioned": "sharpness_preconditioned", "sharpness/eos_ratio": "eos_ratio",
+                "sharpness/hessian": "sharpness"}
 
 
 def writes_here() -> bool:
@@ -182,15 +205,21 @@ class Recorder:
         model: the model being trained.
         optimizer: its optimizer (state captured for preconditioned sharpness; lrs logged).
         batch: a fixed data batch stored once, on which spectra are measured: ``(inputs, targets)``
-            (inputs a tensor or a tuple of tensors) or a mapping of named tensors (a Hugging Face batch).
+            (inputs a tensor or a tuple of tensors) or a mapping of named tensors (a Hugging Face batch,
+            measured with a loss closure: ``loss_fn=ss.batch_loss(...)``, e.g. ``sharpscope.hf.causal_lm_loss()``).
         every: capture every ``every`` steps (and at step 0); or give ``schedule``:
             ``"log"``, ``"on_demand"`` (only :meth:`capture`), a list of steps, or ``callable(step) -> bool``.
         meta: user metadata (JSON). Keys ``model_factory`` (``"module:function"``) and
             ``model_kwargs`` let offline jobs rebuild the model without pickle; ``loss`` names the loss.
-        loss_fn: needed for online sharpness; its class name is recorded.
-        sharpness_every: also measure the top Hessian eigenvalue of the batch every K steps
-            (warm-started from the previous eigenvector), logged in the run file and to ``summary_writer``.
+        loss_fn: needed for online sharpness; a criterion (its class name is recorded) or a loss closure
+            (:func:`~sharpscope.batch_loss`; its ``name``, a trusted factory, is recorded).
+        sharpness_every: also measure the online sharpness on the batch every K steps (module docstring:
+            preconditioned when the optimizer defines it; warm-started Lanczos), logged in the run file,
+            to ``log_fn`` and to ``summary_writer``.
         summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (optional).
+        log_fn: ``log_fn(metrics: dict, step: int)``, called with the sharpness metrics at each measured
+            step (e.g. ``lambda m, s: wandb.log(m, step=s)``); the Lightning and Hugging Face callbacks
+            use it to log through their framework.
         resume: append to an existing run (dropping a checkpoint a crash left incomplete); training
             continues from ``start_step`` (default: the last captured step).
         config: the run's resolved config (JSON: for a sweep, model factory and kwargs, data, optimizer
@@ -211,7 +240,8 @@ class Recorder:
                  schedule: Any = None, meta: Mapping[str, Any] | None = None, *, loss_fn: Callable | None = None,
                  sharpness_every: int | None = None, summary_writer: Any = None, resume: bool = False,
                  start_step: int | None = None, config: Mapping[str, Any] | None = None,
-                 axes: Mapping[str, Any] | None = None, probe: tuple[Any, Any] | None = None) -> None:
+                 axes: Mapping[str, Any] | None = None, probe: tuple[Any, Any] | None = None,
+                 log_fn: Callable[[dict, int], Any] | None = None) -> None:
         if probe is not None:
             if batch is not None:
                 raise ValueError("give batch= only (probe= is its old name)")
@@ -222,17 +252,25 @@ class Recorder:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if sharpness_every is not None and (loss_fn is None or batch is None):
             raise ValueError("sharpness_every needs loss_fn= and batch=")
+        if sharpness_every is not None and isinstance(batch, Mapping) and not isinstance(loss_fn, BatchLoss):
+            raise mapping_batch_error(batch)
+        if log_fn is not None and not callable(log_fn):
+            raise TypeError(f"log_fn must be callable as log_fn(metrics, step), got {type(log_fn).__name__}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.batch = batch
         self.should_capture = _schedule(every, schedule)
         self.sharpness_every = sharpness_every
         self.summary_writer = summary_writer
+        self.log_fn = log_fn
+        self._warned: set[str] = set()
         self._params = dict(model.named_parameters())
         self._buffers = dict(model.named_buffers())
         self._names = {id(p): n for n, p in self._params.items()}
         self._specs = self._tensor_specs()
         self._warm: torch.Tensor | None = None
         self.sharpness_log: list[tuple[int, float]] = []
+        self.metrics_log: list[tuple[int, dict[str, float]]] = []
+        self.sharpness_skipped: list[tuple[int, str]] = []
         if not writes_here():  # under torch.distributed only rank 0 writes: one writer per file
             self.writer = None
             self.step_count = 0 if start_step is None else int(start_step)
@@ -253,6 +291,7 @@ class Recorder:
                                                    "optimizer")}
             recorded.update(schedule=describe_schedule(every, schedule), sharpness_every=sharpness_every)
             self.writer = RunWriter(path, meta, self._specs, lr_groups=self._lr_groups(), batch=batch,
+                                    scalars=("sharpness", "loss", *[_SCALAR_LOGS[m] for m in SHARPNESS_METRICS[:2]]),
                                     config=config, recorded=recorded, axes=axes)
             self.step_count = 0 if start_step is None else int(start_step)
             self._last_captured = None
@@ -283,7 +322,7 @@ class Recorder:
             "model_factory": user.pop("model_factory", None),
             "model_kwargs": user.pop("model_kwargs", {}),
             "model_class": f"{type(self.model).__module__}.{type(self.model).__name__}",
-            "loss": user.pop("loss", type(self.loss_fn).__name__ if self.loss_fn is not None else None),
+            "loss": user.pop("loss", self._loss_name()),
             "optimizer": optimizer_meta(self.optimizer, self._names),
             "parameterization": user.pop("parameterization", None),
             "seed": user.pop("seed", None),
@@ -294,6 +333,14 @@ class Recorder:
         except TypeError as err:
             raise ValueError(f"meta must be JSON-serializable (no objects are pickled): {err}") from None
         return meta
+
+    def _loss_name(self) -> str | None:
+        """What ``meta["loss"]`` records: a criterion's class name, a loss closure's trusted name (or None)."""
+        if self.loss_fn is None:
+            return None
+        if isinstance(self.loss_fn, BatchLoss):
+            return self.loss_fn.name
+        return type(self.loss_fn).__name__
 
     def _check_compatible(self, run, path) -> None:
         """A resumed run continues with the same model and optimizer: the same tensors both ways (a
@@ -377,20 +424,80 @@ class Recorder:
         self._last_captured = self.step_count
 
     def measure_sharpness(self) -> float:
-        """Top Hessian eigenvalue on the stored batch (warm-started Lanczos), logged as a scalar."""
-        from ..lanczos import lanczos
-        from ..operators import hessian_operator
+        """The online sharpness on the stored batch (warm-started Lanczos): the top eigenvalue of the
+        preconditioned Hessian when the optimizer defines one, else of the Hessian (module docstring).
+        Logged to the run file, ``log_fn`` and ``summary_writer``; returns the value measured.
 
-        H = hessian_operator(self.model, self.loss_fn, self.batch)
-        v0 = self._warm if self._warm is not None and self._warm.shape[0] == H.shape[0] else None
-        res = lanczos(H, k=1, tol=1e-4, v0=v0, return_eigenvectors=True)
+        The preconditioner is the one the next step will use: the optimizer's state and its groups'
+        current learning rates (after a scheduler's step; a Hugging Face Trainer's logged
+        ``learning_rate`` is the one of the step just taken). Where that value means nothing -- every
+        learning rate 0 (the end of a linear schedule) or no second moment yet (Adam before its first
+        step) -- nothing is logged: the step and the reason go to :attr:`sharpness_skipped`, with a
+        ``RuntimeWarning``, and NaN is returned."""
+        from ..lanczos import lanczos
+
+        op, threshold, reason = self._sharpness_operator()
+        if op is None:
+            self.sharpness_skipped.append((self.step_count, reason))
+            warnings.warn(f"online sharpness not logged at step {self.step_count}: {reason}", RuntimeWarning,
+                          stacklevel=3)
+            return float("nan")
+        v0 = self._warm if self._warm is not None and self._warm.shape[0] == op.shape[0] else None
+        res = lanczos(op, k=1, tol=1e-4, v0=v0, return_eigenvectors=True)
         self._warm = res.eigenvectors[:, 0]
         value = float(res.eigenvalues[0])
+        if threshold is None:
+            metrics = {"sharpness/hessian": value}
+        else:
+            metrics = {"sharpness/preconditioned": value, "sharpness/eos_ratio": value / threshold}
+            if bool((op.d_sqrt == 1).all()):  # D = I (SGD, one lr): this is the raw Hessian too
+                metrics["sharpness/hessian"] = value
         self.sharpness_log.append((self.step_count, value))
-        self.writer.log_scalar("sharpness", self.step_count, value)
-        if self.summary_writer is not None:
-            self.summary_writer.add_scalar("sharpscope/sharpness", value, self.step_count)
+        self.metrics_log.append((self.step_count, metrics))
+        for name, v in metrics.items():
+            self._log_scalar(_SCALAR_LOGS[name], v)
+            if self.summary_writer is not None:
+                self.summary_writer.add_scalar(f"sharpscope/{name}", v, self.step_count)
+        if self.log_fn is not None:
+            self.log_fn(dict(metrics), self.step_count)
         return value
+
+    def _sharpness_operator(self):
+        """``(operator, threshold, None)``: the preconditioned Hessian and its threshold, or ``(H, None, None)``
+        where the optimizer defines no threshold (none, RMSprop, Muon: one warning); ``(None, None, reason)``
+        where the preconditioned sharpness is undefined at this step (all lrs 0, no optimizer state yet)."""
+        from ..operators import hessian_operator
+        from ..preconditioning import preconditioned_hessian_operator, stability_threshold
+
+        if self.optimizer is not None:
+            try:
+                stability_threshold(self.optimizer)
+            except (ValueError, ZeroDivisionError) as err:  # no threshold defined for this optimizer
+                self._warn_once(f"online sharpness is the raw Hessian's, without an edge-of-stability ratio: "
+                                f"{str(err).splitlines()[0] or type(err).__name__}")
+                return hessian_operator(self.model, self.loss_fn, self.batch), None, None
+            lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+            if all(lr == 0 for lr in lrs):
+                return None, None, ("every learning rate of the optimizer is 0 (e.g. the end of a linear schedule): "
+                                    "a step of size 0 has no edge of stability")
+            try:
+                P = preconditioned_hessian_operator(self.model, self.loss_fn, self.batch, self.optimizer)
+            except ValueError as err:  # no optimizer state yet
+                return None, None, str(err).splitlines()[0]
+            return P, P.threshold, None
+        return hessian_operator(self.model, self.loss_fn, self.batch), None, None
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _log_scalar(self, name: str, value: float) -> None:
+        """Append to a run-file scalar log; a resumed file from before that log existed drops it (one warning)."""
+        try:
+            self.writer.log_scalar(name, self.step_count, value)
+        except KeyError:
+            self._warn_once(f"{self.writer.path} has no scalar log {name!r} (an older run file): not stored there")
 
     def close(self) -> None:
         if self.writer is not None:

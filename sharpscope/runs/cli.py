@@ -23,7 +23,7 @@ def _spectrum(args: argparse.Namespace) -> int:
                               loss=args.loss, progress=not args.quiet, allow_factories=args.allow_factory)
     print(f"computed {report.computed} checkpoint(s), wrote {report.written} result(s), "
           f"skipped {report.skipped} already stored"
-          + (f", {report.not_applicable} not applicable (no optimizer state yet)" if report.not_applicable else ""))
+          + (f", {report.not_applicable} not applicable (no optimizer state yet, or every lr 0)" if report.not_applicable else ""))
     for path, step, message in report.failures:
         print(f"FAILED {path} step {step}: {message}")
     for note in report.notes:

@@ -17,10 +17,11 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..closures import BatchLoss
 from ..devices import resolve_device
 from ..progress import progress_bar
 from .executors import executor_from_spec
@@ -100,12 +101,20 @@ def _load_checkpoint(run, step: int, quantities: Sequence[str], settings: Spectr
             error = str(err)
     loss_spec = settings.loss or run.meta.get("loss")
     loss_fn = None
-    if any(get_quantity(q).needs_loss for q in quantities):
+    mapping = isinstance(batch, Mapping)  # a Hugging Face batch: every quantity needs the loss closure
+    if mapping or any(get_quantity(q).needs_loss for q in quantities):
         loss_fn = build_loss(loss_spec, [*allow, *allowed_by_probe(run.meta), *([settings.loss] if settings.loss else [])],
                              str(run.path))
     initial, initial_error = None, None
     if any(get_quantity(q).needs_initial for q in quantities):
         initial, initial_error = _initial_model(run, step, model, allow, device)
+    if mapping:
+        if not isinstance(loss_fn, BatchLoss):
+            raise ValueError(f"{run.path}: the stored batch is a Mapping (keys {', '.join(list(batch)[:5])}) but the loss "
+                             f"{loss_spec!r} is a criterion of (outputs, targets): name a loss closure, e.g. "
+                             "--loss sharpscope.hf:causal_lm_loss")
+        data = {k: v.to(device) for k, v in batch.items()}
+        return Checkpoint(model, data, data, loss_fn, optimizer, settings, initial, initial_error), error, not_applicable
     inputs, targets = batch
     inputs = tuple(t.to(device) for t in inputs)
     inputs = inputs[0] if len(inputs) == 1 else inputs

@@ -38,7 +38,9 @@ Kind = Literal["eigenvalues", "trace", "density", "layers", "alignment"]
 class Checkpoint:
     """What a quantity is measured on: the rebuilt model at one step, its stored batch, the loss,
     the optimizer (for ``precond``; None otherwise), the job's settings and, for quantities that
-    compare with the start of training (``alignment``), the model at step 0 (or why it is missing)."""
+    compare with the start of training (``alignment``), the model at step 0 (or why it is missing).
+    A Mapping batch (a Hugging Face run) comes with a loss closure (:class:`~sharpscope.BatchLoss`):
+    ``data`` and ``inputs`` are then both the batch."""
 
     model: nn.Module
     data: tuple[Any, Any]
@@ -130,8 +132,11 @@ def _ggn(cp: Checkpoint) -> Measurement:
 
 
 def _ntk(cp: Checkpoint) -> Measurement:
+    from ..closures import BatchLoss
     from ..operators import ntk_operator
 
+    if isinstance(cp.loss_fn, BatchLoss):  # a Mapping batch: the NTK of the closure's outputs
+        return _top_k(ntk_operator(cp.model, cp.loss_fn, cp.data, **_common(cp)), cp)
     return _top_k(ntk_operator(cp.model, cp.inputs, **_common(cp)), cp)
 
 

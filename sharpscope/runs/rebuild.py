@@ -9,6 +9,7 @@ or a row missing a tensor, would otherwise be measured partly at its fresh rando
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -24,7 +25,7 @@ __all__ = ["build_loss", "model_at", "optimizer_at", "NoOptimizerState", "allowe
 
 def build_loss(spec: str | None, allow: Iterable[str] = (), where: str = "the run file") -> Callable:
     """A loss from its name in ``torch.nn`` (``"CrossEntropyLoss"``) or a trusted ``"module:function"``
-    factory (:mod:`sharpscope.registry`)."""
+    factory (:mod:`sharpscope.registry`; it may return a loss closure, ``sharpscope.hf:causal_lm_loss``)."""
     if not spec:
         raise ValueError("the run's meta names no loss: pass loss= (a torch.nn loss name or 'module:function')")
     if not isinstance(spec, str):
@@ -139,6 +140,23 @@ def _tuples(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}
 
 
+def _set_lrs(run, step: int, opt: torch.optim.Optimizer) -> None:
+    """The groups' lrs at ``step`` as stored with the checkpoint (a scheduler changes them; the recorded
+    groups hold those at the Recorder's construction). Every lr 0 (the end of a linear schedule):
+    :class:`NoOptimizerState`, as the preconditioned sharpness of a zero step is undefined."""
+    try:
+        lrs = run.lrs(step)
+    except (KeyError, IndexError, ValueError):
+        return
+    if len(lrs) != len(opt.param_groups) or not all(math.isfinite(lr) for lr in lrs):
+        return
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr
+    if lrs and all(lr == 0 for lr in lrs):
+        raise NoOptimizerState(f"every learning rate is 0 at step {step} (e.g. the end of a linear schedule): "
+                               "the preconditioned sharpness of a zero step is undefined")
+
+
 def optimizer_at(run, step: int, model: nn.Module, allow: Iterable[str] = ()) -> torch.optim.Optimizer:
     """Rebuild the optimizer (trusted class, groups, hyper-parameters) and load its state at ``step``."""
     info = run.meta.get("optimizer")
@@ -159,6 +177,7 @@ def optimizer_at(run, step: int, model: nn.Module, allow: Iterable[str] = ()) ->
     defaults = _tuples(info.get("defaults") or {})
     opt = cls(groups, **{k: v for k, v in defaults.items() if k in ("lr",)})
     opt.defaults.update(defaults)
+    _set_lrs(run, step, opt)
     for name, st in run.optimizer_state(step).items():
         if any(torch.isnan(v).any() for v in st.values()):
             raise NoOptimizerState(f"no optimizer state at step {step}: the optimizer had not stepped yet, "
