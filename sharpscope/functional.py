@@ -242,6 +242,22 @@ class ModelFunction:
         flags = tuple(m.training for m in self.model.modules())
         return Fingerprint(params, buffers, flags)
 
+    def value_digest(self) -> torch.Tensor:
+        """The values the fingerprint cannot see, summarized: per parameter and read buffer, the float64 sum
+        and sum of squares of its entries (on its device; two passes over the parameters). In-place writes
+        through ``p.data`` (weight clipping, EMA copies, ``.data.mul_``) change values without a version bump."""
+        skip = set(self._bn_buffers) if self.batchnorm == "batch" else set()
+        tensors = [p.detach() for _, p in self.model.named_parameters()]
+        tensors += [b.detach() for n, b in self.model.named_buffers() if n not in skip]
+        if not tensors:
+            return torch.zeros(0, dtype=torch.float64)
+        device = tensors[0].device
+        parts = []
+        for t in tensors:
+            t64 = t.to(device=device, dtype=torch.float64)
+            parts.append(torch.stack([t64.sum(), t64.square().sum()]))
+        return torch.cat(parts)
+
     # -- evaluation ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def deterministic(self) -> Iterator[None]:

@@ -66,12 +66,13 @@ graph would otherwise freeze one dropout mask or one noise draw into a symmetric
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
 import warnings
 from contextlib import nullcontext
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -217,6 +218,7 @@ class CurvatureOperator(SymmetricOperator):
         self._data, self._with_targets, self._data_dtype = data, with_targets, fn.dtype
         self.batches = self._make_batches(None)
         self._fingerprint = fn.fingerprint()
+        self._digest = fn.value_digest()
         self._deterministic_checked = False
         self.requested_mode = hvp_mode
         self.hvp_mode: str = hvp_mode  # resolved on the first product
@@ -274,6 +276,40 @@ class CurvatureOperator(SymmetricOperator):
         return loss
 
     # -- following the live model ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator["CurvatureOperator"]:
+        """:meth:`SymmetricOperator.pinned`, plus the values the per-product fingerprint cannot see (writes
+        through ``p.data`` bump no version counter): a summary of the parameters' values is compared when
+        a solve starts (changed since the last one: the operator rebuilds) and when it ends (changed during
+        it: :class:`StaleOperatorError`). Two passes over the parameters per solve, not per product."""
+        if self._pins:
+            with super().pinned():
+                yield self
+            return
+        now = self.fn.value_digest()
+        if not torch.equal(now, self._digest):
+            try:
+                self._rebuild()
+            except Exception as err:
+                if not self._defer(err):
+                    raise
+        before = self._digest
+        try:
+            with super().pinned():
+                yield self
+        except NotSymmetricError as err:  # the symmetry test may see the change first: name the real cause
+            if not torch.equal(self.fn.value_digest(), before):
+                raise self._changed_values() from err
+            raise
+        if not torch.equal(self.fn.value_digest(), before):
+            raise self._changed_values()
+
+    def _changed_values(self) -> StaleOperatorError:
+        return StaleOperatorError(f"{type(self).__name__}: the model's parameter values changed during a solve "
+                                  "without a version change (an in-place write through .data?): products before "
+                                  "and after belong to two different matrices; do not modify the model while "
+                                  "lanczos or an estimator runs")
+
     def _sync(self) -> None:
         try:
             self._follow_model()
@@ -310,6 +346,7 @@ class CurvatureOperator(SymmetricOperator):
         self.fn, self.dtype, self.device = fn, fn.dtype, fn.device
         self.batches = self._make_batches(dtype)
         self._fingerprint = fn.fingerprint()
+        self._digest = fn.value_digest()
         self._graphs = None
         self._deterministic_checked = False
         self.hvp_mode, self._trial_times, self._checked = self.requested_mode, [], False

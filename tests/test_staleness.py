@@ -74,6 +74,33 @@ def test_a_half_precision_model_is_measured_not_zero():
     torch.testing.assert_close(res.eigenvalues, truth, rtol=0.1, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["cached", "reverse"])
+def test_writes_through_data_are_followed_between_solves_and_refused_inside_one(mode):
+    """``p.data.mul_`` bumps no version counter (the per-product fingerprint cannot see it): the value summary
+    checked at the start and end of each solve does."""
+    model, data = make_mlp(7), make_data("mlp", 7)
+    H = ss.hessian_operator(model, CE, data, hvp_mode=mode)
+    before = ss.lanczos(H, k=2).eigenvalues
+    version = model[0].weight._version
+    model[0].weight.data.mul_(3.0)  # e.g. weight clipping or an EMA copy written through .data
+    assert model[0].weight._version == version
+    after = ss.lanczos(H, k=2).eigenvalues
+    torch.testing.assert_close(after, _top(model, data), rtol=1e-8, atol=0)
+    assert not torch.allclose(after, before)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    P = ss.preconditioned_hessian_operator(model, CE, data, opt)
+    ss.lanczos(P, k=1)
+    model[2].bias.data.add_(0.5)
+    d = P.d_sqrt
+    torch.testing.assert_close(ss.lanczos(P, k=1).eigenvalues, _top(model, data, 1) * d[0] ** 2, rtol=1e-8, atol=0)
+
+    def write_through_data(*_):
+        model[2].weight.data.mul_(1.01)
+
+    with pytest.raises(ss.StaleOperatorError, match="changed during a solve without a version change"):
+        ss.lanczos(H, k=2, callback=write_through_data)
+
+
 def test_a_change_inside_one_solve_raises():
     model, data = make_mlp(4), make_data("mlp", 4)
     H = ss.hessian_operator(model, CE, data)
