@@ -187,3 +187,35 @@ def test_losses_logged_apart_from_the_checkpoints_do_not_hide_them(tmp_path):
             rec.log_loss(float("nan") if step == 4 else float(loss))  # "diverged" at step 5
     report = run_spectrum_job([path], ["hessian"], SpectrumSettings(k=1), progress=False)
     assert report.computed == 3 and report.diverged == 1  # steps 0, 2, 4 measured; 6 is past the divergence
+
+
+def test_a_failed_dask_future_is_submitted_once_more(tmp_path, monkeypatch):
+    """A cluster-side error (not raised by the task) costs one resubmission, not the checkpoint; an error
+    that repeats is a failure; executors without a cluster report the first failure."""
+    import concurrent.futures
+
+    from sharpscope.runs import jobs
+
+    path = tmp_path / "run.h5"
+    _record(path, steps=4, every=2)
+    calls: list[int] = []
+
+    def flaky_executor(spec):
+        def submit(fn, path, step, *args):
+            fut = concurrent.futures.Future()
+            calls.append(step)
+            if step == 2 and calls.count(2) == 1 or step == 4:  # step 2 fails once, step 4 always
+                fut.set_exception(RuntimeError("<asyncio.locks.Event object> is bound to a different event loop"))
+            else:
+                fut.set_result(fn(path, step, *args))
+            return fut
+        return submit, lambda: None, iter
+
+    monkeypatch.setattr(jobs, "executor_from_spec", flaky_executor)
+    report = run_spectrum_job([path], ["hessian"], SpectrumSettings(k=2), executor="dask://fake:1", progress=False)
+    assert sorted(calls) == [0, 2, 2, 4, 4] and report.computed == 2
+    assert [(s, m.split(":")[0]) for _, s, m in report.failures] == [(4, "RuntimeError")]
+    calls.clear()
+    report = run_spectrum_job([tmp_path / "run.h5"], ["hessian"], SpectrumSettings(k=2, seed=1), executor="process:1",
+                              progress=False)
+    assert sorted(calls) == [0, 2, 4] and report.computed == 1 and len(report.failures) == 2

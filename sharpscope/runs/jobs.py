@@ -245,34 +245,52 @@ def _plan_tasks(runs: Sequence[str | os.PathLike], quantities: Sequence[str], se
 
 def _run_tasks(tasks: list[tuple[str, int, list[str]]], settings: SpectrumSettings, executor: str,
                allow: list[str], progress: bool, report: JobReport) -> None:
-    """Run the tasks on the executor and store each result through its run's one writer."""
+    """Run the tasks on the executor and store each result through its run's one writer.
+
+    On a Dask cluster a task whose future fails is submitted once more, after the others: Dask retries a
+    task that raised, but a worker killed mid-task can also surface as an error of the cluster's own
+    machinery (e.g. an asyncio event bound to another loop) that no retry covered."""
     submit, shutdown, completed = executor_from_spec(executor)
     writers: dict[str, SpectraFile] = {}
+    resubmit = executor.startswith(("dask-local:", "dask-cuda", "dask://", "tcp://"))
     try:
-        futures = {submit(compute_task, path, step, todo, settings, None, allow): (path, step)
-                   for path, step, todo in tasks}
-        bar = progress_bar(len(futures), "spectra", progress, unit="ckpt")
-        for fut in completed(list(futures)):
-            path, step = futures[fut]
-            try:
-                rows = fut.result()
-            except Exception as err:  # noqa: BLE001 - one failed checkpoint does not stop the job
-                report.failures.append((path, step, f"{type(err).__name__}: {err}"))
-            else:
-                for row in rows:
-                    if "error" in row:
-                        report.failures.append((path, step, f"{row['quantity']}: {row['error']}"))
-                        continue
-                    _store(writers, path, row)
-                    report.written += 1
-                    report.not_applicable += "not_applicable" in json.loads(row["info"])
-                report.computed += 1
-            bar.update(1)
+        bar = progress_bar(len(tasks), "spectra", progress, unit="ckpt")
+        failed = _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep_failed=resubmit)
+        if failed:
+            _drain(submit, completed, [t for t, _ in failed], settings, allow, writers, report, bar, keep_failed=False)
         bar.close()
     finally:
         for sf in writers.values():
             sf.close()
         shutdown()
+
+
+def _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep_failed: bool) -> list:
+    """Submit ``tasks``, store their rows as they finish; failed futures are returned (``keep_failed``) or
+    reported."""
+    futures = {submit(compute_task, path, step, todo, settings, None, allow): (path, step, todo)
+               for path, step, todo in tasks}
+    failed = []
+    for fut in completed(list(futures)):
+        path, step, todo = futures[fut]
+        try:
+            rows = fut.result()
+        except Exception as err:  # noqa: BLE001 - one failed checkpoint does not stop the job
+            if keep_failed:
+                failed.append(((path, step, todo), err))
+                continue
+            report.failures.append((path, step, f"{type(err).__name__}: {err}"))
+        else:
+            for row in rows:
+                if "error" in row:
+                    report.failures.append((path, step, f"{row['quantity']}: {row['error']}"))
+                    continue
+                _store(writers, path, row)
+                report.written += 1
+                report.not_applicable += "not_applicable" in json.loads(row["info"])
+            report.computed += 1
+        bar.update(1)
+    return failed
 
 
 def _store(writers: dict[str, SpectraFile], path: str, row: dict) -> None:
