@@ -33,7 +33,8 @@ setup(
         # its backpack-for-pytorch pulls torchvision, which replaces the pinned torch; these are the
         # dependencies it imports
         "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1", "lightning>=2.0",
-                 "transformers>=4.40", "accelerate>=1.1", "einops>=0.6", "einconv>=0.1", "linear_operator>=0.5"],
+                 "transformers>=4.40", "accelerate>=1.1", "einops>=0.6", "einconv>=0.1", "linear_operator>=0.5",
+                 "ruff>=0.6"],  # ruff: the linter .ci/run runs (configuration in pyproject.toml)
         "dask": ["dask[distributed]"],
         "dask-cuda": ["dask[distributed]", "dask-cuda"],
         "lightning": ["lightning"],
