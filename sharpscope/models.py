@@ -1,4 +1,4 @@
-"""Width/depth-scalable model families: MLP, CNN, a pre-LN Transformer decoder and a Mixture-of-Experts.
+r"""Width/depth-scalable model families: MLP, CNN, a pre-LN Transformer decoder and a Mixture-of-Experts.
 
 Plain ``nn.Module`` s with a ``width`` and a ``depth`` knob. Every family:
 
@@ -12,7 +12,7 @@ Plain ``nn.Module`` s with a ``width`` and a ``depth`` knob. Every family:
   next-token batch, used by the coord check).
 
 The Transformer's attention calls ``torch.nn.functional.scaled_dot_product_attention`` with an
-explicit ``scale=`` (default :math:`1/\\sqrt{d_{head}}`; muP's :math:`1/d` is set by ``parametrize``);
+explicit ``scale=`` (default :math:`1/\sqrt{d_{head}}`; muP's :math:`1/d` is set by ``parametrize``);
 heads grow with width at a fixed head dimension unless ``heads=`` is given. The MoE layer routes each
 token to its top-k of E experts (E and k fixed as width grows); it evaluates every expert densely
 and combines them with the (mostly zero) gate matrix, which keeps the forward pass a fixed-shape
@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional as F  # noqa: N812 (torch's idiom)
 
 __all__ = ["MLP", "CNN", "Transformer", "MoE", "MoELayer", "Router", "Expert", "CausalSelfAttention",
            "FAMILIES", "build_model", "resolve_factory"]
@@ -84,10 +84,10 @@ class _Scalable(nn.Module):
 
 
 class MLP(_Scalable):
-    """in_features -> width -> (depth x width->width) -> out_features; optionally residual.
+    r"""in_features -> width -> (depth x width->width) -> out_features; optionally residual.
 
-    Forward: :math:`h_0 = W_{in} x`; :math:`h_{l} = h_{l-1} + s\\, W_l \\phi(h_{l-1})` (residual, s =
-    ``branch_multiplier``) or :math:`h_l = W_l \\phi(h_{l-1})`; output :math:`W_{out} \\phi(h_L)`.
+    Forward: :math:`h_0 = W_{in} x`; :math:`h_{l} = h_{l-1} + s\, W_l \phi(h_{l-1})` (residual, s =
+    ``branch_multiplier``) or :math:`h_l = W_l \phi(h_{l-1})`; output :math:`W_{out} \phi(h_L)`.
     """
 
     def __init__(self, width: int = 64, depth: int = 2, in_features: int = 8, out_features: int = 4,
@@ -122,9 +122,9 @@ class MLP(_Scalable):
 
 
 class CNN(_Scalable):
-    """Conv net, width = channels: conv(in->width), depth x conv(width->width), global average pool, linear.
+    r"""Conv net, width = channels: conv(in->width), depth x conv(width->width), global average pool, linear.
 
-    Optionally residual (:math:`h + s\\, \\mathrm{conv}(\\phi(h))`). Inputs (B, in_channels, H, W).
+    Optionally residual (:math:`h + s\, \mathrm{conv}(\phi(h))`). Inputs (B, in_channels, H, W).
     """
 
     def __init__(self, width: int = 16, depth: int = 2, in_channels: int = 1, num_classes: int = 4,
@@ -165,10 +165,10 @@ class CNN(_Scalable):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through SDPA with an explicit logit scale.
+    r"""Multi-head causal self-attention through SDPA with an explicit logit scale.
 
-    ``logit_scale`` defaults to :math:`1/\\sqrt{d_{head}}` (SP); muP uses :math:`\\sqrt{d_0}/d_{head}`
-    (Yang et al. 2022, Tensor Programs V, Sec. 6: attention :math:`q^\\top k / d`), set through
+    ``logit_scale`` defaults to :math:`1/\sqrt{d_{head}}` (SP); muP uses :math:`\sqrt{d_0}/d_{head}`
+    (Yang et al. 2022, Tensor Programs V, Sec. 6: attention :math:`q^\top k / d`), set through
     :meth:`set_logit_scale` by :func:`sharpscope.param.parametrize`.
     """
 
@@ -231,11 +231,11 @@ AUX_LOSS_MODES = ("loop", "backward")
 
 
 class MoELayer(nn.Module):
-    """Top-k Mixture-of-Experts feed-forward layer (Shazeer et al. 2017; Switch/GShard-style balancing).
+    r"""Top-k Mixture-of-Experts feed-forward layer (Shazeer et al. 2017; Switch/GShard-style balancing).
 
-    Gates: :math:`p = \\mathrm{softmax}(R h)`, keep the top-k, renormalize; output
-    :math:`\\sum_e g_e\\, \\mathrm{expert}_e(h)`. Load-balancing loss (Fedus et al. 2022, Switch
-    Transformer): :math:`E \\sum_e f_e P_e`, :math:`f_e` = fraction of top-k slots routed to e,
+    Gates: :math:`p = \mathrm{softmax}(R h)`, keep the top-k, renormalize; output
+    :math:`\sum_e g_e\, \mathrm{expert}_e(h)`. Load-balancing loss (Fedus et al. 2022, Switch
+    Transformer): :math:`E \sum_e f_e P_e`, :math:`f_e` = fraction of top-k slots routed to e,
     :math:`P_e` = mean router probability; kept in ``last_aux_loss`` after each forward.
     ``aux_in_backward`` > 0 adds that weight times the balance loss's gradient to every backward pass in
     training mode (the forward output and the loss value are unchanged; in eval mode, where curvature
@@ -350,10 +350,10 @@ class _Block(nn.Module):
 
 
 class Transformer(_MoEMixin, _Scalable):
-    """A small pre-LN decoder-only Transformer language model, width = d_model.
+    r"""A small pre-LN decoder-only Transformer language model, width = d_model.
 
-    Token + learned position embeddings, ``depth`` blocks :math:`x + s\\,\\mathrm{attn}(\\mathrm{LN}(x))`,
-    :math:`x + s\\,\\mathrm{mlp}(\\mathrm{LN}(x))`, final LN, untied readout to the vocabulary. Heads =
+    Token + learned position embeddings, ``depth`` blocks :math:`x + s\,\mathrm{attn}(\mathrm{LN}(x))`,
+    :math:`x + s\,\mathrm{mlp}(\mathrm{LN}(x))`, final LN, untied readout to the vocabulary. Heads =
     width / ``head_dim`` (the head dimension stays fixed as width grows) unless ``heads`` is given (then
     the head dimension grows and the muP 1/d logit scale matters). ``num_experts > 0`` replaces each
     MLP by a top-k :class:`MoELayer`. Inputs: token ids (B, T) with T <= ``max_len``; output logits (B, T, vocab).

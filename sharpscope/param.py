@@ -43,7 +43,7 @@ fully aligned with the layer's input (:math:`\Delta W h \sim \text{fan-in} \cdot
 With :math:`f = 1` when the fan-in grows (hidden, readout) and 0 otherwise, and the backward
 signal below the readout of size :math:`m^{-g}`, :math:`g = (a+b)_{readout}` (0 for the readout
 itself): SGD :math:`c = f - 2a - g`; Adam :math:`c = f - a`; Adafactor (updates proportional to
-RMS(w)) :math:`c = f - (a+b)`. This reproduces SCIENCE.md's table entry by entry and is consistent
+RMS(w)) :math:`c = f - (a+b)`. This reproduces docs/science.md's table (section 1) entry by entry and is consistent
 with the symmetry below; only the paper's abstract and section summaries were readable here, not
 its Table 1, so the derivation is what was checked. *No alignment* (updates uncorrelated with the
 layer input, :math:`\Delta W h \sim \sqrt{\text{fan-in}}`) lowers the hidden and readout exponents by 1/2.
@@ -63,7 +63,7 @@ width-independent lr) or :math:`0.2\sqrt{\max(A,B)}` (``"match_rms_adamw"``, gro
 :math:`\sqrt n`). So the hidden exponent is :math:`c = -a` with ``"original"`` and
 :math:`c = 1/2 - a` with ``"match_rms_adamw"``, under either alignment (an orthogonal update
 preserves the norm of any input, aligned or not). In muP (a = 0) this is a width-independent lr
-with ``"original"``, which is SCIENCE.md's statement.
+with ``"original"``, which is docs/science.md's statement (section 1, Muon).
 
 **Depth** (Bordelon et al. 2023; Yang et al. 2023, "Tensor Programs VI"): with ``depth_scaling``
 each residual branch is multiplied by :math:`(L/L_0)^{-1/2}`; the learning rate of the parameters
@@ -76,8 +76,8 @@ dimension :math:`d_0`). With a fixed head dimension (heads grow with width) the 
 
 **MoE** (Małaśnicki et al. 2025, "muP for Mixture of Experts", arXiv 2508.09752): the router is a
 readout layer (width -> fixed #experts), each expert's matrices are hidden layers; experts and
-top-k fixed. SCIENCE.md says an expert's input projection n -> k n is "embedding-like"; its fan-in
-n grows with width, so by the role definitions it is hidden, which is the default
+top-k fixed. docs/science.md (section 1, MoE) says an expert's input projection n -> k n is
+"embedding-like"; its fan-in n grows with width, so by the role definitions it is hidden, which is the default
 (``expert_input="embedding"`` gives the other reading). ``router="no_alignment"`` raises the router's
 lr by :math:`m^{1/2}` over a readout's: with SGD its logit gradient, an inner product of vectors not
 yet aligned, is :math:`O(m^{1/2-g})`, and that lr restores an O(1) change of its logits (measured in
@@ -509,7 +509,7 @@ def _check_ties(slots: list[_Slot]) -> None:
 
 # -- forward multipliers ---------------------------------------------------------------------------------
 class Multiplier(nn.Module):
-    """``torch.nn.utils.parametrize`` map :math:`w \\mapsto m\\, w` (the :math:`n^{-a}` of the abc family).
+    r"""``torch.nn.utils.parametrize`` map :math:`w \mapsto m\, w` (the :math:`n^{-a}` of the abc family).
 
     The trainable tensor stays ``module.parametrizations.<attr>.original`` (what ``named_parameters()``
     and ``state_dict()`` show); ``module.<attr>`` is the scaled weight the forward pass uses.
@@ -576,20 +576,24 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
     tensor names do not depend on the width) and sets each group's lr to :math:`\eta\, m^{-c}`.
 
     Args:
+        model: the model to parameterize (in place).
         parameterization: ``"sp"``, ``"ntk"``, ``"mup"``, ``"mf"`` or a :class:`Parameterization`.
-        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"adafactor"`` or ``"muon"`` (selects the c table).
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"adafactor"``, ``"muon"`` or ``"adam-atan2"``
+            (selects the c table; adam-atan2 uses Adam's).
         lr: the base learning rate :math:`\eta` (tuned at the base width).
         base_width: build the base model with ``model.with_width(base_width)`` (sharpscope.models).
-        base_model: a copy of the model at the base width (for any model); ``delta_model``: optionally a
-            third width that tells which dimensions grow (needed when ``model`` is the base width itself).
+        base_model: a copy of the model at the base width (for any model).
+        delta_model: optionally the model at a third width, which tells which dimensions grow (needed
+            when ``model`` is the base width itself).
         lr_scaling: ``"global"`` (c = 0), ``"full_alignment"`` or ``"no_alignment"``; default: global for
             SP/NTK, full alignment (the muP table) for muP/MF.
         roles: overrides by plain tensor name or glob (``{"head.weight": "readout"}``).
         depth_scaling: depth-muP, residual branches times :math:`(L/L_0)^{-1/2}` (models exposing
-            ``residual_branches()`` and ``branch_multiplier``; L = ``model.depth``, the number of blocks),
-            ``base_depth`` = :math:`L_0` (default 1: the absolute :math:`1/\sqrt{L}` of Noci et al.).
+            ``residual_branches()`` and ``branch_multiplier``; L = ``model.depth``, the number of blocks).
+        base_depth: :math:`L_0` (default 1: the absolute :math:`1/\sqrt{L}` of Noci et al.).
         attention: ``"auto"`` (the parameterization's rule), ``"1/d"`` or ``"1/sqrt(d)"``.
-        init_scale: :math:`\sigma_0 = \text{init\_scale}/\sqrt{\text{fan-in}_0}`; ``zero_readout``: readout w = 0.
+        init_scale: :math:`\sigma_0 = \text{init\_scale}/\sqrt{\text{fan-in}_0}`.
+        zero_readout: initialize the readout weights to 0 (a MoE router keeps its init).
         muon_adjust_lr_fn: torch Muon's ``adjust_lr_fn`` the groups are meant for (changes Muon's c).
         eps_scaling: give every Adam/AdamW group (under Muon: every AdamW group) its own epsilon
             :math:`\epsilon\, m^{-e}`, e = :func:`eps_exponent` (the width exponent of that tensor's
@@ -601,11 +605,12 @@ def parametrize(model: nn.Module, parameterization: str | Parameterization = "mu
             :func:`sharpscope.optim.build_optimizer` ``(groups, eps=...)`` replaces it (the optimizer's
             ``eps`` is then the base: a probe's ``optimizer_kwargs`` or ``eps`` axis).
         expert_input: role of each MoE expert's input projection: ``"hidden"`` (default: its fan-in and
-            fan-out grow) or ``"embedding"`` (the reading of SCIENCE.md; see docs/parameterizations.md).
+            fan-out grow) or ``"embedding"`` (the reading of docs/science.md; see docs/parameterizations.md).
         router: MoE router scaling: ``"readout"`` (default: the readout row), ``"no_alignment"`` (the
             readout row with its lr exponent lowered by 1/2, i.e. the router's lr grows by
             :math:`m^{1/2}` over the readout's: its logit gradient is an inner product of unaligned
             vectors early in training) or ``"hidden"`` (the hidden row: O(1) router logits at init).
+        seed: seed of the generator the re-initialization draws from.
 
     Returns:
         :class:`ParamGroups` (one group per tensor) with ``.record``.
@@ -741,7 +746,8 @@ def _depth_setup(model: nn.Module, enabled: bool, base_depth: int | None) -> dic
                          f"branch_multiplier (sharpscope.models with residual=True); {type(model).__name__} does not")
     branches = list(model.residual_branches())
     if not branches:
-        raise ValueError(f"depth_scaling: {type(model).__name__} has no residual branches (build it with residual=True)")
+        raise ValueError(f"depth_scaling: {type(model).__name__} has no residual branches "
+                         "(build it with residual=True)")
     depth, l0 = int(getattr(model, "depth", len(branches))), base_depth or 1
     mult = (depth / l0) ** -0.5
     model.branch_multiplier = mult

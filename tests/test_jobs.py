@@ -14,6 +14,7 @@ from torch import nn
 import sharpscope as ss
 from sharpscope.cli import main
 from sharpscope.demo import digits_data, digits_mlp
+from sharpscope.optim import AdamAtan2
 from sharpscope.runs.jobs import SpectrumSettings, run_spectrum_job
 from sharpscope.runs.spectra import SpectraFile, spectra_path
 
@@ -165,6 +166,53 @@ def test_job_rebuilds_a_parametrized_model(tmp_path):
         offline = sf.rows("hessian")[-1]["values"]
     direct = ss.lanczos(ss.hessian_operator(model, CE, (x, y)), k=2).eigenvalues.numpy()
     np.testing.assert_allclose(offline, direct, rtol=1e-6)
+
+
+def test_adam_atan2_state_is_captured_from_step_0_and_preconditions(tmp_path):
+    """AdamAtan2's state (Adam's keys) is predicted before its first step, so every checkpoint stores it
+    and the offline `precond` job reads it (not applicable at step 0, measured after)."""
+    torch.manual_seed(0)
+    kwargs = {"width": 32, "depth": 2, "in_features": 64, "out_features": 10, "activation": "tanh"}
+    model = ss.build_model("sharpscope.models:MLP", kwargs)
+    groups = ss.parametrize(model, "mup", optimizer="adam-atan2", lr=1e-2, base_width=16)
+    opt = ss.build_optimizer(groups, "adam-atan2")
+    assert isinstance(opt, AdamAtan2)
+    x, y = digits_data()
+    x, y = x[:64], y[:64]
+    path = tmp_path / "atan2.h5"
+    with ss.Recorder(path, model, opt, batch=(x, y), every=2, loss_fn=CE,
+                     meta={"model_factory": "sharpscope.models:MLP", "model_kwargs": kwargs,
+                           "parameterization": groups.record}) as rec:
+        for _ in range(4):
+            opt.zero_grad()
+            loss = CE(model(x), y)
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    names = [n for n, _ in model.named_parameters()]
+    with ss.open_run(path) as run:
+        states = {s: run.optimizer_state(s) for s in (0, 2, 4)}
+    for step, state in states.items():
+        assert set(state) == set(names), step
+        assert all(set(st) == {"step", "exp_avg", "exp_avg_sq"} for st in state.values()), step
+    first = states[0][names[0]]
+    # before any step: the predicted slots exist and hold the store's "no state yet" (NaN), as Adam's
+    assert all(torch.isnan(t).all() for t in first.values())
+    for name, p in model.named_parameters():
+        live = opt.state[p]
+        assert float(states[4][name]["step"]) == 4
+        torch.testing.assert_close(states[4][name]["exp_avg"], live["exp_avg"], rtol=0, atol=0)
+        torch.testing.assert_close(states[4][name]["exp_avg_sq"], live["exp_avg_sq"], rtol=0, atol=0)
+    report = run_spectrum_job([path], ["precond"], SpectrumSettings(k=2), progress=False)
+    assert report.failures == [] and report.not_applicable == 1 and report.written == 3
+    with SpectraFile(spectra_path(path)) as sf:
+        rows = sf.rows("precond")
+    assert [r["step"] for r in rows] == [0, 2, 4] and len(rows[0]["values"]) == 0
+    assert all(len(r["values"]) == 2 and np.all(np.isfinite(r["values"])) for r in rows[1:])
+    assert rows[-1]["info"]["threshold"] == pytest.approx(38 / 1e-2)
+    # the job's value at step 4 is the live preconditioned operator's
+    direct = ss.lanczos(ss.preconditioned_hessian_operator(model, CE, (x, y), opt), k=2).eigenvalues.numpy()
+    np.testing.assert_allclose(rows[-1]["values"], direct, rtol=1e-5)
 
 
 def test_losses_logged_apart_from_the_checkpoints_do_not_hide_them(tmp_path):

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..closures import BatchLoss
 from ..functional import mapping_batch_error
+from ..optim import AdamAtan2
 from .provenance import config_digest
 from .store import RunFileError, RunWriter, TensorSpec, open_run
 
@@ -117,7 +118,8 @@ def optimizer_state_specs(optimizer: torch.optim.Optimizer | None, names: Mappin
                           ) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
     """``(param name, state key, shape, dtype)`` of the optimizer state to capture, for every managed
     parameter. Taken from the state when it exists, else predicted from torch's SGD (momentum), Adam,
-    AdamW, Adafactor and Muon (their state appears only at the first step)."""
+    AdamW, Adafactor, Muon and :class:`sharpscope.optim.AdamAtan2` (their state appears only at the
+    first step)."""
     if optimizer is None:
         return []
     out = []
@@ -141,6 +143,8 @@ def optimizer_state_specs(optimizer: torch.optim.Optimizer | None, names: Mappin
 
 def _predicted_state(optimizer, group, p) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     shape = tuple(p.shape)
+    if isinstance(optimizer, AdamAtan2):  # Adam's keys and dtypes, no amsgrad
+        return [("step", (), torch.float32), ("exp_avg", shape, p.dtype), ("exp_avg_sq", shape, p.dtype)]
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         keys = [("step", (), torch.float32), ("exp_avg", shape, p.dtype), ("exp_avg_sq", shape, p.dtype)]
         if group.get("amsgrad"):
