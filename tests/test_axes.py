@@ -60,6 +60,8 @@ def test_the_training_horizon_is_compared_at_equal_fractions(tmp_path):
     assert group["axis"] == "steps" and group["x"] == "fraction of training"
     window = group["quantities"]["hessian"]["window_steps"]
     assert 0 < window[0] and window[1] == pytest.approx(1.0)  # compared on fractions 0..1, not steps
+    lines = verdict_lines(tmp_path / "out" / "metrics.json")
+    assert any("hessian across steps " in ln for ln in lines) and not any("stepss" in ln for ln in lines)
 
 
 def test_an_axis_with_zero_is_compared_on_a_linear_scale(tmp_path):

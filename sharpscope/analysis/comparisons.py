@@ -32,7 +32,7 @@ from . import consistency
 from .alignment import compare_alignment, series_from_rows
 
 __all__ = ["RunSummary", "Comparison", "LayerSharpness", "QuantityResult", "ComparedGroup", "TransferFamily",
-           "Analysis", "collect", "analyze", "analyze_in_detail", "group_label", "AXES", "compared_axes"]
+           "Analysis", "collect", "analyze", "analyze_in_detail", "group_label", "plural", "AXES", "compared_axes"]
 
 
 AXES = ("width", "depth")  # the size axes of every run; any other recorded setting is an axis too
@@ -93,6 +93,12 @@ class RunSummary:
         return self.axes.get(axis)
 
     size = value  # the size along a width/depth axis: the name the report used before any axis existed
+
+
+def plural(axis: str) -> str:
+    """The compared axis in the plural, for verdicts and captions: ``width`` -> ``widths``; names that
+    already end in s (``steps``, ``num_experts``) stay as they are."""
+    return axis if axis.endswith("s") else f"{axis}s"
 
 
 def group_label(parameterization: str, optimizer: str, lr: float | None = None,
@@ -474,7 +480,7 @@ def _fraction_axis(axis: str) -> dict[str, Any]:
 
 def _compare(c: Comparison, problems: list[str]) -> ComparedGroup:
     """The JSON entry of one comparison and the results its figures need."""
-    names = f"{c.axis}s"
+    names = f"{plural(c.axis)}"
     seeds = {_key(size): len(runs) for size, runs in c.by_size().items()}
     entry: dict[str, Any] = {"axis": c.axis, "parameterization": c.parameterization, "optimizer": c.optimizer,
                              "lr": c.lr, "fixed": c.fixed, "sizes": c.sizes, "seeds": seeds, "quantities": {},
@@ -553,9 +559,9 @@ def _transfers(summaries: Sequence[RunSummary], axes: Sequence[str], problems: l
             n_lrs = max((len(curve) for curve in curves.values()), default=0)
             dead = [size for size, curve in curves.items() if not any(math.isfinite(v) for v in curve.values())]
             if dead:
-                problems.append(f"{label}: every lr diverged for {axis}s {_fmt(dead)}: lower the lr grid")
+                problems.append(f"{label}: every lr diverged for {plural(axis)} {_fmt(dead)}: lower the lr grid")
             if len(curves) < 2 or n_lrs < 3:
-                reason = f"needs >= 2 {axis}s and >= 3 lrs, has {len(curves)} {axis}(s) and {n_lrs} lr(s)"
+                reason = f"needs >= 2 {plural(axis)} and >= 3 lrs, has {len(curves)} {axis}(s) and {n_lrs} lr(s)"
                 out.append(TransferFamily({**head, "verdict": "undetermined", "reason": reason}, curves, None))
                 continue
             try:
@@ -583,7 +589,7 @@ def analyze_in_detail(summaries: Sequence[RunSummary], compare: str | None = Non
                             f"it in the Recorder's meta or axes=)")
         elif len(values) == 1:
             problems.append(f"all runs have the same {axis} ({_fmt(values)}): super consistency and lr transfer "
-                            f"need >= 2 {axis}s (better >= 3, for the convergence exponent)")
+                            f"need >= 2 {plural(axis)} (better >= 3, for the convergence exponent)")
         elif any(_number(v) is None for v in values):
             problems.append(f"the compared axis {axis!r} holds values that are not numbers "
                             f"({', '.join(sorted(map(str, values)))}): compare a numeric axis")

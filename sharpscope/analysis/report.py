@@ -24,7 +24,7 @@ import numpy as np
 from .._version import __version__
 from ..runs.quantities import REGISTRY
 from . import plots
-from .comparisons import Analysis, ComparedGroup, Comparison, TransferFamily, analyze_in_detail, collect, group_label
+from .comparisons import Analysis, ComparedGroup, Comparison, TransferFamily, analyze_in_detail, collect, group_label, plural
 
 __all__ = ["write_report", "verdict_lines"]
 
@@ -56,9 +56,9 @@ class _Figures:
             self.keep(plots.trajectories(traj, quantity=LABELS.get(q, q), size_label=c.axis, title=f"{q}: {c.label}",
                                          threshold=thresholds[0] if thresholds else None, step_label=_x_label(c.axis)),
                       f"{q}-{tag}", f"{q} per {c.axis}, {c.label}")
-            self.keep(plots.spread(res.steps, res.spread, quantity=f"relative spread across {c.axis}s ({res.spread_kind})",
+            self.keep(plots.spread(res.steps, res.spread, quantity=f"relative spread across {plural(c.axis)} ({res.spread_kind})",
                                    threshold=res.thresholds.spread_max, title=f"{q} spread: {c.label}"),
-                      f"{q}-spread-{tag}", f"{q}: spread across {c.axis}s, {c.label} (verdict {res.verdict})")
+                      f"{q}-spread-{tag}", f"{q}: spread across {plural(c.axis)}, {c.label} (verdict {res.verdict})")
         density = _density_curves(c)
         if density:
             step, curves = density
@@ -139,13 +139,13 @@ def _alignment_figure(found: dict | None, c: Comparison, tag: str, keep) -> None
     curves = {layer: by_step for layer, by_step in curves.items() if by_step}
     if curves:
         keep(plots.alignment_exponents(curves, full_at_least=FULL_AT_LEAST, none_at_most=NONE_AT_MOST,
-                                       title=f"alignment exponent across {c.axis}s: {c.label}"),
-             f"alignment-{tag}", f"fitted alignment exponent per layer against the step, across {c.axis}s, {c.label}")
+                                       title=f"alignment exponent across {plural(c.axis)}: {c.label}"),
+             f"alignment-{tag}", f"fitted alignment exponent per layer against the step, across {plural(c.axis)}, {c.label}")
 
 
 def _tag(parameterization: str, optimizer: str, lr: float | None, axis: str, fixed: dict) -> str:
     """A file-name tag of a group: its coordinates, the compared axis and the other axes' values."""
-    parts = [parameterization, optimizer] + ([f"lr{lr:g}"] if lr is not None else []) + [f"{axis}s"]
+    parts = [parameterization, optimizer] + ([f"lr{lr:g}"] if lr is not None else []) + [f"{plural(axis)}"]
     parts += [f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}" for name, value in fixed.items()]
     return re.sub(r"[^A-Za-z0-9._+-]", "_", "-".join(parts))
 
@@ -264,7 +264,7 @@ def _verdict_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
     for g in metrics["groups"]:
         for q, ev in g["quantities"].items():
             rows.append((group_label(g["parameterization"], g["optimizer"], g["lr"], _fixed(g)),
-                         f"{q} across {g['axis']}s", ev.get("verdict", "?"), ev.get("reason", "")))
+                         f"{q} across {plural(g['axis'])}", ev.get("verdict", "?"), ev.get("reason", "")))
     for t in metrics["transfer"]:
         rows.append((group_label(t["parameterization"], t["optimizer"], None, _fixed(t)),
                      f"lr transfer across {t['axis']}s", t.get("verdict", "?"), t.get("reason", "")))
@@ -276,7 +276,7 @@ def _verdict_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
                                            f"{found['step']} (none 1/2, full 1; full >= {th.get('full')}, none <= "
                                            f"{th.get('none')})")
             rows.append((group_label(g["parameterization"], g["optimizer"], g["lr"], _fixed(g)),
-                         f"alignment of {layer} across {g['axis']}s", a.get("verdict", "?"), evidence))
+                         f"alignment of {layer} across {plural(g['axis'])}", a.get("verdict", "?"), evidence))
     return rows
 
 
