@@ -267,7 +267,7 @@ def _verdict_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
                          f"{q} across {plural(g['axis'])}", ev.get("verdict", "?"), ev.get("reason", "")))
     for t in metrics["transfer"]:
         rows.append((group_label(t["parameterization"], t["optimizer"], None, _fixed(t)),
-                     f"lr transfer across {t['axis']}s", t.get("verdict", "?"), t.get("reason", "")))
+                     f"lr transfer across {plural(t['axis'])}", t.get("verdict", "?"), t.get("reason", "")))
     for g in metrics["groups"]:
         found = g.get("alignment") or {}
         th = found.get("thresholds", {})
