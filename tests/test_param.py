@@ -14,7 +14,7 @@ from sharpscope.optim import OptimizerList, build_optimizer
 from sharpscope.param import PARAMETERIZATIONS, Multiplier, eps_exponent, infer_roles, lr_exponent, parametrize, parametrize_from_record
 
 H = 0.5
-# Everett et al. 2024, Table 1 / SCIENCE.md, written out independently of sharpscope.param's data:
+# Everett et al. 2024, Table 1 / docs/science.md, written out independently of sharpscope.param's data:
 # (a, b) per base role (embedding, hidden, readout) ...
 AB = {"sp": ((0, 0), (0, H), (0, H)), "ntk": ((0, 0), (H, 0), (H, 0)),
       "mup": ((-H, H), (0, H), (H, H)), "mf": ((0, 0), (H, 0), (1, 0))}
