@@ -56,6 +56,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .functional import deterministic_mode, running_stats_kept
+
 __all__ = ["AlignmentTerms", "LayerAlignment", "alignment_terms", "layer_alignment", "MIN_SPREAD"]
 
 MIN_SPREAD = 1.01  # F/N below this (an effective fan-in below ~1.02): alignment is undefined
@@ -161,23 +163,12 @@ def _inputs_of(model: nn.Module, inputs: Any, batchnorm: str) -> dict[str, tuple
                     seen = captured.get(_name)
                     captured[_name] = (mod, rows if seen is None else torch.cat([seen[1], rows]))
             handles.append(module.register_forward_pre_hook(hook))
-    flags = [(m, m.training) for m in model.modules()]
-    bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bn]
     try:
-        model.eval()
-        if batchnorm == "batch":
-            for m in bn:
-                m.train()
-        with torch.no_grad():
+        with deterministic_mode(model, batchnorm), running_stats_kept(model), torch.no_grad():
             model(*inputs) if isinstance(inputs, tuple) else model(inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
-        for m, state in zip(bn, saved):
-            m.load_state_dict(state)
     return captured
 
 

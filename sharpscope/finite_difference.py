@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .functional import _BN_TYPES, _select, as_batches, check_loss, loss_reduction_weight
+from .functional import _select, as_batches, check_loss, deterministic_mode, loss_reduction_weight, running_stats_kept
 from .linop import NotSymmetricError, StaleOperatorError, SymmetricOperator
 
 __all__ = ["fd_step", "central_difference", "perturbed", "check_fd_parameters", "ShardedHessianOperator",
@@ -198,23 +198,10 @@ class ShardedHessianOperator(SymmetricOperator):
     # -- evaluation ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _deterministic(self) -> Iterator[None]:
-        """Dropout off; BatchNorm per ``batchnorm``, its running statistics restored afterwards; flags too."""
-        flags = [(m, m.training) for m in self.model.modules()]
-        bn = [b for m in self.model.modules() if isinstance(m, _BN_TYPES) for b in m.buffers(recurse=False)]
-        saved = [b.detach().clone() for b in bn]
-        try:
-            self.model.eval()
-            if self.batchnorm == "batch":
-                for m in self.model.modules():
-                    if isinstance(m, _BN_TYPES):
-                        m.train()
+        """Deterministic mode, BatchNorm's running statistics restored afterwards (the sharded model runs
+        its own forward, which updates them in training mode)."""
+        with deterministic_mode(self.model, self.batchnorm), running_stats_kept(self.model):
             yield
-        finally:
-            with torch.no_grad():
-                for b, s in zip(bn, saved):
-                    b.copy_(s)
-            for m, flag in flags:
-                m.training = flag
 
     def _batch_steps(self) -> Iterator[tuple[Any, float]]:
         """``(batch, weight)`` for ``self._steps`` steps: the local batches, then the first one again with

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["ModelFunction", "Batch", "as_batches", "Fingerprint", "describe_change"]
+__all__ = ["ModelFunction", "Batch", "as_batches", "Fingerprint", "describe_change", "deterministic_mode", "running_stats_kept"]
 
 BatchNormMode = Literal["batch", "eval"]
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -170,6 +170,42 @@ def _select(model: nn.Module, params: Sequence[str] | str | None) -> list[tuple[
     return chosen
 
 
+@contextlib.contextmanager
+def deterministic_mode(model: nn.Module, batchnorm: str) -> Iterator[None]:
+    """Dropout off (``eval()``); BatchNorm in training mode (batch statistics) for ``batchnorm="batch"``,
+    in eval mode for ``"eval"``; the modules' flags restored on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        # nn.MultiheadAttention's inference fast path (taken in eval mode when no input requires
+        # grad, as under forward-mode AD) has wrong forward-mode derivatives: keep it off
+        torch.backends.mha.set_fastpath_enabled(False)
+        model.eval()
+        if batchnorm == "batch":
+            for m in model.modules():
+                if isinstance(m, _BN_TYPES):
+                    m.train()
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def running_stats_kept(model: nn.Module) -> Iterator[None]:
+    """BatchNorm's buffers (running statistics, batch counts) restored on exit: for a model's own forward
+    pass in training-mode BatchNorm, which updates them."""
+    buffers = [b for m in model.modules() if isinstance(m, _BN_TYPES) for b in m.buffers(recurse=False)]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, kept in zip(buffers, saved):
+                b.copy_(kept)
+
+
 class ModelFunction:
     """``model`` as a pure function of the selected parameters, in a deterministic mode.
 
@@ -259,25 +295,9 @@ class ModelFunction:
         return torch.cat(parts)
 
     # -- evaluation ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def deterministic(self) -> Iterator[None]:
+    def deterministic(self) -> contextlib.AbstractContextManager:
         """Dropout off (``eval()``), BatchNorm per ``self.batchnorm``; flags restored on exit."""
-        flags = [(m, m.training) for m in self.model.modules()]
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        try:
-            # nn.MultiheadAttention's inference fast path (taken in eval mode when no input requires
-            # grad, as under forward-mode AD) has wrong forward-mode derivatives: keep it off
-            torch.backends.mha.set_fastpath_enabled(False)
-            self.model.eval()
-            if self.batchnorm == "batch":
-                for m in self.model.modules():
-                    if isinstance(m, _BN_TYPES):
-                        m.train()
-            yield
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-            for m, flag in flags:
-                m.training = flag
+        return deterministic_mode(self.model, self.batchnorm)
 
     def __call__(self, params: Sequence[torch.Tensor], inputs: tuple[Any, ...]) -> torch.Tensor:
         """Model outputs with the selected parameters replaced by ``params`` (call inside ``deterministic``);
