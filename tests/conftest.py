@@ -1,6 +1,8 @@
 """Small models and data shared by the tests (float64 unless a test casts them)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -156,3 +158,68 @@ def check_top_k(res, dense, k, rtol):
     rel = ((res.eigenvalues - ref).abs() / ref.abs().max()).max().item()
     assert rel <= rtol, f"relative error {rel:.2e} > {rtol:.0e}: {res.eigenvalues} vs {ref}"
     assert res.all_converged
+
+
+class OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again: double backward silently misses its terms."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class CustomTanh(nn.Module):
+    """tanh as a custom ``autograd.Function`` with a ``@once_differentiable`` backward."""
+
+    def forward(self, x):
+        return OnceDifferentiableTanh.apply(x)
+
+
+def assert_hvp_matches_central_differences(H, v: torch.Tensor, h: float = 1e-5, rtol: float = 1e-7) -> None:
+    """``H v`` against central differences of ``H.gradient()`` along ``v`` (the parameters written in
+    place and restored): a reference with no second-order autodiff path."""
+    theta = H.fn.flat_params()
+
+    def grad_at(flat):
+        with torch.no_grad():
+            for p, t in zip(H.fn.params, H.fn.unflatten(flat)):
+                p.copy_(t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the math-SDPA fallback notice
+            return H.gradient()
+
+    fd = (grad_at(theta + h * v) - grad_at(theta - h * v)) / (2 * h)
+    grad_at(theta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        hv = H.matvec(v)
+    assert (hv - fd).norm() <= rtol * hv.norm()
+
+
+def recorder_setup(seed: int = 0, optimizer: str = "adam"):
+    """A small MLP with BatchNorm, its optimizer (``adam``, ``sgd`` with momentum, ``adafactor``) and one
+    batch: the Recorder and run-file tests' training loop."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+    opt = {"adam": lambda: torch.optim.Adam(model.parameters(), lr=1e-2),
+           "sgd": lambda: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+           "adafactor": lambda: torch.optim.Adafactor(model.parameters(), lr=1e-2)}[optimizer]()
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    return model, opt, (x, y)
+
+
+def train_step(model, opt, data):
+    """One cross-entropy step; returns the loss."""
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(data[0]), data[1])
+    loss.backward()
+    opt.step()
+    return loss

@@ -6,43 +6,26 @@ import torch
 from torch import nn
 
 import sharpscope as ss
+from conftest import recorder_setup, train_step
 from sharpscope.runs.capture import Recorder, log_schedule
 from sharpscope.runs.store import open_run
 
 CE = nn.CrossEntropyLoss()
 
 
-def _setup(seed=0, optimizer="adam"):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
-    opt = {"adam": lambda: torch.optim.Adam(model.parameters(), lr=1e-2),
-           "sgd": lambda: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-           "adafactor": lambda: torch.optim.Adafactor(model.parameters(), lr=1e-2)}[optimizer]()
-    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-    return model, opt, (x, y)
-
-
-def _train_step(model, opt, data):
-    opt.zero_grad()
-    loss = CE(model(data[0]), data[1])
-    loss.backward()
-    opt.step()
-    return loss
-
-
 def test_offline_spectrum_equals_online(tmp_path):
     """Online sharpness with Adam is the preconditioned sharpness (the EoS ratio over 38/lr), and equals the
     offline one on the stored checkpoint; the raw Hessian is not what Adam sees, so it is not logged."""
-    model, opt, data = _setup(1)
+    model, opt, data = recorder_setup(1)
     with Recorder(tmp_path / "run.h5", model, opt, batch=data, every=4, loss_fn=CE, sharpness_every=4) as rec:
         for _ in range(8):
-            rec.step(loss=_train_step(model, opt, data))
+            rec.step(loss=train_step(model, opt, data))
     run = open_run(tmp_path / "run.h5")
     online_steps, online = run.scalars("sharpness_preconditioned")
     ratio_steps, ratio = run.scalars("eos_ratio")
     assert list(online_steps) == list(ratio_steps) == [4, 8] and len(run.scalars("sharpness")[0]) == 0
     with open_run(tmp_path / "run.h5") as run:
-        fresh, fresh_opt, _ = _setup(1)
+        fresh, fresh_opt, _ = recorder_setup(1)
         fresh.load_state_dict({**run.params(8), **run.buffers(8)})
         fresh_opt.load_state_dict(opt.state_dict())  # the live optimizer, still at step 8
         (x,), y = run.batch()
@@ -61,7 +44,7 @@ def test_online_sharpness_with_plain_sgd_is_the_raw_hessian(tmp_path):
     data = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
     with Recorder(tmp_path / "run.h5", model, opt, batch=data, schedule="on_demand", loss_fn=CE, sharpness_every=2) as rec:
         for _ in range(2):
-            rec.step(loss=_train_step(model, opt, data))
+            rec.step(loss=train_step(model, opt, data))
     raw = ss.lanczos(ss.hessian_operator(model, CE, data), k=1, tol=1e-8).eigenvalues[0].item()
     step, metrics = rec.metrics_log[-1]
     assert step == 2 and set(metrics) == {"sharpness/preconditioned", "sharpness/eos_ratio", "sharpness/hessian"}
@@ -71,7 +54,7 @@ def test_online_sharpness_with_plain_sgd_is_the_raw_hessian(tmp_path):
 
 
 def test_schedules(tmp_path):
-    model, opt, data = _setup()
+    model, opt, data = recorder_setup()
     with Recorder(tmp_path / "a.h5", model, opt, schedule=[2, 5]) as rec:
         for _ in range(6):
             rec.step()

@@ -9,32 +9,15 @@ import torch
 from torch import nn
 
 import sharpscope as ss
-from conftest import MODELS, make_data, make_mlp
+from conftest import MODELS, CustomTanh, make_data, make_mlp
 from sharpscope.finite_difference import fd_step
 
 CE = nn.CrossEntropyLoss()
 FD = "finite-difference"
 
 
-class _OnceDifferentiableTanh(torch.autograd.Function):
-    """tanh whose backward cannot be differentiated again (as in test_operators.py)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y * y)
 
 
-class CustomTanh(nn.Module):
-    def forward(self, x):
-        return _OnceDifferentiableTanh.apply(x)
 
 
 def _mlp(act: type[nn.Module], seed: int = 0) -> nn.Module:

@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call
 
 import sharpscope as ss
+from conftest import assert_hvp_matches_central_differences
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("sharpscope.hf")
@@ -143,21 +144,8 @@ def test_gpt2_hessian_matches_finite_differences():
     model, batch = gpt2(3), lm_batch(3, pad=2)
     H = ss.hessian_operator(model, hf.causal_lm_loss(), batch)
     assert H.shape[0] == sum(p.numel() for p in model.parameters()) == 7520  # the tied lm_head once
-    theta = H.fn.flat_params()
     v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    v /= v.norm()
-    h = 1e-5
-
-    def grad_at(flat):
-        with torch.no_grad():
-            for p, t in zip(H.fn.params, H.fn.unflatten(flat)):
-                p.copy_(t)
-        return _quiet(H.gradient)
-
-    fd = (grad_at(theta + h * v) - grad_at(theta - h * v)) / (2 * h)
-    grad_at(theta)
-    hv = _quiet(H.matvec, v)
-    assert (hv - fd).norm() <= 1e-7 * hv.norm()
+    assert_hvp_matches_central_differences(H, v / v.norm())
 
 
 def test_token_weighted_batches_equal_the_concatenated_batch():

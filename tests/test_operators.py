@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sharpscope as ss
-from conftest import MODELS, make_data, make_mlp
+from conftest import MODELS, CustomTanh, assert_hvp_matches_central_differences, make_data, make_mlp
 
 CE = nn.CrossEntropyLoss()
 
@@ -187,25 +187,8 @@ def test_a_stochastic_forward_is_refused_in_every_mode(mode):
         ss.lanczos(K, k=2)
 
 
-class OnceDifferentiableTanh(torch.autograd.Function):
-    """tanh whose backward cannot be differentiated again: double backward silently misses its terms."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y * y)
 
 
-class CustomTanh(nn.Module):
-    def forward(self, x):
-        return OnceDifferentiableTanh.apply(x)
 
 
 def test_a_missing_double_backward_is_caught_and_the_hint_names_it():
@@ -243,21 +226,8 @@ def test_attention_hessian_matches_finite_differences():
     model = MODELS["attention"](1)
     data = make_data("attention", 1)
     H = _quiet(ss.hessian_operator, model, CE, data)
-    theta = H.fn.flat_params()
     g = torch.Generator().manual_seed(0)
-    v = torch.randn(H.shape[0], generator=g, dtype=torch.float64)
-    h = 1e-5
-
-    def grad_at(flat):
-        with torch.no_grad():
-            for p, t in zip(H.fn.params, H.fn.unflatten(flat)):
-                p.copy_(t)
-        return _quiet(H.gradient)
-
-    fd = (grad_at(theta + h * v) - grad_at(theta - h * v)) / (2 * h)
-    grad_at(theta)
-    hv = _quiet(H.matvec, v)
-    assert (hv - fd).norm() <= 1e-7 * hv.norm()
+    assert_hvp_matches_central_differences(H, torch.randn(H.shape[0], generator=g, dtype=torch.float64))
 
 
 def test_auto_without_cache_measures_both_modes_and_keeps_the_faster():

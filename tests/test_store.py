@@ -14,38 +14,21 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import recorder_setup, train_step
 from sharpscope.runs.capture import Recorder
 from sharpscope.runs.store import RunFileError, open_run
 
 CE = nn.CrossEntropyLoss()
 
 
-def _setup(seed=0, optimizer="adam"):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
-    opt = {"adam": lambda: torch.optim.Adam(model.parameters(), lr=1e-2),
-           "sgd": lambda: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-           "adafactor": lambda: torch.optim.Adafactor(model.parameters(), lr=1e-2)}[optimizer]()
-    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-    return model, opt, (x, y)
-
-
-def _train_step(model, opt, data):
-    opt.zero_grad()
-    loss = CE(model(data[0]), data[1])
-    loss.backward()
-    opt.step()
-    return loss
-
-
 @pytest.mark.parametrize("optimizer", ["adam", "sgd", "adafactor"])
 def test_round_trip_is_bit_exact(tmp_path, optimizer):
-    model, opt, data = _setup(optimizer=optimizer)
+    model, opt, data = recorder_setup(optimizer=optimizer)
     snapshots = {}
     with Recorder(tmp_path / "run.h5", model, opt, batch=data, every=3, loss_fn=CE,
                   meta={"model_factory": "torch.nn:Identity", "seed": 0, "note": "hello"}) as rec:
         for _ in range(7):
-            loss = _train_step(model, opt, data)
+            loss = train_step(model, opt, data)
             if rec.step(loss=loss):
                 snapshots[rec.step_count] = ({n: p.detach().clone() for n, p in model.named_parameters()},
                                              {n: b.clone() for n, b in model.named_buffers()},
@@ -133,7 +116,7 @@ def test_validation_errors_and_nothing_lost(tmp_path):
         f["x"] = 1
     with pytest.raises(RunFileError, match="not a sharpscope run file"):
         open_run(tmp_path / "other.h5")
-    model, opt, data = _setup()
+    model, opt, data = recorder_setup()
     with Recorder(tmp_path / "run.h5", model, opt, every=1) as rec:
         rec.step()
     with h5py.File(tmp_path / "run.h5", "r+") as f:
