@@ -5,7 +5,8 @@ For A/B comparisons between commits (scripts/ab_compare.py runs this under two s
 builds the problem from bench_eigs.py's definitions in-process (same seed, same model after 5 SGD
 steps), makes the operator, runs the solve once untimed (warm-up: lazy imports, first-call set-up)
 and then ``--repeats`` times, and prints the median wall time of construction + solve, the HVP
-count and the median time of one product of the operator's chosen mode.
+count and the median time of one product of the operator's chosen mode (and, where the package has it,
+of the value summary each solve takes twice: ``digest_seconds``).
 
     .venv/bin/python scripts/bench_solve.py --problem mlp [--what lanczos|hutchpp|slq] [--quick]
 """
@@ -61,7 +62,16 @@ def main() -> None:
         products.append(time.perf_counter() - t)
     seconds, hvp = statistics.median(t for t, _ in runs), statistics.median(products)
     hvps = runs[0][1]
-    print(json.dumps({"seconds": seconds, "hvps": hvps, "hvp_seconds": hvp, "overhead": seconds / (hvps * hvp)}))
+    out = {"seconds": seconds, "hvps": hvps, "hvp_seconds": hvp, "overhead": seconds / (hvps * hvp)}
+    digest = getattr(H.fn, "value_digest", None)  # the per-solve check of the parameter values (twice a solve)
+    if digest is not None:
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            digest()
+            times.append(time.perf_counter() - t)
+        out.update(digest_seconds=statistics.median(times), digest_per_hvp=statistics.median(times) / hvp)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -279,9 +279,10 @@ class ModelFunction:
         return Fingerprint(params, buffers, flags)
 
     def value_digest(self) -> torch.Tensor:
-        """The values the fingerprint cannot see, summarized: per parameter and read buffer, the float64 sum
-        and sum of squares of its entries (on its device; two passes over the parameters). In-place writes
-        through ``p.data`` (weight clipping, EMA copies, ``.data.mul_``) change values without a version bump."""
+        """The values the fingerprint cannot see, summarized: per parameter and read buffer, the sum and the
+        2-norm of its entries (accumulated in the tensor's dtype, float32 for 16-bit ones: deterministic for
+        the same values, and one fast pass each; on the tensors' device). In-place writes through ``p.data``
+        (weight clipping, EMA copies, ``.data.mul_``) change values without a version bump."""
         skip = set(self._bn_buffers) if self.batchnorm == "batch" else set()
         tensors = [p.detach() for _, p in self.model.named_parameters()]
         tensors += [b.detach() for n, b in self.model.named_buffers() if n not in skip]
@@ -290,8 +291,11 @@ class ModelFunction:
         device = tensors[0].device
         parts = []
         for t in tensors:
-            t64 = t.to(device=device, dtype=torch.float64)
-            parts.append(torch.stack([t64.sum(), t64.square().sum()]))
+            if not t.is_floating_point():
+                t = t.to(torch.float64)
+            elif t.element_size() < 4:
+                t = t.to(torch.float32)
+            parts.append(torch.stack([t.sum(), torch.linalg.vector_norm(t)]).to(device=device, dtype=torch.float64))
         return torch.cat(parts)
 
     # -- evaluation ---------------------------------------------------------------------------
