@@ -233,14 +233,6 @@ def _builtin(kind: Kind, reference: str) -> bool:
     return module == "torch.optim" or module.startswith("torch.optim.") or module == "sharpscope.optim"
 
 
-def _how_to_allow(kind: Kind, spec: Any, where: str, why: str) -> UntrustedNameError:
-    name = _as_reference(kind, spec) if isinstance(spec, str) and _split(_as_reference(kind, spec)) else "module:function"
-    return UntrustedNameError(
-        f"{where} names the {kind} {spec!r}, which {why}: sharpscope imports only its own models, torch losses and "
-        f"optimizers, registered names (ss.register_{kind}, or the '{_GROUPS[kind]}' entry point) and names you allow, "
-        f"if you trust them: allow_factories=['{name}'] (command line: --allow-factory '{name}')")
-
-
 def _trust(kind: Kind, spec: Any, allow: Iterable[str], where: str) -> tuple[str, str, list[_Pattern], list[_Pattern]]:
     """``(reference, source, the patterns that allow it, all patterns)``; source is registered | entry point |
     built-in | allowed."""
@@ -253,15 +245,19 @@ def _trust(kind: Kind, spec: Any, allow: Iterable[str], where: str) -> tuple[str
     if reference in _entry_point_values(kind):
         return reference, "entry point", [], patterns
     split = _split(reference)
-    if split is None:
-        raise _how_to_allow(kind, spec, where, "is not a 'module:function' name (a module and one function or class "
-                                               "defined at its top level; attribute chains are not followed)")
+    if split is None:  # no allowance can make it one
+        raise UntrustedNameError(f"{where} names the {kind} {spec!r}, which is not a 'module:function' name: a name in a "
+                                 "file is a module and one function or class at its top level (ASCII identifiers, no "
+                                 "dunder); attribute chains are never followed")
     if _builtin(kind, reference):
         return reference, "built-in", [], patterns
     matching = [p for p in patterns if p.allows(*split)]
     if matching:
         return reference, "allowed", matching, patterns
-    raise _how_to_allow(kind, spec, where, "is not trusted")
+    raise UntrustedNameError(
+        f"{where} names the {kind} {spec!r}, which is not trusted: sharpscope imports only its own models, torch losses "
+        f"and optimizers, registered names (ss.register_{kind}, or the '{_GROUPS[kind]}' entry point) and names you "
+        f"allow, if you trust them: allow_factories=['{reference}'] (command line: --allow-factory '{reference}')")
 
 
 def is_trusted(kind: Kind, spec: Any, allow: Iterable[str] = (), where: str = "the run file", *,
