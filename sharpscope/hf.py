@@ -129,7 +129,7 @@ def sequence_classification_loss() -> BatchLoss:
                       name="sharpscope.hf:sequence_classification_loss")
 
 
-# -- models ---------------------------------------------------------------------------------------------------
+# -- models -------------------------------------------------------------------------------------------------
 def _transformers():
     try:
         import transformers

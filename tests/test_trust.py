@@ -134,8 +134,9 @@ def test_registered_and_entry_point_factories_are_trusted(tmp_path, monkeypatch)
 
 def test_a_sweep_trusts_its_probe_for_its_own_jobs_only(tmp_path, monkeypatch, capsys):
     """The probe given to `sharpscope sweep` trusts its factory for the spectrum jobs that sweep launches; the
-    run files' record of it does not: `spectrum` on those runs alone is refused with the fix (before 7abbbde's
-    successor the recorded, unchanged probe file vouched for them, so any file beside a run could)."""
+    run files' record of it does not: `spectrum` on those runs alone is refused with the fix. (On 7abbbde the
+    recorded, unchanged probe file vouched for the runs, so a probe file shipped beside a run could too: this
+    test asserted that behaviour, issue 21.)"""
     (tmp_path / "probe_models.py").write_text(
         "from sharpscope.models import MLP\ndef tiny(width=16, **kw):\n    return MLP(width=width, **kw)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
