@@ -1,4 +1,5 @@
-"""A griffe extension for the API reference: reads two docstring habits of sharpscope as Google style.
+r"""A griffe extension for the API reference: reads three docstring habits of sharpscope as Google style
+with Markdown.
 
 - ``Example:`` heads a doctest; Google style (and griffe) know the section as ``Examples:``. Left as it
   is, griffe renders it as prose, where ``[a, b]`` on the line after ``[x for x in y]`` reads as a
@@ -6,6 +7,8 @@
 - ``a, b: text`` documents several arguments at once; Google style has one name per entry. The entry
   is repeated for each name, so that griffe's checks (documented names that are not in the
   signature) still run on every other entry.
+- Sphinx roles (``:func:`~sharpscope.lanczos```, ``:math:`2/\eta```) become code spans (the last
+  dotted component where the role has a ``~``), since Markdown does not know them.
 
 Only the docstring text griffe parses is changed; the package's own ``__doc__`` is untouched.
 """
@@ -17,6 +20,7 @@ from typing import Any
 import griffe
 
 _EXAMPLE = re.compile(r"^(\s*)Example:\s*$", re.MULTILINE)
+_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj|math):`(~?)([^`]+)`")
 _ARGS_HEAD = re.compile(r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Keyword Arguments|Other Parameters):\s*$")
 _SEVERAL = re.compile(r"^(\s*)([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)+)(\s*(?:\([^)]*\))?\s*:.*)$")
 
@@ -54,9 +58,14 @@ def _split_entries(text: str) -> str:
     return "\n".join(out)
 
 
+def _code_span(m: re.Match) -> str:
+    target = m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2)
+    return f"`{target}`"
+
+
 def normalize(text: str) -> str:
-    """The docstring as griffe's Google parser expects it."""
-    return _split_entries(_EXAMPLE.sub(r"\1Examples:", text))
+    """The docstring as griffe's Google parser expects it, with Markdown in place of Sphinx roles."""
+    return _split_entries(_ROLE.sub(_code_span, _EXAMPLE.sub(r"\1Examples:", text)))
 
 
 class SharpscopeDocstrings(griffe.Extension):
