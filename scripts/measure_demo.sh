@@ -15,9 +15,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 py=""; out=""; max_cpu=180
 while [ $# -gt 0 ]; do
   case "$1" in
-    --python) py="$2"; shift 2 ;;
-    --out) out="$2"; shift 2 ;;
-    --max-cpu) max_cpu="$2"; shift 2 ;;
+    --python) py="${2:?measure_demo.sh: --python needs a value}"; shift 2 ;;
+    --out) out="${2:?measure_demo.sh: --out needs a value}"; shift 2 ;;
+    --max-cpu) max_cpu="${2:?measure_demo.sh: --max-cpu needs a value}"; shift 2 ;;
     *) echo "measure_demo.sh: unknown argument $1 (use --python PY, --out DIR, --max-cpu S)" >&2; exit 2 ;;
   esac
 done
