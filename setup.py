@@ -4,6 +4,9 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# the docs site (mkdocs.yml): the site generator, its theme, and the API reference from the docstrings
+DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings>=1.0", "mkdocstrings-python>=2.0"]
+
 version = re.search(r'__version__ = "([^"]+)"', Path("sharpscope/_version.py").read_text()).group(1)
 
 setup(
@@ -32,9 +35,12 @@ setup(
         # curvlinops-for-pytorch (tests/test_curvlinops.py) is installed by scripts/_env.sh with --no-deps:
         # its backpack-for-pytorch pulls torchvision, which replaces the pinned torch; these are the
         # dependencies it imports
+        # ruff: the linter .ci/run runs (configuration in pyproject.toml); the [docs] packages: .ci/run and
+        # tests/test_docs.py build the docs site with mkdocs build --strict
         "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1", "lightning>=2.0",
                  "transformers>=4.40", "accelerate>=1.1", "einops>=0.6", "einconv>=0.1", "linear_operator>=0.5",
-                 "ruff>=0.6"],  # ruff: the linter .ci/run runs (configuration in pyproject.toml)
+                 "ruff>=0.6", *DOCS],
+        "docs": DOCS,
         "dask": ["dask[distributed]"],
         "dask-cuda": ["dask[distributed]", "dask-cuda"],
         "lightning": ["lightning"],
