@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -124,7 +125,8 @@ def table(kind: str, rows: list[tuple[int, str]], top: int | None) -> list[str]:
     rows = sorted(rows, key=lambda r: (-r[0], r[1]))
     over = [r for r in rows if r[0] > LIMITS[kind]]
     shown = rows if top is None else rows[:max(top, len(over))]
-    lines = [f"{kind}s: {len(rows)}, {len(over)} over {LIMITS[kind]} lines"]
+    plural = "classes" if kind == "class" else f"{kind}s"
+    lines = [f"{plural}: {len(rows)}, {len(over)} over {LIMITS[kind]} lines"]
     lines += [f"  {n:5d} {'!' if n > LIMITS[kind] else ' '} {where}" for n, where in shown]
     return lines
 
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=15,
                         help="rows per table beyond those over the thresholds (default 15; -1: all)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # piped into head: stop quietly
     files = sources(args.package, args.rev)
     trees = {path: ast.parse(text, filename=path) for path, text in files.items()}
     names = {module_name(p): p for p in trees}
