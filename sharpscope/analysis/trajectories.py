@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-__all__ = ["Trajectory", "Window", "CommonSteps", "on_common_steps", "check_size", "check_trajectory",
+__all__ = ["Trajectory", "Window", "CommonSteps", "on_common_steps", "check_size", "check_trajectory", "float_pair",
            "window_mask", "nanmedian", "size_key", "finite_or_none"]
 
 Trajectory = tuple[Sequence[float], Sequence[float]]
@@ -57,14 +57,18 @@ def check_size(key: Any) -> float:
     return v
 
 
+def float_pair(pair: Any, error: str) -> tuple[np.ndarray, np.ndarray]:
+    """``pair`` unpacked into two float arrays, or ``ValueError(error)`` when it is not a pair."""
+    try:
+        a, b = pair
+    except (TypeError, ValueError):
+        raise ValueError(error) from None
+    return np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+
+
 def check_trajectory(key: Any, traj: Any) -> tuple[np.ndarray, np.ndarray]:
     """One trajectory as float arrays sorted by step, or a ValueError naming its size and the fault."""
-    try:
-        steps, values = traj
-    except (TypeError, ValueError):
-        raise ValueError(f"trajectory for size {key!r} must be a pair (steps, values)") from None
-    s = np.asarray(steps, dtype=float)
-    v = np.asarray(values, dtype=float)
+    s, v = float_pair(traj, f"trajectory for size {key!r} must be a pair (steps, values)")
     if s.ndim != 1 or v.ndim != 1:
         raise ValueError(f"trajectory for size {key!r}: steps and values must be 1-D")
     if s.shape != v.shape:

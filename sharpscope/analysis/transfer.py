@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..stability import check_lr
-from .trajectories import check_size, finite_or_none, size_key
+from .trajectories import check_size, finite_or_none, float_pair, size_key
 
 __all__ = ["LrOptimum", "TransferResult", "lr_optimum", "lr_transfer"]
 
@@ -68,12 +68,7 @@ def _check_curve(size: Any, curve: Any) -> tuple[np.ndarray, np.ndarray]:
         lrs = np.array([p[0] for p in pairs])
         losses = np.array([p[1] for p in pairs])
     else:
-        try:
-            a, b = curve
-        except (TypeError, ValueError):
-            raise ValueError(f"size {size!r}: give a mapping lr -> loss or a pair (lrs, losses)") from None
-        lrs = np.asarray(a, dtype=float)
-        losses = np.asarray(b, dtype=float)
+        lrs, losses = float_pair(curve, f"size {size!r}: give a mapping lr -> loss or a pair (lrs, losses)")
         if lrs.ndim != 1 or losses.ndim != 1 or lrs.size != losses.size:
             raise ValueError(f"size {size!r}: mismatched lengths, {np.size(lrs)} lrs vs {np.size(losses)} losses")
         if lrs.size == 0:
