@@ -19,7 +19,7 @@ setup(
     packages=find_packages(include=["sharpscope", "sharpscope.*"]),
     include_package_data=True,
     # the CUDA kernels live in the repository's cuda/; an editable install reads them there, a regular
-    # install ships them here (sharpscope/backends/kernels.py searches both)
+    # install ships them here (sharpscope/lanczos/backends/kernels.py searches both)
     data_files=[("share/sharpscope/cuda", sorted(str(p) for p in Path("cuda").glob("*.cu*")))],
     install_requires=[
         # torch is pinned by scripts/*.sh (the CPU wheel on disk); a range here never pulls a CUDA build

@@ -70,7 +70,7 @@ import inspect
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,7 +78,7 @@ import tomllib
 import torch
 
 from .data import DATASETS
-from .param import OPTIMIZERS, PARAMETERIZATIONS
+from .param import OPTIMIZERS, PARAMETERIZATIONS, ParametrizeOptions
 
 __all__ = ["Probe", "RunSpec", "Axis", "load_probe", "plan", "RUN_SETTINGS", "OPTIMIZER_SETTINGS"]
 
@@ -325,9 +325,7 @@ def _factory_keywords(factory: str) -> set[str] | None:
 
 
 def _parametrize_keywords() -> set[str]:
-    from .param import parametrize
-
-    return set(inspect.signature(parametrize).parameters) - set(_PARAMETRIZE_FIXED)
+    return {f.name for f in fields(ParametrizeOptions)} - set(_PARAMETRIZE_FIXED)
 
 
 def _resolve_axis(r: _Reader, probe: Probe, name: str) -> tuple[str, str]:

@@ -1,2 +1,4 @@
-"""Analysis: super consistency and lr transfer on plain arrays (:mod:`.consistency`), runs grouped into
-comparisons with verdicts (:mod:`.comparisons`), figures (:mod:`.plots`) and the report (:mod:`.report`)."""
+"""Analysis on plain arrays and stored results: trajectories on common steps (:mod:`.trajectories`), super
+consistency (:mod:`.consistency`), the edge of stability (:mod:`.eos`), lr transfer (:mod:`.transfer`), long
+tables (:mod:`.tables`), alignment exponents across widths (:mod:`.alignment`); runs grouped into comparisons
+with verdicts (:mod:`.comparisons`), figures (:mod:`.plots`) and the report (:mod:`.report`)."""

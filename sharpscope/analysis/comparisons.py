@@ -8,7 +8,7 @@ malformed metas and missing coordinates become messages. :func:`analyze` groups 
 every other varied axis, seeds averaged on common steps -- applies
 :func:`~sharpscope.analysis.consistency.super_consistency` to every measured quantity, sets
 thresholded quantities against their edge of stability, and runs
-:func:`~sharpscope.analysis.consistency.lr_transfer` across lrs. Along ``steps`` (the training
+:func:`~sharpscope.analysis.transfer.lr_transfer` across lrs. Along ``steps`` (the training
 horizon) trajectories are compared at equal fractions of training. Runs from different probes or
 batches are not compared; what cannot be compared is returned as a list of problems, never raised.
 """
@@ -28,8 +28,10 @@ import torch
 from ..runs.quantities import get as get_quantity
 from ..runs.spectra import SpectraFile, spectra_path
 from ..runs.store import first_diverged_step, logged_losses, open_run
-from . import consistency
 from .alignment import compare_alignment, series_from_rows
+from .consistency import super_consistency
+from .eos import edge_of_stability
+from .transfer import lr_transfer
 
 __all__ = ["RunSummary", "Comparison", "LayerSharpness", "QuantityResult", "ComparedGroup", "TransferFamily",
            "Analysis", "collect", "analyze", "analyze_in_detail", "group_label", "plural", "AXES", "compared_axes"]
@@ -370,7 +372,7 @@ class TransferFamily:
 
     entry: dict[str, Any]
     curves: dict[float, dict[float, float]]
-    result: Any  # consistency.TransferResult | None
+    result: Any  # transfer.TransferResult | None
 
 
 @dataclass(frozen=True)
@@ -473,7 +475,7 @@ def _trajectories(c: Comparison, q: str) -> dict[float, tuple[list[float], list[
 
 
 def _fraction_axis(axis: str) -> dict[str, Any]:
-    """How trajectories along ``axis`` are aligned: on common steps, or (along steps) interpolated on
+    """How trajectories along ``axis`` are put on common steps: as recorded, or (along steps) interpolated on
     common fractions of training."""
     return {"on": "common", "interpolate": True} if axis == "steps" else {}
 
@@ -502,7 +504,7 @@ def _compare(c: Comparison, problems: list[str]) -> ComparedGroup:
             entry["quantities"][q] = {"verdict": "undetermined", "reason": f"only {len(traj)} {c.axis}(s) measured"}
             continue
         try:
-            res = consistency.super_consistency(traj, **_fraction_axis(c.axis))
+            res = super_consistency(traj, **_fraction_axis(c.axis))
         except ValueError as err:
             entry["quantities"][q] = {"verdict": "undetermined", "reason": str(err)}
             continue
@@ -512,7 +514,7 @@ def _compare(c: Comparison, problems: list[str]) -> ComparedGroup:
         if thresholds:
             eos = {}
             for size, threshold in sorted(thresholds.items()):
-                r = consistency.edge_of_stability(*traj[size], threshold)
+                r = edge_of_stability(*traj[size], threshold)
                 eos[_key(size)] = {"threshold": threshold, "tail_ratio": r.tail_mean, "first_step_at_0.9": r.first_step}
             entry["quantities"][q]["edge_of_stability"] = eos
     if any(m.alignment is not None for m in c.members) and not mismatch:
@@ -565,7 +567,7 @@ def _transfers(summaries: Sequence[RunSummary], axes: Sequence[str], problems: l
                 out.append(TransferFamily({**head, "verdict": "undetermined", "reason": reason}, curves, None))
                 continue
             try:
-                res = consistency.lr_transfer(curves)
+                res = lr_transfer(curves)
                 out.append(TransferFamily({**head, **res.evidence}, curves, res))
             except ValueError as err:
                 out.append(TransferFamily({**head, "verdict": "undetermined", "reason": str(err)}, curves, None))
