@@ -6,7 +6,8 @@ Python package ``playwright`` (the ``test`` extra) drives the installed browser 
 ``executable_path`` -- no browser download. At a 1300 x 900 window the check passes when
 
 * the DOM holds the verdict table and every embedded figure (``data:image/png``) of the file, all loaded;
-* the page does not overflow sideways (``document.documentElement.scrollWidth <= innerWidth``);
+* the page does not overflow sideways (``document.documentElement.scrollWidth <= innerWidth``), with its
+  collapsed blocks (the settings) opened;
 * the first screen holds the summary and the headline figure (their bounding boxes end within 900 px),
   where the page has figures;
 * the full-page screenshot is not blank: enough non-white pixels, and coloured ones (the figures' curves).
@@ -55,6 +56,9 @@ def measure(page: Path, full: Path, first: Path | None = None, width: int = WIDT
         try:
             tab = browser.new_page(viewport={"width": width, "height": height})
             tab.goto(page.resolve().as_uri(), wait_until="load")
+            if first is not None:
+                tab.screenshot(path=str(first))
+            tab.evaluate("() => document.querySelectorAll('details').forEach(d => { d.open = true; })")
             found = tab.evaluate("""() => {
                 const box = (sel) => { const e = document.querySelector(sel);
                     if (!e) return null; const r = e.getBoundingClientRect();
@@ -66,8 +70,6 @@ def measure(page: Path, full: Path, first: Path | None = None, width: int = WIDT
                         loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
                         summary: box('#summary'), headline: box('#headline')};
             }""")
-            if first is not None:
-                tab.screenshot(path=str(first))
             tab.screenshot(path=str(full), full_page=True)
         finally:
             browser.close()

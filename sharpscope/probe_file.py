@@ -47,6 +47,12 @@ A probe file::
     k = 1
     executor = "local"                         # for training and spectra: local, process:N, dask-local:N, dask://HOST:PORT
 
+    [expect]                                   # optional: verdicts the report checks (sharpscope.analysis.expectations)
+    mup = "consistent"                         # every super-consistency verdict of the muP groups
+    sp = ["inconsistent", "diverging-up"]      # any of these
+    [expect.ntk]                               # per check: a measured quantity, or transfer (lr transfer)
+    transfer = "shifts"
+
 **Axes.** Widths, depths, lrs, parameterizations, optimizers and seeds are varied by their own
 lists. ``[sweep.axes]`` varies any other setting; a name resolves, in this order, to a run setting
 (``steps``, ``batch_size``), a keyword of :func:`sharpscope.parametrize` (``lr_scaling``,
@@ -141,6 +147,7 @@ class Probe:
     axes: tuple[Axis, ...] = ()
     compare: str = "width"
     device: str = "cpu"
+    expect: tuple = ()  # the [expect] table as sharpscope.analysis.expectations.Expectation s
     file: str = ""
     sha256: str = ""
 
@@ -254,9 +261,10 @@ def load_probe(path: str | Path) -> Probe:
     r = _Reader(path)
     meta, model, train = r.table(raw, "probe"), r.table(raw, "model"), r.table(raw, "train")
     capture, measure, sweep = r.table(raw, "capture"), r.table(raw, "measure"), r.table(raw, "sweep")
-    unknown = sorted(set(raw) - {"probe", "model", "train", "capture", "measure", "sweep"})
+    unknown = sorted(set(raw) - {"probe", "model", "train", "capture", "measure", "sweep", "expect"})
     if unknown:
-        r.fail(f"unknown table(s) {unknown}: the tables are [probe], [model], [train], [sweep], [capture], [measure]")
+        r.fail(f"unknown table(s) {unknown}: the tables are [probe], [model], [train], [sweep], [capture], [measure], "
+               "[expect]")
     pos_int = lambda minimum: lambda v, what: r.integer(v, what, minimum)  # noqa: E731
     lower = lambda v, what: r.text(v, what).lower()  # noqa: E731
     base_width, base_depth = r.get(model, "base_width", "model"), r.get(model, "base_depth", "model")
@@ -293,9 +301,19 @@ def load_probe(path: str | Path) -> Probe:
     )
     axes = _axes(r, probe, r.mapping(sweep.get("axes", {}), "[sweep] axes"))
     compare = _compare(r, probe, axes, sweep)
-    probe = _replace(probe, axes=axes, compare=compare)
+    probe = _replace(probe, axes=axes, compare=compare, expect=_expect(r, probe, raw.get("expect", {})))
     _validate(r, probe)
     return probe
+
+
+def _expect(r: _Reader, probe: Probe, table: Any) -> tuple:
+    """The ``[expect]`` table, checked against the probe's parameterizations and quantities."""
+    from .analysis.expectations import parse_expectations
+
+    try:
+        return parse_expectations(table, parameterizations=probe.parameterizations, quantities=probe.quantities)
+    except ValueError as err:
+        r.fail(str(err))
 
 
 def _replace(probe: Probe, **changes: Any) -> Probe:

@@ -23,9 +23,15 @@ def test_trajectories_with_threshold_and_rescaled_steps(tmp_path):
     ax = fig.axes[0]
     assert len(ax.lines) == len(WIDTHS) + 1  # one curve per width + the EoS line
     assert ax.lines[-1].get_ydata()[0] == 2.0
-    assert fig.axes[1].get_ylabel() == "width"  # the colorbar
+    # up to 8 sizes: a legend outside the axes (it was a colorbar: issue 22 asks for distinguishable
+    # colours with markers and a legend), one colour and one marker per width
+    legend = ax.get_legend()
+    assert legend.get_title().get_text() == "width" and len(fig.axes) == 1
+    assert [t.get_text() for t in legend.get_texts()] == ["64", "128", "256", "512", "EoS threshold 2"]
+    assert legend.get_bbox_to_anchor().x0 >= ax.get_window_extent().x1  # right of the data, never over it
     colors = [ax.lines[i].get_color() for i in range(len(WIDTHS))]
     assert len({tuple(c) for c in colors}) == len(WIDTHS)
+    assert len({ax.lines[i].get_marker() for i in range(len(WIDTHS))}) == len(WIDTHS)
     assert (tmp_path / "t.png").stat().st_size > 5000
     fig = plots.trajectories(_traj(), rescale_steps={w: w / 64 for w in WIDTHS}, path=tmp_path / "t.pdf")
     assert fig.axes[0].get_xlabel() == "rescaled step"

@@ -23,7 +23,11 @@ def test_sweep_writes_a_report_with_verdicts(tmp_path, capsys):
     assert set(group["quantities"]["precond"]["edge_of_stability"]) == {"16.0", "32.0", "64.0"}
     assert metrics["transfer"][0]["verdict"] in ("transfers", "shifts", "undetermined")
     page = result.report.read_text()
-    assert page.count("data:image/png;base64,") == 8  # 3 lrs x (trajectories + spread), across lrs, lr sweep and "<td class='v'>" in page
+    # 3 figures: the headline (the 3 lrs side by side, trajectories over spread), across lrs, lr sweep. It was 8
+    # (3 lrs x (trajectories + spread) + across lrs + lr sweep): issue 22 asks for the headline comparison first,
+    # so each group's trajectories and spread are now panels of one figure, drawn once
+    assert page.count("data:image/png;base64,") == 3 and "<figure id=headline class=wide>" in page
+    assert page.index("id=summary") < page.index("id=headline") < page.index("<h2>Verdicts</h2>")
     assert (tmp_path / "out" / "report.md").exists()
     assert main(["report", *map(str, result.runs[:3]), "--out", str(tmp_path / "r2")]) == 0
     assert "report:" in capsys.readouterr().out

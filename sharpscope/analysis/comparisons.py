@@ -363,9 +363,6 @@ def analyze_in_detail(summaries: Sequence[RunSummary], compare: str | None = Non
         if summaries and not values:
             problems.append(f"no run records a value of {axis!r} (sweeps record their axes; for your own runs put "
                             f"it in the Recorder's meta or axes=)")
-        elif len(values) == 1:
-            problems.append(f"all runs have the same {axis} ({_fmt(values)}): super consistency and lr transfer "
-                            f"need >= 2 {plural(axis)} (better >= 3, for the convergence exponent)")
         elif any(finite_number(v) is None for v in values):
             problems.append(f"the compared axis {axis!r} holds values that are not numbers "
                             f"({', '.join(sorted(map(str, values)))}): compare a numeric axis")

@@ -83,7 +83,8 @@ def parse_expectations(table: Any, *, parameterizations: Sequence[str] | None = 
     out = []
     for param, value in table.items():
         if parameterizations is not None and param not in parameterizations:
-            raise ValueError(f"[expect] {param}: not a parameterization of this probe ({', '.join(parameterizations)})")
+            raise ValueError(f"[expect] {param}: not a parameterization of this probe; use one of "
+                             f"{', '.join(parameterizations)}")
         if not isinstance(value, Mapping):
             out.append(Expectation(param, EVERY_QUANTITY, _verdicts(value, f"[expect] {param}", CONSISTENCY_VERDICTS)))
             continue

@@ -174,7 +174,7 @@ def _comparison_figure(groups: Sequence[ComparedGroup], q: str, pick: str | None
         plots.spread(res.steps, res.spread, quantity=spread_label if (j == 0 or n == 1) else "",
                      threshold=res.thresholds.spread_max, window=_window(res), summary=res.spread_summary,
                      ax=bottom[j], legend=False, logy=spread_log, step_label=_x_label(c.axis),
-                     title="why: the spread, its window and median" if n == 1 else "")
+                     title="the spread behind the verdict" if n == 1 else "")
     size_legend = plots.size_handles(styles) if styles.discrete else []
     threshold_lines = [ln for ln in top[0].get_lines() if ln.get_label().startswith("EoS threshold")]
     if threshold_lines and len(set(known)) > 1:
@@ -250,12 +250,12 @@ def _run_figures(analysis: Analysis, saver: _Saver) -> list[FigureFile]:
         if not curves and not online:
             continue
         stem = Path(run.path).stem
-        fig = plots.run_curves(curves, thresholds=thresholds, online=online, loss=logs.get("loss"),
+        fig = plots.run_curves(curves, thresholds=thresholds, online=online, loss=run.loss_curve,
                                quantity="top eigenvalue", title=f"{stem}: along training")
         what = ", ".join([*curves, *online]) or "measured quantities"
         out.append(saver.keep(fig, f"run-{re.sub(r'[^A-Za-z0-9._+-]', '_', stem)}",
-                              f"{stem}: {what} against the step with the edge-of-stability threshold"
-                              f"{', and the training loss' if 'loss' in logs else ''}", "run", wide=True))
+                              f"{stem}: {what} against the step with the edge-of-stability threshold, and the "
+                              f"training loss", "run", wide=True))
     return out
 
 

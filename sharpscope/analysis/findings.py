@@ -28,6 +28,11 @@ DISPLAY = {"mup": "muP", "sp": "SP", "ntk": "NTK", "mf": "MF", "sgd": "SGD", "ad
 EDGE_BAND = (0.8, 1.25)  # sharpness / threshold at the end counted "at the edge of stability"
 
 
+def g(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits with a short exponent: 38000 -> ``3.8e4``."""
+    return f"{x:.{digits}g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
 def display(name: Any) -> str:
     """How a parameterization or optimizer is written for readers: ``mup`` -> ``muP``, ``sgd`` -> ``SGD``."""
     return DISPLAY.get(str(name), str(name))
@@ -203,27 +208,33 @@ def findings(metrics: Mapping[str, Any], labels: Labels | None = None) -> list[F
 
 
 def _check_kind(f: Finding) -> str:
-    """The check without its subject, as the "not analysed" note names it."""
+    """The check without its subject and quantity, as the "not analysed" note names it."""
     if f.kind == "transfer":
         return f"lr transfer across {plural(f.axis)}"
+    if f.kind == "consistency":
+        return f"super consistency across {plural(f.axis)}"
     return f.check
 
 
 def not_analysed_note(items: Iterable[Finding]) -> list[str]:
-    """The checks that cannot apply, folded: one entry per (check, reason), naming the groups it concerns
-    (none when it concerns them all): ``"lr transfer across widths: 1 lr (needs >= 3)"``."""
-    folded: dict[tuple[str, str], list[str]] = {}
+    """The checks that cannot apply, folded: one entry per (check, reason), naming the quantities and the
+    groups it concerns (no groups when it concerns them all): ``"lr transfer across widths: 1 lr (needs >= 3)"``,
+    ``"super consistency across widths (hessian, precond): 1 width measured (needs >= 2)"``."""
+    folded: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
     every: dict[str, set] = {}
     for f in items:
         every.setdefault(_check_kind(f), set()).add(f.subject)
         if f.not_analysed is not None:
-            subjects = folded.setdefault((_check_kind(f), f.not_analysed), [])
+            subjects, quantities = folded.setdefault((_check_kind(f), f.not_analysed), ([], []))
             if f.subject not in subjects:
                 subjects.append(f.subject)
+            if f.quantity and f.kind == "consistency" and f.quantity not in quantities:
+                quantities.append(f.quantity)
     out = []
-    for (check, why), subjects in folded.items():
+    for (check, why), (subjects, quantities) in folded.items():
+        what = f" ({', '.join(quantities)})" if quantities else ""
         scope = "" if set(subjects) == every[check] or subjects == [""] else f" for {', '.join(subjects)}"
-        out.append(f"{check}{scope}: {why}")
+        out.append(f"{check}{what}{scope}: {why}")
     return out
 
 
@@ -241,7 +252,7 @@ def _edge_phrase(entry: Mapping[str, Any]) -> str:
     lo, hi = min(ratios), max(ratios)
     span = f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
     thresholds = {_number(v.get("threshold")) for v in eos.values()}
-    th = f" {next(iter(thresholds)):.3g}" if len(thresholds) == 1 and None not in thresholds else ""
+    th = f" {g(next(iter(thresholds)))}" if len(thresholds) == 1 and None not in thresholds else ""
     if EDGE_BAND[0] <= lo and hi <= EDGE_BAND[1]:
         return f", at the edge of stability (ending at {span} x its threshold{th})"
     where = "below" if hi < EDGE_BAND[0] else "above" if lo > EDGE_BAND[1] else "around"
@@ -293,19 +304,18 @@ def _run_sentence(run: Mapping[str, Any], label: str) -> str:
         first, last = s.get("first"), s.get("last")
         if not first or not last:
             continue
-        text = f"{quantity_name(q)} {first[1]:.3g} at step {first[0]:g} -> {last[1]:.3g} at step {last[0]:g}"
+        text = f"{quantity_name(q)} {g(first[1])} at step {first[0]:g} -> {g(last[1])} at step {last[0]:g}"
         th = _number(s.get("threshold"))
         if th:
-            text += f" ({last[1] / th:.2g} x its EoS threshold {th:.3g})"
+            text += f" ({g(last[1] / th, 2)} x its EoS threshold {g(th)})"
         parts.append(text)
-    loss = run.get("final_loss")
-    start = run.get("initial_loss")
-    if loss is None:
+    first, last = run.get("loss_first"), run.get("loss_last")
+    if run.get("final_loss") is None and run.get("loss_first") is not None:
         parts.append("the training loss diverged")
-    elif start is not None:
-        parts.append(f"training loss {start:.3g} -> {loss:.3g}")
-    else:
-        parts.append(f"final training loss {loss:.3g}")
+    elif first and last and first[0] != last[0]:
+        parts.append(f"training loss {g(first[1])} at step {first[0]:g} -> {g(last[1])} at step {last[0]:g}")
+    elif run.get("final_loss") is not None:
+        parts.append(f"final training loss {g(run['final_loss'])}")
     return f"{label}: {'; '.join(parts)}."
 
 

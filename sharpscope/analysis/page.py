@@ -30,9 +30,9 @@ CSS = """
 *{box-sizing:border-box}
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1f2328;line-height:1.45;background:#fff}
 main{max-width:1200px;margin:0 auto;padding:14px 24px 48px}
-h1{font-size:24px;margin:4px 0 8px}
+h1{font-size:24px;margin:4px 0 8px;overflow-wrap:anywhere}
 h2{font-size:19px;margin:28px 0 8px;border-bottom:1px solid #e4e4e4;padding-bottom:3px}
-.summary{font-size:16px}
+.summary{font-size:16px;overflow-wrap:anywhere}
 .summary p{margin:5px 0}
 .summary .lead{font-size:16.5px}
 .summary .expected,.summary .common{color:#444;font-size:14.5px}
@@ -41,7 +41,8 @@ figure{display:inline-block;vertical-align:top;width:calc(50% - 14px);margin:8px
 figure.wide{display:block;width:100%;margin:8px 0}
 figure img{display:block;max-width:100%;height:auto}
 figure.wide img{width:100%}
-figcaption{font-size:13px;color:#555}
+figcaption{font-size:13px;color:#555;overflow-wrap:anywhere}
+li{overflow-wrap:anywhere}
 .scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;margin:8px 0}
 td,th{border:1px solid #d0d7de;padding:4px 8px;font-size:14px;vertical-align:top;text-align:left}

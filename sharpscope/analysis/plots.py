@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = ["trajectories", "spread", "lr_sweep", "density_overlay", "layer_heatmap", "alignment_exponents",
-           "run_curves", "save", "size_styles", "SizeStyles", "size_handles", "threshold_is_far", "draw_threshold",
+           "run_curves", "save", "g", "size_styles", "SizeStyles", "size_handles", "threshold_is_far", "draw_threshold",
            "legend_outside", "spans_decades", "MAX_DISCRETE"]
 
 Trajectories = Mapping[float, tuple[Sequence[float], Sequence[float]]]
@@ -39,6 +39,12 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "*", "h")
 MAX_DISCRETE = len(PALETTE)
 FAR_STRETCH = 2.0  # a threshold line that would stretch the y axis to more than twice the data's span is far
 THRESHOLD_COLOR = "0.25"
+
+
+def g(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits, exponents short: 38000 -> ``3.8e4``, 0.0012 -> ``0.0012``."""
+    text = f"{x:.{digits}g}"
+    return text.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 def _plt():
@@ -176,13 +182,13 @@ def draw_threshold(ax, threshold: float, values: Sequence[float], *, label: str 
     if far is None:
         far = threshold_is_far(threshold, values, log)
     if not far:
-        return ax.axhline(threshold, color=color, ls="--", lw=1.1, label=f"{label} {threshold:.3g}")
+        return ax.axhline(threshold, color=color, ls="--", lw=1.1, label=f"{label} {g(threshold)}")
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     above = v.size == 0 or threshold > v.max()
     ratio = (threshold / v.max() if above else v.min() / threshold) if v.size and v.min() > 0 and threshold > 0 else None
-    times = f", {ratio:.3g}x the {'largest' if above else 'smallest'} value" if ratio else ""
-    ax.annotate(f"{label} {threshold:.3g} {'above' if above else 'below'} the axes{times} {'↑' if above else '↓'}",
+    times = f", {g(ratio, 2)}x the {'largest' if above else 'smallest'} value" if ratio else ""
+    ax.annotate(f"{label} {g(threshold)} {'above' if above else 'below'} the axes{times} {'↑' if above else '↓'}",
                 xy=(1.0, 1.0), xycoords="axes fraction", xytext=(0, 4), textcoords="offset points",
                 ha="right", va="bottom", fontsize=8.5, color=color)
     return None
@@ -382,47 +388,52 @@ def run_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
                loss: tuple[Sequence[float], Sequence[float]] | None = None, quantity: str = "top eigenvalue",
                title: str | None = None, path: str | Path | None = None):
     """One run along training: each measured quantity (``curves``: label -> (steps, values)) against the
-    step with its threshold (``thresholds``: label -> value; lines, or annotations when far off), the
-    online sharpness the training loop logged (``online``: label -> (steps, values), dashed), and the
-    training loss (``loss``) in a second panel."""
+    step with its threshold (``thresholds``: label -> value; a line, or an annotation when far off; one per
+    value), the online sharpness the training loop logged (``online``: label -> (steps, values), dashed),
+    and the training loss (``loss``, where any is finite) in a second panel."""
     if not curves and not online:
         raise ValueError("nothing to plot: no curves")
     plt = _plt()
-    panels = 2 if loss is not None and len(loss[0]) else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels + 1.6, 4.0), squeeze=False, layout="constrained")
+    finite_loss = loss is not None and bool(np.isfinite(np.asarray(loss[1], dtype=float)).any())
+    panels = 2 if finite_loss else 1
+    fig, axes = plt.subplots(1, panels, figsize=(10.6 if panels == 2 else 6.4, 4.6), squeeze=False, layout="constrained",
+                             width_ratios=[3, 2] if panels == 2 else None)
     ax = axes[0][0]
     handles, values = [], []
     for i, (label, (steps, vals)) in enumerate(curves.items()):
         vals = np.asarray(vals, dtype=float)
         handles += ax.plot(steps, vals, color=PALETTE[i % len(PALETTE)], marker=MARKERS[i % len(MARKERS)],
-                           ms=4.5, lw=1.6, label=label)
+                           ms=5, lw=1.6, label=label)
         values.append(vals)
     for i, (label, (steps, vals)) in enumerate((online or {}).items(), start=len(curves)):
         vals = np.asarray(vals, dtype=float)
-        handles += ax.plot(steps, vals, color=PALETTE[i % len(PALETTE)], ls="--", lw=1.3, label=label)
+        handles += ax.plot(steps, vals, color=PALETTE[i % len(PALETTE)], ls="--", lw=1.8, label=label)
         values.append(vals)
     values = np.concatenate(values) if values else np.zeros(0)
     if spans_decades(values):
         ax.set_yscale("log")
     annotated = False
-    for t, label in sorted({t: label for label, t in (thresholds or {}).items()}.items()):
-        line = draw_threshold(ax, t, values, label=f"EoS threshold of {label}")
+    first: dict[float, str] = {}
+    for label, t in (thresholds or {}).items():
+        first.setdefault(t, label)
+    for t, label in sorted(first.items()):
+        line = draw_threshold(ax, t, values, label=f"EoS threshold of the {label}:")
         handles += [line] if line is not None else []
         annotated = annotated or line is None
     ax.set_xlabel("step")
     ax.set_ylabel(quantity)
     _title(ax, title or f"{quantity} along training", annotated)
-    legend_outside(ax, handles)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9, frameon=False)
     if panels == 2:
         lax = axes[0][1]
         steps, vals = (np.asarray(a, dtype=float) for a in loss)
         ok = np.isfinite(vals)
-        lax.plot(steps[ok], vals[ok], color="0.2", lw=1.4)
-        if (~ok).any():
-            lax.axvline(steps[~ok][0], color="#D55E00", ls=":", lw=1.2)
-            lax.annotate(f"loss not finite from step {steps[~ok][0]:g}", xy=(steps[~ok][0], 1.0),
-                         xycoords=("data", "axes fraction"), xytext=(4, -12), textcoords="offset points",
-                         fontsize=8.5, color="#D55E00")
+        lax.plot(steps[ok], vals[ok], color="0.2", lw=1.4, marker="o" if ok.sum() <= 30 else None, ms=3.5)
+        bad = steps[~ok & (steps > 0)]
+        if bad.size and ok[steps > 0].any():  # not the NaN of a loop that passed no loss at step 0
+            lax.axvline(bad[0], color="#D55E00", ls=":", lw=1.2)
+            lax.annotate(f"not finite from step {bad[0]:g}", xy=(bad[0], 1.0), xycoords=("data", "axes fraction"),
+                         xytext=(4, -12), textcoords="offset points", fontsize=8.5, color="#D55E00")
         if spans_decades(vals[ok]):
             lax.set_yscale("log")
         lax.set_xlabel("step")

@@ -41,16 +41,19 @@ def _finite(x: float) -> float | None:
 
 def _run_entry(s) -> dict[str, Any]:
     """A run's metrics.json entry: coordinates, losses and, per measured quantity, its first and last
-    measured value and threshold (what the summary says of a run compared with nothing)."""
+    measured value and threshold, and its first and last finite loss (what the summary says of a run compared
+    with nothing)."""
     quantities = {}
     for q, (steps, values) in s.trajectories.items():
         finite = [(st, v) for st, v in zip(steps, values) if math.isfinite(v)]
         if finite:
             quantities[q] = {"first": list(finite[0]), "last": list(finite[-1]), "threshold": s.thresholds.get(q)}
+    losses = [(st, v) for st, v in zip(*s.loss_curve) if math.isfinite(v)]
     return {"path": s.path, "parameterization": s.parameterization, "optimizer": s.optimizer, "lr": s.lr,
             "width": s.width, "depth": s.depth, "seed": s.seed, "axes": s.axes, "results_settings": s.settings_used,
             "final_loss": _finite(s.final_loss), "initial_loss": _finite(s.initial_loss), "blew_up": s.blew_up,
-            "quantities": quantities, "online_logs": sorted(s.logs)}
+            "quantities": quantities, "online_logs": sorted(s.logs),
+            "loss_first": list(losses[0]) if losses else None, "loss_last": list(losses[-1]) if losses else None}
 
 
 def _expectations(expect: Any):

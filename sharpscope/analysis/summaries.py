@@ -47,7 +47,8 @@ class RunSummary:
     beyond parameterization, optimizer, lr, width, depth and seed), final loss and measured results
     (trajectories of the scalar quantities, SLQ densities per step, per-layer sharpness, per-layer
     alignment: an :class:`~sharpscope.analysis.alignment.AlignmentSeries`) and its scalar logs
-    (``logs``: name in :data:`ONLINE_LOGS` -> ``(steps, values)``, the non-empty ones)."""
+    (``logs``: name in :data:`ONLINE_LOGS` -> ``(steps, values)``, the non-empty ones) and the losses
+    stored with its checkpoints."""
 
     path: str
     parameterization: str
@@ -70,6 +71,13 @@ class RunSummary:
     settings_used: dict[str, str] = field(default_factory=dict)
     alignment: Any = None
     logs: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    checkpoint_losses: tuple[list[int], list[float]] = ((), ())
+
+    @property
+    def loss_curve(self) -> tuple[list[int], list[float]]:
+        """The training loss along training: the ``loss`` log where the run has one, else the losses stored
+        with the checkpoints (NaN where the loop passed none)."""
+        return self.logs.get("loss") or self.checkpoint_losses
 
     @property
     def blew_up(self) -> bool:
@@ -281,6 +289,7 @@ def collect(runs: Sequence[str | Path], *, compare: str | None = None, spectrum:
                 initial, final, loss_source = _losses(run)
                 digest = _digest(run.batch())
                 logs = _logs(run)
+                losses = ([int(st) for st in steps], [float(run.loss(st)) for st in steps])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             problems.append(f"{path.name}: not a readable sharpscope run ({str(err).splitlines()[0]}): left out")
             continue
@@ -293,7 +302,7 @@ def collect(runs: Sequence[str | Path], *, compare: str | None = None, spectrum:
         summary = RunSummary(str(path), c["parameterization"], c["optimizer"], c["lr"], c["width"],
                              float(final), depth=c["depth"], seed=c["seed"], probe_name=c["probe_name"],
                              probe_digest=digest, loss_source=loss_source, initial_loss=initial, axes=c["axes"],
-                             compare=c["compare"], logs=logs)
+                             compare=c["compare"], logs=logs, checkpoint_losses=losses)
         if loss_source == "unknown":
             problems.append(f"{path.name}: records no training loss (pass loss= to Recorder.step or use "
                             f"Recorder.log_loss): left out of the lr transfer")
