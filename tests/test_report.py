@@ -1,9 +1,19 @@
 """The report over runs: verdicts from a small sweep, and bad inputs as messages, not crashes."""
 from __future__ import annotations
 
+import ast
 import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
 
 from conftest import probe_text, report_metrics, sweep_runs
+from sharpscope.analysis import figures as figure_files
+from sharpscope.analysis import findings, page
+from sharpscope.analysis.comparisons import RunSummary, analyze_in_detail
+from sharpscope.analysis.expectations import Expectation, check_expectations, parse_expectations
 from sharpscope.analysis.report import write_report
 from sharpscope.cli import main
 from sharpscope.sweep import run_sweep
@@ -75,19 +85,7 @@ def test_density_and_layer_results_get_their_figures(tmp_path):
         assert sf.rows("layers")[0]["info"]["layers"] == ["input", "hidden.0", "readout"]
 
 
-# -- the report's shape (issue 22, item 3): tested on RunSummary objects, without run files, where they can be --
-import ast  # noqa: E402
-import math  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from sharpscope.analysis import findings, page  # noqa: E402
-from sharpscope.analysis import figures as figure_files  # noqa: E402
-from sharpscope.analysis.comparisons import RunSummary, analyze_in_detail  # noqa: E402
-from sharpscope.analysis.expectations import Expectation, check_expectations, parse_expectations  # noqa: E402
-
+# -- the report's shape (issue 22, item 3): on RunSummary objects, without run files, where it can be --
 STEPS = list(range(0, 101, 10))
 
 

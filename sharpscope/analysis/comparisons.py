@@ -276,15 +276,22 @@ def _compare(c: Comparison, problems: list[str], shown: set[str]) -> ComparedGro
                 eos[_key(size)] = {"threshold": threshold, "tail_ratio": r.tail_mean, "first_step_at_0.9": r.first_step}
             entry["quantities"][q]["edge_of_stability"] = eos
     if any(m.alignment is not None for m in c.members) and not mismatch:
-        found = compare_alignment({size: [m.alignment for m in runs] for size, runs in c.by_size().items()}, c.axis)
+        found = _alignment(c)
         if found is not None:
-            for layer in found["layers"].values():
-                if len(set(layer["fan_in"].values())) < 2:  # no exponent to fit: the check cannot apply
-                    layer["not_analysed"] = f"fan-in {next(iter(layer['fan_in'].values()))} at every {c.axis}"
             entry["alignment"] = found
     if not quantities and not mismatch and "alignment" not in entry:
         problems.append(_named(label, "no spectra to compare"))
     return ComparedGroup(c, entry, results)
+
+
+def _alignment(c: Comparison) -> dict[str, Any] | None:
+    """The alignment entry of a comparison; a layer whose fan-in is the same at every size (an input
+    layer) has no exponent to fit: ``not_analysed``."""
+    found = compare_alignment({size: [m.alignment for m in runs] for size, runs in c.by_size().items()}, c.axis)
+    for layer in (found or {}).get("layers", {}).values():
+        if len(set(layer["fan_in"].values())) < 2:
+            layer["not_analysed"] = f"fan-in {next(iter(layer['fan_in'].values()))} at every {c.axis}"
+    return found
 
 
 def _key(size: float) -> str:

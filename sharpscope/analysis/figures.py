@@ -211,8 +211,9 @@ def _comparisons(groups: Sequence[ComparedGroup], saver: _Saver, labels: Labels,
                 c = chunk[0].comparison
                 if len(chunk) == 1:
                     name = f"{q}-{_tag(c.parameterization, c.optimizer, c.lr, c.axis, c.fixed)}"
-                    caption = (f"{q} per {c.axis}, {labels.entry(chunk[0].entry) or 'all runs'}: trajectories, and "
-                               f"their relative spread with the verdict window shaded")
+                    subject = labels.entry(chunk[0].entry)
+                    caption = (f"{q} per {c.axis}{', ' + subject if subject else ''}: trajectories, and their relative "
+                               f"spread with the verdict window shaded")
                 else:
                     names = [_panel_name(g.comparison, pick) for g in chunk]
                     rest = _tag(None if pick == "parameterization" else c.parameterization,

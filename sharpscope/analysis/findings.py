@@ -319,21 +319,14 @@ def _run_sentence(run: Mapping[str, Any], label: str) -> str:
     return f"{label}: {'; '.join(parts)}."
 
 
-def summary_sentences(metrics: Mapping[str, Any], items: Sequence[Finding] | None = None,
-                      labels: Labels | None = None) -> list[str]:
-    """The summary paragraph, a sentence per group, written from the verdicts: e.g. "muP: preconditioned
-    sharpness consistent across widths 64-512 (spread 0.051), at the edge of stability (...)." "SP:
-    inconsistent (spread 1.2); width 512 diverged at lr 0.5." Then lr transfer, runs compared with nothing
-    (what each quantity did), and one "Not analysed" sentence."""
-    labels = labels or Labels.of(metrics)
-    items = list(findings(metrics, labels) if items is None else items)
-    runs = metrics.get("runs", [])
+def _group_sentences(items: Sequence[Finding], runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list]:
+    """A sentence per group with applicable consistency verdicts; the findings it covered."""
     quantities = {f.quantity for f in items if f.kind == "consistency" and f.applicable}
-    sentences, named = [], set()
     by_group: dict[str, list[Finding]] = {}
     for f in items:
         if f.kind == "consistency" and f.applicable:
             by_group.setdefault(f.subject, []).append(f)
+    sentences, named = [], set()
     for subject, group in by_group.items():
         phrases = []
         for f in group:
@@ -343,15 +336,29 @@ def summary_sentences(metrics: Mapping[str, Any], items: Sequence[Finding] | Non
         diverged = _diverged_phrase(runs, group[0])
         text = "; ".join(phrases) + (f"; {diverged}" if diverged else "")
         sentences.append(f"{subject}: {text}." if subject else f"{text[0].upper()}{text[1:]}.")
-    for f in items:
-        if f.kind == "transfer" and f.applicable:
-            what = f"lr transfer across {plural(f.axis)}"
-            number = f"shift {f.value:.2g} octave" if f.value is not None else f.reason
-            if f.interval is not None:
-                number += f", interval {f.interval[0]:.2g}-{f.interval[1]:.2g}"
-            sentences.append(f"{f.subject + ' ' if f.subject else ''}{what}: {f.verdict} ({number}).")
-    alone = [r for r in runs if not any(_in_group(r, f) for group in by_group.values() for f in group)]
-    if alone and len(alone) <= 4:
+    return sentences, [f for group in by_group.values() for f in group]
+
+
+def _transfer_sentence(f: Finding) -> str:
+    number = f"shift {f.value:.2g} octave" if f.value is not None else f.reason
+    if f.interval is not None:
+        number += f", interval {f.interval[0]:.2g}-{f.interval[1]:.2g}"
+    return f"{f.subject + ' ' if f.subject else ''}lr transfer across {plural(f.axis)}: {f.verdict} ({number})."
+
+
+def summary_sentences(metrics: Mapping[str, Any], items: Sequence[Finding] | None = None,
+                      labels: Labels | None = None) -> list[str]:
+    """The summary paragraph, a sentence per group, written from the verdicts: e.g. "muP: preconditioned
+    sharpness consistent across widths 64-512 (spread 0.051), at the edge of stability (...)." "SP:
+    inconsistent (spread 1.2); width 512 diverged at lr 0.5." Then lr transfer, the runs compared with
+    nothing (what each quantity did; a count past 4 runs), and one "Not analysed" sentence."""
+    labels = labels or Labels.of(metrics)
+    items = list(findings(metrics, labels) if items is None else items)
+    runs = metrics.get("runs", [])
+    sentences, covered = _group_sentences(items, runs)
+    sentences += [_transfer_sentence(f) for f in items if f.kind == "transfer" and f.applicable]
+    alone = [r for r in runs if not any(_in_group(r, f) for f in covered)]
+    if 0 < len(alone) <= 4:
         for r in alone:
             label = labels(r["parameterization"], r["optimizer"], r["lr"],
                            {k: v for k, v in (("width", r.get("width")), ("depth", r.get("depth"))) if v is not None})
@@ -361,9 +368,7 @@ def summary_sentences(metrics: Mapping[str, Any], items: Sequence[Finding] | Non
     missing = not_analysed_note(items)
     if missing:
         sentences.append("Not analysed: " + "; ".join(missing) + ".")
-    if not sentences:
-        sentences.append("No verdict: see the notes below.")
-    return sentences
+    return sentences or ["No verdict: see the notes below."]
 
 
 MARKS = {"held": "✓", "did not hold": "✗", "undecided": "?", "not tested": "–"}

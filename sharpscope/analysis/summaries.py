@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from ..runs.quantities import get as get_quantity
@@ -102,6 +101,7 @@ def _mapping(value: Any) -> dict:
 
 
 def finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a boolean), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
