@@ -137,8 +137,11 @@ def _demo_command(args: argparse.Namespace) -> int:
         for row in summary_rows(result):
             print(f"  {row['run']:<24} {row['quantity']:<8} step {row['first_step']:>4}: {row['first']:8.3f}   "
                   f"step {row['last_step']:>4}: {row['last']:8.3f}")
-        from .analysis.report import verdict_lines
+        from .analysis.report import summary_lines, verdict_lines
 
+        print("summary:")
+        for line in summary_lines(result.report.parent / "metrics.json"):
+            print(f"  {line}")
         print("verdicts:")
         for line in verdict_lines(result.report.parent / "metrics.json"):
             print(f"  {line}")

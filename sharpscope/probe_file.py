@@ -47,11 +47,8 @@ A probe file::
     k = 1
     executor = "local"                         # for training and spectra: local, process:N, dask-local:N, dask://HOST:PORT
 
-    [expect]                                   # optional: verdicts the report checks (sharpscope.analysis.expectations)
-    mup = "consistent"                         # every super-consistency verdict of the muP groups
-    sp = ["inconsistent", "diverging-up"]      # any of these
-    [expect.ntk]                               # per check: a measured quantity, or transfer (lr transfer)
-    transfer = "shifts"
+    [expect]                                   # optional: verdicts the report checks (analysis/expectations.py)
+    mup = "consistent"                         # or a list (any of), or [expect.mup] precond = ..., transfer = ...
 
 **Axes.** Widths, depths, lrs, parameterizations, optimizers and seeds are varied by their own
 lists. ``[sweep.axes]`` varies any other setting; a name resolves, in this order, to a run setting
@@ -83,6 +80,7 @@ from typing import Any, Callable
 import tomllib
 import torch
 
+from .analysis.expectations import parse_expectations
 from .data import DATASETS
 from .param import OPTIMIZERS, PARAMETERIZATIONS, ParametrizeOptions
 
@@ -263,8 +261,7 @@ def load_probe(path: str | Path) -> Probe:
     capture, measure, sweep = r.table(raw, "capture"), r.table(raw, "measure"), r.table(raw, "sweep")
     unknown = sorted(set(raw) - {"probe", "model", "train", "capture", "measure", "sweep", "expect"})
     if unknown:
-        r.fail(f"unknown table(s) {unknown}: the tables are [probe], [model], [train], [sweep], [capture], [measure], "
-               "[expect]")
+        r.fail(f"unknown table(s) {unknown}: the tables are [probe], [model], [train], [sweep], [capture], [measure], [expect]")
     pos_int = lambda minimum: lambda v, what: r.integer(v, what, minimum)  # noqa: E731
     lower = lambda v, what: r.text(v, what).lower()  # noqa: E731
     base_width, base_depth = r.get(model, "base_width", "model"), r.get(model, "base_depth", "model")
@@ -301,19 +298,11 @@ def load_probe(path: str | Path) -> Probe:
     )
     axes = _axes(r, probe, r.mapping(sweep.get("axes", {}), "[sweep] axes"))
     compare = _compare(r, probe, axes, sweep)
-    probe = _replace(probe, axes=axes, compare=compare, expect=_expect(r, probe, raw.get("expect", {})))
+    expect = parse_expectations(raw.get("expect", {}), parameterizations=probe.parameterizations,
+                                quantities=probe.quantities, where=str(path))  # [expect]: one line per problem
+    probe = _replace(probe, axes=axes, compare=compare, expect=expect)
     _validate(r, probe)
     return probe
-
-
-def _expect(r: _Reader, probe: Probe, table: Any) -> tuple:
-    """The ``[expect]`` table, checked against the probe's parameterizations and quantities."""
-    from .analysis.expectations import parse_expectations
-
-    try:
-        return parse_expectations(table, parameterizations=probe.parameterizations, quantities=probe.quantities)
-    except ValueError as err:
-        r.fail(str(err))
 
 
 def _replace(probe: Probe, **changes: Any) -> Probe:

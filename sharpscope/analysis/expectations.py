@@ -75,9 +75,18 @@ def _verdicts(value: Any, where: str, allowed: Sequence[str]) -> tuple[str, ...]
 
 
 def parse_expectations(table: Any, *, parameterizations: Sequence[str] | None = None,
-                       quantities: Sequence[str] | None = None) -> tuple[Expectation, ...]:
-    """Validate an ``[expect]`` table (module docstring); every problem is a one-line ``ValueError``.
-    ``parameterizations`` / ``quantities``: the names the keys may take (None: any)."""
+                       quantities: Sequence[str] | None = None, where: str = "") -> tuple[Expectation, ...]:
+    """Validate an ``[expect]`` table (module docstring); every problem is a one-line ``ValueError``,
+    prefixed with ``where`` (the probe file). ``parameterizations`` / ``quantities``: the names the keys
+    may take (None: any)."""
+    try:
+        return _parse(table, parameterizations, quantities)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}" if where else str(err)) from None
+
+
+def _parse(table: Any, parameterizations: Sequence[str] | None, quantities: Sequence[str] | None
+           ) -> tuple[Expectation, ...]:
     if not isinstance(table, Mapping):
         raise ValueError(f"[expect] must be a table, got {type(table).__name__}")
     out = []

@@ -289,7 +289,7 @@ def _across_lrs(groups: Sequence[ComparedGroup], saver: _Saver, labels: Labels) 
         label = ", ".join(x for x in (labels(param, optimizer, None, dict(fixed)), f"{axis} {size:g}") if x)
         fig = plots.trajectories(curves, quantity=f"{q} / its EoS threshold", threshold=1.0, size_label="lr",
                                  rescale_steps={lr: lr for lr in curves}, step_label="lr x step",
-                                 title=f"{q} across lrs: {label}", threshold_label="the edge:")
+                                 title=f"{q} across lrs: {label}", threshold_label="edge of stability")
         saver.keep(fig, f"{q}-lrs-{_tag(param, optimizer, None, axis, dict(fixed))}-{axis}{size:g}",
                    f"{q} / EoS threshold against lr x step, one curve per lr, {label}", "lrs")
 

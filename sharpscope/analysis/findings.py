@@ -243,9 +243,10 @@ def _span(sizes: Sequence[float]) -> str:
     return f"{sizes[0]:g}-{sizes[-1]:g}" if len(sizes) > 2 else " and ".join(f"{s:g}" for s in sizes)
 
 
-def _edge_phrase(entry: Mapping[str, Any]) -> str:
-    """Where the quantity ended relative to its edge-of-stability threshold (tail means per size)."""
-    eos = entry.get("edge_of_stability") or {}
+def _edge_phrase(entry: Mapping[str, Any], diverged: set[float] = frozenset()) -> str:
+    """Where the quantity ended relative to its edge-of-stability threshold (tail means per size; sizes
+    whose run diverged left out)."""
+    eos = {k: v for k, v in (entry.get("edge_of_stability") or {}).items() if float(k) not in diverged}
     ratios = [r for r in (_number(v.get("tail_ratio")) for v in eos.values()) if r is not None]
     if not ratios:
         return ""
@@ -254,9 +255,9 @@ def _edge_phrase(entry: Mapping[str, Any]) -> str:
     thresholds = {_number(v.get("threshold")) for v in eos.values()}
     th = f" {g(next(iter(thresholds)))}" if len(thresholds) == 1 and None not in thresholds else ""
     if EDGE_BAND[0] <= lo and hi <= EDGE_BAND[1]:
-        return f", at the edge of stability (ending at {span} x its threshold{th})"
+        return f"at the edge of stability ({span} x its threshold{th} at the end)"
     where = "below" if hi < EDGE_BAND[0] else "above" if lo > EDGE_BAND[1] else "around"
-    return f", {where} the edge of stability (ending at {span} x its threshold{th})"
+    return f"{where} the edge of stability ({span} x its threshold{th} at the end)"
 
 
 def _in_group(run: Mapping[str, Any], f: Finding) -> bool:
@@ -268,14 +269,21 @@ def _in_group(run: Mapping[str, Any], f: Finding) -> bool:
             and all(value(name) == v for name, v in f.fixed.items()))
 
 
-def _diverged_phrase(runs: Sequence[Mapping[str, Any]], f: Finding) -> str:
-    """``"width 512 diverged at lr 0.5"``: the group's runs that diverged (a NaN/inf loss) or blew up
-    (ended above twice their initial loss)."""
-    bad: dict[float, list[str]] = {}
+def _diverged(runs: Sequence[Mapping[str, Any]], f: Finding) -> list[tuple[float, Any]]:
+    """``(lr, size)`` of the group's runs that diverged (a NaN/inf loss) or blew up (ended above twice
+    their initial loss)."""
+    out = []
     for r in runs:
         if _in_group(r, f) and (r.get("final_loss") is None or r.get("blew_up")):
-            size = r.get(f.axis) if f.axis in ("width", "depth") else (r.get("axes") or {}).get(f.axis)
-            bad.setdefault(r["lr"], []).append(_show(size))
+            out.append((r["lr"], r.get(f.axis) if f.axis in ("width", "depth") else (r.get("axes") or {}).get(f.axis)))
+    return out
+
+
+def _diverged_phrase(runs: Sequence[Mapping[str, Any]], f: Finding) -> str:
+    """``"width 512 diverged at lr 0.5"``."""
+    bad: dict[float, list[str]] = {}
+    for lr, size in _diverged(runs, f):
+        bad.setdefault(lr, []).append(_show(size))
     parts = []
     for lr, sizes in bad.items():
         sizes = sorted(set(sizes), key=lambda s: float(s) if s.replace(".", "", 1).isdigit() else 0)
@@ -283,9 +291,10 @@ def _diverged_phrase(runs: Sequence[Mapping[str, Any]], f: Finding) -> str:
     return "; ".join(parts)
 
 
-def _verdict_phrase(f: Finding, named: bool) -> str:
+def _verdict_phrase(f: Finding, named: bool, runs: Sequence[Mapping[str, Any]] = ()) -> str:
     """``"preconditioned sharpness consistent across widths 64-512 (spread 0.051), at the edge ..."``;
-    without the quantity and the sizes when ``named`` is False (said before)."""
+    without the quantity and the sizes when ``named`` is False (said before). Runs of the group that
+    diverged are named, and left out of where the others ended against the edge of stability."""
     if f.verdict == "undetermined":
         return f"{quantity_name(f.quantity) + ' ' if named else ''}undetermined ({f.reason})"
     number = f"spread {f.value:.2g}" if f.value is not None else f.reason
@@ -294,7 +303,11 @@ def _verdict_phrase(f: Finding, named: bool) -> str:
     sizes = f.entry.get("sizes") or []
     what = f"{quantity_name(f.quantity)} {f.verdict} across {plural(f.axis)} {_span(sizes)}" if named and sizes \
         else f.verdict
-    return f"{what} ({number}){_edge_phrase(f.entry)}"
+    gone = {float(size) for _, size in _diverged(runs, f) if _number(size) is not None}
+    edge = _edge_phrase(f.entry, gone)
+    if gone:
+        return f"{what} ({number}); {_diverged_phrase(runs, f)}" + (f", the others ended {edge}" if edge else "")
+    return f"{what} ({number})" + (f", {edge}" if edge else "")
 
 
 def _run_sentence(run: Mapping[str, Any], label: str) -> str:
@@ -331,10 +344,10 @@ def _group_sentences(items: Sequence[Finding], runs: Sequence[Mapping[str, Any]]
         phrases = []
         for f in group:
             key = (f.quantity, f.axis, tuple(f.entry.get("sizes", [])))
-            phrases.append(_verdict_phrase(f, named=key not in named or len(quantities) > 1))
+            phrases.append(_verdict_phrase(f, named=key not in named or len(quantities) > 1, runs=runs))
             named.add(key)
         diverged = _diverged_phrase(runs, group[0])
-        text = "; ".join(phrases) + (f"; {diverged}" if diverged else "")
+        text = "; ".join(phrases) + (f"; {diverged}" if diverged and diverged not in " ".join(phrases) else "")
         sentences.append(f"{subject}: {text}." if subject else f"{text[0].upper()}{text[1:]}.")
     return sentences, [f for group in by_group.values() for f in group]
 

@@ -187,8 +187,8 @@ def html_page(title: str, metrics: Mapping[str, Any], items: Sequence[Finding], 
     if metrics.get("problems"):
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(p)}</li>" for p in metrics["problems"]) + "</ul>")
     rest = [f for f in figures if f.role != "headline"]
-    parts.append("<h2>Figures</h2>" + ("".join(figure(f) for f in rest) if rest else
-                                       "<p>No other figure.</p>" if head else "<p>No spectra to plot.</p>"))
+    if rest or not head:
+        parts.append("<h2>Figures</h2>" + ("".join(figure(f) for f in rest) if rest else "<p>No spectra to plot.</p>"))
     runs = metrics.get("runs", [])
     if runs:
         cols = _run_columns(runs)
@@ -234,8 +234,9 @@ def markdown_page(title: str, metrics: Mapping[str, Any], items: Sequence[Findin
             lines += ["| " + " | ".join(r) + " |" for r in rows]
     if metrics.get("problems"):
         lines += ["", "## Notes", ""] + [f"- {p}" for p in metrics["problems"]]
-    lines += ["", "## Figures", ""] + [f"![{f.caption}]({f.path.relative_to(out)})" for f in figures
-                                        if f.role != "headline"]
+    rest = [f for f in figures if f.role != "headline"]
+    if rest:
+        lines += ["", "## Figures", ""] + [f"![{f.caption}]({f.path.relative_to(out)})" for f in rest]
     lines += ["", "<details><summary>Settings and software</summary>", ""]
     lines += [f"- {k}: {v}" for k, v in _settings_items(metrics)] + ["", "</details>", ""]
     return "\n".join(lines)

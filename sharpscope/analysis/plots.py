@@ -32,9 +32,10 @@ __all__ = ["trajectories", "spread", "lr_sweep", "density_overlay", "layer_heatm
 Trajectories = Mapping[float, tuple[Sequence[float], Sequence[float]]]
 Bands = Mapping[float, tuple[Sequence[float], Sequence[float]]]
 
-# Okabe & Ito's colour-blind-safe palette ("Color universal design", 2008), yellow (unreadable on white)
-# replaced by brown; one marker per colour so that sizes stay apart in grey print too
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#8C564B")
+# Okabe & Ito's colour-blind-safe palette ("Color universal design", 2008), ordered so that the first four
+# differ most in hue (blue, vermillion, green, purple; orange comes after vermillion's neighbour is taken),
+# yellow (unreadable on white) replaced by brown; one marker per colour, so sizes stay apart in grey print too
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#8C564B")
 MARKERS = ("o", "s", "^", "D", "v", "P", "*", "h")
 MAX_DISCRETE = len(PALETTE)
 FAR_STRETCH = 2.0  # a threshold line that would stretch the y axis to more than twice the data's span is far
@@ -407,7 +408,9 @@ def run_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
         values.append(vals)
     for i, (label, (steps, vals)) in enumerate((online or {}).items(), start=len(curves)):
         vals = np.asarray(vals, dtype=float)
-        handles += ax.plot(steps, vals, color=PALETTE[i % len(PALETTE)], ls="--", lw=1.8, label=label)
+        # wide and translucent under the stored curves: the online value often equals a stored one
+        handles += ax.plot(steps, vals, color=PALETTE[i % len(PALETTE)], ls="--", lw=3.2, alpha=0.55, zorder=1,
+                           label=label)
         values.append(vals)
     values = np.concatenate(values) if values else np.zeros(0)
     if spans_decades(values):
