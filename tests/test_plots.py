@@ -13,6 +13,14 @@ from sharpscope.analysis import plots  # noqa: E402
 WIDTHS = [64, 128, 256, 512]
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def _traj():
     steps = np.arange(50)
     return {w: (steps, 2.0 * (1 - np.exp(-steps / 10)) * (1 + 1 / w)) for w in WIDTHS}

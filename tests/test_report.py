@@ -278,3 +278,4 @@ def test_the_demo_density_axis_reaches_the_edge_of_stability(tmp_path):
     ax = captured["fig"].axes[0]
     assert ax.get_xlim()[1] > 4.0 and any(list(ln.get_xdata()) == [4.0, 4.0] for ln in ax.lines)
     assert "2/lr" in ax.get_title(loc="left") and (tmp_path / "d.png").exists()
+    plt.close(captured["fig"])

@@ -179,13 +179,13 @@ def _comparison_figure(groups: Sequence[ComparedGroup], q: str, pick: str | None
     threshold_lines = [ln for ln in top[0].get_lines() if ln.get_label().startswith("EoS threshold")]
     if threshold_lines and len(set(known)) > 1:
         threshold_lines[0].set_label("EoS threshold")
-    if styles.discrete:
-        fig.legend(handles=size_legend + threshold_lines[:1], title=c0.axis, loc="outside right upper", frameon=False)
-    else:
+    if not styles.discrete:
         fig.colorbar(styles.mappable, ax=top, label=c0.axis, pad=0.01)
+    if size_legend or threshold_lines:
+        fig.legend(handles=size_legend + threshold_lines[:1], title=c0.axis if styles.discrete else None,
+                   loc="outside right upper", frameon=False)
     handles, names = bottom[0].get_legend_handles_labels()
-    names = ["window median" if s.startswith("window median") else
-             "verdict window" if s == "verdict window" else s for s in names]
+    names = ["window median" if s.startswith("window median") else s for s in names]  # each panel has its own
     fig.legend(handles, names, loc="outside right lower", frameon=False)
     if n > 1:
         common = ", ".join(x for x in labels.common() if x)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..runs.quantities import REGISTRY
-from .expectations import Expectation, ExpectationCheck, check_expectations
+from .expectations import ExpectationCheck
 
 __all__ = ["Finding", "Labels", "findings", "not_analysed_note", "summary_sentences", "display", "plural",
            "quantity_name", "entry_fixed", "expectation_lines"]
@@ -401,8 +401,3 @@ def expectation_lines(checks: Sequence[ExpectationCheck]) -> list[str]:
             line += f" ({c.note})"
         out.append(line)
     return out
-
-
-def check(expectations: Iterable[Expectation], items: Iterable[Finding]) -> list[ExpectationCheck]:
-    """:func:`~sharpscope.analysis.expectations.check_expectations` on findings."""
-    return check_expectations(expectations, items)

@@ -133,18 +133,13 @@ def _settings_items(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def html_page(title: str, metrics: Mapping[str, Any], items: Sequence[Finding], labels: Labels,
-              figures: Sequence[FigureFile], checks: Sequence[ExpectationCheck] = ()) -> str:
-    """report.html: self-contained, opens from disk."""
+def _summary_html(metrics: Mapping[str, Any], items: Sequence[Finding], labels: Labels,
+                  checks: Sequence[ExpectationCheck]) -> str:
+    """The summary section: the paragraph from the verdicts, what was expected and whether it held, and
+    what all runs share."""
     esc = html.escape
     settings = metrics.get("settings") or {}
-
-    def figure(f: FigureFile, ident: str = "") -> str:
-        png = base64.b64encode(f.path.read_bytes()).decode()
-        return (f"<figure{f' id={ident}' if ident else ''}{' class=wide' if f.wide else ''}><img alt='{esc(f.caption)}' "
-                f"src='data:image/png;base64,{png}'><figcaption>{esc(f.caption)}</figcaption></figure>")
-
-    parts = [f"<h1>{esc(title)}</h1>", "<section id=summary class=summary>",
+    parts = ["<section id=summary class=summary>",
              f"<p class=lead>{esc(' '.join(summary_sentences(metrics, items, labels)))}</p>"]
     expected = [f"<b>Expected</b>: {esc(_expected(settings))}"] if _expected(settings) else []
     if checks:
@@ -158,8 +153,13 @@ def html_page(title: str, metrics: Mapping[str, Any], items: Sequence[Finding], 
     about = [f"{n} run{'' if n == 1 else 's'}" + (f" compared across {compared}" if compared and n > 1 else "")]
     about += [f"all runs: {', '.join(common)}" if n > 1 else ", ".join(common)] if common else []
     parts.append(f"<p class=common>{esc('; '.join(about))}</p></section>")
-    head = [f for f in figures if f.role == "headline"]
-    parts += [figure(f, "headline") for f in head]
+    return "".join(parts)
+
+
+def _verdicts_html(items: Sequence[Finding]) -> str:
+    """The verdict table (an interval column where a finding has one) and the "Not analysed" note."""
+    esc = html.escape
+    parts = []
     has_interval = any(f.interval is not None for f in items)
     heads = [h for h in VERDICT_HEAD if h != "interval" or has_interval]
     rows = verdict_rows(items, has_interval)
@@ -174,6 +174,23 @@ def html_page(title: str, metrics: Mapping[str, Any], items: Sequence[Finding], 
     missing = not_analysed_note(items)
     if missing:
         parts.append(f"<p class=na><b>Not analysed</b> (cannot apply to these runs): {esc('; '.join(missing))}.</p>")
+    return "".join(parts)
+
+
+def html_page(title: str, metrics: Mapping[str, Any], items: Sequence[Finding], labels: Labels,
+              figures: Sequence[FigureFile], checks: Sequence[ExpectationCheck] = ()) -> str:
+    """report.html: self-contained, opens from disk."""
+    esc = html.escape
+
+    def figure(f: FigureFile, ident: str = "") -> str:
+        png = base64.b64encode(f.path.read_bytes()).decode()
+        return (f"<figure{f' id={ident}' if ident else ''}{' class=wide' if f.wide else ''}><img alt='{esc(f.caption)}' "
+                f"src='data:image/png;base64,{png}'><figcaption>{esc(f.caption)}</figcaption></figure>")
+
+    parts = [f"<h1>{esc(title)}</h1>", _summary_html(metrics, items, labels, checks)]
+    head = [f for f in figures if f.role == "headline"]
+    parts += [figure(f, "headline") for f in head]
+    parts.append(_verdicts_html(items))
     tables = _alignment_tables(metrics, labels)
     if tables:
         from .alignment import FULL_AT_LEAST, NONE_AT_MOST

@@ -132,8 +132,6 @@ def spans_decades(values: np.ndarray) -> bool:
     return v.size > 1 and bool(np.all(values[np.isfinite(values)] > 0)) and v.max() / v.min() > 30
 
 
-_spans_decades = spans_decades  # the name of earlier versions
-
 
 def _colorbar(fig, ax, styles: SizeStyles, label: str) -> None:
     bar = fig.colorbar(styles.mappable, ax=ax, label=label, pad=0.02)
@@ -191,7 +189,7 @@ def draw_threshold(ax, threshold: float, values: Sequence[float], *, label: str 
     times = f", {g(ratio, 2)}x the {'largest' if above else 'smallest'} value" if ratio else ""
     ax.annotate(f"{label} {g(threshold)} {'above' if above else 'below'} the axes{times} {'↑' if above else '↓'}",
                 xy=(1.0, 1.0), xycoords="axes fraction", xytext=(0, 4), textcoords="offset points",
-                ha="right", va="bottom", fontsize=8.5, color=color)
+                ha="right", va="bottom", fontsize=9.5, color=color)
     return None
 
 
@@ -383,6 +381,23 @@ def alignment_exponents(exponents: Mapping[str, Mapping[float, float]], *, full_
     return fig
 
 
+def _loss_panel(ax, loss: tuple[Sequence[float], Sequence[float]]) -> None:
+    """The training loss against the step; where it stops being finite, a dotted line says so."""
+    steps, vals = (np.asarray(a, dtype=float) for a in loss)
+    ok = np.isfinite(vals)
+    ax.plot(steps[ok], vals[ok], color="0.2", lw=1.4, marker="o" if ok.sum() <= 30 else None, ms=3.5)
+    bad = steps[~ok & (steps > 0)]
+    if bad.size and ok[steps > 0].any():  # not the NaN of a loop that passed no loss at step 0
+        ax.axvline(bad[0], color="#D55E00", ls=":", lw=1.2)
+        ax.annotate(f"not finite from step {bad[0]:g}", xy=(bad[0], 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(4, -12), textcoords="offset points", fontsize=8.5, color="#D55E00")
+    if spans_decades(vals[ok]):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    _title(ax, "training loss", False)
+
+
 def run_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
                thresholds: Mapping[str, float] | None = None, online: Mapping[str, tuple[Sequence[float],
                                                                                             Sequence[float]]] | None = None,
@@ -428,19 +443,6 @@ def run_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
     _title(ax, title or f"{quantity} along training", annotated)
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9, frameon=False)
     if panels == 2:
-        lax = axes[0][1]
-        steps, vals = (np.asarray(a, dtype=float) for a in loss)
-        ok = np.isfinite(vals)
-        lax.plot(steps[ok], vals[ok], color="0.2", lw=1.4, marker="o" if ok.sum() <= 30 else None, ms=3.5)
-        bad = steps[~ok & (steps > 0)]
-        if bad.size and ok[steps > 0].any():  # not the NaN of a loop that passed no loss at step 0
-            lax.axvline(bad[0], color="#D55E00", ls=":", lw=1.2)
-            lax.annotate(f"not finite from step {bad[0]:g}", xy=(bad[0], 1.0), xycoords=("data", "axes fraction"),
-                         xytext=(4, -12), textcoords="offset points", fontsize=8.5, color="#D55E00")
-        if spans_decades(vals[ok]):
-            lax.set_yscale("log")
-        lax.set_xlabel("step")
-        lax.set_ylabel("training loss")
-        _title(lax, "training loss", False)
+        _loss_panel(axes[0][1], loss)
     save(fig, path)
     return fig
