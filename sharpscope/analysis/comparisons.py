@@ -45,7 +45,9 @@ def plural(axis: str) -> str:
 
 def group_label(parameterization: str, optimizer: str, lr: float | None = None,
                 fixed: Mapping[str, Any] | None = None) -> str:
-    """``"mup / sgd / lr 0.5 / depth 4"``: the one way a group of runs is named in verdicts and figures."""
+    """``"mup / sgd / lr 0.5 / depth 4"``: a group of runs by all its coordinates (empty ones left out), as the
+    command line's verdict lines name it; problem lines name only the coordinates that vary
+    (:func:`_short_label`), the report's page uses :class:`~sharpscope.analysis.findings.Labels`."""
     parts = [x for x in (parameterization, optimizer) if x] + ([f"lr {lr:g}"] if lr is not None else [])
     parts += [f"{name} {_show(value)}" for name, value in (fixed or {}).items()]
     return " / ".join(parts)
@@ -87,10 +89,6 @@ class Comparison:
     lr: float
     fixed: dict[str, Any]
     members: list[RunSummary]
-
-    @property
-    def label(self) -> str:
-        return group_label(self.parameterization, self.optimizer, self.lr, self.fixed)
 
     @property
     def sizes(self) -> list[float]:
