@@ -19,8 +19,13 @@ from pathlib import Path
 __all__ = ["DiskFullError", "Reservation", "STANDING_RESERVE", "METADATA_ALLOWANCE", "free_bytes", "human_bytes",
            "write_new_file"]
 
-STANDING_RESERVE = 64 * 1024  # kept past the end of an open file, for closing it
-METADATA_ALLOWANCE = 64 * 1024  # HDF5's own allocations per row: chunk-index blocks, heap headers, object headers
+# kept past the end of an open file, for closing it (closing an SWMR file rewrote metadata in place and grew
+# the file by 0 bytes in every measurement, docs/bench-notes.md)
+STANDING_RESERVE = 16 * 1024
+# HDF5's own allocations per row beyond the row's chunks and heap data (chunk-index blocks, heap collections,
+# aggregator blocks): at most 25 KiB over 700 spectra rows and 15 KiB over 1,500 checkpoints, measured;
+# twice that
+METADATA_ALLOWANCE = 48 * 1024
 
 _KEEP_SIZE = 0x01  # FALLOC_FL_KEEP_SIZE (linux/falloc.h)
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP}
@@ -119,17 +124,19 @@ class Reservation:
             self._fd = None
 
 
-def write_new_file(path: Path, image: bytes, kept: str) -> None:
+def write_new_file(path: Path, image: bytes, kept: str, shown: Path | None = None) -> None:
     """Write ``image`` to ``path`` (a temporary file of the caller's) with plain writes: a full disk is
-    a :class:`DiskFullError` here, never an HDF5 write. The partial file is removed on failure."""
+    a :class:`DiskFullError` naming ``shown`` (default ``path``), never an HDF5 write. The partial file is
+    removed on failure (our own temporary file: nothing stored is lost)."""
+    need = len(image) + METADATA_ALLOWANCE + STANDING_RESERVE  # the image, then opening it for appending
     free = free_bytes(path.parent)
-    if free < len(image) + STANDING_RESERVE:
-        raise DiskFullError(path, free, len(image) + STANDING_RESERVE, kept)
+    if free < need:
+        raise DiskFullError(shown or path, free, need, kept)
     try:
         with open(path, "wb") as fh:
             fh.write(image)
     except OSError as err:
-        path.unlink(missing_ok=True)  # our own partial temporary file, nothing stored
+        path.unlink(missing_ok=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(path, free_bytes(path.parent), len(image) + STANDING_RESERVE, kept) from None
+            raise DiskFullError(shown or path, free_bytes(path.parent), need, kept) from None
         raise

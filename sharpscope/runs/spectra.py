@@ -90,7 +90,7 @@ class SpectraFile(H5Handle):
                                      f"run {_short(run_id)}")
             try:
                 self._table = AppendTable(self._file, _ROW_CHECKSUM if self.version >= 2 else None,
-                                          self._reservation)
+                                          self._reservation, "results")
             except KeyError as err:
                 raise RunFileError(f"{self.path}: damaged spectra file ({err})") from None
         except BaseException:

@@ -199,7 +199,8 @@ class RunWriter(H5Handle):
         self._specs = _spec_list(grp.attrs["tensors"])
         self._totals = _totals(self._specs)
         self._grp = grp
-        self._table = AppendTable(grp, _segments(self._specs) if self.version >= 2 else None, self._reservation)
+        self._table = AppendTable(grp, _segments(self._specs) if self.version >= 2 else None, self._reservation,
+                                  "checkpoints")
 
     @property
     def specs(self) -> list[TensorSpec]:

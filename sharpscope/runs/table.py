@@ -115,10 +115,11 @@ class AppendTable:
     With a ``checksum`` scheme, :meth:`append` fills the ``checksum`` column from the row."""
 
     def __init__(self, group: h5py.Group, checksum: SegmentChecksum | RowChecksum | None = None,
-                 reservation: Reservation | None = None) -> None:
+                 reservation: Reservation | None = None, rows_are: str = "rows") -> None:
         self.group = group
         self.checksum = checksum
         self.reservation = reservation
+        self.rows_are = rows_are  # what a row is, for messages ("checkpoints", "results")
         self.columns = [name for name, obj in group.items() if isinstance(obj, h5py.Dataset) and name != COMPLETE]
         if COMPLETE not in group:
             raise KeyError(f"no {COMPLETE!r} column in {group.name}")
@@ -158,7 +159,7 @@ class AppendTable:
             raise KeyError(f"row lacks column(s) {missing}")
         i = len(self)
         if self.reservation is not None:
-            self.reservation.ensure(self.bytes_needed(values), f"the {i} rows stored before are intact")
+            self.reservation.ensure(self.bytes_needed(values), f"the {i} {self.rows_are} stored before are intact")
         written = []
         for name in self.columns:
             ds = self.group[name]
@@ -219,7 +220,7 @@ def create_file(path: Path, build: Callable[[h5py.File], None]) -> None:
     """Create ``path`` from :func:`file_image`: written to ``<path>.creating`` and renamed into place, so the
     file appears complete or not at all (a full disk: :class:`~.space.DiskFullError`, nothing left behind)."""
     tmp = path.with_name(path.name + ".creating")
-    write_new_file(tmp, file_image(build), "nothing was written")
+    write_new_file(tmp, file_image(build), "nothing was written", shown=path)
     os.replace(tmp, path)
 
 
@@ -263,12 +264,15 @@ def copy_complete(src: Path, dst: Path, table: str) -> None:
     each with its dtype, chunking and maximum shape. ``dst`` is created from an empty image and the
     copy's space (the size of ``src``) is reserved before HDF5 writes; on any failure ``dst`` -- a
     partial copy of ours, ``src`` is untouched -- is removed."""
-    kept = f"{src} is unchanged"
-    write_new_file(dst, file_image(lambda f: None), kept)
+    kept = f"{src} is unchanged (recovering it needs a copy)"
+    write_new_file(dst, file_image(lambda f: None), kept, shown=src)
     reservation = None
     try:
         reservation = Reservation(dst)
-        reservation.ensure(os.path.getsize(src), kept)
+        try:
+            reservation.ensure(os.path.getsize(src), kept)
+        except DiskFullError as err:
+            raise DiskFullError(src, err.free, err.need, kept) from None
         with open_for_reading(src) as f, h5py.File(dst, "r+", libver=LIBVER) as g:
             _copy_into(f, g, table)
     except BaseException:
