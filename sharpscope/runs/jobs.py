@@ -322,7 +322,11 @@ def _store(writers: dict[str, SpectraFile], path: str, row: dict) -> None:
     one line: the rows stored before it are complete and kept, a re-run continues from there."""
     results = spectra_path(path)
     try:
-        sf = writers.get(path) or writers.setdefault(path, SpectraFile(results, "a", run_id=row["run_id"]))
+        # the writer writes for the run file at the path now; a row measured on another (a run replaced while
+        # the job ran) is refused by append
+        sf = writers.get(path)
+        if sf is None:  # (not ``or``: a writer of an empty file has len() 0)
+            sf = writers[path] = SpectraFile(results, "a")
         sf.append(row)
     except DiskFullError:
         raise  # one line already: the file, the free space, what is kept

@@ -50,6 +50,17 @@ def dense_top(path, step: int) -> float:
     return float(torch.linalg.eigvalsh(H)[-1])
 
 
+def dense_top_rebuilt(path, step: int) -> float:
+    """As :func:`dense_top`, for a run whose model only its factory can rebuild (a parametrized sweep run)."""
+    from sharpscope.runs.rebuild import model_at
+
+    with ss.open_run(path) as run:
+        model = model_at(run, step).double()
+        (x,), y = run.batch()
+    H = ss.dense_hessian(model, CE, (x.double(), y))
+    return float(torch.linalg.eigvalsh(H)[-1])
+
+
 def spectra_values(path, quantity: str = "hessian") -> dict[int, list[float]]:
     """``{step: values}`` of a run's stored results (read for that run: its id must match)."""
     from sharpscope.runs.spectra import SpectraFile, spectra_path

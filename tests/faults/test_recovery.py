@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 import pytest
-
 from _run_files import crash_spectra_writer, plain_rows, record
+
 from sharpscope.cli import main
 from sharpscope.runs.jobs import SpectrumSettings, run_spectrum_job
 from sharpscope.runs.spectra import SpectraFile, spectra_path
