@@ -78,8 +78,11 @@ class Lock:
         self._fd = fd
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, its holder goes unnamed
+            pass
         return self
 
     def release(self) -> None:
