@@ -509,6 +509,9 @@ def _check_config(r: _Reader, p: Probe, kwargs: dict, data: tuple, loss_fn: Call
         with torch.device("meta"):
             model = build_model(p.factory, kwargs)
     except (TypeError, ValueError, RuntimeError, IndexError) as err:
+        if "overflow" in str(err):  # sizes past what a tensor can hold (even shapes only)
+            r.fail(f"the model {p.factory} {kwargs} is too big to build: its tensor sizes overflow "
+                   f"({_first_line(err)}): lower the sizes")
         r.fail(f"the model {p.factory} {kwargs} cannot be built: {_first_line(err)}")
     need = _training_bytes(model)
     device = resolve_device(p.device)

@@ -75,7 +75,8 @@ class SpectraFile(H5Handle):
                 raise NotSharpscopeFileError(f"{self.path}: not a sharpscope spectra file")
             raw = self._file.attrs.get("format_version", -1)
             if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, np.integer)):
-                raise RunFileError(f"{self.path}: damaged spectra file (format_version {raw!r} is not an integer)")
+                shown = raw.item() if isinstance(raw, np.generic) else raw
+                raise RunFileError(f"{self.path}: damaged spectra file (format_version {shown!r} is not an integer)")
             self.version = int(raw)
             if self.version not in READ_VERSIONS:
                 raise UnsupportedVersionError(f"{self.path}: spectra format version {self.version} is not supported by "
@@ -83,7 +84,8 @@ class SpectraFile(H5Handle):
                                          "upgrade sharpscope")
             stored = self._file.attrs.get("run_id")
             if stored is not None and not isinstance(stored, str):
-                raise RunFileError(f"{self.path}: damaged spectra file (run_id {stored!r} is not a string)")
+                shown = stored.item() if isinstance(stored, np.generic) else stored
+                raise RunFileError(f"{self.path}: damaged spectra file (run_id {shown!r} is not a string)")
             self.run_id: str | None = stored
             if run_id is not ANY_RUN and not belongs(self.run_id, run_id):
                 raise ForeignSpectraError(f"{self.path}: the results belong to run {_short(self.run_id)}, not to this "

@@ -268,6 +268,11 @@ _SPEC_KEYS = {"id", "kind", "name", "shape", "dtype", "key", "dataset", "offset"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
+def _plain(value: Any) -> Any:
+    """A stored attribute as Python shows it (``2.5``, not ``np.float64(2.5)``), for messages."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _json_attr(attrs: h5py.AttributeManager, name: str, what: str, kind: type, default: str | None = None) -> Any:
     """A JSON attribute that must hold a value of type ``kind`` (a one-line ValueError otherwise)."""
     if name not in attrs and default is not None:
@@ -275,7 +280,7 @@ def _json_attr(attrs: h5py.AttributeManager, name: str, what: str, kind: type, d
     else:
         raw = attrs[name]
     if not isinstance(raw, (str, bytes)):
-        raise ValueError(f"{what} is a {type(raw).__name__}, not a JSON string")
+        raise ValueError(f"{what} is a {type(_plain(raw)).__name__}, not a JSON string")
     value = json.loads(raw)
     if not isinstance(value, kind):
         raise ValueError(f"{what} is a JSON {type(value).__name__}, not {'an object' if kind is dict else kind.__name__}")
@@ -341,7 +346,8 @@ class Run(H5Handle):
                 raise NotSharpscopeFileError(f"{self.path}: not a sharpscope run file (format attribute {fmt!r})")
             version = f.attrs.get("format_version", -1)
             if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
-                raise RunFileError(f"{self.path}: damaged run file (format_version {version!r} is not an integer)")
+                raise RunFileError(f"{self.path}: damaged run file (format_version {_plain(version)!r} is not an "
+                                   "integer)")
             if int(version) not in READ_VERSIONS:
                 raise UnsupportedVersionError(f"{self.path}: run format version {int(version)} is not supported by this "
                                          f"sharpscope (reads versions {READ_VERSIONS[0]}-{READ_VERSIONS[-1]}): "
@@ -361,7 +367,7 @@ class Run(H5Handle):
         version = self.version
         run_id = f.attrs.get("run_id")
         if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
-            raise ValueError(f"run_id {run_id!r} is not 32 hex digits")
+            raise ValueError(f"run_id {_plain(run_id)!r} is not 32 hex digits")
         self.id: str | None = run_id
         self.meta: dict = _json_attr(f["meta"].attrs, "json", "the meta", dict)
         self.axes: dict = _json_attr(f["meta"].attrs, "axes", "the axes", dict, "{}") if version >= 2 else {}
