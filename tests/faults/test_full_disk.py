@@ -31,10 +31,10 @@ WHAT = ["--what", "hessian,density", "--k", "1", "--density-probes", "4", "--den
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """A run of 20 steps and its results computed on a normal disk."""
+    """A run of 12 steps and its results computed on a normal disk."""
     folder = tmp_path_factory.mktemp("normal-disk")
     run = folder / "run.h5"
-    record(run, steps=20)
+    record(run, steps=12)
     ref = folder / "ref" / "run.h5"
     ref.parent.mkdir()
     shutil.copy(run, ref)
@@ -53,7 +53,7 @@ def _matches(rows, reference):
     return all(np.array_equal(v, reference[key]) for key, v in rows.items())
 
 
-@pytest.mark.parametrize("free_kib", [36, 60, 120, 160])
+@pytest.mark.parametrize("free_kib", [36, 60, 100, 120])
 def test_spectrum_on_a_full_disk_is_one_line_and_a_rerun_continues(tmpfs, reference, capsys, free_kib):  # noqa: F811
     run, want = reference
     path = tmpfs / "run.h5"
@@ -66,6 +66,7 @@ def test_spectrum_on_a_full_disk_is_one_line_and_a_rerun_continues(tmpfs, refere
     assert "free space and run again to continue" in err[0]
     kept = _rows(path) if spectra_path(path).exists() else {}
     assert _matches(kept, want)  # what was stored before is readable and right
+    assert (len(kept) > 0) == (free_kib >= 100)  # 36, 60 KiB: too little for the file; 100, 120: some results
     assert not list(tmpfs.glob("*.creating")) and not list(tmpfs.glob("*.recovering"))
     filler.unlink()
     assert main(["spectrum", str(path), *WHAT]) == 0  # after freeing space: continues where it stopped
@@ -199,7 +200,7 @@ def test_a_row_never_allocates_more_than_was_reserved(tmp_path, kind):
             need = table.bytes_needed({**row, "checksum": 0})
             writer.append(row)
             return need
-        rows = 600
+        rows = 300  # past the first 256-row chunk of every column
     else:
         path = tmp_path / "run.h5"
         model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 3))
@@ -213,7 +214,7 @@ def test_a_row_never_allocates_more_than_was_reserved(tmp_path, kind):
             rec.step_count = i + 1
             rec.capture()
             return need
-        rows = 1100
+        rows = 300
     for i in range(rows):
         before = os.path.getsize(path)
         need = append(i)
