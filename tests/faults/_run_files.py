@@ -126,7 +126,8 @@ _WRITE_AND_DIE = _PRELUDE + textwrap.dedent("""
             return create(self, name, *args, **kwargs)
 
         h5py.Group.create_dataset = create_and_maybe_die
-    with SpectraFile(path, "a", run_id=kill.get("run_id")) as sf:
+    ids = {"run_id": kill["run_id"]} if kill.get("run_id") is not None else {}  # (no ids before run ids)
+    with SpectraFile(path, "a", **ids) as sf:
         for i, row in enumerate(rows):
             if kill["stage"] == "after_complete" and i == kill["row"]:
                 die()
