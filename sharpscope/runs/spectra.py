@@ -80,8 +80,8 @@ class SpectraFile(H5Handle):
             self.version = int(raw)
             if self.version not in READ_VERSIONS:
                 raise UnsupportedVersionError(f"{self.path}: spectra format version {self.version} is not supported by "
-                                         f"this sharpscope (reads versions {READ_VERSIONS[0]}-{READ_VERSIONS[-1]}): "
-                                         "upgrade sharpscope")
+                                              f"this sharpscope (reads versions {READ_VERSIONS[0]}-{READ_VERSIONS[-1]}): "
+                                              "upgrade sharpscope")
             stored = self._file.attrs.get("run_id")
             if stored is not None and not isinstance(stored, str):
                 shown = stored.item() if isinstance(stored, np.generic) else stored

@@ -35,7 +35,7 @@ from .batch import Batch, batch_problems, read_batch, to_numpy, write_batch
 from .h5file import H5Handle, NotSharpscopeFileError, RunFileError, UnsupportedVersionError, WriterLock, open_for_reading
 from .provenance import check_axes, config_digest, provenance_record, software_versions
 from .space import DiskFullError
-from .table import CHECKSUM, AppendTable, Column, SegmentChecksum, allocation_bytes, create_file, create_table, open_for_append
+from .table import CHECKSUM, AppendTable, Column, ColumnSpace, SegmentChecksum, allocation_bytes, create_file, create_table, open_for_append
 
 __all__ = ["H5Handle", "WriterLock", "RunWriter", "Run", "open_run", "RunFileError", "FORMAT", "FORMAT_VERSION",
            "READ_VERSIONS", "TensorSpec", "logged_losses", "first_diverged_step"]
@@ -242,8 +242,8 @@ class RunWriter(H5Handle):
             raise KeyError(f"{self.path} has no scalar log {name!r} (has: {sorted(grp)})")
         ds = grp[name]
         i = ds.shape[0]
-        self._reservation.ensure(allocation_bytes([(ds, None, i)]), f"the {name} log's {i} entries stored before "
-                                 "are intact")
+        self._reservation.ensure(allocation_bytes([(ColumnSpace.of(ds), None, i)]),
+                                 f"the {name} log's {i} entries stored before are intact")
         ds.resize(i + 1, axis=0)
         ds[i] = (step, value)
         ds.flush()
@@ -349,9 +349,9 @@ class Run(H5Handle):
                 raise RunFileError(f"{self.path}: damaged run file (format_version {_plain(version)!r} is not an "
                                    "integer)")
             if int(version) not in READ_VERSIONS:
-                raise UnsupportedVersionError(f"{self.path}: run format version {int(version)} is not supported by this "
-                                         f"sharpscope (reads versions {READ_VERSIONS[0]}-{READ_VERSIONS[-1]}): "
-                                         "upgrade sharpscope")
+                raise UnsupportedVersionError(f"{self.path}: run format version {int(version)} is not supported by "
+                                              f"this sharpscope (reads versions {READ_VERSIONS[0]}-{READ_VERSIONS[-1]}): "
+                                              "upgrade sharpscope")
             self.version = int(version)
             self._read_description(f)
         except RunFileError:

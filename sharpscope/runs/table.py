@@ -26,7 +26,7 @@ from .h5file import LIBVER, RunFileError, open_for_reading
 from .space import METADATA_ALLOWANCE, DiskFullError, Reservation, write_new_file
 
 __all__ = ["Column", "AppendTable", "create_table", "open_for_append", "copy_complete", "SegmentChecksum",
-           "RowChecksum", "CHECKSUM", "file_image", "create_file", "allocation_bytes"]
+           "RowChecksum", "CHECKSUM", "file_image", "create_file", "allocation_bytes", "ColumnSpace"]
 
 COMPLETE = "complete"
 CHECKSUM = "checksum"
@@ -123,6 +123,9 @@ class AppendTable:
         self.columns = [name for name, obj in group.items() if isinstance(obj, h5py.Dataset) and name != COMPLETE]
         if COMPLETE not in group:
             raise KeyError(f"no {COMPLETE!r} column in {group.name}")
+        # a writer's columns and their space, looked up once: an h5py lookup costs about 0.1 ms, per column per row
+        self._datasets: dict[str, h5py.Dataset] | None = None
+        self._space: dict[str, ColumnSpace] | None = None
         if checksum is not None and CHECKSUM not in group:
             raise KeyError(f"no {CHECKSUM!r} column in {group.name}")
 
@@ -143,10 +146,17 @@ class AppendTable:
         for name in (*self.columns, COMPLETE):
             self.group[name].refresh()
 
+    def _writing(self) -> dict[str, h5py.Dataset]:
+        if self._datasets is None:
+            self._datasets = {name: self.group[name] for name in (*self.columns, COMPLETE)}
+        return self._datasets
+
     def bytes_needed(self, values: Mapping[str, Any]) -> int:
         """The most appending ``values`` can allocate in the file (:func:`allocation_bytes`)."""
+        if self._space is None:
+            self._space = {name: ColumnSpace.of(ds) for name, ds in self._writing().items()}
         n = len(self)
-        return allocation_bytes([(self.group[name], values.get(name), n) for name in (*self.columns, COMPLETE)])
+        return allocation_bytes([(space, values.get(name), n) for name, space in self._space.items()])
 
     def append(self, values: Mapping[str, Any]) -> int:
         """Append one row (``values`` has an entry for every column); returns its index. The disk space the
@@ -160,16 +170,15 @@ class AppendTable:
         i = len(self)
         if self.reservation is not None:
             self.reservation.ensure(self.bytes_needed(values), f"the {i} {self.rows_are} stored before are intact")
-        written = []
+        datasets = self._writing()
         for name in self.columns:
-            ds = self.group[name]
+            ds = datasets[name]
             ds.resize(i + 1, axis=0)  # also drops a row a crashed append left beyond the complete ones
             ds[i] = values[name]
-            written.append(ds)
-        for ds in written:  # the chunk cache is written here, with its errors raised (not when ds is dropped)
-            ds.flush()
+        for name in self.columns:  # the chunk caches are written here, their errors raised (not when closed)
+            datasets[name].flush()
         self.group.file.flush()
-        done = self.group[COMPLETE]
+        done = datasets[COMPLETE]
         done.resize(i + 1, axis=0)
         done[i] = 1
         done.flush()
@@ -180,31 +189,43 @@ class AppendTable:
 _VLEN_SLOT = 16  # bytes a variable-length entry takes in its chunk (length + global heap id)
 
 
-def _entry_bytes(ds: h5py.Dataset, value: Any) -> tuple[int, int]:
-    """``(bytes one row takes in a chunk, bytes of heap data the row adds)`` for dataset ``ds``."""
-    slot = int(np.prod(ds.shape[1:], dtype=np.int64))
-    if h5py.check_string_dtype(ds.dtype) is not None:
-        data = value.encode() if isinstance(value, str) else bytes(value or b"")
-        return _VLEN_SLOT * slot, 2 * len(data) + _VLEN_SLOT
-    if h5py.check_vlen_dtype(ds.dtype) is not None:
-        base = h5py.check_vlen_dtype(ds.dtype)
-        return _VLEN_SLOT * slot, 2 * int(np.asarray(value, dtype=base).nbytes) + _VLEN_SLOT
-    return ds.dtype.itemsize * slot, 0
+@dataclass(frozen=True)
+class ColumnSpace:
+    """What one row of a column takes on disk: ``per_row`` bytes in its chunk, ``chunk_rows`` rows per
+    chunk, and for variable-length columns (``kind`` ``"str"`` or ``"vlen"`` of ``base``) heap data."""
 
+    per_row: int
+    chunk_rows: int
+    kind: str = "fixed"
+    base: Any = None
 
-def allocation_bytes(entries: Iterable[tuple[h5py.Dataset, Any, int]]) -> int:
-    """The most writing row ``n`` of each ``(dataset, value, n)`` can allocate: a new chunk where row ``n``
-    starts one (HDF5 allocates a chunk whole on its first write), heap space for variable-length data
-    (twice its size: the global heap grows by collections), and HDF5's own metadata (a fixed allowance,
-    :data:`~.space.METADATA_ALLOWANCE`)."""
-    total = METADATA_ALLOWANCE
-    for ds, value, n in entries:
-        per_row, heap = _entry_bytes(ds, value)
+    @classmethod
+    def of(cls, ds: h5py.Dataset) -> "ColumnSpace":
+        slot = int(np.prod(ds.shape[1:], dtype=np.int64))
         chunk_rows = ds.chunks[0] if ds.chunks else 1
-        if n % chunk_rows == 0:
-            total += per_row * chunk_rows
-        total += heap
-    return total
+        if h5py.check_string_dtype(ds.dtype) is not None:
+            return cls(_VLEN_SLOT * slot, chunk_rows, "str")
+        base = h5py.check_vlen_dtype(ds.dtype)
+        if base is not None:
+            return cls(_VLEN_SLOT * slot, chunk_rows, "vlen", base)
+        return cls(ds.dtype.itemsize * slot, chunk_rows)
+
+    def bytes(self, value: Any, n: int) -> int:
+        """The most writing ``value`` as row ``n`` allocates: a whole new chunk where row ``n`` starts one
+        (HDF5 allocates a chunk whole on its first write), and twice the heap data of a variable-length
+        value (the global heap grows by collections), plus its heap object header."""
+        total = self.per_row * self.chunk_rows if n % self.chunk_rows == 0 else 0
+        if self.kind == "str":
+            total += 2 * len(value.encode() if isinstance(value, str) else bytes(value or b"")) + _VLEN_SLOT
+        elif self.kind == "vlen":
+            total += 2 * int(np.asarray(value, dtype=self.base).nbytes) + _VLEN_SLOT
+        return total
+
+
+def allocation_bytes(rows: Iterable[tuple[ColumnSpace, Any, int]]) -> int:
+    """The most writing each ``(column, value, row index)`` can allocate (:meth:`ColumnSpace.bytes`), plus
+    HDF5's own metadata: a fixed allowance, :data:`~.space.METADATA_ALLOWANCE`."""
+    return METADATA_ALLOWANCE + sum(column.bytes(value, n) for column, value, n in rows)
 
 
 def file_image(build: Callable[[h5py.File], None]) -> bytes:
