@@ -26,7 +26,7 @@ import numpy as np
 from ..closures import BatchLoss
 from ..devices import resolve_device
 from ..progress import progress_bar
-from ..registry import allow_patterns
+from ..registry import allow_patterns, resolve_trusted
 from .executors import executor_from_spec
 from .quantities import QUANTITIES, Checkpoint, layer_groups
 from .quantities import get as get_quantity
@@ -188,6 +188,24 @@ class JobReport:
     failures: list[tuple[str, int, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def failure_lines(self, most_steps: int = 6) -> list[str]:
+        """The failures as lines, one per run and message: a cause shared by many checkpoints is said once, with
+        the steps it stopped (``FAILED run.h5 steps 0, 10, 20 (3 checkpoints): ...``)."""
+        grouped: dict[tuple[str, str], list[int]] = {}
+        for path, step, message in self.failures:
+            grouped.setdefault((path, message), []).append(step)
+        lines = []
+        for (path, message), steps in grouped.items():
+            shown = ", ".join(str(s) for s in steps[:most_steps]) + (", ..." if len(steps) > most_steps else "")
+            where = f"step {steps[0]}" if len(steps) == 1 else f"steps {shown} ({len(steps)} checkpoints)"
+            lines.append(f"FAILED {path} {where}: {message}")
+        return lines
+
+    @property
+    def failed_checkpoints(self) -> int:
+        """How many checkpoints had at least one failure."""
+        return len({(path, step) for path, step, _ in self.failures})
+
 
 
 def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str] = ("hessian",),
@@ -233,8 +251,9 @@ def _plan_tasks(runs: Sequence[str | os.PathLike], quantities: Sequence[str], se
             run_steps = [s for s in run.steps if s == 0 or s < bad]
             report.diverged += len(run.steps) - len(run_steps)
             if not run.meta.get("model_factory"):
-                raise ValueError(f"{path}: meta has no model_factory ('module:function'): the model cannot be rebuilt")
+                raise ValueError(f"{path}: {NO_FACTORY}")
             check_trusted(run, allow, settings.loss)
+            _import_names(run, quantities, settings, allow)
             run_id = run.id
         done = _stored_keys(Path(path), run_id, report)
         for step in run_steps:
@@ -245,6 +264,27 @@ def _plan_tasks(runs: Sequence[str | os.PathLike], quantities: Sequence[str], se
             if todo:
                 tasks.append((path, step, todo))
     return tasks
+
+
+NO_FACTORY = ("meta has no model_factory: the model cannot be rebuilt offline; record one with Recorder(..., "
+              "meta={'model_factory': 'mypkg.models:make_model', 'model_kwargs': {...}}), a module-level function that "
+              "builds the model from JSON keyword arguments, or register it with @ss.register_model")
+
+
+def _import_names(run, quantities: Sequence[str], settings: SpectrumSettings, allow: Sequence[str]) -> None:
+    """Import -- never call -- every name the tasks will rebuild from: the model factory, the loss (when a quantity
+    needs it) and the optimizer class (for ``precond``). A module that cannot be imported, or an entry point that
+    cannot be loaded, then stops the job here, in one line, before any checkpoint, instead of failing once per
+    checkpoint."""
+    meta, where = run.meta, str(run.path)
+    resolve_trusted("model", meta["model_factory"], allow, where)
+    loss = settings.loss or meta.get("loss")
+    if isinstance(loss, str) and ":" in loss and any(get_quantity(q).needs_loss for q in quantities):
+        resolve_trusted("loss", loss, [*allow, *([settings.loss] if settings.loss else [])], where)
+    info = meta.get("optimizer")
+    if isinstance(info, Mapping) and isinstance(info.get("class"), str) and \
+            any(get_quantity(q).needs_optimizer for q in quantities):
+        resolve_trusted("optimizer", info["class"], allow, where)
 
 
 def _stored_keys(path: Path, run_id: str | None, report: JobReport) -> set[tuple[int, str, str]]:
@@ -301,6 +341,7 @@ def _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep
                 failed.append(((path, step, todo), err))
                 continue
             report.failures.append((path, step, f"{type(err).__name__}: {err}"))
+            _show_failures(bar, report)
         else:
             for row in rows:
                 if "error" in row:
@@ -314,8 +355,15 @@ def _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep
                 report.written += 1
                 report.not_applicable += "not_applicable" in json.loads(row["info"])
             report.computed += 1
+            _show_failures(bar, report)
         bar.update(1)
     return failed
+
+
+def _show_failures(bar, report: JobReport) -> None:
+    """The bar counts checkpoints done, failed ones included: its postfix says how many failed."""
+    if report.failures:
+        bar.set_postfix_str(f"{report.failed_checkpoints} failed", refresh=False)
 
 
 def _store(writers: dict[str, SpectraFile], path: str, row: dict) -> None:
