@@ -18,7 +18,7 @@ import time
 
 import h5py
 import pytest
-from _run_files import ROOT, record, superseded_notes, visible_files
+from ._run_files import ROOT, record, superseded_notes, visible_files
 
 import sharpscope as ss
 from conftest import probe_text

@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _run_files import crash_spectra_writer, fill, free_space, record, tmpfs  # noqa: F401 - tmpfs is a fixture
+from ._run_files import crash_spectra_writer, fill, free_space, record, tmpfs  # noqa: F401 - tmpfs is a fixture
 from torch import nn
 
 import sharpscope as ss

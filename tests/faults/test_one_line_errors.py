@@ -12,7 +12,7 @@ import json
 
 import h5py
 import pytest
-from _run_files import record
+from ._run_files import record
 
 from conftest import probe_text
 from sharpscope.cli import main

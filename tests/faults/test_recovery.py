@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from _run_files import crash_spectra_writer, plain_rows, record
+from ._run_files import crash_spectra_writer, plain_rows, record
 
 from sharpscope.cli import main
 from sharpscope.runs.jobs import SpectrumSettings, run_spectrum_job
