@@ -69,6 +69,9 @@ _SAME_CLASS = {cls.__name__: cls for cls in (ValueError, TypeError, RuntimeError
                                               StochasticForwardError, StaleOperatorError, DistributedError)}
 
 
+_SAME_MODEL = "every rank needs the same model; DDP keeps it so, or broadcast rank 0's parameters"
+
+
 def one_line(err: BaseException) -> str:
     """The first line of an exception's message (its class name when it has none)."""
     text = str(err).strip()
@@ -282,14 +285,16 @@ class RankGroup:
                              "shard (give each rank at least one sample, or use a group without that rank)")
         return op, sum(i[1] for i in infos)
 
-    def agree_on_values(self, what: str, values: tuple[float, ...], loss: str, skip: bool = False) -> None:
-        """Every rank raises the same one-line ``ValueError`` when a rank's parameter values or loss description
-        differ from rank 0's (at the start of each solve). ``skip``: this rank holds an error that the next
-        product reports to every rank; no comparison then (the collective still runs on every rank)."""
+    def agree_on_values(self, what: str, values: tuple[float, ...] | None, loss: str, skip: bool = False, *,
+                        subject: str = "parameter values", fix: str = _SAME_MODEL) -> None:
+        """Every rank raises the same one-line ``ValueError`` when a rank's values (:func:`model_values` of the
+        parameters, or of what ``subject`` names) or loss description differ from rank 0's (at the start of
+        each solve). ``skip``: this rank holds an error that the next product reports to every rank; no
+        comparison then (the collective still runs on every rank)."""
         infos = self.gather(None if skip else (values, loss))
         if any(i is None for i in infos):
             return
-        _check_same_values(what, infos, self.size)
+        _check_same_values(what, infos, self.size, subject, fix)
 
 
 def _first_mismatch(signatures: list[list]) -> str | None:
@@ -307,7 +312,8 @@ def _first_mismatch(signatures: list[list]) -> str | None:
     return None
 
 
-def _check_same_values(what: str, infos: list[tuple[Any, str]], size: int) -> None:
+def _check_same_values(what: str, infos: list[tuple[Any, str]], size: int, subject: str = "parameter values",
+                       fix: str = _SAME_MODEL) -> None:
     """Refuse ranks whose ``(model_values, loss_description)`` differ from rank 0's (values compared to
     1e-12 of their scale: the same parameters give the same bits on the same hardware)."""
     ref_values, ref_loss = infos[0]
@@ -315,10 +321,9 @@ def _check_same_values(what: str, infos: list[tuple[Any, str]], size: int) -> No
         if values is not None and ref_values is not None:
             dots, scale = values[:2], max(values[2], ref_values[2])
             if any(abs(a - b) > 1e-12 * scale for a, b in zip(dots, ref_values[:2])):
-                raise ValueError(f"{what}: rank {rank}/{size}'s parameter values differ from rank 0's (their dot products "
-                                 f"with two seeded random vectors: {dots[0]:.17g}, {dots[1]:.17g} vs {ref_values[0]:.17g}, "
-                                 f"{ref_values[1]:.17g}): every rank needs the same model; DDP keeps it so, or "
-                                 "broadcast rank 0's parameters")
+                raise ValueError(f"{what}: rank {rank}/{size}'s {subject} differ from rank 0's (their dot products with "
+                                 f"two seeded random vectors: {dots[0]:.17g}, {dots[1]:.17g} vs {ref_values[0]:.17g}, "
+                                 f"{ref_values[1]:.17g}): {fix}")
         if loss != ref_loss:
             raise ValueError(f"{what}: rank {rank}/{size}'s loss is {loss}, rank 0's is {ref_loss}: every rank needs "
                              "the same loss, its reduction included")
