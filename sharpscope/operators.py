@@ -18,8 +18,8 @@ HVP strategies (``hvp_mode``):
 * ``"reverse"`` -- double backward: forward, gradient with ``create_graph=True``, then a second
   backward per product (Pearlmutter 1994).
 * ``"forward"`` -- forward-over-reverse, ``torch.func.jvp(torch.func.grad(loss), (theta,), (v,))``.
-* ``"cached"`` -- the gradient graph is built once and reused: each product is only the second
-  backward (about half the cost of ``"reverse"``; PyHessian's trick). Needs the graphs of all
+* ``"cached"`` -- the gradient graph is built once per solve and reused by its products: each product
+  is only the second backward (about half the cost of ``"reverse"``; PyHessian's trick). Needs the graphs of all
   batches in memory; their size is measured while they are built (saved-tensor hooks) and the
   operator falls back to ``"reverse"`` when it exceeds ``graph_memory_budget``.
 * ``"finite-difference"`` -- central differences of gradients (of outputs for the GGN's and the NTK's
@@ -683,10 +683,6 @@ class CurvatureOperator(SymmetricOperator):
             return None
         self._graphs = graphs
         return graphs
-
-    def release(self) -> None:
-        """Free cached graphs (they are rebuilt on the next product)."""
-        self._graphs = None
 
     # -- batched products (matmat) ---------------------------------------------------------------
     def _reset_batching(self) -> None:
