@@ -671,6 +671,20 @@ def ab_lines(rows: list[Row]) -> list[str]:
     return out
 
 
+def ab_paired(runs: dict[str, list[dict]]) -> list[str]:
+    """The spread of the A/B: per repeat round, the working tree's warm time over REV's (run i against run i)."""
+    out = []
+    for name, base in runs.items():
+        if "@" not in name or name.split("@")[0] not in runs:
+            continue
+        pairs = [c["seconds"] / b["seconds"] for b, c in zip(base, runs[name.split("@")[0]])
+                 if "error" not in b and "error" not in c and b["seconds"]]
+        if pairs:
+            out.append(f"A/B {name.split('@')[0]} paired warm-time ratios over {len(pairs)} rounds: median "
+                       f"{statistics.median(pairs):.3f} [{min(pairs):.3f}, {max(pairs):.3f}]")
+    return out
+
+
 LEGEND = [
     "time: wall seconds of object construction + eigensolve, warm: the second of two identical runs in",
     "  one fresh process per tool (median over repeats); cold s: the first run, paying one-time set-up",
@@ -784,7 +798,7 @@ def main() -> None:
         spec = problem["spec"]
         title = (f"problem {name}{' (quick)' if args.quick else ''}: {spec}, {problem['num_params']:,} parameters, "
                  f"top-{K} eigenvalues (LA), median of {args.repeats} run(s)")
-        extra = details(rows, calib, ref) + ab_lines(rows)
+        extra = details(rows, calib, ref) + ab_lines(rows) + ab_paired(runs)
         print(title + "\n" + text_table(rows) + "\n" + "\n".join(extra + LEGEND) + "\n", flush=True)
         sections.append(f"### {title}\n\n{markdown_table(rows)}\n\n" + "\n".join(f"- {ln}" for ln in extra if
                                                                                not ln.startswith("  "))
