@@ -9,7 +9,7 @@ count, the median time of one product of the operator's chosen mode inside one s
 one product outside any solve (``direct_hvp_seconds``: a solve of its own), and, where the package has it,
 of the value summary each solve takes twice (``digest_seconds``).
 
-    .venv/bin/python scripts/bench_solve.py --problem mlp [--what lanczos|hutchpp|slq] [--quick]
+    .venv/bin/python scripts/bench_solve.py --problem mlp [--what lanczos|hutchpp|slq] [--quick] [--reuse]
 """
 from __future__ import annotations
 
@@ -34,15 +34,19 @@ def main() -> None:
     parser.add_argument("--what", choices=["lanczos", "hutchpp", "slq"], default="lanczos")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reuse", action="store_true", help="one operator for every solve (the operator is built "
+                        "once, outside the timing; each solve still rebuilds what it caches)")
     args = parser.parse_args()
     problem = make_problem(problem_spec(args.problem, args.quick))
     model = build_model(problem["spec"])
     model.load_state_dict(problem["state"])
     data, loss_fn = (problem["x"], problem["y"]), torch.nn.CrossEntropyLoss()
 
+    shared = ss.hessian_operator(model, loss_fn, data) if args.reuse else None
+
     def solve() -> tuple[float, int]:
         start = time.perf_counter()
-        H = ss.hessian_operator(model, loss_fn, data)
+        H = shared if shared is not None else ss.hessian_operator(model, loss_fn, data)
         if args.what == "lanczos":
             mv = ss.lanczos(H, k=5).num_matvecs
         elif args.what == "hutchpp":
