@@ -5,7 +5,8 @@ For A/B comparisons between commits (scripts/ab_compare.py runs this under two s
 builds the problem from bench_eigs.py's definitions in-process (same seed, same model after 5 SGD
 steps), makes the operator, runs the solve once untimed (warm-up: lazy imports, first-call set-up)
 and then ``--repeats`` times, and prints the median wall time of construction + solve, the HVP
-count, the median time of one product of the operator's chosen mode inside one solve (``op.pinned()``), of
+count (and the process CPU time of a solve, ``cpu_seconds``: steadier than wall time on a shared machine
+with ``OMP_NUM_THREADS=1``), the median time of one product of the operator's chosen mode inside one solve (``op.pinned()``), of
 one product outside any solve (``direct_hvp_seconds``: a solve of its own), and, where the package has it,
 of the value summary each solve takes twice (``digest_seconds``).
 
@@ -44,8 +45,8 @@ def main() -> None:
 
     shared = ss.hessian_operator(model, loss_fn, data) if args.reuse else None
 
-    def solve() -> tuple[float, int]:
-        start = time.perf_counter()
+    def solve() -> tuple[float, int, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         H = shared if shared is not None else ss.hessian_operator(model, loss_fn, data)
         if args.what == "lanczos":
             mv = ss.lanczos(H, k=5).num_matvecs
@@ -53,7 +54,7 @@ def main() -> None:
             mv = ss.hutchpp_trace(H, 99).num_matvecs
         else:
             mv = ss.spectral_density(H, 4, 40).num_matvecs
-        return time.perf_counter() - start, mv
+        return time.perf_counter() - start, mv, time.process_time() - cpu
 
     solve()
     runs = [solve() for _ in range(args.repeats)]
@@ -70,10 +71,10 @@ def main() -> None:
         t = time.perf_counter()
         H.matvec(v)
         direct.append(time.perf_counter() - t)
-    seconds, hvp = statistics.median(t for t, _ in runs), statistics.median(products)
+    seconds, hvp = statistics.median(t for t, _, _ in runs), statistics.median(products)
     hvps = runs[0][1]
-    out = {"seconds": seconds, "hvps": hvps, "hvp_seconds": hvp, "overhead": seconds / (hvps * hvp),
-           "direct_hvp_seconds": statistics.median(direct)}
+    out = {"seconds": seconds, "cpu_seconds": statistics.median(c for _, _, c in runs), "hvps": hvps,
+           "hvp_seconds": hvp, "overhead": seconds / (hvps * hvp), "direct_hvp_seconds": statistics.median(direct)}
     digest = getattr(H.fn, "value_digest", None)  # the per-solve check of the parameter values (twice a solve)
     if digest is not None:
         times = []
