@@ -29,7 +29,7 @@ _EXPORTS: dict[str, str] = {
                      "effective_step_sizes"), ".preconditioning"),
     **dict.fromkeys(("batch_loss", "BatchLoss"), ".closures"),
     **dict.fromkeys(("SymmetricOperator", "as_operator", "check_symmetry", "SymmetryCheck", "NotSymmetricError",
-                     "StochasticForwardError", "StaleOperatorError"), ".linop"),
+                     "StochasticForwardError", "StaleOperatorError", "DerivativeCheckError"), ".linop"),
     **dict.fromkeys(("lanczos", "LanczosResult"), ".lanczos"),
     **dict.fromkeys(("hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity"),
                     ".estimators"),
@@ -102,6 +102,7 @@ if TYPE_CHECKING:  # what type checkers and the API reference (griffe, which doe
     from .estimators import SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace, spectral_density
     from .lanczos import LanczosResult, lanczos
     from .linop import (
+        DerivativeCheckError,
         NotSymmetricError,
         StaleOperatorError,
         StochasticForwardError,

@@ -18,12 +18,13 @@ import time
 
 import h5py
 import pytest
-from _run_files import ROOT, record, superseded_notes, visible_files
 
 import sharpscope as ss
 from conftest import probe_text
 from sharpscope.cli import main
 from sharpscope.runs.spectra import spectra_path
+
+from ._run_files import ROOT, record, superseded_notes, visible_files
 
 
 def _digests(folder) -> dict[str, str]:

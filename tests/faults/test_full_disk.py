@@ -19,12 +19,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _run_files import crash_spectra_writer, fill, free_space, record, tmpfs  # noqa: F401 - tmpfs is a fixture
 from torch import nn
 
 import sharpscope as ss
 from sharpscope.cli import main
 from sharpscope.runs.spectra import SpectraFile, spectra_path
+
+from ._run_files import crash_spectra_writer, fill, free_space, record, tmpfs  # noqa: F401 - tmpfs is a fixture
 
 WHAT = ["--what", "hessian,density", "--k", "1", "--density-probes", "4", "--density-steps", "40", "--quiet"]
 

@@ -16,11 +16,12 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from _run_files import allclose, dense_top, dense_top_rebuilt, plain_rows, record, spectra_values, superseded_notes
 
 import sharpscope as ss
 from sharpscope.cli import main
 from sharpscope.runs.spectra import SpectraFile, spectra_path
+
+from ._run_files import allclose, dense_top, dense_top_rebuilt, plain_rows, record, spectra_values, superseded_notes
 
 
 def _spectrum(capsys, path, *extra) -> str:

@@ -12,12 +12,13 @@ import json
 
 import h5py
 import pytest
-from _run_files import record
 
 from conftest import probe_text
 from sharpscope.cli import main
 from sharpscope.runs.spectra import spectra_path
 from sharpscope.sweep import load_probe
+
+from ._run_files import record
 
 
 def _set(path, group, attr, value):

@@ -13,12 +13,13 @@ import time
 
 import numpy as np
 import pytest
-from _run_files import crash_spectra_writer, plain_rows, record
 
 from sharpscope.cli import main
 from sharpscope.runs.jobs import SpectrumSettings, run_spectrum_job
 from sharpscope.runs.spectra import SpectraFile, spectra_path
 from sharpscope.runs.store import open_run
+
+from ._run_files import crash_spectra_writer, plain_rows, record
 
 SETS = {  # quantity set -> (quantities, settings): equal-length variable rows of length 1, 2 and 12
     "k1": (["hessian"], SpectrumSettings(k=1)),
