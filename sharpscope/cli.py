@@ -9,10 +9,12 @@ User errors become one line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ._version import __version__
 
@@ -159,6 +161,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the arguments that name files a command reads, by their ``dest``: what the file is
+_INPUTS = {"runs": "run file", "run": "run file", "probe": "probe file"}
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Every file a command reads exists and is a file, before anything runs or is written: one line naming
+    the path otherwise (a folder: its run files are named instead, ``FOLDER/*.h5``)."""
+    for dest, what in _INPUTS.items():
+        value = getattr(args, dest, None)
+        for path in value if isinstance(value, list) else [value] if value is not None else []:
+            if path.is_dir():
+                raise UsageError(f"{path}: a folder, not a {what}" + (f": pass the run files in it ({path}/*.h5)"
+                                                                        if what == "run file" else ""))
+            if not path.exists():
+                raise UsageError(f"{path}: no such {what}" + ("" if path.parent.is_dir() else
+                                                               f" (no folder {path.parent})"))
+
+
+@contextlib.contextmanager
+def _current_folder_last() -> Iterator[None]:
+    """The current folder at the *end* of the import path while a command runs, in both entry points (the console
+    script, which Python gives no such entry, and ``python -m sharpscope``, whose *first* entry
+    :mod:`sharpscope.__main__` takes off): a factory module beside the runs (``mymodels.py``, named by
+    ``--allow-factory``) is found, but never in place of an installed module of the same name. Worker processes
+    start with this path. Nothing is imported from there that the user did not name (docs/trust.md, section 6)."""
+    here = os.getcwd()
+    added = all(os.path.abspath(p or os.curdir) != here for p in sys.path)
+    if added:
+        sys.path.append(here)
+    try:
+        yield
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 and one line on bad input)."""
     parser = build_parser()
@@ -167,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        _check_inputs(args)
+        with _current_folder_last():
+            return int(args.func(args) or 0)
     except (UsageError, ValueError, TypeError, OSError, KeyError) as err:
         message = err.strerror if isinstance(err, OSError) and err.strerror and not err.filename else str(err)
         print(f"sharpscope {args.command}: error: {message.splitlines()[0] if message else type(err).__name__}",

@@ -41,16 +41,13 @@ checksum beside it):
    ``mymodels:system`` trusted under ``mymodels:*``.
 
 Anything else is refused *before* its module is imported, with a one-line error saying how to allow it.
-A module an allow-pattern names that nothing installed provides is looked for in the current folder too,
-which then joins the end of the import path (:func:`_import_allowed`). The user-facing rules are in
-``docs/trust.md``.
+The user-facing rules are in ``docs/trust.md``.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import keyword
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -61,7 +58,7 @@ from typing import Any, Callable, Iterable, Literal, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["register_model", "register_loss", "register_optimizer", "resolve_trusted", "is_trusted",
+__all__ = ["register_model", "register_loss", "register_optimizer", "resolve_trusted", "is_trusted", "is_name",
            "allow_patterns", "allowances", "UntrustedNameError", "Kind"]
 
 Kind = Literal["model", "loss", "optimizer"]
@@ -227,10 +224,22 @@ def _as_reference(kind: Kind, spec: str) -> str:
     return _SHORT_NAMES.get(spec.lower(), spec) if kind == "model" else spec
 
 
-def as_name(kind: Kind, spec: Any) -> tuple[str, str] | None:
-    """``(module, function)`` of a well-formed stored name (module docstring; a model family's short name, an
-    optimizer's ``"module.Class"``), trusted or not; None for anything else."""
-    return _split(_as_reference(kind, spec)) if isinstance(spec, str) and spec else None
+REBUILD_FIX = ("name a factory in the Recorder's meta, meta={'model_factory': 'mypkg.models:make_model', "
+               "'model_kwargs': {...}} (a module-level function that builds the model from JSON keyword arguments), "
+               "or register one with @ss.register_model (docs/capture.md)")
+
+
+def is_name(kind: Kind, spec: Any) -> bool:
+    """Whether ``spec`` could name a ``kind`` for another process: a name registered here, or a well-formed
+    ``"module:function"`` (module docstring) outside ``__main__`` (a training script is not importable elsewhere).
+    Nothing is imported; whether the name is *trusted* is decided when it is read (:func:`resolve_trusted`)."""
+    if not isinstance(spec, str) or not spec:
+        return False
+    reference = _as_reference(kind, spec)
+    if reference in _REGISTERED[kind] or spec in _REGISTERED[kind]:
+        return True
+    split = _split(reference)
+    return split is not None and split[0] != "__main__"
 
 
 def _builtin(kind: Kind, reference: str) -> bool:
@@ -277,55 +286,20 @@ def is_trusted(kind: Kind, spec: Any, allow: Iterable[str] = (), where: str = "t
     class; for a wildcard, defined in an allowed module), which is not called."""
     reference, source, matching, patterns = _trust(kind, spec, allow, where)
     if check_object and source == "allowed":
-        _check(kind, reference, _top_level(reference, where, kind, spec, allowed=True), matching, patterns, where,
-               spec)
+        _check(kind, reference, _top_level(reference, where, kind, spec), matching, patterns, where, spec)
     return reference
 
 
-def _top_level(reference: str, where: str, kind: Kind, spec: str, *, allowed: bool = False) -> Any:
+def _top_level(reference: str, where: str, kind: Kind, spec: str) -> Any:
     module_name, name = reference.split(":")
     try:
-        module = _import_allowed(module_name) if allowed else importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"{where} names the {kind} {spec!r}, which cannot be imported: {err}"
-                         + (_NOT_FOUND_HINT if allowed and isinstance(err, ModuleNotFoundError)
-                            and _is_missing(err, module_name) else "")) from None
+        raise ValueError(f"{where} names the {kind} {spec!r}, which cannot be imported: {err}") from None
     if name not in vars(module):
         raise ValueError(f"{where} names the {kind} {spec!r}, which cannot be imported: module {module_name!r} has no "
                          f"top-level {name!r}")
     return vars(module)[name]
-
-
-# -- the current folder ----------------------------------------------------------------------------------------
-_NOT_FOUND_HINT = (" (looked for in the installed packages, on PYTHONPATH and in the current folder: run from the "
-                   "folder that holds it, or install its package)")
-
-
-def _is_missing(err: ModuleNotFoundError, module_name: str) -> bool:
-    """Whether ``err`` says that ``module_name`` itself (or a package above it) is missing, not a module it imports."""
-    return bool(err.name) and (module_name == err.name or module_name.startswith(f"{err.name}."))
-
-
-def _import_allowed(module_name: str) -> Any:
-    """Import a module the user trusted by name (an allow-pattern). One that nothing installed provides (nor
-    ``PYTHONPATH``) is looked for in the current folder, which then joins the *end* of the import path for the rest
-    of the process, so that the module's own imports of its neighbours work: a file there can never take the place
-    of an installed or built-in module, and nothing in the folder is imported unless the user named a module that
-    lives there (docs/trust.md, "The current folder"). The same in both entry points, ``sharpscope`` and
-    ``python -m sharpscope``, and in worker processes (they share the current folder)."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        here = os.getcwd()
-        if not _is_missing(err, module_name) or here in (os.path.abspath(p or os.curdir) for p in sys.path):
-            raise
-    sys.path.append(here)
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if _is_missing(err, module_name):  # not there either: the folder is not needed after all
-            sys.path.remove(here)
-        raise
 
 
 def _check(kind: Kind, reference: str, obj: Any, matching: list[_Pattern], patterns: list[_Pattern], where: str,
@@ -369,5 +343,4 @@ def resolve_trusted(kind: Kind, spec: str, allow: Iterable[str] = (), where: str
         if inspect.ismodule(obj) or not callable(obj):
             raise ValueError(f"the '{_GROUPS[kind]}' entry point {reference!r} is not a function or class")
         return obj
-    return _check(kind, reference, _top_level(reference, where, kind, spec, allowed=source == "allowed"), matching,
-                  patterns, where, spec)
+    return _check(kind, reference, _top_level(reference, where, kind, spec), matching, patterns, where, spec)

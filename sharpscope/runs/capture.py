@@ -30,10 +30,8 @@ lr 0 at the end of a schedule, no second moment yet) nothing is logged at that s
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
-import sys
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
@@ -43,7 +41,7 @@ from torch import nn
 from ..closures import BatchLoss
 from ..functional import mapping_batch_error
 from ..optim import AdamAtan2
-from ..registry import as_name
+from ..registry import REBUILD_FIX, is_name
 from .provenance import config_digest
 from .space import DiskFullError
 from .store import RunFileError, RunWriter, TensorSpec, open_run
@@ -206,54 +204,11 @@ def _check_same_config(run, config: Mapping[str, Any] | None) -> None:
                            f"{config_digest(config)[:19]} vs {stored[:19]}); start a new run file")
 
 
-_FIX = ("pass meta={'model_factory': 'mypkg.models:make_model', 'model_kwargs': {...}}, naming a module-level "
-        "function that builds the model from JSON keyword arguments (trusted offline through --allow-factory, "
-        "@ss.register_model or an entry point)")
-
-
-def offline_rebuild_problem(factory: Any) -> str | None:
-    """Why ``sharpscope spectrum`` could not rebuild a run whose meta names ``factory`` (one line, with the fix),
-    or None: no factory, a factory that is not a ``"module:function"`` name, one in the training script itself
-    (``__main__``), or one whose module cannot be found here. Nothing is imported but the module's parent
-    packages (to find it); a module not yet imported is not run."""
-    if not factory:
-        return f"meta has no model_factory, so the model cannot be rebuilt offline (sharpscope spectrum): {_FIX}"
-    name = as_name("model", factory)
-    if name is None:
-        return f"model_factory {factory!r} is not a 'module:function' name, so the model cannot be rebuilt offline: {_FIX}"
-    module, function = name
-    if module == "__main__":
-        return (f"model_factory {factory!r} is a function of the training script itself, which another process "
-                f"cannot import, so the model cannot be rebuilt offline: move it into a module and {_FIX}")
-    loaded = sys.modules.get(module)
-    try:
-        found = loaded is not None or importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        return f"model_factory {factory!r}: module {module!r} cannot be found here, so the model cannot be rebuilt offline: {_FIX}"
-    if loaded is not None and function not in vars(loaded):
-        return (f"model_factory {factory!r}: module {module!r} has no top-level {function!r}, so the model cannot be "
-                f"rebuilt offline: {_FIX}")
-    return None
-
-
-def _make_folder(path: str | os.PathLike) -> None:
-    """Create the run file's folder if missing; one line if it cannot be."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise OSError(err.errno, f"{path}: the run file's folder {folder} cannot be created "
-                                 f"({err.strerror or err})") from None
-
-
 class Recorder:
     """Captures checkpoints of ``model`` (and ``optimizer``) into a run file on a schedule.
 
     Args:
-        path: the run file (``.h5``). An existing file is refused unless ``resume=True``; a missing
-            folder is created.
+        path: the run file (``.h5``). An existing file is refused unless ``resume=True``.
         model: the model being trained.
         optimizer: its optimizer (state captured for preconditioned sharpness; lrs logged).
         batch: a fixed data batch stored once, on which spectra are measured: ``(inputs, targets)``
@@ -262,9 +217,8 @@ class Recorder:
         every: capture every ``every`` steps (and at step 0); or give ``schedule``:
             ``"log"``, ``"on_demand"`` (only :meth:`capture`), a list of steps, or ``callable(step) -> bool``.
         meta: user metadata (JSON). Keys ``model_factory`` (``"module:function"``) and
-            ``model_kwargs`` let offline jobs rebuild the model without pickle; ``loss`` names the loss.
-            Without a factory that can be imported, the Recorder warns at creation (a ``UserWarning``
-            naming the fix): ``sharpscope spectrum`` could not measure the run.
+            ``model_kwargs`` let offline jobs rebuild the model without pickle (without one, a
+            ``UserWarning`` at creation names the fix); ``loss`` names the loss.
         loss_fn: needed for online sharpness; a criterion (its class name is recorded) or a loss closure
             (:func:`~sharpscope.batch_loss`; its ``name``, a trusted factory, is recorded).
         sharpness_every: also measure the online sharpness on the batch every K steps (module docstring:
@@ -343,10 +297,12 @@ class Recorder:
             self._last_captured = steps[-1] if steps else None
         else:
             meta = self._meta(meta)
-            problem = offline_rebuild_problem(meta.get("model_factory"))
-            if problem:
-                warnings.warn(f"{path}: {problem}", UserWarning, stacklevel=2)
-            _make_folder(path)
+            factory = meta["model_factory"]
+            if not is_name("model", factory):  # say it now, not when `sharpscope spectrum` fails
+                what = f"model_factory {factory!r} is not a 'module:function' outside __main__" if factory else \
+                    "meta has no model_factory"
+                warnings.warn(f"{path}: {what}, so `sharpscope spectrum` cannot rebuild this run: {REBUILD_FIX}",
+                              UserWarning, stacklevel=2)
             recorded = {key: meta[key] for key in ("model_factory", "model_kwargs", "model_class", "loss", "seed",
                                                    "optimizer")}
             recorded.update(schedule=describe_schedule(every, schedule), sharpness_every=sharpness_every)

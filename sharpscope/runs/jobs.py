@@ -26,7 +26,7 @@ import numpy as np
 from ..closures import BatchLoss
 from ..devices import resolve_device
 from ..progress import progress_bar
-from ..registry import allow_patterns, resolve_trusted
+from ..registry import REBUILD_FIX, allow_patterns, resolve_trusted
 from .executors import executor_from_spec
 from .quantities import QUANTITIES, Checkpoint, layer_groups
 from .quantities import get as get_quantity
@@ -266,9 +266,7 @@ def _plan_tasks(runs: Sequence[str | os.PathLike], quantities: Sequence[str], se
     return tasks
 
 
-NO_FACTORY = ("meta has no model_factory: the model cannot be rebuilt offline; record one with Recorder(..., "
-              "meta={'model_factory': 'mypkg.models:make_model', 'model_kwargs': {...}}), a module-level function that "
-              "builds the model from JSON keyword arguments, or register it with @ss.register_model")
+NO_FACTORY = f"meta has no model_factory, so the model cannot be rebuilt offline: {REBUILD_FIX}"
 
 
 def _import_names(run, quantities: Sequence[str], settings: SpectrumSettings, allow: Sequence[str]) -> None:
@@ -334,6 +332,7 @@ def _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep
     failed = []
     for fut in completed(list(futures)):
         path, step, todo = futures[fut]
+        failures_before = len(report.failures)
         try:
             rows = fut.result()
         except Exception as err:  # noqa: BLE001 - one failed checkpoint does not stop the job
@@ -341,7 +340,6 @@ def _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep
                 failed.append(((path, step, todo), err))
                 continue
             report.failures.append((path, step, f"{type(err).__name__}: {err}"))
-            _show_failures(bar, report)
         else:
             for row in rows:
                 if "error" in row:
@@ -355,15 +353,18 @@ def _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep
                 report.written += 1
                 report.not_applicable += "not_applicable" in json.loads(row["info"])
             report.computed += 1
-            _show_failures(bar, report)
-        bar.update(1)
+        _advance(bar, report, failed=len(report.failures) > failures_before)
     return failed
 
 
-def _show_failures(bar, report: JobReport) -> None:
-    """The bar counts checkpoints done, failed ones included: its postfix says how many failed."""
-    if report.failures:
+def _advance(bar, report: JobReport, failed: bool) -> None:
+    """The bar counts the checkpoints that succeeded; a failed one is not counted but named in the postfix
+    (``3/6 [..., 3 failed]``), so a job whose work failed never ends on a full bar."""
+    if failed:
         bar.set_postfix_str(f"{report.failed_checkpoints} failed", refresh=False)
+        bar.refresh()
+    else:
+        bar.update(1)
 
 
 def _store(writers: dict[str, SpectraFile], path: str, row: dict) -> None:
