@@ -252,7 +252,6 @@ def _plan_tasks(runs: Sequence[str | os.PathLike], quantities: Sequence[str], se
             report.diverged += len(run.steps) - len(run_steps)
             if not run.meta.get("model_factory"):
                 raise ValueError(f"{path}: {NO_FACTORY}")
-            check_trusted(run, allow, settings.loss)
             _import_names(run, quantities, settings, allow)
             run_id = run.id
         done = _stored_keys(Path(path), run_id, report)
@@ -273,16 +272,24 @@ def _import_names(run, quantities: Sequence[str], settings: SpectrumSettings, al
     """Import -- never call -- every name the tasks will rebuild from: the model factory, the loss (when a quantity
     needs it) and the optimizer class (for ``precond``). A module that cannot be imported, or an entry point that
     cannot be loaded, then stops the job here, in one line, before any checkpoint, instead of failing once per
-    checkpoint."""
+    checkpoint. Trust is checked first (:func:`~.rebuild.check_trusted`); a module that raises anything while it
+    is imported (a ``SyntaxError``, its own ``RuntimeError``) is reported as one line too."""
     meta, where = run.meta, str(run.path)
-    resolve_trusted("model", meta["model_factory"], allow, where)
-    loss = settings.loss or meta.get("loss")
-    if isinstance(loss, str) and ":" in loss and any(get_quantity(q).needs_loss for q in quantities):
-        resolve_trusted("loss", loss, [*allow, *([settings.loss] if settings.loss else [])], where)
-    info = meta.get("optimizer")
-    if isinstance(info, Mapping) and isinstance(info.get("class"), str) and \
-            any(get_quantity(q).needs_optimizer for q in quantities):
-        resolve_trusted("optimizer", info["class"], allow, where)
+    try:
+        check_trusted(run, allow, settings.loss)
+        resolve_trusted("model", meta["model_factory"], allow, where)
+        loss = settings.loss or meta.get("loss")
+        if isinstance(loss, str) and ":" in loss and any(get_quantity(q).needs_loss for q in quantities):
+            resolve_trusted("loss", loss, [*allow, *([settings.loss] if settings.loss else [])], where)
+        info = meta.get("optimizer")
+        if isinstance(info, Mapping) and isinstance(info.get("class"), str) and \
+                any(get_quantity(q).needs_optimizer for q in quantities):
+            resolve_trusted("optimizer", info["class"], allow, where)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's module failed while it was imported
+        raise ValueError(f"{where}: importing what it names failed ({type(err).__name__}: {err}); nothing was "
+                         "measured: fix that module (or run where its dependencies are installed) and run again") from None
 
 
 def _stored_keys(path: Path, run_id: str | None, report: JobReport) -> set[tuple[int, str, str]]:
