@@ -348,7 +348,7 @@ def add_parser(subparsers) -> None:
     q = subparsers.add_parser("inspect", help="what a run file holds", description="Show a run file's format, "
                               "meta, axes, batch, checkpoints (and incomplete ones) and stored results; with "
                               "--results, the stored values and the online sharpness log.")
-    q.add_argument("run", type=Path, metavar="RUN.h5", help="a run file")
+    q.add_argument("run", type=Path, metavar="RUN.h5", help="the run file a Recorder wrote")
     q.add_argument("--results", action="store_true",
                    help="also print the stored values, one table per quantity (step, values, Ritz residual and "
                         "convergence where stored, products), and the online sharpness logged during training")
