@@ -9,6 +9,7 @@ import inspect
 import json
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -51,12 +52,13 @@ def test_the_parsers_state_the_codes_own_defaults_and_choices():
     from sharpscope.demo import run_demo
     from sharpscope.runs import cli as runs_cli
     from sharpscope.runs.jobs import SpectrumSettings
-    from sharpscope.runs.quantities import QUANTITIES
+    from sharpscope.runs.quantities import QUANTITIES, Kind
 
     settings = {f.name: f.default for f in dataclasses.fields(SpectrumSettings)}
     assert runs_cli.SETTINGS_DEFAULTS == {k: settings[k] for k in runs_cli.SETTINGS_DEFAULTS}
     assert set(settings) - set(runs_cli.SETTINGS_DEFAULTS) == {"loss"}  # --loss: None, "the loss the run recorded"
     assert runs_cli.QUANTITY_NAMES == tuple(QUANTITIES)
+    assert set(typing.get_args(Kind)) <= set(runs_cli._HEADERS)  # inspect --results has a table for every kind
     sub = _subparsers(build_parser())
     demo = {a.dest: a.default for a in sub["demo"]._actions}
     for name, param in inspect.signature(run_demo).parameters.items():

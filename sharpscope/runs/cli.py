@@ -199,15 +199,19 @@ def _row_cells(kind: str, row: dict) -> list[str]:
 
 _HEADERS = {"eigenvalues": ["values (top first)", "max residual", "converged"], "trace": ["estimate", "stderr"],
             "density": ["nodes", "support"], "layers": ["top eigenvalue per layer"],
-            "alignment": ["update alignment per layer", "weight alignment per layer"]}
+            "alignment": ["update alignment per layer", "weight alignment per layer"], "values": ["values"]}
 
 
 def _table(header: list[str], rows: list[list[str]], indent: str = "    ") -> list[str]:
-    """Left-aligned columns; the first column (the step) right-aligned."""
-    widths = [max(len(r[i]) if i < len(r) else 0 for r in [header, *rows]) for i in range(len(header))]
+    """Left-aligned columns; the first column (the step) right-aligned. A row of two cells where the header has
+    more (a note: not applicable) spans the row and sets no column's width."""
+    full = [r for r in [header, *rows] if len(r) == len(header)]
+    widths = [max(len(r[i]) for r in full) for i in range(len(header))]
+    widths[0] = max(len(r[0]) for r in [header, *rows])
     lines = []
     for r in [header, *rows]:
-        cells = [r[0].rjust(widths[0])] + [c.ljust(w) for c, w in zip(r[1:], widths[1:])]
+        cells = [r[0].rjust(widths[0])] + ([r[1]] if len(r) < len(header) else
+                                           [c.ljust(w) for c, w in zip(r[1:], widths[1:])])
         lines.append(indent + "  ".join(cells).rstrip())
     return lines
 
@@ -224,7 +228,7 @@ def _value_tables(rows: list[dict]) -> list[str]:
         groups.setdefault((row["quantity"], json.dumps(row["settings"], sort_keys=True)), []).append(row)
     lines = ["stored values:"]
     for (quantity, settings), members in groups.items():
-        kind = REGISTRY[quantity].kind if quantity in REGISTRY else "layers"
+        kind = REGISTRY[quantity].kind if quantity in REGISTRY else "values"  # a quantity of a newer version
         lines.append(f"  {quantity}  {settings}")
         header = ["step", *_HEADERS[kind], "products"]
         if kind == "eigenvalues" and any("threshold" in r["info"] for r in members):
@@ -235,7 +239,7 @@ def _value_tables(rows: list[dict]) -> list[str]:
         for row in sorted(members, key=lambda r: r["step"]):
             cells = _row_cells(kind, row)
             if len(cells) == 1 and not len(row["values"]):  # not applicable: one cell spanning the row
-                table.append([str(row["step"]), cells[0]] + [""] * (len(header) - 2))
+                table.append([str(row["step"]), cells[0]])
                 continue
             cells += [""] * (len(header) - 2 - len(cells))
             table.append([str(row["step"]), *cells, str(row["num_matvecs"])])
