@@ -185,7 +185,7 @@ def _current_folder_last() -> Iterator[None]:
     script, which Python gives no such entry, and ``python -m sharpscope``, whose *first* entry
     :mod:`sharpscope.__main__` takes off): a factory module beside the runs (``mymodels.py``, named by
     ``--allow-factory``) is found, but never in place of an installed module of the same name. Worker processes
-    start with this path. Nothing is imported from there that the user did not name (docs/trust.md, section 6)."""
+    start with this path. Being on the path trusts nothing (docs/trust.md, section 6, with its one caveat)."""
     here = os.getcwd()
     added = all(os.path.abspath(p or os.curdir) != here for p in sys.path)
     if added:
