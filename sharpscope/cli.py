@@ -166,8 +166,13 @@ _INPUTS = {"runs": "run file", "run": "run file", "probe": "probe file"}
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
-    """Every file a command reads exists and is a file, before anything runs or is written: one line naming
-    the path otherwise (a folder: its run files are named instead, ``FOLDER/*.h5``)."""
+    """The command's input before anything runs or is written, one line for the first problem: the allow-patterns
+    (:func:`sharpscope.registry.allow_patterns`), then every file the command reads exists and is a file (a
+    folder: its run files are named instead, ``FOLDER/*.h5``)."""
+    if getattr(args, "allow_factory", None):
+        from .registry import allow_patterns
+
+        allow_patterns(args.allow_factory)
     for dest, what in _INPUTS.items():
         value = getattr(args, dest, None)
         for path in value if isinstance(value, list) else [value] if value is not None else []:
