@@ -1,8 +1,11 @@
-"""``python -m sharpscope``: the same as the ``sharpscope`` console script, which imports nothing from the
-current folder. For ``-m`` Python puts that folder first on the import path, where a module left beside a
-downloaded run file would shadow the user's own package (one that ``--allow-factory`` names), so it is taken
-off again -- unless sharpscope itself is imported from there (a source checkout). ``PYTHONPATH=.`` puts it
-back on purpose."""
+"""``python -m sharpscope``: the same program as the ``sharpscope`` console script, with the same import path.
+
+For ``-m`` Python puts the current folder *first* on the import path, where a ``mymodels.py`` left beside a
+downloaded run file would shadow the user's own package (one that ``--allow-factory`` names), or anything
+installed; so that entry is taken off again, unless sharpscope itself is imported from there (a source
+checkout). Both entry points then put the current folder at the *end* of the path while a command runs
+(:func:`sharpscope.cli.main`), so a factory module kept beside the runs is found, the same way in both
+(docs/trust.md, section 6)."""
 import os
 import sys
 

@@ -33,7 +33,7 @@ from .optim import build_optimizer
 from .param import parametrize
 from .progress import progress_bar
 
-__all__ = ["coord_check", "CoordCheckResult", "plot_coord_check", "fit_slopes", "add_parser"]
+__all__ = ["coord_check", "CoordCheckResult", "plot_coord_check", "fit_slopes", "run_cli"]
 
 COORD_STATISTICS = ("act_rms", "delta_rms")  # per layer: RMS activation, and its change since init
 
@@ -288,13 +288,6 @@ def _default_steps(available: Sequence[int]) -> list[int]:
 
 
 # -- command line ------------------------------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def run_cli(args: argparse.Namespace) -> int:
     """``sharpscope coordcheck``: one PNG per parameterization and coordcheck.json under --out."""
     try:
@@ -321,27 +314,3 @@ def run_cli(args: argparse.Namespace) -> int:
     (out / "coordcheck.json").write_text(json.dumps({"results": results}, indent=1, allow_nan=False))
     print(f"saved {out / 'coordcheck.json'}")
     return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``sharpscope coordcheck``."""
-    p = subparsers.add_parser(
-        "coordcheck", help="coordinate check: activation scales vs width under a parameterization",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="mlp", help="family (mlp, cnn, transformer, moe) or 'module:function' (default mlp)")
-    p.add_argument("--kwargs", default="", help="JSON object of model kwargs other than width")
-    p.add_argument("--param", default="sp,mup", help="comma-separated parameterizations: sp, ntk, mup, mf (default sp,mup)")
-    p.add_argument("--optimizer", default="adam", help="sgd, adam, adamw, adafactor or muon (default adam)")
-    p.add_argument("--lr", type=float, default=1e-2, help="base learning rate (default 1e-2)")
-    p.add_argument("--widths", type=_int_list, default=[64, 128, 256, 512, 1024],
-                   help="comma-separated widths (default 64,128,256,512,1024)")
-    p.add_argument("--base-width", type=int, default=None, help="base width (default: the smallest width)")
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps per width (default 5)")
-    p.add_argument("--seeds", type=int, default=2, help="number of seeds averaged (default 2)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr-scaling", choices=("global", "full_alignment", "no_alignment"), default=None)
-    p.add_argument("--depth-scaling", action="store_true", help="depth-muP residual branch scaling 1/sqrt(L)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--out", type=Path, default=Path("coordcheck-output"), help="output folder")
-    p.set_defaults(func=run_cli)
-    return p

@@ -1,7 +1,7 @@
 """The embedded default job: curvature of a small MLP trained briefly on scikit-learn's digits.
 
 Run with ``./scripts/demo.sh`` (or ``sharpscope demo``): trains a 64-128-128-10 tanh MLP with
-full-batch SGD for a few steps on the 1,797 bundled 8x8 digits (no download), then reports the
+full-batch SGD (100 steps at lr 0.5 by default) on the 1,797 bundled 8x8 digits (no download), then reports the
 top Hessian eigenvalues (with Ritz residuals), the edge-of-stability threshold 2/lr, the Hessian
 trace (Hutch++) and the spectral density (stochastic Lanczos quadrature), and saves a plot. With
 ``--probe probes/quickstart.toml`` (what demo.sh passes) it then runs that probe: muP vs SP across
@@ -110,21 +110,8 @@ def _plot(density, top: list[float], threshold: float, path: Path) -> None:
     plt.close(fig)
 
 
-def add_parser(subparsers) -> None:
-    """Register ``sharpscope demo``."""
-    p = subparsers.add_parser("demo", help="curvature of a small MLP trained on sklearn digits",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
-    p.add_argument("--steps", type=int, default=100, help="full-batch SGD steps before measuring (default 100)")
-    p.add_argument("--lr", type=float, default=0.5, help="learning rate (default 0.5)")
-    p.add_argument("--k", type=int, default=5, help="number of top eigenvalues (default 5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--probe", type=Path, help="then run this probe file (e.g. probes/quickstart.toml) "
-                                              "into OUT/<probe name> and print where its report is")
-    p.set_defaults(func=_demo_command)
-
-
-def _demo_command(args: argparse.Namespace) -> int:
+def demo_command(args: argparse.Namespace) -> int:
+    """``sharpscope demo`` (its parser is in :mod:`sharpscope.cli`)."""
     if args.probe is not None and not args.probe.exists():
         raise FileNotFoundError(f"{args.probe}: no such probe file")
     run_demo(args.out, args.steps, args.lr, args.k, args.seed)

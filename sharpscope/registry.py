@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterable, Literal, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["register_model", "register_loss", "register_optimizer", "resolve_trusted", "is_trusted",
+__all__ = ["register_model", "register_loss", "register_optimizer", "resolve_trusted", "is_trusted", "is_name",
            "allow_patterns", "allowances", "UntrustedNameError", "Kind"]
 
 Kind = Literal["model", "loss", "optimizer"]
@@ -222,6 +222,24 @@ def _as_reference(kind: Kind, spec: str) -> str:
         module, _, attr = spec.rpartition(".")
         return f"{module}:{attr}"
     return _SHORT_NAMES.get(spec.lower(), spec) if kind == "model" else spec
+
+
+REBUILD_FIX = ("name a factory in the Recorder's meta, meta={'model_factory': 'mypkg.models:make_model', "
+               "'model_kwargs': {...}} (a module-level function that builds the model from JSON keyword arguments), "
+               "or register one with @ss.register_model (docs/capture.md)")
+
+
+def is_name(kind: Kind, spec: Any) -> bool:
+    """Whether ``spec`` could name a ``kind`` for another process: a name registered here, or a well-formed
+    ``"module:function"`` (module docstring) outside ``__main__`` (a training script is not importable elsewhere).
+    Nothing is imported; whether the name is *trusted* is decided when it is read (:func:`resolve_trusted`)."""
+    if not isinstance(spec, str) or not spec:
+        return False
+    reference = _as_reference(kind, spec)
+    if reference in _REGISTERED[kind] or spec in _REGISTERED[kind]:
+        return True
+    split = _split(reference)
+    return split is not None and split[0] != "__main__"
 
 
 def _builtin(kind: Kind, reference: str) -> bool:

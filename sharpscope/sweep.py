@@ -310,7 +310,8 @@ def summary_rows(result: SweepResult) -> list[dict]:
     return rows
 
 
-def _sweep_command(args) -> int:
+def sweep_command(args) -> int:
+    """``sharpscope sweep`` (its parser is in :mod:`sharpscope.cli`)."""
     result = run_sweep(args.probe, args.out, executor=args.executor, progress=not args.quiet)
     rows = summary_rows(result)
     if rows:
@@ -324,21 +325,9 @@ def _sweep_command(args) -> int:
           f"{result.spectra.diverged} diverged checkpoints skipped"
           + (f", {result.spectra.not_applicable} results not applicable (e.g. Adam's preconditioner before "
              f"its first step)" if result.spectra.not_applicable else ""))
-    for path, step, message in result.spectra.failures:
-        print(f"FAILED {path} step {step}: {message}")
+    for line in result.spectra.failure_lines():
+        print(line)
     for note in result.notes:
         print(f"note: {note}")
     print(f"report: {result.report}")
     return 1 if result.spectra.failures else 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="train a probe's grid and measure its spectra",
-                              description="Run a probe file (see probes/): train the width x lr x "
-                                          "parameterization x optimizer x seed grid with a Recorder, then "
-                                          "measure the spectra. Complete runs and stored spectra are skipped.")
-    p.add_argument("probe", type=Path, metavar="PROBE.toml")
-    p.add_argument("--out", type=Path, required=True, help="output folder (runs/ and results)")
-    p.add_argument("--executor", help="override the probe's executor (local, process:N, dask-local:N, dask://...)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_sweep_command)

@@ -1,12 +1,12 @@
 """Coord check: fitted width slopes under muP vs SP, MoE, records, plot and the CLI subcommand."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from sharpscope.coordcheck import add_parser, coord_check, fit_slopes, plot_coord_check
+from sharpscope.cli import build_parser
+from sharpscope.coordcheck import coord_check, fit_slopes, plot_coord_check
 
 WIDTHS = (64, 128, 256, 512, 1024)
 
@@ -77,9 +77,7 @@ def test_plot_writes_png(tmp_path):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="sharpscope")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

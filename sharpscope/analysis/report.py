@@ -162,14 +162,17 @@ def _report_command(args) -> int:
 
 
 def add_parser(subparsers) -> None:
+    """Register ``sharpscope report`` (no torch needed: the command imports the analysis when it runs)."""
     p = subparsers.add_parser("report", help="verdicts, figures and report.html over run files",
-                              description="Analyse runs (grouped by parameterization, optimizer and lr; "
-                                          "compared across widths, and across depths when they vary) and write metrics.json, report.md, "
-                                          "report.html and figures/ to --out.")
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN.h5")
+                              description="Analyse runs (grouped by parameterization, optimizer and lr; compared "
+                                          "across widths, and across depths when they vary) and write metrics.json, "
+                                          "report.md, report.html and figures/ to --out; print the summary and the "
+                                          "verdicts.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN.h5",
+                   help="run files (their results are read from RUN.spectra.h5 beside them)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--title", default="sharpscope report")
+    p.add_argument("--title", default="sharpscope report", help="the report's title")
     p.add_argument("--compare", metavar="AXIS", help="the axis the verdicts compare: width, depth or any setting the "
                                                      "runs record (sweep axes, the Recorder's axes= or meta keys, e.g. "
-                                                     "batch_size); default: the runs' sweep's, else width/depth")
+                                                     "batch_size) (default: the runs' sweep's, else width and depth)")
     p.set_defaults(func=_report_command)

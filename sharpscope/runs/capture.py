@@ -41,6 +41,7 @@ from torch import nn
 from ..closures import BatchLoss
 from ..functional import mapping_batch_error
 from ..optim import AdamAtan2
+from ..registry import REBUILD_FIX, is_name
 from .provenance import config_digest
 from .space import DiskFullError
 from .store import RunFileError, RunWriter, TensorSpec, open_run
@@ -216,7 +217,8 @@ class Recorder:
         every: capture every ``every`` steps (and at step 0); or give ``schedule``:
             ``"log"``, ``"on_demand"`` (only :meth:`capture`), a list of steps, or ``callable(step) -> bool``.
         meta: user metadata (JSON). Keys ``model_factory`` (``"module:function"``) and
-            ``model_kwargs`` let offline jobs rebuild the model without pickle; ``loss`` names the loss.
+            ``model_kwargs`` let offline jobs rebuild the model without pickle (without one, a
+            ``UserWarning`` at creation names the fix); ``loss`` names the loss.
         loss_fn: needed for online sharpness; a criterion (its class name is recorded) or a loss closure
             (:func:`~sharpscope.batch_loss`; its ``name``, a trusted factory, is recorded).
         sharpness_every: also measure the online sharpness on the batch every K steps (module docstring:
@@ -295,6 +297,12 @@ class Recorder:
             self._last_captured = steps[-1] if steps else None
         else:
             meta = self._meta(meta)
+            factory = meta["model_factory"]
+            if not is_name("model", factory):  # say it now, not when `sharpscope spectrum` fails
+                what = f"model_factory {factory!r} is not a 'module:function' outside __main__" if factory else \
+                    "meta has no model_factory"
+                warnings.warn(f"{path}: {what}, so `sharpscope spectrum` cannot rebuild this run: {REBUILD_FIX}",
+                              UserWarning, stacklevel=2)
             recorded = {key: meta[key] for key in ("model_factory", "model_kwargs", "model_class", "loss", "seed",
                                                    "optimizer")}
             recorded.update(schedule=describe_schedule(every, schedule), sharpness_every=sharpness_every)

@@ -1,35 +1,54 @@
-"""``sharpscope spectrum`` and ``sharpscope inspect``: offline jobs over run files, and what a run holds."""
+"""``sharpscope spectrum`` and ``sharpscope inspect``: offline jobs over run files, and what a run holds.
+
+The parsers are built without torch (``sharpscope --help`` answers at once): the commands import the jobs, the
+run files and their readers when they run. The choices and defaults the parsers show are checked against the
+code that uses them (``tests/test_cli_help.py``)."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
-from .h5file import RunFileError
-from .jobs import SpectrumSettings, run_spectrum_job
-from .quantities import QUANTITIES
-from .spectra import ForeignSpectraError, SpectraFile, spectra_path
-from .store import open_run
+from .executors import EXECUTORS
+
+# :data:`sharpscope.runs.quantities.QUANTITIES` and the :class:`~sharpscope.runs.jobs.SpectrumSettings` defaults,
+# written out so that the parser needs no torch
+QUANTITY_NAMES = ("hessian", "precond", "ggn", "ntk", "trace", "density", "layers", "alignment")
+SETTINGS_DEFAULTS = {"k": 5, "tol": 1e-6, "seed": 0, "trace_matvecs": 99, "density_probes": 10, "density_steps": 80,
+                     "batchnorm": "batch", "device": "cpu"}
+ONLINE_LOGS = ("sharpness", "sharpness_preconditioned", "eos_ratio")  # the Recorder's online sharpness logs
 
 
 def _spectrum(args: argparse.Namespace) -> int:
+    from .jobs import SpectrumSettings, run_spectrum_job
+
     quantities = [q.strip() for q in args.what.split(",") if q.strip()]
     settings = SpectrumSettings(k=args.k, tol=args.tol, seed=args.seed, trace_matvecs=args.trace_matvecs,
                                 density_probes=args.density_probes, density_steps=args.density_steps,
                                 device=args.device,
                                 batchnorm=args.batchnorm)
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
+    steps = _steps(args.steps)
     report = run_spectrum_job(args.runs, quantities, settings, executor=args.executor, steps=steps,
                               loss=args.loss, progress=not args.quiet, allow_factories=args.allow_factory)
     print(f"computed {report.computed} checkpoint(s), wrote {report.written} result(s), "
           f"skipped {report.skipped} already stored"
           + (f", {report.not_applicable} not applicable (no optimizer state yet, or every lr 0)" if report.not_applicable else ""))
-    for path, step, message in report.failures:
-        print(f"FAILED {path} step {step}: {message}")
+    for line in report.failure_lines():
+        print(line)
     for note in report.notes:
         print(f"note: {note}")
     return 1 if report.failures else 0
+
+
+def _steps(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--steps {text!r}: expected comma-separated checkpoint steps, e.g. --steps 0,100,200") from None
 
 
 def _format(version: int, checksummed: bool) -> str:
@@ -58,27 +77,34 @@ def _optimizer_line(opt) -> str:
     return f"{json.dumps(opt)[:60]} (not an optimizer description: expected an object with 'class' and 'param_groups')"
 
 
-def _results_info(run_path: Path, run_id: str | None, verify: bool) -> tuple[dict | None, list[str]]:
-    """What the run's spectra file holds (if it belongs to the run), and its problems (``--verify``: every
-    row's checksum and run id)."""
+def _results_info(run_path: Path, run_id: str | None, verify: bool) -> tuple[dict | None, list[str], list[dict]]:
+    """What the run's spectra file holds (if it belongs to the run), its problems (``--verify``: every row's
+    checksum and run id) and its rows (for ``--results``)."""
+    from .h5file import RunFileError
+    from .spectra import ForeignSpectraError, SpectraFile, spectra_path
+
     results = spectra_path(run_path)
     if not results.exists():
-        return None, []
+        return None, [], []
     try:
         with SpectraFile(results, run_id=run_id) as sf:
-            counts: dict[str, int] = {}
-            for _, quantity, _ in sf.keys():  # reads every row: checksums and run ids verified
-                counts[quantity] = counts.get(quantity, 0) + 1
-            return {"file": str(results), "format": _format(sf.version, sf.checksummed),
-                    "rows": dict(sorted(counts.items()))}, []
+            rows = sf.rows()  # reads every row: checksums and run ids verified
+            file_format = _format(sf.version, sf.checksummed)
     except ForeignSpectraError as err:
         note = f"{err} (the next spectrum job moves it aside)"
-        return {"file": str(results), "foreign": note}, [note] if verify else []
+        return {"file": str(results), "foreign": note}, [note] if verify else [], []
     except RunFileError as err:
-        return {"file": str(results), "damaged": str(err)}, [str(err)] if verify else []
+        return {"file": str(results), "damaged": str(err)}, [str(err)] if verify else [], []
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["quantity"]] = counts.get(row["quantity"], 0) + 1
+    return {"file": str(results), "format": file_format, "rows": dict(sorted(counts.items()))}, [], rows
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from .h5file import RunFileError
+    from .store import open_run
+
     with open_run(args.run) as run:
         steps = run.steps
         provenance = run.provenance
@@ -99,15 +125,140 @@ def _inspect(args: argparse.Namespace) -> int:
             info["batch"] = {"kind": "damaged", "problem": str(err)}
             if not args.verify:
                 info.setdefault("problems", []).append(str(err))
+        online = _online_logs(run) if args.results else {}
         run_id = run.id
-    info["results"], problems = _results_info(Path(args.run), run_id, args.verify)
+    info["results"], problems, rows = _results_info(Path(args.run), run_id, args.verify)
     if args.verify:
         info["problems"] += problems
+    if args.results:
+        info["stored_values"] = [_jsonable(row) for row in rows]
+        info["online_sharpness"] = {name: [[step, _number(v)] for step, v in zip(*log)] for name, log in online.items()}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         _print_info(info, args.verify)
+        if args.results:
+            for line in _value_tables(rows) + _online_table(online):
+                print(line)
     return 1 if info.get("problems") else 0
+
+
+# -- inspect --results --------------------------------------------------------------------------------------------
+def _online_logs(run) -> dict[str, tuple[list[int], list[float]]]:
+    """The Recorder's online sharpness logs that hold entries, by name: ``(steps, values)``."""
+    logs = {}
+    for name in ONLINE_LOGS:
+        try:
+            steps, values = run.scalars(name)
+        except KeyError:  # an older file, or a log the Recorder did not create
+            continue
+        if len(steps):
+            logs[name] = ([int(s) for s in steps], [float(v) for v in values])
+    return logs
+
+
+def _number(x: float) -> float | None:
+    """A float for JSON (NaN and infinities as null: JSON has no such numbers)."""
+    return float(x) if math.isfinite(x) else None
+
+
+def _jsonable(row: dict) -> dict:
+    info = {k: v for k, v in row["info"].items() if k != "run_id"}
+    return {"quantity": row["quantity"], "settings": row["settings"], "step": row["step"],
+            "values": [_number(v) for v in row["values"]], "residuals": [_number(v) for v in row["residuals"]],
+            "num_matvecs": row["num_matvecs"], "seconds": row["seconds"], "info": info}
+
+
+def _numbers(values: Any, limit: int = 6) -> str:
+    """``a, b, c`` in 6 significant digits, at most ``limit`` of them (then how many more)."""
+    shown = ", ".join(f"{float(v):.6g}" for v in list(values)[:limit])
+    return shown + (f", ... (+{len(values) - limit})" if len(values) > limit else "")
+
+
+def _row_cells(kind: str, row: dict) -> list[str]:
+    """A result row as table cells, by the quantity's kind (:mod:`.quantities`)."""
+    values, residuals, info = row["values"], row["residuals"], row["info"]
+    if not len(values):
+        return ["not applicable: " + str(info.get("not_applicable", "no values stored"))]
+    if kind == "eigenvalues":
+        converged = info.get("converged")
+        cells = [_numbers(values), f"{max(abs(r) for r in residuals):.2e}" if len(residuals) else "-",
+                 f"{sum(bool(c) for c in converged)}/{len(converged)}" if isinstance(converged, list) else "-"]
+        if "threshold" in info:
+            cells.append(f"{float(info['threshold']):.6g}")
+        return cells
+    if kind == "trace":
+        return [f"{float(values[0]):.6g}", f"{float(residuals[0]):.3g}" if len(residuals) else "-"]
+    if kind == "density":
+        probes = info.get("nodes_per_probe") or []
+        return [f"{len(values)} nodes, {len(probes)} probe(s)", f"[{min(values):.6g}, {max(values):.6g}]"]
+    if kind == "alignment":
+        return [_numbers(values), _numbers(residuals)]
+    return [_numbers(values)]
+
+
+_HEADERS = {"eigenvalues": ["values (top first)", "max residual", "converged"], "trace": ["estimate", "stderr"],
+            "density": ["nodes", "support"], "layers": ["top eigenvalue per layer"],
+            "alignment": ["update alignment per layer", "weight alignment per layer"], "values": ["values"]}
+
+
+def _table(header: list[str], rows: list[list[str]], indent: str = "    ") -> list[str]:
+    """Left-aligned columns; the first column (the step) right-aligned. A row of two cells where the header has
+    more (a note: not applicable) spans the row and sets no column's width."""
+    full = [r for r in [header, *rows] if len(r) == len(header)]
+    widths = [max(len(r[i]) for r in full) for i in range(len(header))]
+    widths[0] = max(len(r[0]) for r in [header, *rows])
+    lines = []
+    for r in [header, *rows]:
+        cells = [r[0].rjust(widths[0])] + ([r[1]] if len(r) < len(header) else
+                                           [c.ljust(w) for c, w in zip(r[1:], widths[1:])])
+        lines.append(indent + "  ".join(cells).rstrip())
+    return lines
+
+
+def _value_tables(rows: list[dict]) -> list[str]:
+    """The stored results, one table per quantity and settings: step, value(s), residuals and convergence
+    (where the kind stores them), products."""
+    from .quantities import REGISTRY
+
+    if not rows:
+        return ["stored values: none"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["quantity"], json.dumps(row["settings"], sort_keys=True)), []).append(row)
+    lines = ["stored values:"]
+    for (quantity, settings), members in groups.items():
+        kind = REGISTRY[quantity].kind if quantity in REGISTRY else "values"  # a quantity of a newer version
+        lines.append(f"  {quantity}  {settings}")
+        header = ["step", *_HEADERS[kind], "products"]
+        if kind == "eigenvalues" and any("threshold" in r["info"] for r in members):
+            header.insert(-1, "threshold")
+        if kind in ("layers", "alignment") and members[0]["info"].get("layers"):
+            lines.append(f"    layers: {', '.join(members[0]['info']['layers'])}")
+        table = []
+        for row in sorted(members, key=lambda r: r["step"]):
+            cells = _row_cells(kind, row)
+            if len(cells) == 1 and not len(row["values"]):  # not applicable: one cell spanning the row
+                table.append([str(row["step"]), cells[0]])
+                continue
+            cells += [""] * (len(header) - 2 - len(cells))
+            table.append([str(row["step"]), *cells, str(row["num_matvecs"])])
+        lines += _table(header, table)
+    return lines
+
+
+def _online_table(online: dict[str, tuple[list[int], list[float]]]) -> list[str]:
+    """The online sharpness logs (``Recorder(sharpness_every=...)``) side by side, one row per logged step."""
+    if not online:
+        return ["online sharpness: none logged (Recorder(sharpness_every=N) logs it during training)"]
+    names = list(online)
+    by_step: dict[int, dict[str, float]] = {}
+    for name, (steps, values) in online.items():
+        for step, value in zip(steps, values):
+            by_step.setdefault(step, {})[name] = value
+    rows = [[str(step), *(f"{by_step[step][n]:.6g}" if n in by_step[step] else "-" for n in names)]
+            for step in sorted(by_step)]
+    return ["online sharpness (logged during training):", *_table(["step", *names], rows)]
 
 
 def _print_info(info: dict, verify: bool) -> None:
@@ -152,36 +303,60 @@ def _print_info(info: dict, verify: bool) -> None:
 
 
 def add_parser(subparsers) -> None:
-    """Register ``sharpscope spectrum`` and ``sharpscope inspect``."""
-    p = subparsers.add_parser("spectrum", help="measure spectra at the checkpoints of run files",
-                              description=f"Offline spectrum jobs. Quantities: {', '.join(QUANTITIES)}. "
-                                          "Results go to RUN.spectra.h5; finished ones are skipped on re-runs.")
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN.h5")
-    p.add_argument("--what", default="hessian", help="comma-separated quantities (default: hessian)")
-    p.add_argument("--k", type=int, default=5, help="eigenvalues per operator (default 5)")
-    p.add_argument("--tol", type=float, default=1e-6, help="Lanczos relative residual tolerance")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trace-matvecs", type=int, default=99, help="Hutch++ products for trace (default 99)")
-    p.add_argument("--density-probes", type=int, default=10)
-    p.add_argument("--density-steps", type=int, default=80)
-    p.add_argument("--batchnorm", choices=["batch", "eval"], default="batch")
-    p.add_argument("--device", default="cpu", help="where the products run: cpu (default), cuda, cuda:N or auto "
-                                                   "(CUDA when available); runs captured on any device")
-    p.add_argument("--steps", help="comma-separated checkpoint steps (default: all)")
-    p.add_argument("--loss", help="override the run's loss (torch.nn name or module:function)")
+    """Register ``sharpscope spectrum`` and ``sharpscope inspect`` (no torch needed)."""
+    d = SETTINGS_DEFAULTS
+    p = subparsers.add_parser(
+        "spectrum", help="measure spectra at the checkpoints of run files",
+        description="Offline spectrum jobs: rebuild each run's model from its meta, load every checkpoint and "
+                    f"measure the quantities on the stored batch. Quantities: {', '.join(QUANTITY_NAMES)}. Results "
+                    "go to RUN.spectra.h5; results already stored (same step, quantity and settings) are skipped "
+                    "on re-runs. A run's model factory must be trusted: sharpscope's own, registered, or allowed "
+                    "with --allow-factory (docs/trust.md).")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN.h5",
+                   help="run files written by a Recorder (RUN.spectra.h5 files among them are skipped)")
+    p.add_argument("--what", default="hessian", metavar="Q[,Q...]",
+                   help=f"comma-separated quantities, from: {', '.join(QUANTITY_NAMES)}")
+    p.add_argument("--k", type=int, default=d["k"], help="top eigenvalues per operator (hessian, precond, ggn, ntk)")
+    p.add_argument("--tol", type=float, default=d["tol"],
+                   help="Lanczos tolerance: an eigenvalue counts as converged when its Ritz residual is below tol "
+                        "times its size")
+    p.add_argument("--seed", type=int, default=d["seed"],
+                   help="seed of the random start and probe vectors (Lanczos, Hutch++, SLQ); results under another "
+                        "seed are stored beside these")
+    p.add_argument("--trace-matvecs", type=int, default=d["trace_matvecs"],
+                   help="Hessian-vector products per Hutch++ trace estimate (trace)")
+    p.add_argument("--density-probes", type=int, default=d["density_probes"],
+                   help="random probe vectors of the spectral density (density, stochastic Lanczos quadrature)")
+    p.add_argument("--density-steps", type=int, default=d["density_steps"],
+                   help="Lanczos steps per density probe, i.e. quadrature nodes per probe (density)")
+    p.add_argument("--batchnorm", choices=["batch", "eval"], default=d["batchnorm"],
+                   help="BatchNorm during the products: 'batch' normalizes with the stored batch's own statistics "
+                        "(the training loss), 'eval' with the running statistics stored in the checkpoint")
+    p.add_argument("--device", default=d["device"],
+                   help="where the products run: cpu, cuda, cuda:N or auto (CUDA when available); runs captured on "
+                        "any device")
+    p.add_argument("--steps", metavar="S[,S...]",
+                   help="comma-separated checkpoint steps (default: every complete checkpoint)")
+    p.add_argument("--loss", help="override the run's loss: a torch.nn loss name (CrossEntropyLoss) or a trusted "
+                                  "'module:function' (default: the loss the run recorded)")
     p.add_argument("--executor", default="local",
-                   help="local (default), process:N, dask-local:N (a LocalCluster) or dask://HOST:PORT")
+                   help=f"where the tasks run: {EXECUTORS} (docs/scale-out.md)")
     p.add_argument("--allow-factory", action="append", default=[], metavar="PATTERN",
-                   help="trust model factories, losses and optimizers matching this 'module:attr' glob "
-                        "(e.g. 'mypkg.models:*'); repeatable. Without it only sharpscope's own, torch's and "
-                        "registered names are imported from run files")
+                   help="trust model factories, losses and optimizers matching 'module:function', 'module:*' or "
+                        "'package.*:*' (e.g. 'mypkg.models:*'); repeatable. A module that nothing installed "
+                        "provides is looked for in the current folder too. Without it only sharpscope's own, "
+                        "torch's and registered names are imported (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_spectrum)
 
     q = subparsers.add_parser("inspect", help="what a run file holds", description="Show a run file's format, "
-                              "meta, axes, batch, checkpoints (and incomplete ones) and stored results.")
-    q.add_argument("run", type=Path, metavar="RUN.h5")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+                              "meta, axes, batch, checkpoints (and incomplete ones) and stored results; with "
+                              "--results, the stored values and the online sharpness log.")
+    q.add_argument("run", type=Path, metavar="RUN.h5", help="the run file a Recorder wrote")
+    q.add_argument("--results", action="store_true",
+                   help="also print the stored values, one table per quantity (step, values, Ritz residual and "
+                        "convergence where stored, products), and the online sharpness logged during training")
+    q.add_argument("--json", action="store_true", help="machine-readable output (with --results: the values too)")
     q.add_argument("--verify", action="store_true",
                    help="read and check everything stored: every checkpoint's checksums (v2), the batch (its "
                         "checksums and the provenance digest), the provenance digests and every result row (its "

@@ -26,7 +26,7 @@ import numpy as np
 from ..closures import BatchLoss
 from ..devices import resolve_device
 from ..progress import progress_bar
-from ..registry import allow_patterns
+from ..registry import REBUILD_FIX, allow_patterns, resolve_trusted
 from .executors import executor_from_spec
 from .quantities import QUANTITIES, Checkpoint, layer_groups
 from .quantities import get as get_quantity
@@ -188,6 +188,24 @@ class JobReport:
     failures: list[tuple[str, int, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def failure_lines(self, most_steps: int = 6) -> list[str]:
+        """The failures as lines, one per run and message: a cause shared by many checkpoints is said once, with
+        the steps it stopped (``FAILED run.h5 steps 0, 10, 20 (3 checkpoints): ...``)."""
+        grouped: dict[tuple[str, str], list[int]] = {}
+        for path, step, message in self.failures:
+            grouped.setdefault((path, message), []).append(step)
+        lines = []
+        for (path, message), steps in grouped.items():
+            shown = ", ".join(str(s) for s in steps[:most_steps]) + (", ..." if len(steps) > most_steps else "")
+            where = f"step {steps[0]}" if len(steps) == 1 else f"steps {shown} ({len(steps)} checkpoints)"
+            lines.append(f"FAILED {path} {where}: {message}")
+        return lines
+
+    @property
+    def failed_checkpoints(self) -> int:
+        """How many checkpoints had at least one failure."""
+        return len({(path, step) for path, step, _ in self.failures})
+
 
 
 def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str] = ("hessian",),
@@ -233,8 +251,8 @@ def _plan_tasks(runs: Sequence[str | os.PathLike], quantities: Sequence[str], se
             run_steps = [s for s in run.steps if s == 0 or s < bad]
             report.diverged += len(run.steps) - len(run_steps)
             if not run.meta.get("model_factory"):
-                raise ValueError(f"{path}: meta has no model_factory ('module:function'): the model cannot be rebuilt")
-            check_trusted(run, allow, settings.loss)
+                raise ValueError(f"{path}: {NO_FACTORY}")
+            _import_names(run, quantities, settings, allow)
             run_id = run.id
         done = _stored_keys(Path(path), run_id, report)
         for step in run_steps:
@@ -245,6 +263,33 @@ def _plan_tasks(runs: Sequence[str | os.PathLike], quantities: Sequence[str], se
             if todo:
                 tasks.append((path, step, todo))
     return tasks
+
+
+NO_FACTORY = f"meta has no model_factory, so the model cannot be rebuilt offline: {REBUILD_FIX}"
+
+
+def _import_names(run, quantities: Sequence[str], settings: SpectrumSettings, allow: Sequence[str]) -> None:
+    """Import -- never call -- every name the tasks will rebuild from: the model factory, the loss (when a quantity
+    needs it) and the optimizer class (for ``precond``). A module that cannot be imported, or an entry point that
+    cannot be loaded, then stops the job here, in one line, before any checkpoint, instead of failing once per
+    checkpoint. Trust is checked first (:func:`~.rebuild.check_trusted`); a module that raises anything while it
+    is imported (a ``SyntaxError``, its own ``RuntimeError``) is reported as one line too."""
+    meta, where = run.meta, str(run.path)
+    try:
+        check_trusted(run, allow, settings.loss)
+        resolve_trusted("model", meta["model_factory"], allow, where)
+        loss = settings.loss or meta.get("loss")
+        if isinstance(loss, str) and ":" in loss and any(get_quantity(q).needs_loss for q in quantities):
+            resolve_trusted("loss", loss, [*allow, *([settings.loss] if settings.loss else [])], where)
+        info = meta.get("optimizer")
+        if isinstance(info, Mapping) and isinstance(info.get("class"), str) and \
+                any(get_quantity(q).needs_optimizer for q in quantities):
+            resolve_trusted("optimizer", info["class"], allow, where)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's module failed while it was imported
+        raise ValueError(f"{where}: importing what it names failed ({type(err).__name__}: {err}); nothing was "
+                         "measured: fix that module (or run where its dependencies are installed) and run again") from None
 
 
 def _stored_keys(path: Path, run_id: str | None, report: JobReport) -> set[tuple[int, str, str]]:
@@ -294,6 +339,7 @@ def _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep
     failed = []
     for fut in completed(list(futures)):
         path, step, todo = futures[fut]
+        failures_before = len(report.failures)
         try:
             rows = fut.result()
         except Exception as err:  # noqa: BLE001 - one failed checkpoint does not stop the job
@@ -314,8 +360,18 @@ def _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep
                 report.written += 1
                 report.not_applicable += "not_applicable" in json.loads(row["info"])
             report.computed += 1
-        bar.update(1)
+        _advance(bar, report, failed=len(report.failures) > failures_before)
     return failed
+
+
+def _advance(bar, report: JobReport, failed: bool) -> None:
+    """The bar counts the checkpoints that succeeded; a failed one is not counted but named in the postfix
+    (``3/6 [..., 3 failed]``), so a job whose work failed never ends on a full bar."""
+    if failed:
+        bar.set_postfix_str(f"{report.failed_checkpoints} failed", refresh=False)
+        bar.refresh()
+    else:
+        bar.update(1)
 
 
 def _store(writers: dict[str, SpectraFile], path: str, row: dict) -> None:

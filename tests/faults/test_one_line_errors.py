@@ -73,7 +73,8 @@ def test_an_optimizer_that_is_a_string_is_shown_not_a_traceback(tmp_path, capsys
     assert 'optimizer:   "SGD" (not an optimizer description' in out
     assert main(["spectrum", str(path), "--k", "1", "--quiet", "--what", "hessian,precond"]) == 1
     out = capsys.readouterr().out
-    assert out.count("FAILED") == 4 and "Traceback" not in out  # precond needs it; hessian is measured
+    # precond needs it; hessian is measured. One cause, said once for its 4 checkpoints (issue 22: grouped)
+    assert out.count("FAILED") == 1 and "(4 checkpoints)" in out and "Traceback" not in out
     assert "wrote 4 result(s)" in out
 
 
