@@ -32,7 +32,13 @@ For widths :math:`n_1 < \dots < n_W = N` at a step t (sizes, trajectories and wi
   3. ``"diverging-up"`` / ``"diverging-down"``: window median of trend >= ``trend_min`` /
      <= ``-trend_min``;
   4. ``"inconsistent"``: the spread is large and has no monotone direction in width;
-  ``"undetermined"`` when no step of the window has >= 2 finite values.
+  ``"undetermined"`` when no step of the window has >= 2 finite values (code ``"no-data"``).
+* with seeds (``seeds=``): the numbers above come from the seed-mean trajectories, and the spread and
+  alpha get jackknife t intervals over seeds (:mod:`sharpscope.analysis.uncertainty`; docs/science.md,
+  section 6). Rule 1 then needs the spread's interval at or below ``spread_max``, rules 2-4 need it above;
+  an interval that straddles makes the verdict ``"undetermined"`` (code ``"straddles"``, with the seeds the
+  interval suggests), as does alpha's interval straddling ``alpha_min`` where alpha decides. With one seed
+  the verdict is the point's (code ``"no-interval"``).
 """
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ def lr_transfer(losses: Mapping[Any, Mapping[float, float] | tuple[Sequence[floa
     shift_range = float(max(known_opt) - min(known_opt)) if len(known_opt) >= 2 else float("nan")
     cost, cost_rel, cnote = _cost(small, large)
     seeded = (_SeedEvidence.of(per_seed, level, large, cost_rel) if per_seed is not None
-              else _SeedEvidence.none(optima, level))
+              else _SeedEvidence.none(optima))
     div_note = ", ".join(f"{size_key(o.size)}: {o.n_diverged}/{o.lrs.size}" for o in optima if o.n_diverged)
     div_note = f"; diverged runs per size {div_note}" if div_note else ""
     bound = _range_bound([o.bracket_log2 for o in optima])
@@ -228,14 +228,14 @@ class _SeedEvidence:
     note: str
 
     @classmethod
-    def none(cls, optima: Sequence[LrOptimum], level: float) -> "_SeedEvidence":
+    def none(cls, optima: Sequence[LrOptimum]) -> "_SeedEvidence":
         return cls((), {o.size: 1 for o in optima}, 1, None, None, False, "")
 
     @classmethod
     def of(cls, per_seed: dict[float, dict[Any, tuple[np.ndarray, np.ndarray]]], level: float, large: LrOptimum,
            cost_rel: float) -> "_SeedEvidence":
         """The per-seed optima, the shift range's interval and the relative cost's interval (mapped from the
-        interval of the transferred lr's offset, :func:`cost_image`) over the seeds paired across sizes."""
+        interval of the transferred lr's offset, :func:`cost_interval`) over the seeds paired across sizes."""
         sizes = list(per_seed)
         seed_optima = tuple(lr_optimum_over_seeds(per_seed[s], size=s, level=level) for s in sizes)
         n_seeds = {s: len(per_seed[s]) for s in sizes}
@@ -253,22 +253,61 @@ class _SeedEvidence:
         hi = np.array([[b[1] for b in row] for row in brackets])  # type: ignore[index]
         rng = range_interval(lo, hi, level)
         # the transferred lr's offset from the largest size's optimum, per seed: smallest's minus largest's
-        offset = mean_interval(lo[0] - hi[-1], level, upper=hi[0] - lo[-1])
-        cost = None
-        if offset is not None and large.log2_lr_opt is not None and math.isfinite(cost_rel):
-            c_lo, c_hi = cost_image(large, offset)
-            cost = Interval(cost_rel, c_lo, c_hi, level, n, "mapped", float("nan"), float("nan"), (cost_rel, cost_rel),
-                            (offset,), 0.0)
+        large_seeds = [list(per_seed[sizes[-1]].values())[i] for i in index[-1]]
+        cost = cost_interval(large, large_seeds, (lo[0] - hi[-1], hi[0] - lo[-1]), cost_rel, level)
         return cls(seed_optima, n_seeds, n, rng, cost, censored, note)
 
 
-def cost_image(large: LrOptimum, offset: Interval) -> tuple[float, float]:
-    """The relative transfer cost over an interval of the transferred lr's offset from ``large``'s optimum (log2
-    lr): the least and greatest of ``(L(x* + d) - L*) / |L*|`` for d in ``[offset.low, offset.high]``, L the
-    largest size's seed-mean curve (interpolated as for the point cost, clipped at 0) -- a confidence interval
-    for the cost when ``offset`` is one for the offset and the curve is taken as known (its own noise is not
-    propagated). 0 is the least where the offset interval holds 0; the greatest is inf where it reaches past
-    the grid or next to a diverged run."""
+def cost_interval(large: LrOptimum, large_seeds: Sequence[tuple[np.ndarray, np.ndarray]],
+                  offsets: tuple[np.ndarray, np.ndarray], cost_rel: float, level: float) -> Interval | None:
+    """The relative cost's interval (method ``"mapped"``): the image (:func:`cost_bounds`) of a box of two
+    intervals, each at level ``1 - (1 - level) / 2`` (Bonferroni): the transferred lr's offset from the largest
+    size's optimum (Student t on the per-seed offsets, brackets for censored optima) and the largest size's
+    curvature around its optimum relative to the seed mean's (Student t on the per-seed divided differences;
+    left out, and the offset taken at ``level``, where a seed lacks a finite value there). None without a
+    finite point cost or an optimum."""
+    if large.log2_lr_opt is None or not math.isfinite(cost_rel):
+        return None
+    ratios = _curvature_ratios(large, large_seeds)
+    half = 1 - (1 - level) / 2 if ratios is not None else level
+    offset = mean_interval(offsets[0], half, upper=offsets[1])
+    if offset is None:
+        return None
+    parts = (offset,) + ((mean_interval(ratios, half),) if ratios is not None else ())
+    low, high = cost_bounds(large, *parts)  # type: ignore[arg-type]
+    return Interval(cost_rel, low, high, level, offset.n, "mapped", float("nan"), float("nan"), (cost_rel, cost_rel),
+                    parts, 0.0)  # type: ignore[arg-type]
+
+
+def _curvature_ratios(large: LrOptimum, seeds: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
+    """Each seed's second divided difference (in log2 lr) around the seed-mean curve's best point, over the mean
+    curve's; None where a seed lacks a finite loss there or the mean's is not positive."""
+    j = int(np.clip(np.searchsorted(large.lrs, large.best_lr), 1, large.lrs.size - 2)) if large.lrs.size >= 3 else -1
+    if j < 0:
+        return None
+    lrs = large.lrs[j - 1:j + 2]
+
+    def curvature(y: np.ndarray) -> float:
+        x = np.log2(lrs)
+        return float(((y[2] - y[1]) / (x[2] - x[1]) - (y[1] - y[0]) / (x[1] - x[0])) / (x[2] - x[0]))
+
+    mean = curvature(large.losses[j - 1:j + 2])
+    per_seed = []
+    for seed_lrs, seed_losses in seeds:
+        table = dict(zip(seed_lrs.tolist(), seed_losses.tolist()))
+        y = np.array([table.get(float(v), np.nan) for v in lrs])
+        if not np.all(np.isfinite(y)):
+            return None
+        per_seed.append(curvature(y) / mean if mean > 0 else np.nan)
+    return np.array(per_seed) if mean > 0 else None
+
+
+def cost_bounds(large: LrOptimum, offset: Interval, scale: Interval | None = None) -> tuple[float, float]:
+    """The relative transfer cost over a box: the least and greatest of ``(L(x* + d) - L*) / |L*|`` for d in
+    ``[offset.low, offset.high]``, L the largest size's seed-mean curve (interpolated as for the point cost,
+    clipped at 0), times the curvature ratio's interval ``scale`` (the cost near the optimum is proportional to
+    the curvature). 0 is the least where the offset interval holds 0; the greatest is inf where it reaches
+    past the grid or next to a diverged run."""
     x0, y0 = float(large.log2_lr_opt), float(large.loss_opt)  # type: ignore[arg-type]
     lx = np.log2(large.lrs)
     a, b = max(offset.low, lx[0] - x0), min(offset.high, lx[-1] - x0)
@@ -277,10 +316,11 @@ def cost_image(large: LrOptimum, offset: Interval) -> tuple[float, float]:
     inside = lx[(lx - x0 > a) & (lx - x0 < b)] - x0  # the interpolant's pieces meet at grid points
     deltas = np.concatenate([np.linspace(a, b, 17), inside, [0.0] if a <= 0 <= b else []])
     costs = np.array([max(interp_loss(large, x0 + d)[0] - y0, 0.0) for d in deltas])
-    scale = abs(y0) if y0 != 0 else 1.0
+    scale_lo, scale_hi = (max(scale.low, 0.0), scale.high) if scale is not None else (1.0, 1.0)
+    norm = abs(y0) if y0 != 0 else 1.0
     beyond = offset.low < lx[0] - x0 or offset.high > lx[-1] - x0 or not np.all(np.isfinite(costs))
-    low = 0.0 if a <= 0 <= b else float(np.nanmin(costs)) / scale
-    return low, math.inf if beyond else float(costs.max()) / scale
+    low = 0.0 if a <= 0 <= b else float(np.nanmin(costs)) / norm * scale_lo
+    return low, math.inf if beyond else float(costs.max()) / norm * scale_hi
 
 
 def _transfer_items(losses: Any, shift_max: float, cost_max: float) -> list[tuple[float, Any]]:
@@ -335,7 +375,7 @@ def _transfer_verdict(optima: Sequence[LrOptimum], shift_range: float, bound: tu
     if s_side == "straddles" and rng is not None:
         need["shift"] = seeds_needed(rng, shift_max)
     if c_side == "straddles" and civ is not None:
-        need["cost"] = seeds_needed(civ, cost_max, image=lambda p: cost_image(optima[-1], p))
+        need["cost"] = seeds_needed(civ, cost_max, image=lambda *parts: cost_bounds(optima[-1], *parts))
     suggested = None
     if "above" in (s_side, c_side):
         verdict = "shifts"

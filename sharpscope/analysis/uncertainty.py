@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -62,6 +63,7 @@ def check_level(level: float) -> float:
     return float(level)
 
 
+@lru_cache(maxsize=4096)
 def _t(level: float, df: int) -> float:
     """The two-sided Student t quantile at ``level`` with ``df`` degrees of freedom."""
     return float(stats.t.ppf(0.5 + level / 2, df))
@@ -227,27 +229,39 @@ def projected(interval: Interval, m: int) -> Interval:
 
 
 def seeds_needed(interval: Interval, threshold: float,
-                 image: Callable[[Interval], tuple[float, float]] | None = None) -> int | None:
+                 image: Callable[..., tuple[float, float]] | None = None) -> int | None:
     """How many seeds would take a straddling ``interval`` clear of ``threshold``, on the side where its
     centre lies, if the centre and the per-seed spread stayed as measured (:func:`projected`: a projection,
     not a promise); ``interval.n`` when it is clear already. None when the centre sits on the threshold or is
     unknown, when its censoring bracket straddles (a finer grid, not seeds, would decide), or when no
-    number up to 10 000 does. ``image``: for an interval mapped from another (its ``parts[0]``), the
-    function from that interval to this one's (low, high)."""
+    number up to 10 000 does. ``image``: for an interval mapped from others (its ``parts``), the function
+    from those (projected) to this one's (low, high)."""
     if side(interval, threshold) != "straddles":
         return interval.n
     if not math.isfinite(interval.estimate) or interval.estimate == threshold:
         return None
+    if interval.method != "bonferroni-t" and interval.bracket[0] <= threshold <= interval.bracket[1]:
+        return None
     below = interval.estimate < threshold
-    source = interval.parts[0] if image is not None else interval
-    m = interval.n + 1
-    while m <= _MAX_SEEDS:
-        p = projected(source, m)
-        low, high = image(p) if image is not None else (p.low, p.high)
-        if (below and high <= threshold) or (not below and low > threshold):
-            return m
-        m = m + 1 if m < 100 else int(m * 1.1)
-    return None
+
+    def clear(m: int) -> bool:
+        if image is not None:
+            low, high = image(*(projected(part, m) for part in interval.parts))
+        else:
+            p = projected(interval, m)
+            low, high = p.low, p.high
+        return (below and high <= threshold) or (not below and low > threshold)
+
+    # the projected interval shrinks as m grows: double until it clears, then bisect
+    lo, hi = interval.n, interval.n + 1
+    while not clear(hi):
+        if hi >= _MAX_SEEDS:
+            return None
+        lo, hi = hi, min(2 * hi, _MAX_SEEDS)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if clear(mid) else (mid, hi)
+    return hi
 
 
 def pair_seeds(seed_sets: Sequence[Sequence[Any]]) -> tuple[list[list[int]], str]:
