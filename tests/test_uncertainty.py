@@ -315,3 +315,17 @@ def test_long_table_of_seed_resolved_trajectories():
     assert [r["seed"] for r in rows] == [0, 0, 1, 1, 7, 7] and rows[-1]["width"] == 128
     with pytest.raises(ValueError, match="reuse"):
         to_long_table({64: (steps, [1.0, 2.0])}, "sharpness", seed=1)
+
+
+def test_evidence_gives_each_interval_as_a_pair_and_its_method():
+    spread = np.array([-0.1, 0.0, 0.1])
+    ev = lr_transfer(seeds=seeded({64: -4 + spread, 256: -4.1 + spread})).evidence
+    low, high = ev["shift_range_octaves_interval"]
+    assert low == pytest.approx(0.1) == high and ev["intervals"]["shift_range_octaves"]["method"] == "bonferroni-t"
+    assert ev["intervals"]["cost_relative"]["n"] == 3 and ev["interval"] == "90% bonferroni-t / mapped"
+    assert ev["lr_opt_interval"]["64"][0] < 2.0 ** -4 < ev["lr_opt_interval"]["64"][1]
+    steps = np.arange(0.0, 60.0, 10.0)
+    cev = super_consistency(seeds={w: (steps, np.array([np.full(steps.size, w * (1 + o)) for o in spread]))
+                                   for w in (64, 128, 256)}).evidence
+    assert len(cev["spread_summary_interval"]) == 2 and cev["intervals"]["spread_summary"]["method"] == "jackknife-t"
+    json.dumps(ev, allow_nan=False), json.dumps(cev, allow_nan=False)

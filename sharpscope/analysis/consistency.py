@@ -147,8 +147,9 @@ class ConsistencyResult:
 
     @property
     def evidence(self) -> dict[str, Any]:
-        """The numbers behind the verdict, JSON-friendly (intervals as {low, high, estimate, level, n, method};
-        ``interval`` is "no interval" where one seed gave a point verdict)."""
+        """The numbers behind the verdict, JSON-friendly: intervals as ``<key>_interval`` = [low, high], their
+        method, level, seeds and centre under ``intervals``; ``interval`` names the method, or is "no interval"
+        where one seed gave a point verdict."""
         a = self.alpha
         return {
             "verdict": self.verdict, "reason": self.reason, "code": self.code, "sizes": list(self.sizes),
@@ -165,8 +166,10 @@ class ConsistencyResult:
                            "limit_min": self.thresholds.limit_min, "trend_min": self.thresholds.trend_min},
             "n_seeds": {size_key(s): n for s, n in self.n_seeds.items()}, "seeds_paired": self.n_paired,
             "interval": self.interval_method,
-            "spread_interval": None if self.spread_interval is None else self.spread_interval.evidence(),
-            "alpha_interval": None if self.alpha_interval is None else self.alpha_interval.evidence(),
+            "spread_summary_interval": None if self.spread_interval is None else self.spread_interval.pair(),
+            "alpha_interval": None if self.alpha_interval is None else self.alpha_interval.pair(),
+            "intervals": {name: iv.evidence() for name, iv in (("spread_summary", self.spread_interval),
+                                                               ("alpha", self.alpha_interval)) if iv is not None},
             "seeds_suggested": self.seeds_suggested,
         }
 

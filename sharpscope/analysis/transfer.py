@@ -66,8 +66,9 @@ class TransferResult:
 
     @property
     def evidence(self) -> dict[str, Any]:
-        """The numbers behind the verdict, JSON-friendly (intervals as {low, high, estimate, level, n, method};
-        ``interval`` is "no interval" where one seed gave a point verdict)."""
+        """The numbers behind the verdict, JSON-friendly: intervals as ``<key>_interval`` = [low, high] ("inf" for an
+        open end), their method, level, seeds and centre under ``intervals``; ``interval`` names the method, or
+        is "no interval" where one seed gave a point verdict."""
         def lr_bracket(o: LrOptimum):
             b = o.bracket_log2
             return None if b is None else [_num(2.0 ** b[0]), _num(2.0 ** b[1])]
@@ -84,10 +85,12 @@ class TransferResult:
             "shift_max": self.shift_max, "cost_max": self.cost_max,
             "n_seeds": {size_key(s): n for s, n in self.n_seeds.items()}, "seeds_paired": self.n_paired,
             "interval": self.interval_method,
-            "lr_opt_interval": {size_key(so.size): so.interval.evidence(lambda x: 2.0 ** x)
+            "lr_opt_interval": {size_key(so.size): so.interval.pair(lambda x: 2.0 ** x)
                                 for so in self.seed_optima if so.interval is not None},
-            "shift_range_interval": None if self.shift_range_interval is None else self.shift_range_interval.evidence(),
-            "cost_relative_interval": None if self.cost_interval is None else self.cost_interval.evidence(),
+            "shift_range_octaves_interval": _pair(self.shift_range_interval),
+            "cost_relative_interval": _pair(self.cost_interval),
+            "intervals": {name: iv.evidence() for name, iv in (("shift_range_octaves", self.shift_range_interval),
+                                                               ("cost_relative", self.cost_interval)) if iv is not None},
             "seeds_suggested": self.seeds_suggested,
         }
 
@@ -107,6 +110,10 @@ class TransferResult:
                     for lr, loss in zip(o.lrs, o.losses)]
         return [{"size": size_key(o.size), "lr": float(lr), "loss": float(loss), "diverged": not math.isfinite(loss)}
                 for o in self.optima for lr, loss in zip(o.lrs, o.losses)]
+
+
+def _pair(interval: Interval | None) -> list | None:
+    return None if interval is None else interval.pair()
 
 
 def _num(x: float) -> float | str | None:

@@ -99,6 +99,11 @@ class Interval:
         """The t part of the half-width, ``quantile * se`` (the bracket's width comes on top)."""
         return self.quantile * self.se
 
+    def pair(self, transform: Callable[[float], float] | None = None) -> list:
+        """``[low, high]`` for JSON (through ``transform``; an infinite end as "inf" / "-inf")."""
+        ev = self.evidence(transform)
+        return [ev["low"], ev["high"]]
+
     def evidence(self, transform: Callable[[float], float] | None = None) -> dict[str, Any]:
         """JSON-friendly: low, high, estimate (through ``transform``, e.g. 2**x for an lr), level, n,
         method; an infinite end is the string "inf" / "-inf"."""
