@@ -323,7 +323,7 @@ def test_evidence_gives_each_interval_as_a_pair_and_its_method():
     low, high = ev["shift_range_octaves_interval"]
     assert low == pytest.approx(0.1) == high and ev["intervals"]["shift_range_octaves"]["method"] == "bonferroni-t"
     assert ev["intervals"]["cost_relative"]["n"] == 3 and ev["interval"] == "90% bonferroni-t / mapped"
-    assert ev["lr_opt_interval"]["64"][0] < 2.0 ** -4 < ev["lr_opt_interval"]["64"][1]
+    assert ev["lr_opt_interval"][64][0] < 2.0 ** -4 < ev["lr_opt_interval"][64][1]
     steps = np.arange(0.0, 60.0, 10.0)
     cev = super_consistency(seeds={w: (steps, np.array([np.full(steps.size, w * (1 + o)) for o in spread]))
                                    for w in (64, 128, 256)}).evidence
