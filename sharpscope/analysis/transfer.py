@@ -259,9 +259,12 @@ class _SeedEvidence:
         lo = np.array([[b[0] for b in row] for row in brackets])  # type: ignore[index]
         hi = np.array([[b[1] for b in row] for row in brackets])  # type: ignore[index]
         rng = range_interval(lo, hi, level)
-        # the transferred lr's offset from the largest size's optimum, per seed: smallest's minus largest's
+        # the transferred lr's offset from the largest size's optimum, per seed: smallest's minus largest's (the
+        # best grid points of bounded optima: the lrs a user transfers and the cost is measured at)
         large_seeds = [list(per_seed[sizes[-1]].values())[i] for i in index[-1]]
-        cost = cost_interval(large, large_seeds, (lo[0] - hi[-1], hi[0] - lo[-1]), cost_rel, level)
+        offsets = np.array([seed_optima[0].optima[i].log2_lr_opt - seed_optima[-1].optima[j].log2_lr_opt
+                            for i, j in zip(index[0], index[-1])])
+        cost = cost_interval(large, large_seeds, (offsets, offsets), cost_rel, level)
         return cls(seed_optima, n_seeds, n, rng, cost, censored, note)
 
 
@@ -269,7 +272,8 @@ def cost_interval(large: LrOptimum, large_seeds: Sequence[tuple[np.ndarray, np.n
                   offsets: tuple[np.ndarray, np.ndarray], cost_rel: float, level: float) -> Interval | None:
     """The relative cost's interval (method ``"mapped"``): the image (:func:`cost_bounds`) of a box of two
     intervals, each at level ``1 - (1 - level) / 2`` (Bonferroni): the transferred lr's offset from the largest
-    size's optimum (Student t on the per-seed offsets, brackets for censored optima) and the largest size's
+    size's optimum (Student t on the per-seed offsets; a bounded optimum at its best grid point, as for the point
+    cost) and the largest size's
     curvature around its optimum relative to the seed mean's (Student t on the per-seed divided differences;
     left out, and the offset taken at ``level``, where a seed lacks a finite value there). None without a
     finite point cost or an optimum."""
