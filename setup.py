@@ -36,10 +36,11 @@ setup(
         # its backpack-for-pytorch pulls torchvision, which replaces the pinned torch; these are the
         # dependencies it imports
         # ruff: the linter .ci/run runs (configuration in pyproject.toml); the [docs] packages: .ci/run and
-        # tests/test_docs.py build the docs site with mkdocs build --strict
+        # tests/test_docs.py build the docs site with mkdocs build --strict; playwright drives the system's
+        # Chromium for tests/test_render.py (executable_path: it downloads no browser)
         "test": ["pytest>=7", "pytest-xdist>=3", "dask[distributed]>=2024.1", "lightning>=2.0",
                  "transformers>=4.40", "accelerate>=1.1", "einops>=0.6", "einconv>=0.1", "linear_operator>=0.5",
-                 "ruff>=0.6", *DOCS],
+                 "ruff>=0.6", "playwright>=1.40", *DOCS],
         "docs": DOCS,
         "dask": ["dask[distributed]"],
         "dask-cuda": ["dask[distributed]", "dask-cuda"],

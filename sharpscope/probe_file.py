@@ -48,6 +48,9 @@ A probe file::
     k = 1
     executor = "local"                         # for training and spectra: local, process:N, dask-local:N, dask://HOST:PORT
 
+    [expect]                                   # optional: verdicts the report checks (analysis/expectations.py)
+    mup = "consistent"                         # or a list (any of), or [expect.mup] precond = ..., transfer = ...
+
 **Axes.** Widths, depths, lrs, parameterizations, optimizers and seeds are varied by their own
 lists. ``[sweep.axes]`` varies any other setting; a name resolves, in this order, to a run setting
 (``steps``, ``batch_size``), a keyword of :func:`sharpscope.parametrize` (``lr_scaling``,
@@ -78,6 +81,7 @@ from typing import Any, Callable
 import tomllib
 import torch
 
+from .analysis.expectations import parse_expectations
 from .data import DATASETS
 from .param import OPTIMIZERS, PARAMETERIZATIONS, ParametrizeOptions
 
@@ -143,6 +147,7 @@ class Probe:
     axes: tuple[Axis, ...] = ()
     compare: str = "width"
     device: str = "cpu"
+    expect: tuple = ()  # the [expect] table as sharpscope.analysis.expectations.Expectation s
     file: str = ""
     sha256: str = ""
 
@@ -256,9 +261,9 @@ def load_probe(path: str | Path) -> Probe:
     r = _Reader(path)
     meta, model, train = r.table(raw, "probe"), r.table(raw, "model"), r.table(raw, "train")
     capture, measure, sweep = r.table(raw, "capture"), r.table(raw, "measure"), r.table(raw, "sweep")
-    unknown = sorted(set(raw) - {"probe", "model", "train", "capture", "measure", "sweep"})
+    unknown = sorted(set(raw) - {"probe", "model", "train", "capture", "measure", "sweep", "expect"})
     if unknown:
-        r.fail(f"unknown table(s) {unknown}: the tables are [probe], [model], [train], [sweep], [capture], [measure]")
+        r.fail(f"unknown table(s) {unknown}: the tables are [probe], [model], [train], [sweep], [capture], [measure], [expect]")
     pos_int = lambda minimum: lambda v, what: r.integer(v, what, minimum)  # noqa: E731
     lower = lambda v, what: r.text(v, what).lower()  # noqa: E731
     base_width, base_depth = r.get(model, "base_width", "model"), r.get(model, "base_depth", "model")
@@ -295,7 +300,9 @@ def load_probe(path: str | Path) -> Probe:
     )
     axes = _axes(r, probe, r.mapping(sweep.get("axes", {}), "[sweep] axes"))
     compare = _compare(r, probe, axes, sweep)
-    probe = _replace(probe, axes=axes, compare=compare)
+    expect = parse_expectations(raw.get("expect", {}), parameterizations=probe.parameterizations,
+                                quantities=probe.quantities, where=str(path))  # [expect]: one line per problem
+    probe = _replace(probe, axes=axes, compare=compare, expect=expect)
     _check_budget(r, probe)
     _validate(r, probe)
     return probe

@@ -247,7 +247,7 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
 
     page = write_report(runs, out, title=f"sharpscope: {probe.name}", compare=probe.compare,
                         settings={"probe": str(probe_path), "description": probe.description,
-                                  "expected": probe.expected, "source": probe.source})
+                                  "expected": probe.expected, "source": probe.source}, expect=probe.expect)
     return SweepResult(probe, runs, len(todo), report, page, notes)
 
 
