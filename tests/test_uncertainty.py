@@ -329,3 +329,12 @@ def test_evidence_gives_each_interval_as_a_pair_and_its_method():
                                    for w in (64, 128, 256)}).evidence
     assert len(cev["spread_summary_interval"]) == 2 and cev["intervals"]["spread_summary"]["method"] == "jackknife-t"
     json.dumps(ev, allow_nan=False), json.dumps(cev, allow_nan=False)
+
+
+def test_a_transferred_lr_that_diverges_decides_shifts_with_its_own_code():
+    lrs = 2.0 ** GRID
+    small = {s: {float(lr): 0.1 * (x + 3) ** 2 + 1 for lr, x in zip(lrs, GRID)} for s in range(3)}
+    large = {s: {float(lr): (0.1 * (x + 4) ** 2 + 1 if x < -3 + (s == 0) else float("nan")) for lr, x in zip(lrs, GRID)}
+             for s in range(3)}  # seeds 1 and 2 diverge at log2 lr -3, the smallest size's optimum
+    r = lr_transfer(seeds={64: small, 256: large})
+    assert r.verdict == "shifts" and r.code == "transfer-diverges" and math.isinf(r.cost), r.reason

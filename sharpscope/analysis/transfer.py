@@ -391,7 +391,7 @@ def _transfer_verdict(optima: Sequence[LrOptimum], shift_range: float, bound: tu
     if "above" in (s_side, c_side):
         verdict = "shifts"
         code = "interval" if (rng is not None and s_side == "above") or (civ is not None and c_side == "above") \
-            else "no-interval"
+            else "transfer-diverges" if math.isinf(cost_rel) and seeded.n_paired >= 2 else "no-interval"
     elif s_side == c_side == "below":
         verdict, code = "transfers", "interval" if rng is not None and civ is not None else "no-interval"
     else:

@@ -48,6 +48,8 @@ CODES = {
     "grid-end": "an optimum at an end of the lr grid is a one-sided bound that does not decide: extend the grid",
     "all-diverged": "every run of a size diverged: no optimum",
     "cost-outside-grid": "the transferred lr falls outside the largest size's grid: no cost to compare",
+    "transfer-diverges": "the smallest size's optimal lr diverges on the largest size (in at least one seed): an "
+                         "infinite cost, no interval needed",
     "no-data": "no step of the window has >= 2 finite values",
     "not-analysed": "the check cannot apply to these runs (too few sizes or lrs, runs that cannot be compared)",
 }
