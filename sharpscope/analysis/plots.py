@@ -322,6 +322,9 @@ def lr_sweep(losses: Mapping[float, Mapping[float, float]], *, optima: Mapping[f
         if optima is not None and w in optima:
             ax.axvline(optima[w], color=styles.colors[w], ls=":", lw=1.2)
     ax.set_xscale("log", base=2)
+    finite = np.array([v for curve in losses.values() for v in curve.values() if np.isfinite(v) and v > 0])
+    if finite.size and spans_decades(finite):  # losses near the optimum and far from it both readable
+        ax.set_yscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
     _title(ax, title or f"loss vs learning rate per {size_label} (x: diverged)", False)
