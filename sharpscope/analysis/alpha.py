@@ -98,10 +98,9 @@ def fit_alpha(sizes: Sequence[float], distances: Sequence[float], widest: float,
 
     ``distances`` are relative distances to the widest (> 0, finite); ``signed`` (optional) the
     signed relative differences, used for the sign and the limit ratio; ``widest_value`` the
-    widest's value (its sign enters the limit ratio). Needs >= 2 sizes below the widest. The fit profiles
-    log C out (exact for each alpha), searches alpha on a grid and a bounded scalar minimisation, and then
-    (``polish``) refines both jointly by least squares; without the polish alpha moves by < 1e-6 (the
-    leave-one-seed-out fits of an interval skip it: it is most of the cost).
+    widest's value (its sign enters the limit ratio). Needs >= 2 sizes below the widest. ``polish``: refine
+    (log C, alpha) jointly by least squares after the profiled search (it moves alpha by < 1e-6 and is
+    most of the cost: the leave-one-seed-out fits of an interval skip it).
     """
     n, d = _alpha_input(sizes, distances, widest)
     y = np.log(d)

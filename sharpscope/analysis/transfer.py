@@ -154,15 +154,7 @@ def lr_transfer(losses: Mapping[Any, Mapping[float, float] | tuple[Sequence[floa
     Needs >= 2 sizes.
     """
     level = check_level(level)
-    per_seed = None
-    if seeds is not None:
-        if losses is not None:
-            raise ValueError("give the seed-mean curves (losses) or the per-seed curves (seeds=), not both")
-        per_seed = {s: seed_curves(s, v) for s, v in _transfer_items(seeds, shift_max, cost_max)}
-        losses = {s: seed_mean(list(c.values()), on="union") for s, c in per_seed.items()}
-    elif losses is None:
-        raise ValueError("need the loss curves: lr_transfer(losses) or lr_transfer(seeds=per_seed_curves)")
-    items = _transfer_items(losses, shift_max, cost_max)
+    items, per_seed = _inputs(losses, seeds, shift_max, cost_max)
     optima = tuple(lr_optimum(curve, size=s) for s, curve in items)
     ndiv = {o.size: o.n_diverged for o in optima}
     dead = [size_key(o.size) for o in optima if o.method == "all-diverged"]
@@ -197,6 +189,19 @@ def lr_transfer(losses: Mapping[Any, Mapping[float, float] | tuple[Sequence[floa
                           n_paired=seeded.n_paired, shift_range_interval=seeded.range,
                           cost_interval=seeded.cost, level=level, seeds_suggested=suggested,
                           interval_note=seeded.note)
+
+
+def _inputs(losses: Any, seeds: Any, shift_max: float, cost_max: float
+            ) -> tuple[list[tuple[float, Any]], dict[float, dict[Any, tuple[np.ndarray, np.ndarray]]] | None]:
+    """:func:`lr_transfer`'s (size, seed-mean curve) items, sorted, and the checked per-seed curves (or None)."""
+    if seeds is None:
+        if losses is None:
+            raise ValueError("need the loss curves: lr_transfer(losses) or lr_transfer(seeds=per_seed_curves)")
+        return _transfer_items(losses, shift_max, cost_max), None
+    if losses is not None:
+        raise ValueError("give the seed-mean curves (losses) or the per-seed curves (seeds=), not both")
+    per_seed = {s: seed_curves(s, v) for s, v in _transfer_items(seeds, shift_max, cost_max)}
+    return [(s, seed_mean(list(c.values()), on="union")) for s, c in per_seed.items()], per_seed
 
 
 def _cost(small: LrOptimum, large: LrOptimum) -> tuple[float, float, str]:
