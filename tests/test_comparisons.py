@@ -147,3 +147,18 @@ def test_seeds_give_the_verdicts_intervals_and_the_page_shows_them(tmp_path):
     items = findings(single)
     assert all(row[4] == "no interval (1 seed)" for row in verdict_rows(items, interval=True))
     assert "'no interval (1 seed)'" in method_note(items)
+
+
+def test_sizes_that_share_only_the_initial_checkpoint_are_not_analysed():
+    """A fixed sample budget across batch sizes (issue 25): the horizons differ, the runs share step 0 only; a
+    super-consistency verdict there would compare untrained models."""
+    from sharpscope.analysis.comparisons import RunSummary, analyze
+
+    def run(batch, steps):
+        s = RunSummary(f"b{batch}.h5", "mup", "adamw", 0.01, 128, 0.5, initial_loss=2.0, axes={"batch_size": batch})
+        s.trajectories["hessian"] = ([0, steps], [3.0, 1.0 + batch / 100])
+        return s
+
+    metrics = analyze([run(32, 1200), run(128, 300), run(512, 75)], compare="batch_size")
+    entry = metrics["groups"][0]["quantities"]["hessian"]
+    assert entry["code"] == "not-analysed" and "initial" in entry["not_analysed"], entry

@@ -304,6 +304,12 @@ def _compare(c: Comparison, problems: list[str], shown: set[str]) -> ComparedGro
                                       "not_analysed": f"{_count(len(traj), c.axis)} measured (needs >= 2)",
                                       "code": "not-analysed"}
             continue
+        shared = set.intersection(*(set(steps) for steps, _ in traj.values()))
+        if c.axis != "steps" and shared and max(shared) <= 0:  # only the initial checkpoint: nothing trained
+            why = f"the {plural(c.axis)} share only the initial checkpoint (their training horizons differ)"
+            entry["quantities"][q] = {"verdict": "undetermined", "reason": why, "code": "not-analysed",
+                                      "not_analysed": "only the initial step in common"}
+            continue
         try:
             res = super_consistency(seeds=per_seed, **_fraction_axis(c.axis))
         except ValueError as err:
