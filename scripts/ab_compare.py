@@ -6,7 +6,7 @@ processes, alternating base and current (ABAB..., so that slow drifts of a share
 alike), with ``PYTHONPATH`` pointing at the tree under test (the command's ``import sharpscope``
 then loads that tree's package, whatever the venv's editable install says). The command's last
 line of output must be a JSON object of numbers; the script prints the median of each key for both
-trees and the ratio current / base.
+trees, the ratio current / base and the spread of the per-repeat ratios (run i of current over run i of base).
 
     .venv/bin/python scripts/ab_compare.py --base HEAD~1 --repeats 5 -- \\
         .venv/bin/python scripts/bench_capture.py --repeats 1 --json
@@ -67,12 +67,14 @@ def main() -> None:
           f"{args.repeats} alternating runs each, medians; command: {' '.join(command)}")
     keys = [k for k in results["current"][0] if all(k in r for r in results["base"])]
     width = max(len(k) for k in keys)
-    print(f"{'metric':<{width}}  {'base':>12}  {'current':>12}  {'current/base':>12}")
+    print(f"{'metric':<{width}}  {'base':>12}  {'current':>12}  {'current/base':>12}  {'paired ratios: median [min, max]':>34}")
     for k in keys:
         b = statistics.median(r[k] for r in results["base"])
         c = statistics.median(r[k] for r in results["current"])
         ratio = c / b if b else float("nan")
-        print(f"{k:<{width}}  {b:>12.5g}  {c:>12.5g}  {ratio:>12.4f}")
+        pairs = [rc[k] / rb[k] for rb, rc in zip(results["base"], results["current"]) if rb[k]]
+        spread = f"{statistics.median(pairs):.4f} [{min(pairs):.4f}, {max(pairs):.4f}]" if pairs else "-"
+        print(f"{k:<{width}}  {b:>12.5g}  {c:>12.5g}  {ratio:>12.4f}  {spread:>34}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ How HVPs are counted (each exact: one count = one Hessian-vector product):
   driven by scipy ``eigsh`` on ``op.to_scipy(float32)`` with the same settings and start vector as
   the ``scipy-eigsh`` row (a peer: its own operator, not sharpscope's).
 
-A/B against another revision (``--ab REV``): the sharpscope tools run also from ``git archive REV``
+A/B against another revision (``--ab REV``): the sharpscope tools (and the scipy rows on its operator) run
+also from ``git archive REV``
 (extracted into bench-output/ab-REV/), each in its own process like every tool, interleaved round-robin
 with the working tree's, so that the machine's drifts hit both alike; the run ends with the ratios
 (HVPs, time, engine overhead; working tree over REV). Workers import sharpscope from this checkout (or
@@ -278,11 +279,15 @@ def tool_curvlinops(model, loss_fn, data, tol: float) -> ToolOutput:
                       info={"construction_hvps": checked})
 
 
-def tool_scipy_eigsh(model, loss_fn, data, tol: float) -> ToolOutput:
-    """scipy ``eigsh(which="LA")`` (ARPACK) on sharpscope's operator via ``H.to_scipy()``.
+def tool_scipy_eigsh(model, loss_fn, data, tol: float, pinned: bool = False) -> ToolOutput:
+    """scipy ``eigsh(which="LA")`` (ARPACK) on sharpscope's operator via ``H.to_scipy()``; ``pinned``: inside
+    ``with H.pinned():``, one solve whose products share the cached graph (without it each product of
+    ``to_scipy()`` is a solve of its own and rebuilds it).
 
     The LinearOperator has the model's dtype, so for a float32 model ARPACK runs in single precision.
     """
+    from contextlib import nullcontext
+
     from scipy.sparse.linalg import eigsh
 
     import sharpscope as ss
@@ -290,7 +295,8 @@ def tool_scipy_eigsh(model, loss_fn, data, tol: float) -> ToolOutput:
     H = ss.hessian_operator(model, loss_fn, data)
     count = _count_operator_products(H)
     v0 = np.random.default_rng(0).standard_normal(H.shape[0]).astype(np.float32)
-    vals = eigsh(H.to_scipy(), k=K, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+    with H.pinned() if pinned else nullcontext():
+        vals = eigsh(H.to_scipy(), k=K, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
     return ToolOutput(eigenvalues=sorted(vals.astype(np.float64).tolist(), reverse=True), hvps=count.calls,
                       hvp_kind=f"sharpscope-{H.hvp_mode}", hvp_seconds=count.seconds,
                       info={"hvp_mode": H.hvp_mode, "count_mismatch": count.calls != H.num_matvecs,
@@ -315,6 +321,8 @@ TOOLS = [
     Tool("eigenthings-LA-50", "lanczos(op, k=5, which='LA', max_iter=50)", tool_eigenthings,
          {"which": "LA", "max_iter": 50}),
     Tool("scipy-eigsh-tol1e-4", "eigsh(H.to_scipy(), LA, tol=1e-4)", tool_scipy_eigsh, {"tol": 1e-4}),
+    Tool("scipy-eigsh-pinned-tol1e-4", "with H.pinned(): eigsh(H.to_scipy(), LA, tol=1e-4)", tool_scipy_eigsh,
+         {"tol": 1e-4, "pinned": True}),
     Tool("curvlinops-eigsh-tol1e-4", "eigsh(HessianLinearOperator(...).to_scipy(), LA, tol=1e-4)", tool_curvlinops,
          {"tol": 1e-4}),
 ]
@@ -426,7 +434,8 @@ def worker_calibrate(path: Path, samples: int) -> dict:
         v = torch.cat([t.reshape(-1) for t in v_split])
         for mode in ("reverse", "forward", "cached"):
             H = ss.hessian_operator(model, loss_fn, data, hvp_mode=mode)
-            timed(f"sharpscope-{mode}", lambda H=H: H.matvec(v))  # the warm-up call builds the cache
+            with H.pinned():  # one solve: the warm-up call builds the cache, which serves the block
+                timed(f"sharpscope-{mode}", lambda H=H: H.matvec(v))
             if H.hvp_mode != mode:
                 out[f"sharpscope-{mode}-fell-back-to"] = H.hvp_mode
             H = None
@@ -662,6 +671,20 @@ def ab_lines(rows: list[Row]) -> list[str]:
     return out
 
 
+def ab_paired(runs: dict[str, list[dict]]) -> list[str]:
+    """The spread of the A/B: per repeat round, the working tree's warm time over REV's (run i against run i)."""
+    out = []
+    for name, base in runs.items():
+        if "@" not in name or name.split("@")[0] not in runs:
+            continue
+        pairs = [c["seconds"] / b["seconds"] for b, c in zip(base, runs[name.split("@")[0]])
+                 if "error" not in b and "error" not in c and b["seconds"]]
+        if pairs:
+            out.append(f"A/B {name.split('@')[0]} paired warm-time ratios over {len(pairs)} rounds: median "
+                       f"{statistics.median(pairs):.3f} [{min(pairs):.3f}, {max(pairs):.3f}]")
+    return out
+
+
 LEGEND = [
     "time: wall seconds of object construction + eigensolve, warm: the second of two identical runs in",
     "  one fresh process per tool (median over repeats); cold s: the first run, paying one-time set-up",
@@ -744,7 +767,7 @@ def main() -> None:
     if args.ab:
         base = extract_revision(args.ab)
         rev = base.name.removeprefix("ab-")
-        for t in [t for t in tools if tool_of(t).run is tool_sharpscope]:
+        for t in [t for t in tools if tool_of(t).run in (tool_sharpscope, tool_scipy_eigsh)]:
             sources[f"{t}@{rev}"] = ["--src", str(base)]
         tools = list(sources)
 
@@ -775,7 +798,7 @@ def main() -> None:
         spec = problem["spec"]
         title = (f"problem {name}{' (quick)' if args.quick else ''}: {spec}, {problem['num_params']:,} parameters, "
                  f"top-{K} eigenvalues (LA), median of {args.repeats} run(s)")
-        extra = details(rows, calib, ref) + ab_lines(rows)
+        extra = details(rows, calib, ref) + ab_lines(rows) + ab_paired(runs)
         print(title + "\n" + text_table(rows) + "\n" + "\n".join(extra + LEGEND) + "\n", flush=True)
         sections.append(f"### {title}\n\n{markdown_table(rows)}\n\n" + "\n".join(f"- {ln}" for ln in extra if
                                                                                not ln.startswith("  "))

@@ -43,15 +43,16 @@ def per_product(op, n: int) -> float:
     v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(op.dtype)
     v = v.to(op.device)
     times = []
-    for i in range(n + 2):
-        if op.device.type == "cuda":
-            torch.cuda.synchronize(op.device)
-        start = time.perf_counter()
-        op.matvec(v)
-        if op.device.type == "cuda":
-            torch.cuda.synchronize(op.device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
+    with op.pinned():  # one solve: products of the operator's mode, set up once (a cached graph)
+        for i in range(n + 2):
+            if op.device.type == "cuda":
+                torch.cuda.synchronize(op.device)
+            start = time.perf_counter()
+            op.matvec(v)
+            if op.device.type == "cuda":
+                torch.cuda.synchronize(op.device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 

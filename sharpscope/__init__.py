@@ -21,6 +21,7 @@ from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
 from .estimators import SpectralDensity, TraceEstimate, hutchinson_trace, hutchpp_trace, spectral_density
 from .lanczos import LanczosResult, lanczos
 from .linop import (
+                         DerivativeCheckError,
                          NotSymmetricError,
                          StaleOperatorError,
                          StochasticForwardError,
@@ -59,6 +60,7 @@ __all__ = [
     "lanczos", "LanczosResult",
     "hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
     "check_symmetry", "SymmetryCheck", "NotSymmetricError", "StochasticForwardError", "StaleOperatorError",
+    "DerivativeCheckError",
     "dense_hessian", "dense_ggn", "dense_jacobian", "ntk_gram",
     "Recorder", "every_schedule", "log_schedule", "lightning_callback", "huggingface_callback",
     "parametrize", "parametrize_from_record", "infer_roles", "lr_exponent", "Parameterization", "Exponents",

@@ -23,12 +23,19 @@ Failures. Every collective here agrees on success first: a product's ``all_reduc
 entry, a failure flag (an exception on that rank, or a NaN/inf product); when the reduced flag is set,
 the ranks exchange their one-line messages (``all_gather_object``) and every rank raises the first failing
 rank's message, as the same exception class where it is a builtin or a sharpscope error, else
-:class:`DistributedError`. Construction agrees the same way on the parameter names, shapes and dtypes
-(ranks whose models differ are refused), on the sample counts and on errors. A rank that stops calling
+:class:`DistributedError`. Construction agrees the same way on the parameter names, shapes and dtypes,
+on the parameters' values and the loss (below), on the sample counts and on errors. A rank that stops calling
 (an error outside sharpscope's calls, a rank that never reaches the solve) is caught by the process
 group's timeout (``init_process_group(timeout=...)``; torch's default is 30 minutes for gloo, 10 for
 NCCL), turned into a :class:`DistributedError`. With NCCL, torch's watchdog may instead abort the process
 on a timeout (``TORCH_NCCL_ASYNC_ERROR_HANDLING``).
+
+Same model, same loss. Shapes are not enough: two ranks with the same shapes and different weights would
+give an eigenvalue of neither model. At construction and at the start of every solve the ranks compare the
+parameters' dot products with two seeded random vectors (:func:`model_values`; a sum or a norm would miss two
+entries swapped) and a description of the loss, its reduction included (:func:`loss_description`); a
+difference is one ``ValueError`` on every rank, naming the first differing rank. Cost: two passes over the
+parameters and one ``all_gather_object`` per solve.
 
 Backends: gloo (CPU tensors; tested with 2 processes) and NCCL (CUDA tensors; the same code, moved to
 the current CUDA device: call ``torch.cuda.set_device(local_rank)`` first; not tested on GPU).
@@ -39,15 +46,17 @@ itself, whose parameters DDP keeps identical on every rank. Models sharded with 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .linop import NotSymmetricError, StaleOperatorError, StochasticForwardError
 
-__all__ = ["DistributedError", "RankGroup", "resolve_group", "unwrap_model", "is_fsdp_model", "one_line"]
+__all__ = ["DistributedError", "RankGroup", "resolve_group", "unwrap_model", "is_fsdp_model", "one_line",
+           "model_values", "loss_description"]
 
 
 class DistributedError(RuntimeError):
@@ -58,6 +67,9 @@ class DistributedError(RuntimeError):
 _SAME_CLASS = {cls.__name__: cls for cls in (ValueError, TypeError, RuntimeError, FloatingPointError,
                                               NotImplementedError, IndexError, NotSymmetricError,
                                               StochasticForwardError, StaleOperatorError, DistributedError)}
+
+
+_SAME_MODEL = "every rank needs the same model; DDP keeps it so, or broadcast rank 0's parameters"
 
 
 def one_line(err: BaseException) -> str:
@@ -246,11 +258,12 @@ class RankGroup:
         return buf.to(t.device)
 
     # -- construction ------------------------------------------------------------------------------
-    def agree_on_operator(self, build: Callable[[], tuple[Any, list, float]], what: str) -> tuple[Any, float]:
-        """Run ``build() -> (operator, signature, local sample count)`` on every rank and agree: an error on
-        any rank, ranks whose signatures (parameter names, shapes, dtypes) differ from rank 0's, or a rank
-        without samples make every rank raise the same one-line error. Returns ``(operator, N)``, ``N``
-        the total sample count."""
+    def agree_on_operator(self, build: Callable[[], tuple[Any, tuple, float]], what: str) -> tuple[Any, float]:
+        """Run ``build() -> (operator, (signature, values, loss), local sample count)`` on every rank and agree:
+        an error on any rank, ranks whose signatures (parameter names, shapes, dtypes), parameter values
+        (:func:`model_values`; None: not compared) or loss descriptions differ from rank 0's, or a rank without
+        samples make every rank raise the same one-line error. Returns ``(operator, N)``, ``N`` the total
+        sample count."""
         op, signature, count, error = None, None, None, None
         try:
             op, signature, count = build()
@@ -261,15 +274,27 @@ class RankGroup:
         infos = self.gather(None if error is not None else (signature, count))
         if any(i is None for i in infos):
             self._raise_first(None if error is None else (type(error).__name__, one_line(error)), error)
-        mismatch = _first_mismatch([i[0] for i in infos])
+        mismatch = _first_mismatch([i[0][0] for i in infos])
         if mismatch is not None:
             raise ValueError(f"{what}: the ranks hold different models ({mismatch}): every rank needs the same "
                              "model (DDP keeps it so)")
+        _check_same_values(what, [(i[0][1], i[0][2]) for i in infos], self.size)
         empty = [r for r, i in enumerate(infos) if i[1] == 0]
         if empty:
             raise ValueError(f"{what}: rank {empty[0]}/{self.size} holds no data: every rank needs a non-empty "
                              "shard (give each rank at least one sample, or use a group without that rank)")
         return op, sum(i[1] for i in infos)
+
+    def agree_on_values(self, what: str, values: tuple[float, ...] | None, loss: str, skip: bool = False, *,
+                        subject: str = "parameter values", fix: str = _SAME_MODEL) -> None:
+        """Every rank raises the same one-line ``ValueError`` when a rank's values (:func:`model_values` of the
+        parameters, or of what ``subject`` names) or loss description differ from rank 0's (at the start of
+        each solve). ``skip``: this rank holds an error that the next product reports to every rank; no
+        comparison then (the collective still runs on every rank)."""
+        infos = self.gather(None if skip else (values, loss))
+        if any(i is None for i in infos):
+            return
+        _check_same_values(what, infos, self.size, subject, fix)
 
 
 def _first_mismatch(signatures: list[list]) -> str | None:
@@ -285,6 +310,88 @@ def _first_mismatch(signatures: list[list]) -> str | None:
                 return (f"rank 0's parameter {a[0]} has shape {tuple(a[1])} {a[2]}, rank {rank}'s parameter {b[0]} "
                         f"has shape {tuple(b[1])} {b[2]}")
     return None
+
+
+def _check_same_values(what: str, infos: list[tuple[Any, str]], size: int, subject: str = "parameter values",
+                       fix: str = _SAME_MODEL) -> None:
+    """Refuse ranks whose ``(model_values, loss_description)`` differ from rank 0's (values compared to
+    1e-12 of their scale: the same parameters give the same bits on the same hardware)."""
+    ref_values, ref_loss = infos[0]
+    for rank, (values, loss) in enumerate(infos[1:], start=1):
+        if values is not None and ref_values is not None:
+            dots, scale = values[:2], max(values[2], ref_values[2])
+            if any(abs(a - b) > 1e-12 * scale for a, b in zip(dots, ref_values[:2])):
+                raise ValueError(f"{what}: rank {rank}/{size}'s {subject} differ from rank 0's (their dot products with "
+                                 f"two seeded random vectors: {dots[0]:.17g}, {dots[1]:.17g} vs {ref_values[0]:.17g}, "
+                                 f"{ref_values[1]:.17g}): {fix}")
+        if loss != ref_loss:
+            raise ValueError(f"{what}: rank {rank}/{size}'s loss is {loss}, rank 0's is {ref_loss}: every rank needs "
+                             "the same loss, its reduction included")
+
+
+def model_values(names: Sequence[str], params: Sequence[torch.Tensor], seed: int = 0) -> tuple[float, float, float]:
+    r"""``(<theta, r_1>, <theta, r_2>, scale)``: the flat parameters' dot products with two random vectors
+    drawn by generators seeded ``seed`` and ``seed + 1`` on the parameters' device (the same numbers on every
+    rank of one device type), accumulated in float64, and ``scale`` = :math:`\sum_i |\theta_i| (|r_{1,i}| +
+    |r_{2,i}|)` to judge a difference by. Two entries swapped change the dot products unless the vectors'
+    entries there happen to be equal; a sum or a norm would not see it. One pass per vector, drawn parameter
+    by parameter (memory: the largest parameter)."""
+    if not params:
+        return (0.0, 0.0, 0.0)
+    device = params[0].device
+    gens = [_generator(device, seed + i) for i in range(2)]
+    dots = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(2)]
+    scale = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        t = p.detach().reshape(-1).to(torch.float64)
+        for i, gen in enumerate(gens):
+            r = torch.randn(t.numel(), generator=gen, dtype=torch.float32, device=device).to(torch.float64)
+            prod = t * r
+            dots[i] += prod.sum()
+            scale += prod.abs().sum()
+    out = torch.stack([*dots, scale]).cpu().tolist()
+    return (out[0], out[1], out[2])
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:  # pragma: no cover - a device type without its own generator
+        return torch.Generator().manual_seed(seed)
+
+
+def loss_description(loss_fn: Any) -> str:
+    """What must agree between ranks about the loss, in words: its class or function, its reduction, its
+    public settings (``ignore_index``, ``label_smoothing``, ...) and its tensors (a class ``weight``: shape,
+    dtype and :func:`model_values`); for a loss closure (``ss.batch_loss``) its name and functions."""
+    from .closures import BatchLoss
+
+    if isinstance(loss_fn, BatchLoss):
+        parts = [f"{k}={_callable_name(f)}" for k, f in (("fn", loss_fn.fn), ("outputs", loss_fn.outputs),
+                 ("loss_of_outputs", loss_fn.loss_of_outputs), ("weight", loss_fn.weight)) if f is not None]
+        return f"batch_loss({', '.join(([f'name={loss_fn.name!r}'] if loss_fn.name else []) + parts)})"
+    settings = [f"reduction={getattr(loss_fn, 'reduction', 'mean')!r}"]
+    if isinstance(loss_fn, nn.Module):
+        tensors = dict(loss_fn.named_buffers())
+        for key, value in sorted(vars(loss_fn).items()):
+            if key.startswith("_") or key in ("training", "reduction"):
+                continue
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                settings.append(f"{key}={value!r}")
+        for key, t in sorted(tensors.items()):
+            dots = model_values([key], [t])
+            settings.append(f"{key}=tensor{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} ({dots[0]:.17g}, "
+                            f"{dots[1]:.17g})")
+    return f"{_callable_name(loss_fn)}({', '.join(settings)})"
+
+
+def _callable_name(f: Any) -> str:
+    if isinstance(f, functools.partial):
+        return f"partial({_callable_name(f.func)}, {', '.join(map(repr, f.args))})"
+    target = f if hasattr(f, "__qualname__") else type(f)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(f).__name__)}"
 
 
 def model_signature(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[int, ...], str]]:

@@ -31,7 +31,7 @@ import scipy.linalg
 import torch
 
 from ._memory import memory_budget
-from .linop import SymmetricOperator, matmat, pinned, same_on_all_ranks
+from .linop import SymmetricOperator, derivative_check_of, matmat, pinned, same_on_all_ranks
 
 __all__ = ["hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
            "lanczos_tridiagonal"]
@@ -39,13 +39,15 @@ __all__ = ["hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstima
 
 @dataclass(frozen=True)
 class TraceEstimate:
-    """A trace estimate with its standard error and cost; ``samples`` are the per-probe values."""
+    """A trace estimate with its standard error and cost; ``samples`` are the per-probe values;
+    ``derivative_check`` what the operator's first-product check found (:class:`~sharpscope.LanczosResult`)."""
 
     estimate: float
     stderr: float
     num_matvecs: int
     samples: np.ndarray
     method: str = "hutchinson"
+    derivative_check: str = "unchecked"
 
 
 def _rademacher(op, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -89,7 +91,7 @@ def _hutchinson(op: SymmetricOperator, num_probes: int, seed: int, block: int) -
              for i in range(0, num_probes, block)]
     samples = same_on_all_ranks(op, torch.cat(parts)).double().cpu().numpy()
     return TraceEstimate(float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(num_probes)),
-                         num_probes, samples)
+                         num_probes, samples, derivative_check=derivative_check_of(op))
 
 
 def hutchpp_trace(op: SymmetricOperator, num_matvecs: int = 102, seed: int = 0) -> TraceEstimate:
@@ -118,12 +120,18 @@ def _hutchpp(op: SymmetricOperator, third: int, seed: int) -> TraceEstimate:
     values = same_on_all_ranks(op, values).double().cpu().numpy()
     exact, samples = float(values[0]), values[1:]
     std = samples.std(ddof=1) / math.sqrt(third) if third > 1 else float("nan")
-    return TraceEstimate(exact + float(samples.mean()), float(std), 3 * third, samples, method="hutch++")
+    return TraceEstimate(exact + float(samples.mean()), float(std), 3 * third, samples, method="hutch++",
+                         derivative_check=derivative_check_of(op))
 
 
 def lanczos_tridiagonal(op: SymmetricOperator, v: torch.Tensor, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """``num_steps`` Lanczos steps from ``v`` with full reorthogonalization: returns ``(alpha, beta)``
-    of the tridiagonal ``T`` (shorter if the Krylov space is exhausted)."""
+    of the tridiagonal ``T`` (shorter if the Krylov space is exhausted); one solve (:func:`~sharpscope.linop.pinned`)."""
+    with pinned(op):
+        return _lanczos_tridiagonal(op, v, num_steps)
+
+
+def _lanczos_tridiagonal(op: SymmetricOperator, v: torch.Tensor, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     n = op.shape[0]
     steps = min(num_steps, n)
     Q = torch.empty(steps, n, dtype=op.dtype, device=op.device)
@@ -148,12 +156,14 @@ def lanczos_tridiagonal(op: SymmetricOperator, v: torch.Tensor, num_steps: int) 
 
 @dataclass(frozen=True)
 class SpectralDensity:
-    """SLQ quadrature: ``nodes[p]`` and ``weights[p]`` (summing to 1) per probe ``p``; ``n`` the dimension."""
+    """SLQ quadrature: ``nodes[p]`` and ``weights[p]`` (summing to 1) per probe ``p``; ``n`` the dimension;
+    ``derivative_check`` what the operator's first-product check found (:class:`~sharpscope.LanczosResult`)."""
 
     nodes: list[np.ndarray]
     weights: list[np.ndarray]
     num_matvecs: int
     n: int
+    derivative_check: str = "unchecked"
 
     def moment(self, power: int) -> float:
         """Estimate of ``tr(A^power) / n``."""
@@ -227,7 +237,7 @@ def _slq(op: SymmetricOperator, num_probes: int, num_steps: int, seed: int, bloc
             nodes.append(theta)
             weights.append(S[0, :] ** 2)
     nodes, weights = _quadrature_on_all_ranks(op, nodes, weights)
-    return SpectralDensity(nodes, weights, op.num_matvecs - before, op.shape[0])
+    return SpectralDensity(nodes, weights, op.num_matvecs - before, op.shape[0], derivative_check_of(op))
 
 
 def _quadrature_on_all_ranks(op, nodes: list[np.ndarray], weights: list[np.ndarray]):

@@ -5,10 +5,16 @@ Subclasses implement one product, :meth:`SymmetricOperator._matvec`, and may imp
 provides ``@``, :meth:`matmat`, :meth:`to_scipy`, :meth:`to_dense`, scalar multiples and a cheap
 symmetry probe. Shaped like :class:`scipy.sparse.linalg.LinearOperator`. :func:`as_operator` makes one
 of a dense symmetric matrix or of a product function.
+
+Solves. Every product belongs to a *solve*: the block of :meth:`SymmetricOperator.pinned` that
+:func:`~sharpscope.lanczos` and the estimators open, or, for a product called outside one, that product
+alone. Whatever an operator proves or caches about the live state it reads (a gradient graph, the
+determinism check) serves one solve and is dropped when the solve ends (docs/operators-semantics.md).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -16,8 +22,9 @@ import numpy as np
 import torch
 
 __all__ = ["SymmetricOperator", "SymmetryCheck", "NotSymmetricError", "StochasticForwardError",
-           "StaleOperatorError", "check_symmetry", "NOT_SYMMETRIC_HINT", "as_operator", "DenseOperator",
-           "FunctionOperator", "same_on_all_ranks", "after_asymmetry"]
+           "StaleOperatorError", "DerivativeCheckError", "check_symmetry", "NOT_SYMMETRIC_HINT", "as_operator",
+           "DenseOperator", "FunctionOperator", "same_on_all_ranks", "after_asymmetry", "derivative_check_of",
+           "symmetry_tolerance", "dense_symmetry_tolerance", "ASYMMETRY_CAP"]
 
 NOT_SYMMETRIC_HINT = ("either the products are random (a forward pass that stays stochastic in eval mode, e.g. "
                       "F.dropout(training=True) or input noise, or a shuffled data order) or an op's double "
@@ -35,6 +42,25 @@ class StochasticForwardError(NotSymmetricError):
 
 class StaleOperatorError(RuntimeError):
     """The model (or optimizer state) an operator reads changed between the products of one solve."""
+
+
+class DerivativeCheckError(RuntimeError):
+    """The first product of an operator whose ``hvp_mode`` the user fixed disagrees, conclusively, with
+    central differences of its gradient: an op's second derivative is wrong (docs/operators-semantics.md)."""
+
+
+# The random bilinear test of a symmetric operator whose products carry a relative rounding error rho gives
+# |u.Av - v.Au| / (|u||Av| + |v||Au|) ~ rho / sqrt(2n) (the error lies in a random direction), and of a
+# grossly asymmetric one (a triangle) ~ 1 / sqrt(2n): a tolerance CAP / sqrt(n) refuses, in every dtype, an
+# operator whose asymmetric part is above about CAP * sqrt(2) of it, and never one rounded below that.
+ASYMMETRY_CAP = 0.05
+
+
+def symmetry_tolerance(dtype: torch.dtype, n: int) -> float:
+    """Tolerance of the random bilinear symmetry test: ``min(max(1e3 eps, 1e-12), ASYMMETRY_CAP / sqrt(n))``,
+    below 1 in every dtype (``1e3 eps`` alone is 7.8 in bfloat16, which no relative error can exceed)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 1e-9
+    return min(max(1e3 * eps, 1e-12), ASYMMETRY_CAP / math.sqrt(max(int(n), 1)))
 
 
 @dataclass(frozen=True)
@@ -73,7 +99,11 @@ class SymmetricOperator:
 
     # -- public products -----------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``A v`` for a 1-D tensor ``v`` of length ``n`` (cast to the operator's dtype/device)."""
+        """``A v`` for a 1-D tensor ``v`` of length ``n`` (cast to the operator's dtype/device); outside
+        :meth:`pinned`, a solve of its own (caches built for it are dropped after it)."""
+        if not self._pins:
+            with self.pinned():
+                return self.matvec(v)
         self._sync()
         v = self._check_vector(v)
         out = self._matvec(v)
@@ -83,10 +113,12 @@ class SymmetricOperator:
     # -- one matrix per solve ----------------------------------------------------------------
     @contextlib.contextmanager
     def pinned(self) -> Iterator["SymmetricOperator"]:
-        """A block in which the operator must stay one matrix: solvers and estimators run their
-        products inside it. An operator that reads live state (a model, an optimizer) raises
-        :class:`StaleOperatorError` if that state changes inside the block, since a Krylov space
-        built from two matrices is meaningless; outside, it follows the live state (:meth:`_sync`)."""
+        """A block in which the operator must stay one matrix -- one *solve*: solvers and estimators run
+        their products inside it, and so may a user's own loop of products (``with op.pinned(): ...``, e.g.
+        around scipy's ``eigsh(op.to_scipy())``). An operator that reads live state (a model, an optimizer)
+        raises :class:`StaleOperatorError` if that state changes inside the block, since a Krylov space built
+        from two matrices is meaningless; what it caches about that state (a gradient graph) serves the block
+        and is dropped when the outermost block ends. A product outside any block is a solve of its own."""
         self._sync()
         self._pins += 1
         try:
@@ -114,6 +146,16 @@ class SymmetricOperator:
             return dep.same_on_all_ranks(x)
         return x
 
+    @property
+    def derivative_check(self) -> str:
+        """What the first-product derivative check found (docs/operators-semantics.md): ``"passed"``,
+        ``"inconclusive"``, ``"switched"`` (to finite differences), ``"unchecked"`` (no check applies:
+        a fixed reverse/forward/finite-difference mode, a 16-bit model, a matrix) or ``"pending"`` (no
+        product yet). A wrapper reports the operator it wraps."""
+        for dep in self._dependencies():
+            return dep.derivative_check
+        return "unchecked"
+
     def _after_asymmetry(self, error: "NotSymmetricError", num_matvecs: int) -> bool:
         """Called by a solver whose symmetry probe failed after ``num_matvecs`` products: True when the
         operator switched to a product that cures it (the solver then restarts the solve: its Krylov space
@@ -135,6 +177,9 @@ class SymmetricOperator:
         m = V.shape[1]
         if m == 0:
             return torch.empty(self.shape[0], 0, dtype=self.dtype, device=self.device)
+        if not self._pins:
+            with self.pinned():
+                return self.matmat(V)
         if not self._batches_products():
             return torch.stack([self.matvec(V[:, j]) for j in range(m)], dim=1)
         self._sync()
@@ -177,12 +222,14 @@ class SymmetricOperator:
         return self.matmat(eye)
 
     def to_scipy(self):
-        """A :class:`scipy.sparse.linalg.LinearOperator` applying the same product (numpy in/out)."""
+        """A :class:`scipy.sparse.linalg.LinearOperator` applying the same product (numpy in/out). Each of
+        its products is a solve of its own; run the scipy solver inside ``with op.pinned():`` to share one
+        solve's caches (a curvature operator's gradient graph) across its products."""
         from scipy.sparse.linalg import LinearOperator
 
         np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
 
-        def mv(x: np.ndarray) -> np.ndarray:
+        def mv(x: np.ndarray) -> np.ndarray:  # each call a solve of its own, unless inside op.pinned()
             v = torch.as_tensor(np.ascontiguousarray(x).reshape(-1), dtype=self.dtype, device=self.device)
             return self.matvec(v).detach().cpu().numpy()
 
@@ -222,27 +269,38 @@ class ScaledOperator(SymmetricOperator):
 
 
 def check_symmetry(op: SymmetricOperator, seed: int = 0, tol: float | None = None) -> SymmetryCheck:
-    """Cheap symmetry probe: compare ``u.(A v)`` with ``v.(A u)`` for random ``u, v``.
+    """Cheap symmetry probe: compare ``u_i.(A u_j)`` with ``u_j.(A u_i)`` for four random vectors (one block
+    product of four columns), the inner products accumulated in float64.
 
-    The relative error ``|u.Av - v.Au| / (|u||Av| + |v||Au|)`` is ~machine epsilon for a symmetric
-    operator; random products or an op with a wrong double backward give O(1) (see
-    :data:`NOT_SYMMETRIC_HINT`). Curvature operators refuse a stochastic forward pass before their
-    first product (:class:`StochasticForwardError`), so a failure here points at the derivatives.
-    The default tolerance is ``1e3 * eps`` of the operator's dtype (``1e-4`` for float32).
+    The relative error is the root mean square over the six pairs of
+    ``|u_i.Au_j - u_j.Au_i| / (|u_i||Au_j| + |u_j||Au_i|)`` (with two vectors, the one pair's value; four make
+    an unlucky small draw for an asymmetric operator improbable: a chi-square of 6 degrees of freedom).
+    A symmetric operator whose products carry a relative rounding error ``rho`` gives about
+    ``rho / sqrt(2n)``; random products or an op with a wrong double backward give far more (see
+    :data:`NOT_SYMMETRIC_HINT`). Curvature operators refuse a stochastic forward pass before their first
+    product (:class:`StochasticForwardError`), so a failure here points at the derivatives. The default
+    tolerance is :func:`symmetry_tolerance`: ``1e3 eps`` of the operator's dtype (``1.2e-4`` for float32),
+    capped by ``0.05 / sqrt(n)`` so that it stays below what a grossly asymmetric operator gives in every
+    dtype (``1e3 eps`` is 7.8 in bfloat16). ``u_Av`` and ``v_Au`` are the first pair's values.
     """
     gen = torch.Generator().manual_seed(seed)
+    n = op.shape[0]
     with pinned(op):
-        n = op.shape[0]
-        u = same_on_all_ranks(op, torch.randn(n, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device))
-        v = same_on_all_ranks(op, torch.randn(n, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device))
-        Av, Au = op.matvec(v), op.matvec(u)
-    uAv, vAu = float(torch.dot(u, Av)), float(torch.dot(v, Au))
-    scale = float(u.norm() * Av.norm() + v.norm() * Au.norm())
-    rel = abs(uAv - vAu) / scale if scale > 0 else 0.0
+        U = torch.randn(n, 4, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
+        U = same_on_all_ranks(op, U)
+        AU = matmat(op, U)
+    U, AU = U.double(), AU.double()  # accumulate in float64 whatever the operator's dtype
+    M = U.T @ AU                     # M[i, j] = u_i . A u_j
+    norms, anorms = U.norm(dim=0), AU.norm(dim=0)
+    terms = []
+    for i in range(4):
+        for j in range(i + 1, 4):
+            scale = float(norms[i] * anorms[j] + norms[j] * anorms[i])
+            terms.append(abs(float(M[i, j] - M[j, i])) / scale if scale > 0 else 0.0)
+    rel = math.sqrt(sum(t * t for t in terms) / len(terms))
     if tol is None:
-        tol = 1e3 * torch.finfo(op.dtype).eps if op.dtype.is_floating_point else 1e-6
-        tol = max(tol, 1e-12)
-    return SymmetryCheck(u_Av=uAv, v_Au=vAu, relative_error=rel, tolerance=float(tol))
+        tol = symmetry_tolerance(op.dtype, n)
+    return SymmetryCheck(u_Av=float(M[0, 1]), v_Au=float(M[1, 0]), relative_error=rel, tolerance=float(tol))
 
 
 def matmat(op, V: torch.Tensor) -> torch.Tensor:
@@ -265,6 +323,13 @@ def after_asymmetry(op, error: NotSymmetricError, num_matvecs: int) -> bool:
     """``op._after_asymmetry(error, num_matvecs)`` where the operator has it; False for other objects."""
     hook = getattr(op, "_after_asymmetry", None)
     return bool(hook(error, num_matvecs)) if callable(hook) else False
+
+
+def derivative_check_of(op) -> str:
+    """``op.derivative_check`` for a :class:`SymmetricOperator` ("pending" read as "unchecked": no product was
+    checked), ``"unchecked"`` for other objects with a ``matvec``."""
+    verdict = getattr(op, "derivative_check", "unchecked")
+    return "unchecked" if verdict == "pending" or not isinstance(verdict, str) else verdict
 
 
 def pinned(op) -> contextlib.AbstractContextManager:
@@ -330,14 +395,24 @@ class _NumpyFunction:
         return torch.as_tensor(np.asarray(out).reshape(x.shape))
 
 
-def _symmetry_of_matrix(A: torch.Tensor) -> float:
-    """``|u.Av - v.Au| / (|u||Av| + |v||Au|)`` for two random vectors (a cheap bilinear test)."""
-    gen = torch.Generator().manual_seed(0)
-    UV = torch.randn(A.shape[0], 2, generator=gen, dtype=torch.float64).to(dtype=A.dtype, device=A.device)
-    AUV = A @ UV
-    u, v, Au, Av = UV[:, 0], UV[:, 1], AUV[:, 0], AUV[:, 1]
-    scale = float(u.norm() * Av.norm() + v.norm() * Au.norm())
-    return abs(float(torch.dot(u, Av) - torch.dot(v, Au))) / scale if scale > 0 else 0.0
+def _asymmetry_of_matrix(A: torch.Tensor) -> float:
+    """``||A - A^T||_F / (2 ||A||_F)`` (0 for symmetric, at most 1, about 0.7 for a triangle), accumulated in
+    float32 for 16-bit matrices and in the matrix's dtype otherwise; in blocks of rows (no ``n x n`` copy)."""
+    work = torch.float32 if A.dtype.itemsize < 4 else A.dtype
+    n, rows = A.shape[0], max(1, 2**22 // max(A.shape[0], 1))
+    diff = total = 0.0
+    for i in range(0, n, rows):
+        block = A[i: i + rows].to(work)
+        diff += float(torch.linalg.vector_norm(block - A[:, i: i + rows].T.to(work), dtype=torch.float64) ** 2)
+        total += float(torch.linalg.vector_norm(block, dtype=torch.float64) ** 2)
+    return math.sqrt(diff) / (2 * math.sqrt(total)) if total > 0 else 0.0
+
+
+def dense_symmetry_tolerance(dtype: torch.dtype) -> float:
+    """Tolerance of :func:`_asymmetry_of_matrix`: ``min(max(1e3 eps, 1e-12), ASYMMETRY_CAP)`` -- the
+    bilinear test's without the ``sqrt(n)``, since this measure is exact (a 16-bit Hessian computed column by
+    column is asymmetric by about one unit roundoff, 0.004 in bfloat16; a triangle by 0.7)."""
+    return min(max(1e3 * torch.finfo(dtype).eps, 1e-12), ASYMMETRY_CAP)
 
 
 def _dense_operator(A: Any, shape, dtype, device) -> DenseOperator:
@@ -353,11 +428,11 @@ def _dense_operator(A: Any, shape, dtype, device) -> DenseOperator:
     A = A.to(dtype=dtype or A.dtype, device=device or A.device)
     if not bool(torch.isfinite(A).all()):
         raise ValueError("as_operator: the matrix contains NaN or inf")
-    rel = _symmetry_of_matrix(A)
-    tol = max(1e3 * torch.finfo(A.dtype).eps, 1e-12)
+    rel = _asymmetry_of_matrix(A)
+    tol = dense_symmetry_tolerance(A.dtype)
     if not rel <= tol:
-        raise ValueError(f"as_operator: the matrix is not symmetric (random bilinear test |u.Av - v.Au| / "
-                         f"(|u||Av| + |v||Au|) = {rel:.2g} > {tol:.2g}); pass (A + A.T) / 2 for its symmetric part")
+        raise ValueError(f"as_operator: the matrix is not symmetric (||A - A^T||_F / (2 ||A||_F) = {rel:.2g} > "
+                         f"{tol:.2g}); pass (A + A.T) / 2 for its symmetric part")
     return DenseOperator(A)
 
 
@@ -398,11 +473,12 @@ def as_operator(A: Any, shape: int | tuple[int, int] | None = None, dtype: torch
     :meth:`SymmetricOperator.to_scipy`) from a dense matrix or a product function.
 
     Args:
-        A: a dense symmetric matrix (a 2-D tensor or array; its symmetry is checked by a random bilinear
-            test, ``n^2`` work), a function returning ``A @ v`` for a 1-D tensor ``v`` (or, with
-            ``matmat=True``, ``A @ V`` for ``(n, m)`` blocks), a scipy ``LinearOperator`` or sparse
-            matrix, or an operator (returned as it is). Functions are trusted to be symmetric:
-            :meth:`SymmetricOperator.check_symmetry` probes one with two products, and
+        A: a dense symmetric matrix (a 2-D tensor or array; its symmetry is checked exactly,
+            ``||A - A^T||_F <= 2 tol ||A||_F`` with :func:`dense_symmetry_tolerance`, ``n^2`` work), a
+            function returning ``A @ v`` for a 1-D tensor ``v`` (or, with ``matmat=True``, ``A @ V`` for
+            ``(n, m)`` blocks), a scipy ``LinearOperator`` or sparse matrix, or an operator (returned as it
+            is). Functions are trusted to be symmetric: :meth:`SymmetricOperator.check_symmetry` probes one
+            with four products, and
             :func:`~sharpscope.lanczos` refuses an asymmetric one as it meets it.
         shape: ``n`` or ``(n, n)``; required for a function.
         dtype, device: of the vectors (default: the matrix's; for a function torch's default dtype on

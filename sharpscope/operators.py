@@ -18,8 +18,8 @@ HVP strategies (``hvp_mode``):
 * ``"reverse"`` -- double backward: forward, gradient with ``create_graph=True``, then a second
   backward per product (Pearlmutter 1994).
 * ``"forward"`` -- forward-over-reverse, ``torch.func.jvp(torch.func.grad(loss), (theta,), (v,))``.
-* ``"cached"`` -- the gradient graph is built once and reused: each product is only the second
-  backward (about half the cost of ``"reverse"``; PyHessian's trick). Needs the graphs of all
+* ``"cached"`` -- the gradient graph is built once per solve and reused by its products: each product
+  is only the second backward (about half the cost of ``"reverse"``; PyHessian's trick). Needs the graphs of all
   batches in memory; their size is measured while they are built (saved-tensor hooks) and the
   operator falls back to ``"reverse"`` when it exceeds ``graph_memory_budget``.
 * ``"finite-difference"`` -- central differences of gradients (of outputs for the GGN's and the NTK's
@@ -30,12 +30,22 @@ HVP strategies (``hvp_mode``):
   scripts/bench_eigs.py measured double backward 1.32x faster than forward-over-reverse on an MLP
   and 0.81x as fast on a CNN). If an op has no double backward (fused SDPA attention kernels) the
   product is retried with the math attention kernel, then with the other mode, then by finite
-  differences, with a warning at each rung. An op whose double backward is silently wrong (a custom
-  ``autograd.Function`` with ``@once_differentiable``) is caught by the Lanczos symmetry probe: a
-  failure within the first :data:`SWITCH_WITHIN` products, on a model that passed the determinism
-  check, switches the operator to finite differences with a one-line warning and :func:`~sharpscope.lanczos`
-  restarts its solve (both attempts' products counted); later failures raise as before, and a failure
-  in finite-difference mode means random products.
+  differences, with a warning at each rung. An op whose double backward is silently wrong is caught by
+  the derivative check below; one that makes the products asymmetric (a custom ``autograd.Function``
+  with ``@once_differentiable``) also by the Lanczos symmetry probe: a failure within the first
+  :data:`SWITCH_WITHIN` products, on a model that passed the determinism check, switches the operator to
+  finite differences with a one-line warning and :func:`~sharpscope.lanczos` restarts its solve (both
+  attempts' products counted); later failures raise as before, and a failure in finite-difference mode
+  means random products.
+
+The derivative check (``"auto"`` and ``"cached"``, float32 and float64 models): the first product of an
+operator (once per operator, not per solve) is compared with central differences of its gradient at two
+steps, ``eps`` and ``eps/2`` (:func:`~sharpscope.finite_difference.derivative_verdict`; 4 gradient
+evaluations). Where the two differences disagree with each other (ReLU, max-pool, top-k routing: kinks within
+the step) the check is inconclusive and the mode is kept; a conclusive disagreement switches ``"auto"`` to
+finite differences with a one-line warning naming the custom ``autograd.Function`` in the graph, and raises
+:class:`~sharpscope.linop.DerivativeCheckError` where the user fixed ``hvp_mode="cached"``. The outcome is
+``op.derivative_check`` and every result's ``derivative_check`` field.
 
 Batched products (``batched``, for :meth:`~sharpscope.linop.SymmetricOperator.matmat`: Hutchinson,
 Hutch++ and SLQ probes, block Lanczos): a block of ``m`` vectors is multiplied either one column at a
@@ -55,14 +65,19 @@ level (as ``hvp_mode="auto"`` without cached graphs): ``batched=True`` (batching
 batching rule falls back to one column at a time, with a warning) or ``False`` (never) give
 bitwise-reproducible runs. The choice is in ``op.matmat_choice``.
 
-Operators follow the live model. Before every product an operator compares the model's
-:meth:`~sharpscope.functional.ModelFunction.fingerprint` with the one it was built on: inside one
-solve (:meth:`~sharpscope.linop.SymmetricOperator.pinned`, which :func:`~sharpscope.lanczos` and the
-estimators use) a change raises :class:`~sharpscope.linop.StaleOperatorError`; between solves the
-operator rebuilds itself on the model as it now is (new parameters, dtype, device; cached graphs
-dropped). Before its first product on a model, an operator evaluates the data twice and refuses a
-forward pass that is not deterministic (:class:`~sharpscope.linop.StochasticForwardError`): a cached
-graph would otherwise freeze one dropout mask or one noise draw into a symmetric, wrong matrix.
+Operators follow the live model. What an operator proves or caches about the model, the loss and the
+data -- the gradient graphs, the determinism check, the finite-difference step -- serves one solve
+(:meth:`~sharpscope.linop.SymmetricOperator.pinned`, which :func:`~sharpscope.lanczos` and the estimators
+open; a product outside one is a solve of its own) and is dropped when the solve ends, because no
+fingerprint can list everything a forward pass reads (hooks, submodules, plain attributes, a loss's
+weight, a closure's globals). Inside a solve, before every product, an operator compares the model's
+:meth:`~sharpscope.functional.ModelFunction.fingerprint` with the one it was built on and raises
+:class:`~sharpscope.linop.StaleOperatorError` on a change; between solves it rebuilds itself on the model
+as it now is (new parameters, dtype, device). At the start of each solve an operator evaluates the data
+twice and refuses a forward pass that is not deterministic (:class:`~sharpscope.linop.StochasticForwardError`):
+a cached graph would otherwise freeze one dropout mask or one noise draw into a symmetric, wrong matrix.
+What only chooses how to compute (the timed reverse/forward choice, batching, graph sizes) is kept across
+solves: a stale choice costs time, never correctness. docs/operators-semantics.md has the whole contract.
 """
 from __future__ import annotations
 
@@ -80,9 +95,17 @@ from torch import nn
 from . import finite_difference as fd
 from ._memory import memory_budget
 from .closures import BatchLoss, check_closure_loss, closure_batches, describe_batch
-from .distributed import RankGroup, local_sample_count, model_signature, resolve_group, unwrap_model
+from .distributed import (
+    RankGroup,
+    local_sample_count,
+    loss_description,
+    model_signature,
+    model_values,
+    resolve_group,
+    unwrap_model,
+)
 from .functional import BatchNormMode, ModelFunction, as_batches, check_loss, check_targets, describe_change, loss_reduction_weight
-from .linop import NotSymmetricError, StaleOperatorError, StochasticForwardError, SymmetricOperator
+from .linop import DerivativeCheckError, NotSymmetricError, StaleOperatorError, StochasticForwardError, SymmetricOperator
 
 __all__ = ["hessian_operator", "ggn_operator", "ntk_operator", "HessianOperator", "GGNOperator",
            "NTKOperator", "CurvatureOperator", "loss_output_hvp"]
@@ -97,6 +120,8 @@ _TRIAL_BLOCK = 8   # batched=None measures on a block of at least this many colu
 _TRIAL_CHUNK = 4   # at least this many, and batches only when that is this much faster per column:
 _TRIAL_GAIN = 1.25
 _BATCH_ERRORS = (RuntimeError, NotImplementedError, ValueError, TypeError)
+_CHECKED_MODES = ("auto", "cached")  # the modes whose first product is checked against finite differences
+_VERDICT_ORDER = ("pending", "unchecked", "passed", "inconclusive", "switched")  # agreed across ranks: the last
 
 
 def default_graph_memory_budget(device: torch.device) -> int:
@@ -237,6 +262,7 @@ class CurvatureOperator(SymmetricOperator):
         self._deferred: Exception | None = None
         self._in_guard = False
         self._fd_theta: tuple[Any, float] | None = None
+        self._derivatives = "pending" if hvp_mode in _CHECKED_MODES else "unchecked"
 
     # -- data --------------------------------------------------------------------------------
     _closure_part = "loss"  # what a loss closure's wrapper evaluates: the loss, or the outputs (GGN, NTK)
@@ -286,13 +312,7 @@ class CurvatureOperator(SymmetricOperator):
             with super().pinned():
                 yield self
             return
-        now = self.fn.value_digest()
-        if not torch.equal(now, self._digest):
-            try:
-                self._rebuild()
-            except Exception as err:
-                if not self._defer(err):
-                    raise
+        self._begin_solve()
         before = self._digest
         try:
             with super().pinned():
@@ -301,8 +321,38 @@ class CurvatureOperator(SymmetricOperator):
             if not torch.equal(self.fn.value_digest(), before):
                 raise self._changed_values() from err
             raise
+        finally:
+            self._end_solve()
         if not torch.equal(self.fn.value_digest(), before):
             raise self._changed_values()
+
+    def _begin_solve(self) -> None:
+        """A solve starts: rebuild if the parameter values changed since the last one; on a data-parallel
+        operator, agree across ranks on the model's values and the loss (:meth:`RankGroup.agree_on_values`)."""
+        now = self.fn.value_digest()
+        if not torch.equal(now, self._digest):
+            try:
+                self._rebuild()
+            except Exception as err:
+                if not self._defer(err):
+                    raise
+        if self._group is not None:
+            self._group.agree_on_values(type(self).__name__, model_values(self.fn.names, self.fn.params),
+                                        loss_description(self.loss_fn), skip=self._deferred is not None)
+
+    def _end_solve(self) -> None:
+        """A solve ended: drop what was proved or cached about the model, the loss and the data for it (the
+        gradient graphs, the determinism and loss checks, the finite-difference step's parameter norm)."""
+        self._graphs = None
+        self._fd_theta = None
+        self._deterministic_checked = False
+        self._checked = False
+
+    @property
+    def derivative_check(self) -> str:
+        """``"pending"`` (no product yet), ``"passed"``, ``"inconclusive"``, ``"switched"`` or ``"unchecked"``
+        (module docstring: the derivative check)."""
+        return self._derivatives
 
     def _changed_values(self) -> StaleOperatorError:
         return StaleOperatorError(f"{type(self).__name__}: the model's parameter values changed during a solve "
@@ -349,7 +399,8 @@ class CurvatureOperator(SymmetricOperator):
         self._digest = fn.value_digest()
         self._graphs = None
         self._deterministic_checked = False
-        self.hvp_mode, self._trial_times, self._checked = self.requested_mode, [], False
+        self.hvp_mode = _FD if self._derivatives == "switched" else self.requested_mode  # a verdict on the ops
+        self._trial_times, self._checked = [], False
         self._reset_batching()
         self._after_rebuild()
 
@@ -420,8 +471,30 @@ class CurvatureOperator(SymmetricOperator):
         (an error or a NaN on any rank raised on every rank: :mod:`sharpscope.distributed`)."""
         if self._group is None:
             return self._with_fallbacks(product, x)
-        return self._group.sum_products(lambda: self._guarded(lambda: self._with_fallbacks(product, x)),
-                                        self._rank_weight, tuple(x.shape), self.dtype, self.device)
+        if self._derivatives == "pending":  # the first product: checked on every rank, the verdict agreed
+            local = self._checked_on_every_rank(product, x)
+            compute: Callable[[], torch.Tensor] = lambda: local  # noqa: E731
+        else:
+            def compute() -> torch.Tensor:
+                return self._guarded(lambda: self._with_fallbacks(product, x))
+        return self._group.sum_products(compute, self._rank_weight, tuple(x.shape), self.dtype, self.device)
+
+    def _checked_on_every_rank(self, product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The first product of a data-parallel operator and its derivative check on this rank's data, errors
+        agreed; then the ranks' verdicts agreed (the most severe): a rank whose own check passed or was
+        inconclusive switches too when another's disagreed, since the ranks run the same ops."""
+        group = self._group
+        out = None
+        with group.guarded():
+            out = self._guarded(lambda: self._with_fallbacks(product, x))
+        agreed = max(group.gather(self._derivatives), key=_VERDICT_ORDER.index)
+        if agreed == "switched" and self._derivatives != "switched":
+            with group.guarded():
+                self._derivatives = "switched"
+                self._switch_to_fd("another rank's first product disagreed with central differences of its gradient")
+                out = self._guarded(lambda: self._with_fallbacks(product, x))
+        self._derivatives = agreed
+        return out
 
     def _guarded(self, compute: Callable[[], Any]) -> Any:
         """``compute()`` inside a rank-guarded collective: a deferred error is raised here, as are new ones."""
@@ -448,12 +521,59 @@ class CurvatureOperator(SymmetricOperator):
                 with torch.enable_grad(), self.fn.deterministic(), self._context():
                     out = product(x)
                 self._checked = True
-                return out
+                break
             except (RuntimeError, NotImplementedError) as err:
                 if not _is_unsupported_derivative(err):
                     raise
                 self._fall_back(err)
                 self._batched_failed = None  # a new rung: batching may work there
+        if self._derivatives == "pending":
+            out = self._check_derivatives(product, x, out)
+        return out
+
+    def _check_derivatives(self, product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                           out: torch.Tensor) -> torch.Tensor:
+        """The first product (of a vector, or a block's first column) against central differences of the
+        gradient at steps ``eps`` and ``eps/2`` (:func:`~sharpscope.finite_difference.derivative_verdict`).
+        A conclusive disagreement switches ``auto`` to finite differences (the product is taken again) and
+        raises :class:`DerivativeCheckError` in a fixed mode; 16-bit models and products that already fell
+        to finite differences are not checked. Returns the product."""
+        tol = fd.derivative_tolerance(self.dtype)
+        if tol is None or self.hvp_mode == _FD:
+            self._derivatives = "unchecked"
+            return out
+        v, hv = (x, out) if x.ndim == 1 else (x[:, 0], out[:, 0])
+        if not float(v.norm()) > 0:
+            return out  # a zero vector proves nothing: the next product is checked
+        with torch.enable_grad(), self.fn.deterministic(), self._context():
+            at_step, at_half = self._fd_product(v), self._fd_product(v, step_scale=0.5)
+        verdict, error, spread = fd.derivative_verdict(hv, at_step, at_half, tol)
+        if verdict != "disagree":
+            self._derivatives = verdict
+            return out
+        mode = _TRIAL[len(self._trial_times) - 1] if self.hvp_mode == "measuring" else self.hvp_mode
+        ops = self._custom_functions()
+        named = f" (custom autograd.Function in the graph: {', '.join(ops)})" if ops else ""
+        reason = (f"the first product (hvp_mode={mode!r}) differs from central differences of the gradient by "
+                  f"{error:.2g} relative, and the differences at steps eps and eps/2 agree to {spread:.1g}: an op's "
+                  f"second derivative is wrong{named}")
+        if self.requested_mode != "auto":
+            raise DerivativeCheckError(f"{type(self).__name__}: {reason}; use hvp_mode='finite-difference' (first "
+                                       "derivatives only) or hvp_mode='auto', which switches to it")
+        self._derivatives = "switched"
+        self._switch_to_fd(reason)
+        if x.ndim == 1:
+            return at_step  # the finite-difference product itself
+        with torch.enable_grad(), self.fn.deterministic(), self._context():
+            return product(x)
+
+    def _custom_functions(self) -> list[str]:
+        """The custom ``autograd.Function`` classes in the first batch's graph (for the check's warning)."""
+        try:
+            with torch.enable_grad(), self.fn.deterministic(), self._context():
+                return fd.custom_functions(self._value(next(iter(self.batches))))
+        except Exception:  # noqa: BLE001 - a hint only
+            return []
 
     def _fall_back(self, err: Exception) -> None:
         """One rung down the ladder: the math attention kernel, then the other differentiation mode."""
@@ -491,6 +611,7 @@ class CurvatureOperator(SymmetricOperator):
                                     f"{fd.FD_RANDOM_HINT}") from error
         if self.requested_mode != "auto" or not self._deterministic_checked or num_matvecs > SWITCH_WITHIN:
             return False
+        self._derivatives = "switched"
         self._switch_to_fd(f"the products failed the symmetry test after {num_matvecs} products on a deterministic "
                            "model, so an op's double backward is wrong or missing (e.g. a custom autograd.Function "
                            "with @once_differentiable)")
@@ -562,10 +683,6 @@ class CurvatureOperator(SymmetricOperator):
             return None
         self._graphs = graphs
         return graphs
-
-    def release(self) -> None:
-        """Free cached graphs (they are rebuilt on the next product)."""
-        self._graphs = None
 
     # -- batched products (matmat) ---------------------------------------------------------------
     def _reset_batching(self) -> None:
@@ -708,7 +825,8 @@ class CurvatureOperator(SymmetricOperator):
     def _forward_product(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def _fd_product(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    def _fd_product(self, v: torch.Tensor, step_scale: float = 1.0) -> torch.Tensor:  # pragma: no cover
+        """The product by central differences, at ``step_scale`` times the usual step."""
         raise NotImplementedError
 
     # -- finite differences (sharpscope/finite_difference.py) ---------------------------------------
@@ -781,9 +899,9 @@ class HessianOperator(CurvatureOperator):
             acc.add_(self.fn.flatten(hv), alpha=self._weight(batch.size))
         return acc
 
-    def _fd_product(self, v):
+    def _fd_product(self, v, step_scale=1.0):
         """``(g(theta + eps v) - g(theta - eps v)) / (2 eps)``, the gradients at new parameter tensors."""
-        eps = self._fd_step(v)
+        eps = self._fd_step(v) * step_scale
         if eps == 0.0:
             return torch.zeros_like(v)
         theta, vs = [p.detach() for p in self.fn.params], self.fn.unflatten(v)
@@ -917,9 +1035,9 @@ class GGNOperator(CurvatureOperator):
             acc.add_(self.fn.flatten(vjp_fn(hjv)[0]), alpha=self._weight(batch.size))
         return acc
 
-    def _fd_product(self, v):
+    def _fd_product(self, v, step_scale=1.0):
         """``J^T H_L J v`` with ``J v`` by central differences of the outputs, ``J^T u`` by one backward."""
-        eps = self._fd_step(v)
+        eps = self._fd_step(v) * step_scale
         if eps == 0.0:
             return torch.zeros_like(v)
         vs, acc = self.fn.unflatten(v), torch.zeros_like(v)
@@ -978,10 +1096,17 @@ class NTKOperator(CurvatureOperator):
 
     def _after_rebuild(self) -> None:
         with torch.no_grad(), self.fn.deterministic():
-            shapes = [self.fn(self.fn.params, b.inputs).shape for b in self.batches]
+            self._check_shapes([self.fn(self.fn.params, b.inputs).shape for b in self.batches])
+
+    def _check_shapes(self, shapes: list) -> None:
         if shapes != self.output_shapes:
             raise ValueError(f"NTKOperator: the model's outputs changed shape ({self.output_shapes[0]} -> "
                              f"{shapes[0]}): the operator's dimension cannot change; build a new operator")
+
+    def _first_pass(self) -> list[torch.Tensor]:  # each solve: the outputs' shapes too (a swapped submodule)
+        values = super()._first_pass()
+        self._check_shapes([v.shape for v in values])
+        return values
 
     def _weight(self, size: int) -> float:
         return 1.0
@@ -1035,13 +1160,13 @@ class NTKOperator(CurvatureOperator):
         ws = self.fn.unflatten(w)
         return torch.cat([torch.func.jvp(f, (primals,), (ws,))[1].reshape(-1) for f in fs])
 
-    def _fd_product(self, u):
+    def _fd_product(self, u, step_scale=1.0):
         """``J (J^T u)``: ``J^T u`` by one backward per batch, ``J w`` by central differences of the outputs."""
         w = torch.zeros(self.fn.dim, dtype=self.dtype, device=self.device)
         for batch, ub in zip(self.batches, self._split(u)):
             outputs = self.fn(self.fn.params, batch.inputs)
             w.add_(self.fn.flatten(torch.autograd.grad(outputs, self.fn.params, ub, allow_unused=True)))
-        eps = self._fd_step(w)
+        eps = self._fd_step(w) * step_scale
         if eps == 0.0:
             return torch.zeros_like(u)
         ws = self.fn.unflatten(w)
@@ -1083,7 +1208,9 @@ def _make(group: RankGroup | None, what: str, build: Callable[[], CurvatureOpera
         op = build()
         count = local_sample_count(op.batches)
         op._total = count or None
-        return op, model_signature(list(zip(op.fn.names, op.fn.params))), count
+        signature = (model_signature(list(zip(op.fn.names, op.fn.params))), model_values(op.fn.names, op.fn.params),
+                     loss_description(op.loss_fn))
+        return op, signature, count
 
     op, total = group.agree_on_operator(local, what)
     op._group = group
@@ -1110,7 +1237,7 @@ def _sharded(model: nn.Module, loss_fn: Callable, data: Any, group: RankGroup | 
     def local():
         op = fd.ShardedHessianOperator(model, loss_fn, data, group, params=params, batchnorm=batchnorm)
         count = local_sample_count(op.batches)
-        return op, model_signature(list(zip(op.names, op.params))), count
+        return op, (model_signature(list(zip(op.names, op.params))), None, loss_description(loss_fn)), count
 
     op, total = group.agree_on_operator(local, what)
     op._agreed(total, max(group.gather(len(list(op.batches)))))

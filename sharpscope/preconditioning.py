@@ -35,11 +35,12 @@ gradient history (:math:`v = 0`, where atan2 acts as a sign step with no lineari
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .distributed import model_values
 from .linop import StaleOperatorError, SymmetricOperator
 from .operators import HessianOperator, HvpMode, hessian_operator
 from .stability import eos_threshold
@@ -232,6 +233,17 @@ class PreconditionedOperator(SymmetricOperator):
     def _dependencies(self) -> tuple[SymmetricOperator, ...]:
         return (self.base,)
 
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator["PreconditionedOperator"]:
+        """:meth:`SymmetricOperator.pinned`; on a data-parallel base, the ranks' step sizes ``D`` are compared
+        at the start of each solve too (:func:`_check_same_preconditioner`)."""
+        outermost = not self._pins
+        with super().pinned():
+            group = getattr(self.base, "_group", None)
+            if outermost and group is not None:
+                _check_same_preconditioner(group, self.d_sqrt, skip=getattr(self.base, "_deferred", None) is not None)
+            yield self
+
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.d_sqrt * self.base.matvec(self.d_sqrt * v)
 
@@ -275,12 +287,10 @@ def preconditioned_hessian_operator(model: nn.Module, loss_fn: Callable, data: A
                                   reference_lr=eta)
 
 
-def _check_same_preconditioner(group, d_sqrt: torch.Tensor) -> None:
-    """Refuse ranks whose optimizers give different step sizes (a digest of ``D^1/2`` compared with rank 0's)."""
-    d = d_sqrt.detach().double()
-    digests = group.gather((float(d.sum()), float(d.pow(2).sum())))
-    ref = digests[0]
-    for rank, dig in enumerate(digests[1:], start=1):
-        if any(abs(a - b) > 1e-10 * max(abs(a), abs(b), 1e-300) for a, b in zip(ref, dig)):
-            raise ValueError(f"preconditioned_hessian_operator: rank {rank}'s optimizer gives other step sizes than "
-                             "rank 0's: every rank needs the same optimizer state (DDP keeps it so)")
+def _check_same_preconditioner(group, d_sqrt: torch.Tensor, skip: bool = False) -> None:
+    """Refuse ranks whose optimizers give different step sizes: ``D^1/2``'s dot products with two seeded random
+    vectors compared with rank 0's (:func:`~sharpscope.distributed.model_values`; a sum and a norm would miss
+    two entries swapped)."""
+    group.agree_on_values("preconditioned_hessian_operator", model_values(["d_sqrt"], [d_sqrt]), "", skip,
+                          subject="optimizer step sizes",
+                          fix="every rank needs the same optimizer state (DDP keeps it so)")

@@ -74,15 +74,17 @@ def test_the_model_is_not_written_and_other_operators_stay_valid():
     before = [(p._version, p.detach().clone()) for p in model.parameters()]
     cached = ss.hessian_operator(model, CE, data, hvp_mode="cached")
     v = torch.randn(cached.shape[0], dtype=torch.float64)
-    first = cached.matvec(v)
-    graphs = cached._graphs
-    H = ss.hessian_operator(model, CE, data, hvp_mode=FD)
-    ss.lanczos(H, k=3)
-    ss.hutchinson_trace(H, 4)
-    for p, (version, value) in zip(model.parameters(), before):
-        assert p._version == version and torch.equal(p, value)  # bit-exact, not even a version bump
-    torch.testing.assert_close(cached.matvec(v), first, rtol=0, atol=0)
-    assert cached._graphs is graphs  # no rebuild: the other operator's cached graph is still valid
+    with cached.pinned():  # one solve: its cached graph lives as long as the block (issue 21)
+        first = cached.matvec(v)
+        graphs = cached._graphs
+        H = ss.hessian_operator(model, CE, data, hvp_mode=FD)
+        ss.lanczos(H, k=3)
+        ss.hutchinson_trace(H, 4)
+        for p, (version, value) in zip(model.parameters(), before):
+            assert p._version == version and torch.equal(p, value)  # bit-exact, not even a version bump
+        torch.testing.assert_close(cached.matvec(v), first, rtol=0, atol=0)
+        assert graphs is not None and cached._graphs is graphs  # the other operator's cached graph stays valid
+    assert cached._graphs is None  # dropped when the solve ends
 
 
 def test_a_staleness_change_is_still_seen_in_fd_mode():
@@ -105,22 +107,43 @@ def _custom_tanh_model(seed=0):
     return model, twin
 
 
-def test_auto_switches_to_fd_on_a_once_differentiable_op_and_restarts():
+def test_auto_switches_to_fd_on_a_once_differentiable_op_at_the_first_product():
+    """The derivative check sees the wrong double backward at the first product: the solve runs by finite
+    differences from there, no restart (issue 21; before, the symmetry probe caught it after a few products)."""
     model, twin = _custom_tanh_model()
     data = make_data("mlp", 0)
     H = ss.hessian_operator(model, CE, data)
+    with pytest.warns(RuntimeWarning, match=r"differs from central differences of the gradient .* OnceDifferentiableTanh"
+                                            r".*switching to hvp_mode='finite-difference'"):
+        res = ss.lanczos(H, k=3)
+    assert H.hvp_mode == FD and res.derivative_check == "switched"
+    assert _rel(res.eigenvalues, _top(twin, data, 3)) < 1e-6
+    direct = ss.lanczos(ss.hessian_operator(model, CE, data, hvp_mode=FD), k=3)
+    assert res.num_matvecs == direct.num_matvecs == H.num_matvecs  # the first product is the FD product
+    torch.testing.assert_close(res.eigenvalues, direct.eigenvalues, rtol=0, atol=0)
+    ss.lanczos(H, k=3)  # later solves run in finite-difference mode from the start: no warning
+    with pytest.raises(ss.DerivativeCheckError, match="OnceDifferentiableTanh"):  # an explicit mode never switches
+        ss.lanczos(ss.hessian_operator(model, CE, data, hvp_mode="cached"), k=3)
+    with pytest.raises(ss.NotSymmetricError, match="double backward"):  # unchecked: the symmetry probe raises
+        ss.lanczos(ss.hessian_operator(model, CE, data, hvp_mode="reverse"), k=3)
+
+
+def test_auto_switches_to_fd_on_a_symmetry_failure_and_restarts():
+    """The second line of defence, where the derivative check could not decide: the symmetry probe within the
+    first products switches auto to finite differences and the solve restarts, both attempts counted."""
+    model, twin = _custom_tanh_model()
+    data = make_data("mlp", 0)
+    H = ss.hessian_operator(model, CE, data)
+    H._derivatives = "inconclusive"  # as after a check that could not decide (a kink within the step)
     with pytest.warns(RuntimeWarning, match=r"failed the symmetry test after \d+ products .* @once_differentiable\); "
                                             "switching to hvp_mode='finite-difference'"):
         res = ss.lanczos(H, k=3)
-    assert H.hvp_mode == FD
+    assert H.hvp_mode == FD and res.derivative_check == "switched"
     assert _rel(res.eigenvalues, _top(twin, data, 3)) < 1e-6
     direct = ss.lanczos(ss.hessian_operator(model, CE, data, hvp_mode=FD), k=3)
     assert res.num_matvecs > direct.num_matvecs  # the failed attempt's products are counted too
     assert res.num_matvecs == H.num_matvecs
     torch.testing.assert_close(res.eigenvalues, direct.eigenvalues, rtol=0, atol=0)
-    ss.lanczos(H, k=3)  # later solves run in finite-difference mode from the start: no warning
-    with pytest.raises(ss.NotSymmetricError, match="double backward"):  # an explicit mode never switches
-        ss.lanczos(ss.hessian_operator(model, CE, data, hvp_mode="cached"), k=3)
 
 
 def test_auto_switches_through_the_ladder_when_torch_raises():

@@ -89,16 +89,6 @@ def test_unconverged_is_reported_not_hidden():
     assert res.num_matvecs == 8 and not res.all_converged
 
 
-def test_max_iter_is_the_deprecated_name_of_max_matvecs():
-    op = with_spectrum(list(np.linspace(0, 1, 400)) + [1.001], seed=6)
-    with pytest.warns(DeprecationWarning, match="use max_matvecs="):
-        old = ss.lanczos(op, k=3, max_iter=8)
-    new = ss.lanczos(op, k=3, max_matvecs=8)
-    assert old.num_matvecs == new.num_matvecs == 8 and torch.equal(old.eigenvalues, new.eigenvalues)
-    with pytest.raises(TypeError, match="max_matvecs only"):
-        ss.lanczos(op, k=3, max_matvecs=8, max_iter=8)
-
-
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
 def test_max_matvecs_must_be_positive(bad):
     op = with_spectrum(np.linspace(0, 1, 50), seed=6)

@@ -29,7 +29,7 @@ import torch
 
 from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError, matmat, same_on_all_ranks
 from .recurrence import random_block
-from .state import LanczosConfig, Ritz, order, scores
+from .state import LanczosConfig, Ritz, order, probe_tolerance, scores
 
 __all__ = ["block_lanczos", "BlockLanczosState"]
 
@@ -147,7 +147,7 @@ class BlockLanczosState:
         if j == 0:
             return
         mismatch = float(np.max(np.abs(H_prev - self.T[:j, j: j + w])))
-        if mismatch > 100 * math.sqrt(torch.finfo(self.cfg.op_dtype).eps) * self.anorm:
+        if mismatch > probe_tolerance(self.cfg.op_dtype, self.cfg.n) * self.anorm:
             raise NotSymmetricError(f"the operator is not symmetric: block projections differ from the recurrence's "
                                     f"coupling by {mismatch:.3g} (step {j}): {NOT_SYMMETRIC_HINT}")
 

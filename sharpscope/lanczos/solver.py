@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from .._memory import memory_budget
-from ..linop import NotSymmetricError, SymmetricOperator, after_asymmetry, pinned, same_on_all_ranks
+from ..linop import NotSymmetricError, SymmetricOperator, after_asymmetry, derivative_check_of, pinned, same_on_all_ranks
 from .backends import make_basis, resolve_backend, storage_of
 from .recurrence import make_generator, random_unit
 from .state import LanczosConfig, LanczosState, Ritz, RoundedBasisLost
@@ -64,15 +64,16 @@ from .state import LanczosConfig, LanczosState, Ritz, RoundedBasisLost
 __all__ = ["lanczos", "LanczosResult"]
 
 Which = Literal["LA", "SA", "LM"]
-_RoundedBasisLost = RoundedBasisLost  # the name earlier versions raised internally
 
 
 @dataclass(frozen=True)
 class LanczosResult:
     """Eigenvalues (float64, ordered by ``which``: descending for LA/LM, ascending for SA), Ritz
     residual norms ``||A y - theta y||``, a per-value ``converged`` mask, the eigenvectors as
-    columns ``(n, k)`` when asked for, and the cost (``num_matvecs`` counts every operator product,
-    each column of a block included)."""
+    columns ``(n, k)`` when asked for, the cost (``num_matvecs`` counts every operator product,
+    each column of a block included) and what the operator's derivative check found
+    (``derivative_check``: ``"passed"``, ``"inconclusive"``, ``"switched"`` to finite differences or
+    ``"unchecked"``; :attr:`sharpscope.linop.SymmetricOperator.derivative_check`)."""
 
     eigenvalues: torch.Tensor
     residuals: torch.Tensor
@@ -82,6 +83,7 @@ class LanczosResult:
     num_reorthogonalizations: int
     eigenvectors: torch.Tensor | None = None
     which: str = "LA"
+    derivative_check: str = "unchecked"
 
     @property
     def all_converged(self) -> bool:
@@ -100,8 +102,7 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
             max_matvecs: int | None = None, seed: int = 0, backend: str = "torch",
             return_eigenvectors: bool = False, *, v0: torch.Tensor | None = None, basis: str = "device",
             max_basis: int | None = None, reorth: Literal["partial", "full"] = "partial",
-            callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None, block_size: int = 1,
-            max_iter: int | None = None) -> LanczosResult:
+            callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None, block_size: int = 1) -> LanczosResult:
     """Top-``k`` eigenpairs of a symmetric operator by thick-restart Lanczos (module docstring).
 
     Args:
@@ -139,7 +140,6 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         block_size: ``b > 1`` runs block Lanczos (:mod:`.block`): ``b`` products per step through
             ``op.matmat`` (batched where that is faster), exactly repeated eigenvalues found with their
             multiplicity up to ``b``; torch backend and ``basis="device"`` only.
-        max_iter: deprecated name of ``max_matvecs``.
 
     Example:
         >>> import torch, sharpscope as ss
@@ -148,7 +148,6 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         >>> [round(x, 6) for x in res.eigenvalues.tolist()]
         [100.0, 99.0, 98.0]
     """
-    max_matvecs = _max_matvecs_argument(max_matvecs, max_iter)
     args = dict(k=k, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed, backend=backend,
                 return_eigenvectors=return_eigenvectors, v0=v0, max_basis=max_basis, reorth=reorth,
                 callback=callback, block_size=block_size)
@@ -163,7 +162,7 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         with pinned(op):
             res = _solve_switching(op, basis="device", **args)
         res = dataclasses.replace(res, num_matvecs=res.num_matvecs + lost.num_matvecs)
-    return _same_on_all_ranks(op, res)
+    return dataclasses.replace(_same_on_all_ranks(op, res), derivative_check=derivative_check_of(op))
 
 
 class _SwitchedError(Exception):
@@ -204,16 +203,6 @@ def _same_on_all_ranks(op, res: LanczosResult) -> LanczosResult:
     vectors = None if res.eigenvectors is None else same_on_all_ranks(op, res.eigenvectors)
     return dataclasses.replace(res, eigenvalues=shared[0].clone(), residuals=shared[1].clone(),
                                converged=shared[2] != 0, eigenvectors=vectors)
-
-
-def _max_matvecs_argument(max_matvecs: int | None, max_iter: int | None) -> int | None:
-    if max_iter is None:
-        return max_matvecs
-    if max_matvecs is not None:
-        raise TypeError("pass max_matvecs only (max_iter is its deprecated name)")
-    warnings.warn("lanczos(max_iter=) is deprecated: use max_matvecs= (it counts operator products)",
-                  DeprecationWarning, stacklevel=3)
-    return max_iter
 
 
 # =============================================================================================

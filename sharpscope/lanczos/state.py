@@ -24,11 +24,23 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError, same_on_all_ranks
+from ..linop import ASYMMETRY_CAP, NOT_SYMMETRIC_HINT, NotSymmetricError, same_on_all_ranks
 from .backends import KrylovBasis
 from .recurrence import random_unit, reorthogonalize, three_term
 
-__all__ = ["LanczosConfig", "LanczosState", "Ritz", "CheckSchedule", "RoundedBasisLost", "order", "scores"]
+__all__ = ["LanczosConfig", "LanczosState", "Ritz", "CheckSchedule", "RoundedBasisLost", "order", "scores",
+           "probe_tolerance"]
+
+
+def probe_tolerance(op_dtype: torch.dtype, n: int) -> float:
+    r"""The symmetry probe's tolerance on :math:`|q_{j-1}^\top A q_j - \beta_{j-1}|`, relative to
+    :math:`\|A\|`: ``min(100 sqrt(eps), ASYMMETRY_CAP / sqrt(n))`` of the operator's dtype. The first term
+    leaves room for the noise of float32 autograd products through many layers; the cap keeps the tolerance
+    below 1 in 16-bit (``100 sqrt(eps)`` is 8.8 in bfloat16, 3.1 in float16) and below what a grossly
+    asymmetric operator gives, about :math:`\|A\| / (2\sqrt n)` per step for unit vectors in general
+    position, while a symmetric one with products rounded to a relative :math:`\rho` gives about
+    :math:`\rho \|A\| / \sqrt n` (:func:`sharpscope.linop.symmetry_tolerance`)."""
+    return min(100 * math.sqrt(torch.finfo(op_dtype).eps), ASYMMETRY_CAP / math.sqrt(max(n, 1)))
 
 
 def order(theta: np.ndarray, which: str) -> np.ndarray:
@@ -180,7 +192,7 @@ class LanczosState:
         j, T = self.j, self.T
         mismatch = abs(back - T[j, j - 1])
         self.noise = max(self.noise, mismatch)
-        if mismatch > max(100 * math.sqrt(torch.finfo(self.cfg.op_dtype).eps), self.sym_floor) * self.anorm:
+        if mismatch > max(probe_tolerance(self.cfg.op_dtype, self.cfg.n), self.sym_floor) * self.anorm:
             if self.rounded:  # the rounded rows, not necessarily the operator: lanczos() retries in float32
                 raise RoundedBasisLost(f"symmetry mismatch {mismatch:.3g} at step {j}", self.num_mv)
             raise NotSymmetricError(
