@@ -10,6 +10,7 @@ import pytest
 
 from sharpscope.analysis.consistency import super_consistency
 from sharpscope.analysis.eos import edge_of_stability
+from sharpscope.analysis.findings import Finding, verdict_cell
 from sharpscope.analysis.optimum import lr_optimum, lr_optimum_over_seeds
 from sharpscope.analysis.transfer import lr_transfer
 from sharpscope.analysis.uncertainty import (
@@ -20,6 +21,7 @@ from sharpscope.analysis.uncertainty import (
     projected,
     range_interval,
     seeds_needed,
+    seeds_note,
     side,
 )
 
@@ -205,6 +207,42 @@ def test_the_cost_alone_can_straddle_and_its_seeds_are_projected():
     assert r.shift_range_interval.high <= 0.5  # the shift is clear; the cost (0.8 * 0.25^2 = 5%) is not
     assert r.cost_interval.method == "mapped" and r.cost_interval.low <= 0.05 < r.cost_interval.high
     assert r.verdict == "undetermined" and r.code == "straddles", r.reason
+
+
+# per_layer_lr_adam, SP with per-layer lrs, 3 seeds (measured 2026-12-07): final loss per width, seed, lr
+PER_LAYER_SP_LRS = [0.005, 0.01, 0.02, 0.04, 0.08]
+PER_LAYER_SP = {
+    64: [[0.045834, 0.010685, 0.004402, 0.011742, 0.035379], [0.050431, 0.01752, 0.009573, 0.007495, 1.488742],
+         [0.050904, 0.014145, 0.007016, 0.007967, 0.357222]],
+    128: [[0.043929, 0.011593, 0.005087, 0.008205, 0.029088], [0.042758, 0.01658, 0.010354, 0.014033, 0.057489],
+          [0.044544, 0.01378, 0.010999, 0.017802, 0.089011]],
+    256: [[0.038618, 0.015461, 0.008663, 0.01013, 0.118594], [0.042984, 0.02027, 0.013115, 0.029648, 0.094705],
+          [0.037489, 0.01782, 0.014857, 0.020649, 0.03076]]}
+
+
+def table_cell(r):
+    """The verdict table's cell for a transfer result."""
+    return verdict_cell(Finding("transfer", "", "lr transfer", r.verdict, r.reason, "sp", "adam", None, {}, "width",
+                                entry=r.evidence))
+
+
+def test_an_undetermined_verdict_says_why_it_suggests_no_seed_count():
+    """The issue's per_layer_lr_adam case: the point cost (7.2%) lies above 5% but the cost interval closes, as
+    seeds grow, on the cost at the mean per-seed offset (~4.8%): no number of seeds decides, and the reason and
+    the table say so instead of ending at "needs more seeds"."""
+    curves = {w: {s: (np.array(PER_LAYER_SP_LRS), np.array(v)) for s, v in enumerate(rows)}
+              for w, rows in PER_LAYER_SP.items()}
+    r = lr_transfer(seeds=curves)
+    assert r.verdict == "undetermined" and r.code == "straddles" and r.seeds_suggested is None, r.reason
+    assert "no seed count" in r.reason and "finer lr grid" in r.reason
+    assert table_cell(r) == "undetermined (straddles, no seed count)"
+    # a straddling interval that a seed count does decide keeps its number, in the reason and the table
+    wide = np.array([-0.4, 0.0, 0.4])
+    decidable = lr_transfer(seeds=seeded({64: -4 + wide, 256: -4.3 + wide[::-1]}))
+    m = decidable.seeds_suggested
+    assert isinstance(m, int) and "no seed count" not in decidable.reason
+    assert table_cell(decidable) == f"undetermined (straddles, ~{m} seeds)"
+    assert seeds_note(None) != seeds_note(5) and "about 5 seeds" in seeds_note(5)
 
 
 def test_undetermined_meanings_have_distinct_codes():

@@ -65,7 +65,7 @@ from .trajectories import (
     split_seeds,
     window_mask,
 )
-from .uncertainty import CODES, LEVEL, Interval, check_level, jackknife_interval, pair_seeds, seeds_needed, side
+from .uncertainty import CODES, LEVEL, Interval, check_level, jackknife_interval, pair_seeds, seeds_needed, seeds_note, side
 
 __all__ = ["ConsistencyThresholds", "AlphaFit", "ConsistencyResult", "super_consistency", "fit_alpha"]
 
@@ -406,13 +406,13 @@ def _verdict(th: ConsistencyThresholds, spread: str, spread_sum: float, alpha: A
     if where == "straddles":
         need = seeds_needed(ivs.spread, th.spread_max)  # type: ignore[arg-type]
         return "undetermined", (f"median relative spread ({spread}) {spread_sum:.3g} against {th.spread_max:g}{ints}; "
-                                f"undetermined: {CODES['straddles']}" + _about(need)), "straddles", need
+                                f"undetermined: {CODES['straddles']}" + seeds_note(need)), "straddles", need
     conv = _converging(th, alpha, ivs.alpha)
     if conv == "straddles":
         need = seeds_needed(ivs.alpha, th.alpha_min)  # type: ignore[arg-type]
         return "undetermined", (f"spread {spread_sum:.3g} > {th.spread_max:g}; alpha {alpha.alpha:.3g} against "  # type: ignore[union-attr]
                                 f"{th.alpha_min:g} decides between converging and not{ints}; undetermined: "
-                                f"{CODES['straddles']}" + _about(need)), "straddles", need
+                                f"{CODES['straddles']}" + seeds_note(need)), "straddles", need
     if conv == "yes":
         assert alpha is not None
         error = (f" +- {alpha.stderr:.2g}" if math.isfinite(alpha.stderr)
@@ -433,5 +433,3 @@ def _verdict(th: ConsistencyThresholds, spread: str, spread_sum: float, alpha: A
                             f"trend (Spearman {trend_sum:.3g}){ints}"), tag, None
 
 
-def _about(need: int | None) -> str:
-    return f" (about {need} seeds by the interval's 1/sqrt(n) scaling)" if need is not None else ""

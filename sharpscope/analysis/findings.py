@@ -208,7 +208,8 @@ def verdict_cell(f: Finding) -> str:
     code, seeds = f.entry.get("code"), f.entry.get("seeds_suggested")
     if f.verdict != "undetermined" or code in (None, "not-analysed"):
         return f.verdict
-    return f"{f.verdict} ({code}" + (f", ~{seeds} seeds" if isinstance(seeds, int) else "") + ")"
+    more = f", ~{seeds} seeds" if isinstance(seeds, int) else ", no seed count" if code == "straddles" else ""
+    return f"{f.verdict} ({code}{more})"
 
 
 def findings(metrics: Mapping[str, Any], labels: Labels | None = None) -> list[Finding]:

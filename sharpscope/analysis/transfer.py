@@ -20,7 +20,7 @@ import numpy as np
 
 from .optimum import LrOptimum, SeedOptima, interp_loss, lr_optimum, lr_optimum_over_seeds, seed_curves
 from .trajectories import check_size, finite_or_none, seed_mean, size_key
-from .uncertainty import CODES, LEVEL, Interval, check_level, mean_interval, pair_seeds, range_interval, seeds_needed, side
+from .uncertainty import CODES, LEVEL, Interval, check_level, mean_interval, pair_seeds, range_interval, seeds_needed, seeds_note, side
 
 __all__ = ["LrOptimum", "SeedOptima", "TransferResult", "lr_optimum", "lr_optimum_over_seeds", "lr_transfer"]
 
@@ -439,6 +439,6 @@ def _transfer_reason(optima: Sequence[LrOptimum], shift_range: float, bound: tup
         reason += f"; optimum at the grid edge for {edges} (a bound, not a point)"
     if verdict == "undetermined":
         reason += f"; undetermined: {CODES[code]}"
-        if suggested is not None:
-            reason += f" (about {suggested} seeds by the interval's 1/sqrt(n) scaling)"
+        if code == "straddles":
+            reason += seeds_note(suggested)
     return reason

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["LEVEL", "CODES", "Interval", "mean_interval", "jackknife_interval", "range_interval", "side",
-           "projected", "seeds_needed", "check_level", "pair_seeds"]
+           "projected", "seeds_needed", "seeds_note", "check_level", "pair_seeds"]
 
 LEVEL = 0.9  # the default confidence level of every interval
 
@@ -269,6 +269,16 @@ def seeds_needed(interval: Interval, threshold: float,
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if clear(mid) else (mid, hi)
     return hi
+
+
+def seeds_note(need: int | None) -> str:
+    """The reason's words for :func:`seeds_needed`'s answer on a straddling interval: the seeds it suggests, or
+    why it suggests none (so an undetermined verdict never leaves the reader without what would decide it)."""
+    if need is not None:
+        return f" (about {need} seeds by the interval's 1/sqrt(n) scaling)"
+    return (f" (no seed count: at the measured centre and per-seed spread no number of seeds up to {_MAX_SEEDS:,} "
+            "takes the interval clear -- it closes on a value at or next to the threshold; a finer lr grid or "
+            "more seeds to re-centre it would decide)")
 
 
 def pair_seeds(seed_sets: Sequence[Sequence[Any]]) -> tuple[list[list[int]], str]:
