@@ -259,6 +259,20 @@ def test_undetermined_meanings_have_distinct_codes():
     assert off.verdict == "undetermined" and off.code == "cost-outside-grid", off.reason
 
 
+def test_a_spread_interval_clipped_to_zero_says_so():
+    """Sizes that differ by less than their seeds do: the jackknife's bias correction puts the whole spread
+    interval below 0; clipped, it reads 0..0, which the reason explains instead of showing as a sharp zero."""
+    rng = np.random.default_rng(21)
+    f = 2.0 * (1.0 - np.exp(-(STEPS + 5.0) / 20.0))
+    same = {w: (STEPS, f * (1 + 0.08 * rng.standard_normal((3, 1)) + 0.002 * rng.standard_normal((3, STEPS.size))))
+            for w in WIDTHS}
+    r = super_consistency(seeds=same, window=0.0)
+    assert r.spread_interval.low == r.spread_interval.high == 0.0 and r.spread_interval.estimate < 0
+    assert r.verdict == "consistent" and "0..0 only after clipping" in r.reason, r.reason
+    clear = super_consistency(seeds=noisy_trajectories(np.random.default_rng(3), 5, 5.0, 0.5), window=0.0)
+    assert clear.spread_interval.high > 0 and "after clipping" not in clear.reason
+
+
 def test_consistency_verdict_is_three_way_at_the_threshold():
     steps = np.arange(0.0, 60.0, 10.0)
 

@@ -341,6 +341,10 @@ class _SeedIntervals:
         alpha_iv = jackknife_interval(alpha_of, n, level) if len(keys) >= 3 else None
         if spread_iv is None:
             note += "; the spread is not finite for every leave-one-seed-out set: no interval"
+        elif spread_iv.high <= spread_iv.floor:  # the whole t interval fell below 0 and was clipped to 0..0
+            note += ("; the spread's interval is 0..0 only after clipping: the jackknife's correction for seed noise "
+                     f"(estimate {spread_iv.estimate:.3g}) exceeds the spread of the seed means, so the sizes differ by "
+                     "no more than the seeds do")
         if alpha_iv is None and len(keys) >= 3:
             note += "; alpha is not fitted for every leave-one-seed-out set: no alpha interval"
         return cls(n_seeds, n, spread_iv, alpha_iv, note)
