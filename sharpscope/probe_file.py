@@ -22,7 +22,8 @@ A probe file::
     parameterizations = ["mup", "sp"]
     optimizers = ["sgd"]
     lrs = [0.1, 0.2]
-    steps = 100
+    steps = 100                                # or samples = 38400: a fixed budget of training samples,
+                                               # steps = samples / batch_size per run (mini-batches only)
     batch_size = 0                             # 0: full batch
     seeds = [0]
     data = "digits"                            # or "teacher-student", "cifar10"; [train.data_kwargs] for options
@@ -120,6 +121,7 @@ class Probe:
     optimizers: tuple[str, ...]
     lrs: tuple[float, ...]
     steps: int
+    samples: int = 0
     description: str = ""
     expected: str = ""
     source: str = ""
@@ -276,7 +278,7 @@ def load_probe(path: str | Path) -> Probe:
         parameterizations=r.values(r.get(train, "parameterizations", "train", True), "[train] parameterizations", lower),
         optimizers=r.values(r.get(train, "optimizers", "train", True), "[train] optimizers", lower),
         lrs=r.values(r.get(train, "lrs", "train", True), "[train] lrs", lambda v, w: r.number(v, w, positive=True)),
-        steps=r.integer(r.get(train, "steps", "train", True), "[train] steps", 1),
+        steps=_train_length(r, train)[0], samples=_train_length(r, train)[1],
         batch_size=r.integer(train.get("batch_size", 0), "[train] batch_size", 0),
         seeds=r.values(train.get("seeds", [0]), "[train] seeds", pos_int(0)),
         data=r.text(train.get("data", "digits"), "[train] data"),
@@ -301,6 +303,7 @@ def load_probe(path: str | Path) -> Probe:
     expect = parse_expectations(raw.get("expect", {}), parameterizations=probe.parameterizations,
                                 quantities=probe.quantities, where=str(path))  # [expect]: one line per problem
     probe = _replace(probe, axes=axes, compare=compare, expect=expect)
+    _check_budget(r, probe)
     _validate(r, probe)
     return probe
 
@@ -427,6 +430,25 @@ def _compare(r: _Reader, probe: Probe, axes: tuple[Axis, ...], sweep: dict) -> s
     if any(isinstance(v, (bool, str)) for v in values):
         r.fail(f"[sweep] compare = {compare!r}: the compared axis needs numbers, got {list(values)}")
     return compare
+
+
+def _train_length(r: _Reader, train: dict) -> tuple[int, int]:
+    """``(steps, samples)``: ``[train] steps``, or ``[train] samples`` (a fixed budget of training samples; steps
+    then 0 here and ``samples / batch_size`` per run), one of them."""
+    if "samples" not in train:
+        return r.integer(r.get(train, "steps", "train", True), "[train] steps", 1), 0
+    if "steps" in train:
+        r.fail("[train] give steps or samples (a fixed budget of training samples: steps = samples / batch_size), "
+               "not both")
+    return 0, r.integer(train["samples"], "[train] samples", 1)
+
+
+def _check_budget(r: _Reader, p: Probe) -> None:
+    """A sample budget needs a batch size in every run, and no steps axis."""
+    batches = p.axis("batch_size").values if p.axis("batch_size") else (p.batch_size,)
+    if p.samples and (p.axis("steps") or not all(batches)):
+        r.fail("[train] samples needs mini-batches (batch_size > 0 in every run) and no steps axis: steps = "
+               "samples / batch_size")
 
 
 # -- whole-file checks ----------------------------------------------------------------------------------------

@@ -59,6 +59,9 @@ def _optimizer_kwargs(probe: Probe, spec: RunSpec) -> dict[str, Any]:
 
 
 def _steps(probe: Probe, spec: RunSpec) -> int:
+    """The run's training steps: ``steps``, or with ``[train] samples`` (a fixed budget) samples / batch size."""
+    if probe.samples:
+        return max(1, round(probe.samples / spec.value("batch_size", probe.batch_size)))
     return spec.value("steps", probe.steps)
 
 

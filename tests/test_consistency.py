@@ -327,8 +327,11 @@ def test_grid_edge_flagged():
     # a grid-end optimum makes the transfer verdict undetermined, even when identical
     res = lr_transfer({1: parabola(-12.0), 2: parabola(-12.0)})
     assert res.verdict == "undetermined" and "grid" in res.reason
-    # a divergence-bounded optimum does not
-    assert lr_transfer({1: c, 2: c}).verdict == "transfers"
+    # a divergence-bounded optimum is a bound, not a point (issue 25; before, it read 'transfers'): each lies
+    # between its grid neighbours, so identical curves allow a shift of 0..2 octaves: a finer grid decides
+    same = lr_transfer({1: c, 2: c})
+    assert same.verdict == "undetermined" and same.code == "censored", same.reason
+    assert same.shift_range_bound == (0.0, 2.0) and e.bound_log2 == (-3.0, -1.0)
 
 
 def test_all_diverged_width_is_undetermined():

@@ -123,3 +123,21 @@ def test_more_bad_probe_files(tmp_path, edit, message):
     path.write_text(edit(PROBE))
     with pytest.raises(ValueError, match=message):
         load_probe(path)
+
+
+def test_a_sample_budget_sets_the_steps_per_batch_size(tmp_path):
+    """``[train] samples``: a fixed budget of training samples, steps = samples / batch_size per run (issue 25:
+    Muon vs AdamW across batch sizes at equal data)."""
+    from sharpscope.sweep import _steps, run_config
+
+    path = tmp_path / "budget.toml"
+    budget = PROBE.replace("steps = 6", "samples = 640") + '[sweep]\ncompare = "batch_size"\n[sweep.axes]\nbatch_size = [32, 64]\n'
+    path.write_text(budget.replace("widths = [16, 32]", "widths = [16]"))
+    probe = load_probe(path)
+    assert probe.samples == 640 and {(s.value("batch_size"), _steps(probe, s)) for s in plan(probe)} == {(32, 20), (64, 10)}
+    assert {run_config(probe, s)["steps"] for s in plan(probe)} == {20, 10}
+    for text, message in [(PROBE.replace("steps = 6", "steps = 6\nsamples = 640"), "steps or samples"),
+                          (PROBE.replace("steps = 6", "samples = 640"), "needs mini-batches")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_probe(path)

@@ -10,14 +10,20 @@ thresholded quantities against their edge of stability, and runs
 horizon) trajectories are compared at equal fractions of training. Runs from different probes or
 batches are not compared; what cannot be compared is returned as a list of problems, never raised.
 A check that cannot apply to the runs at all (one size, fewer than 3 lrs, a layer whose fan-in does not
-grow) keeps its ``undetermined`` verdict and gets a ``not_analysed`` key with the short reason: the report
-folds those into one note instead of the verdict table.
+grow) keeps its ``undetermined`` verdict and gets a ``not_analysed`` key with the short reason (and the code
+``"not-analysed"``): the report folds those into one note instead of the verdict table.
+
+With several seeds per size, the verdicts get confidence intervals over seeds
+(:mod:`sharpscope.analysis.uncertainty`): the per-seed trajectories and loss curves go to
+:func:`~sharpscope.analysis.consistency.super_consistency` and :func:`~sharpscope.analysis.transfer.lr_transfer`
+(``seeds=``), whose point numbers stay those of the seed means; each EoS tail ratio gets an interval too, and the
+figures get the seeds' range as bands.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,10 +34,22 @@ from .consistency import super_consistency
 from .eos import edge_of_stability
 from .summaries import LayerSharpness, RunSummary, collect, finite_number
 from .transfer import lr_transfer
+from .uncertainty import CODES, LEVEL
 
 __all__ = ["RunSummary", "Comparison", "LayerSharpness", "QuantityResult", "ComparedGroup", "TransferFamily",
            "Analysis", "collect", "analyze", "analyze_in_detail", "group_label", "plural", "AXES", "compared_axes"]
 
+
+UNCERTAINTY = {
+    "level": LEVEL,
+    "methods": {"lr_opt": "Student t on the per-seed optima (log2 lr; bounded optima as their bounds)",
+                "shift_range_octaves": "Bonferroni-adjusted paired t intervals of the pairwise shifts (bonferroni-t)",
+                "cost_relative": "a Bonferroni box of the transferred lr's offset and the curvature, mapped through the "
+                                 "largest size's seed-mean curve (mapped)",
+                "spread_summary, alpha": "jackknife over seeds, t quantiles (jackknife-t)",
+                "tail_ratio": "Student t on the per-seed tail means"},
+    "single_seed": "a point verdict marked 'no interval'", "codes": CODES, "source": "docs/science.md, section 6"}
+"""How metrics.json names the intervals' method (its ``uncertainty`` key)."""
 
 AXES = ("width", "depth")  # the size axes of every run; any other recorded setting is an axis too
 LR_TRANSFER_MIN_LRS = 3  # lr_transfer fits a parabola in log2 lr around the best grid point
@@ -103,10 +121,12 @@ class Comparison:
 
 @dataclass(frozen=True)
 class QuantityResult:
-    """One quantity of one comparison: the trajectory per compared value and its verdict."""
+    """One quantity of one comparison: the trajectory per compared value (the seed mean), its verdict and,
+    where a size has several seeds, the seeds' range per step (``bands``: size -> (low, high))."""
 
     trajectories: dict[float, tuple[list[float], list[float]]]
     result: Any  # consistency.ConsistencyResult
+    bands: dict[float, tuple[list[float], list[float]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,6 +146,7 @@ class TransferFamily:
     entry: dict[str, Any]
     curves: dict[float, dict[float, float]]
     result: Any  # transfer.TransferResult | None
+    seed_curves: dict[float, dict[Any, dict[float, float]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -214,17 +235,39 @@ def _mismatch(c: Comparison) -> str | None:
     return None
 
 
-def _trajectories(c: Comparison, q: str) -> dict[float, tuple[list[float], list[float]]]:
-    """Per value of the compared axis, the seed-mean trajectory of ``q``; along ``steps`` (the training
-    horizon) its x is the fraction of training, step / steps, so that horizons compare at equal
-    fractions."""
+def _seed_ids(runs: Sequence[RunSummary]) -> list[Any]:
+    """A key per run of one size (and lr): its seed, or its position where seeds are missing or repeated."""
+    seeds = [m.seed for m in runs]
+    return seeds if None not in seeds and len(set(map(repr, seeds))) == len(seeds) else list(range(len(runs)))
+
+
+def _seed_trajectories(c: Comparison, q: str) -> dict[float, dict[Any, tuple[list[float], list[float]]]]:
+    """Per value of the compared axis, the trajectory of ``q`` of every seed; along ``steps`` (the training
+    horizon) its x is the fraction of training, step / steps, so that horizons compare at equal fractions."""
     out = {}
     for size, runs in c.by_size().items():
-        trajs = [m.trajectories[q] for m in runs if q in m.trajectories]
-        if trajs:
-            steps, values = _mean_trajectory(trajs)
-            out[size] = ([x / size for x in steps], values) if c.axis == "steps" else (steps, values)
+        have = [m for m in runs if q in m.trajectories]
+        if have:
+            out[size] = {k: (([x / size for x in m.trajectories[q][0]], m.trajectories[q][1]) if c.axis == "steps"
+                             else m.trajectories[q]) for k, m in zip(_seed_ids(have), have)}
     return out
+
+
+def _bands(per_seed: Mapping[float, Mapping[Any, tuple]], traj: Mapping[float, tuple]) -> dict[float, tuple]:
+    """The seeds' range (min, max) per step of the mean trajectory, for sizes with >= 2 seeds."""
+    out = {}
+    for size, seeds in per_seed.items():
+        if len(seeds) >= 2 and size in traj:
+            stack = _on_steps(seeds, traj[size][0])
+            with np.errstate(invalid="ignore"):
+                out[size] = (list(np.min(stack, axis=0)), list(np.max(stack, axis=0)))
+    return out
+
+
+def _on_steps(seeds: Mapping[Any, tuple], steps: Sequence[float]) -> np.ndarray:
+    """The seeds' values at ``steps`` (every seed has them: they are the mean's), seeds x steps."""
+    tables = [dict(zip(s, v)) for s, v in seeds.values()]
+    return np.array([[t.get(x, np.nan) for x in steps] for t in tables], dtype=float)
 
 
 def _fraction_axis(axis: str) -> dict[str, Any]:
@@ -248,31 +291,35 @@ def _compare(c: Comparison, problems: list[str], shown: set[str]) -> ComparedGro
         problems.append(_named(label, f"{mismatch}; not compared"))
     quantities = sorted({q for m in c.members for q in m.trajectories})
     for q in quantities:
-        traj = _trajectories(c, q)
+        per_seed = _seed_trajectories(c, q)
+        traj = {size: _mean_trajectory(list(seeds.values())) for size, seeds in per_seed.items()}
         missing = [s for s in c.sizes if s not in traj]
         if missing and len(traj) >= 1:
             problems.append(_named(label, f"{q} measured for {names} {_fmt(traj)} but not for {_fmt(missing)}"))
         if mismatch:
-            entry["quantities"][q] = {"verdict": "undetermined", "reason": mismatch}
+            entry["quantities"][q] = {"verdict": "undetermined", "reason": mismatch, "code": "not-analysed"}
             continue
         if len(traj) < 2:
             entry["quantities"][q] = {"verdict": "undetermined", "reason": f"only {len(traj)} {c.axis}(s) measured",
-                                      "not_analysed": f"{_count(len(traj), c.axis)} measured (needs >= 2)"}
+                                      "not_analysed": f"{_count(len(traj), c.axis)} measured (needs >= 2)",
+                                      "code": "not-analysed"}
+            continue
+        shared = set.intersection(*(set(steps) for steps, _ in traj.values()))
+        if c.axis != "steps" and shared and max(shared) <= 0:  # only the initial checkpoint: nothing trained
+            why = f"the {plural(c.axis)} share only the initial checkpoint (their training horizons differ)"
+            entry["quantities"][q] = {"verdict": "undetermined", "reason": why, "code": "not-analysed",
+                                      "not_analysed": "only the initial step in common"}
             continue
         try:
-            res = super_consistency(traj, **_fraction_axis(c.axis))
+            res = super_consistency(seeds=per_seed, **_fraction_axis(c.axis))
         except ValueError as err:
-            entry["quantities"][q] = {"verdict": "undetermined", "reason": str(err)}
+            entry["quantities"][q] = {"verdict": "undetermined", "reason": str(err), "code": "not-analysed"}
             continue
         entry["quantities"][q] = res.evidence
-        results[q] = QuantityResult(traj, res)
+        results[q] = QuantityResult(traj, res, _bands(per_seed, traj))
         thresholds = {m.value(c.axis): m.thresholds[q] for m in c.members if q in m.thresholds}
         if thresholds:
-            eos = {}
-            for size, threshold in sorted(thresholds.items()):
-                r = edge_of_stability(*traj[size], threshold)
-                eos[_key(size)] = {"threshold": threshold, "tail_ratio": r.tail_mean, "first_step_at_0.9": r.first_step}
-            entry["quantities"][q]["edge_of_stability"] = eos
+            entry["quantities"][q]["edge_of_stability"] = _eos(thresholds, traj, per_seed)
     if any(m.alignment is not None for m in c.members) and not mismatch:
         found = _alignment(c)
         if found is not None:
@@ -280,6 +327,19 @@ def _compare(c: Comparison, problems: list[str], shown: set[str]) -> ComparedGro
     if not quantities and not mismatch and "alignment" not in entry:
         problems.append(_named(label, "no spectra to compare"))
     return ComparedGroup(c, entry, results)
+
+
+def _eos(thresholds: Mapping[float, float], traj: Mapping[float, tuple], per_seed: Mapping[float, Mapping[Any, tuple]]
+         ) -> dict[str, Any]:
+    """Per size: the EoS threshold, the tail ratio of the seed mean and (>= 2 seeds) its interval over seeds."""
+    eos = {}
+    for size, threshold in sorted(thresholds.items()):
+        steps = traj[size][0]
+        r = edge_of_stability(steps, _on_steps(per_seed[size], steps), threshold)
+        eos[_key(size)] = {"threshold": threshold, "tail_ratio": r.tail_mean, "first_step_at_0.9": r.first_step,
+                           "tail_ratio_interval": None if r.tail_interval is None else r.tail_interval.pair(),
+                           "seeds": r.n_seeds}
+    return eos
 
 
 def _alignment(c: Comparison) -> dict[str, Any] | None:
@@ -305,16 +365,29 @@ def _fmt(sizes) -> str:
     return ", ".join(f"{s:g}" for s in sorted(sizes))
 
 
-def _lr_curves(c_members: Sequence[RunSummary], axis: str) -> dict[float, dict[float, float]]:
-    """Size -> lr -> final loss, the mean over seeds; a seed that diverged, or blew up (ended above
-    twice its initial loss: a finite but meaningless loss that would bend the quadratic fit of the
-    optimum), makes the point diverged (NaN)."""
-    points: dict[float, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+def _lr_curves(c_members: Sequence[RunSummary], axis: str) -> dict[float, dict[Any, dict[float, float]]]:
+    """Size -> seed -> lr -> final loss; a run that diverged, or blew up (ended above twice its initial loss:
+    a finite but meaningless loss that would bend the quadratic fit of the optimum), is NaN (diverged)."""
+    runs: dict[tuple[float, float], list[RunSummary]] = defaultdict(list)
     for s in c_members:
         if s.loss_source != "unknown":
-            points[s.value(axis)][s.lr].append(float("nan") if s.blew_up else s.final_loss)
-    return {size: {lr: float(np.mean(v)) if all(math.isfinite(x) for x in v) else float("nan")
-                   for lr, v in curve.items()} for size, curve in sorted(points.items())}
+            runs[(s.value(axis), s.lr)].append(s)
+    points: dict[float, dict[Any, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+    for (size, lr), same in sorted(runs.items()):
+        for k, s in zip(_seed_ids(same), same):
+            points[size][k][lr] = float("nan") if s.blew_up else s.final_loss
+    return {size: dict(seeds) for size, seeds in sorted(points.items())}
+
+
+def _mean_curves(seed_curves: Mapping[float, Mapping[Any, Mapping[float, float]]]) -> dict[float, dict[float, float]]:
+    """Size -> lr -> final loss, the mean over the seeds at that lr; a diverged seed makes the point NaN."""
+    out = {}
+    for size, seeds in seed_curves.items():
+        lrs = sorted({lr for curve in seeds.values() for lr in curve})
+        values = {lr: [curve[lr] for curve in seeds.values() if lr in curve] for lr in lrs}
+        out[size] = {lr: float(np.mean(v)) if all(math.isfinite(x) for x in v) else float("nan")
+                     for lr, v in values.items()}
+    return out
 
 
 def _transfers(summaries: Sequence[RunSummary], axes: Sequence[str], problems: list[str],
@@ -324,7 +397,8 @@ def _transfers(summaries: Sequence[RunSummary], axes: Sequence[str], problems: l
         for (param, opt, _, fixed), members in _groups(summaries, axis, False).items():
             fixed = dict(fixed)
             label = _short_label(shown, param, opt, None, fixed)
-            curves = _lr_curves(members, axis)
+            seed_curves = _lr_curves(members, axis)
+            curves = _mean_curves(seed_curves)
             head = {"axis": axis, "parameterization": param, "optimizer": opt, "fixed": fixed}
             n_lrs = max((len(curve) for curve in curves.values()), default=0)
             blown = sorted(f"{s.value(axis):g}@{s.lr:g}" for s in members if s.blew_up)
@@ -336,8 +410,8 @@ def _transfers(summaries: Sequence[RunSummary], axes: Sequence[str], problems: l
                 short = ("no training loss recorded" if not curves
                          else f"{_count(n_lrs, 'lr')} (needs >= {LR_TRANSFER_MIN_LRS})" if n_lrs < LR_TRANSFER_MIN_LRS
                          else f"{_count(len(curves), axis)} (needs >= 2)")
-                out.append(TransferFamily({**head, "verdict": "undetermined", "reason": reason, "not_analysed": short},
-                                          curves, None))
+                out.append(TransferFamily({**head, "verdict": "undetermined", "reason": reason, "not_analysed": short,
+                                           "code": "not-analysed"}, curves, None, seed_curves))
                 continue
             if blown:
                 problems.append(_named(label, f"{len(blown)} run(s) ended above twice their initial loss ({axis}@lr: "
@@ -346,10 +420,11 @@ def _transfers(summaries: Sequence[RunSummary], axes: Sequence[str], problems: l
             if dead:
                 problems.append(_named(label, f"every lr diverged for {plural(axis)} {_fmt(dead)}: lower the lr grid"))
             try:
-                res = lr_transfer(curves)
-                out.append(TransferFamily({**head, **res.evidence}, curves, res))
+                res = lr_transfer(seeds=seed_curves)
+                out.append(TransferFamily({**head, **res.evidence}, curves, res, seed_curves))
             except ValueError as err:
-                out.append(TransferFamily({**head, "verdict": "undetermined", "reason": str(err)}, curves, None))
+                out.append(TransferFamily({**head, "verdict": "undetermined", "reason": str(err), "code": "not-analysed"},
+                                          curves, None, seed_curves))
     return out
 
 
@@ -375,7 +450,7 @@ def analyze_in_detail(summaries: Sequence[RunSummary], compare: str | None = Non
     groups = [_compare(c, problems, shown) for c in _comparisons(summaries, axes)]
     transfers = _transfers(summaries, axes, problems, shown)
     metrics = {"compared": axes, "groups": [g.entry for g in groups], "transfer": [t.entry for t in transfers],
-               "problems": problems}
+               "problems": problems, "uncertainty": UNCERTAINTY}
     return Analysis(metrics, groups, transfers, summaries)
 
 

@@ -32,19 +32,40 @@ For widths :math:`n_1 < \dots < n_W = N` at a step t (sizes, trajectories and wi
   3. ``"diverging-up"`` / ``"diverging-down"``: window median of trend >= ``trend_min`` /
      <= ``-trend_min``;
   4. ``"inconsistent"``: the spread is large and has no monotone direction in width;
-  ``"undetermined"`` when no step of the window has >= 2 finite values.
+  ``"undetermined"`` when no step of the window has >= 2 finite values (code ``"no-data"``).
+* with seeds (``seeds=``): the numbers above come from the seed-mean trajectories, and the spread and
+  alpha get jackknife t intervals over seeds (:mod:`sharpscope.analysis.uncertainty`; docs/science.md,
+  section 6). Rule 1 then needs the spread's interval at or below ``spread_max``, rules 2-4 need it above;
+  an interval that straddles makes the verdict ``"undetermined"`` (code ``"straddles"``, with the seeds the
+  interval suggests), as does alpha's interval straddling ``alpha_min`` where alpha decides. With one seed
+  the verdict is the point's (code ``"no-interval"``).
 """
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import stats
 
-from .trajectories import CommonSteps, Trajectory, Window, finite_or_none, nanmedian, on_common_steps, size_key, window_mask
+from .alpha import AlphaFit, fit_alpha
+from .trajectories import (
+    CommonSteps,
+    Trajectory,
+    Window,
+    check_size,
+    check_trajectory,
+    finite_or_none,
+    nanmedian,
+    on_common_steps,
+    seed_mean,
+    size_key,
+    split_seeds,
+    window_mask,
+)
+from .uncertainty import CODES, LEVEL, Interval, check_level, jackknife_interval, pair_seeds, seeds_needed, seeds_note, side
 
 __all__ = ["ConsistencyThresholds", "AlphaFit", "ConsistencyResult", "super_consistency", "fit_alpha"]
 
@@ -76,129 +97,6 @@ class ConsistencyThresholds:
             raise ValueError(f"threshold trend_min must be in (0, 1], got {self.trend_min}")
 
 
-@dataclass(frozen=True)
-class AlphaFit:
-    """Least-squares fit of ``log D_n = log C + log|n^-alpha - N^-alpha|`` (module docstring).
-
-    alpha, stderr (NaN with < 1 residual dof), rmse (of the log residuals), amplitude C,
-    sign (+1: the smaller sizes sit above the widest, -1: below), limit_ratio
-    (lambda_inf / lambda_N, None unless alpha > 0), sizes used, at_bound (alpha hit the search
-    interval [-8, 8]: the power law does not describe the data).
-    """
-
-    alpha: float
-    stderr: float
-    rmse: float
-    amplitude: float
-    sign: int
-    limit_ratio: float | None
-    sizes: tuple[float, ...]
-    widest: float
-    at_bound: bool
-
-
-_ALPHA_BOUNDS = (-8.0, 8.0)
-
-
-def _log_shape(alpha: float, n: np.ndarray, N: float) -> np.ndarray:
-    """log|n^-a - N^-a| up to an n-independent constant (smooth through a = 0)."""
-    delta = math.log(N) - np.log(n)  # > 0
-    if abs(alpha) < 1e-12:
-        return np.log(delta)
-    return -alpha * math.log(N) + np.log(np.expm1(alpha * delta) / alpha)
-
-
-def _alpha_input(sizes: Sequence[float], distances: Sequence[float], widest: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`fit_alpha`'s checked sizes and distances as arrays."""
-    n = np.asarray(sizes, dtype=float)
-    d = np.asarray(distances, dtype=float)
-    if n.shape != d.shape or n.ndim != 1:
-        raise ValueError(f"mismatched lengths: {n.size} sizes vs {d.size} distances")
-    if n.size < 2:
-        raise ValueError(f"alpha needs >= 2 sizes besides the widest (>= 3 in all), got {n.size}")
-    if np.any(n >= widest) or np.any(n <= 0):
-        raise ValueError("alpha: sizes must be positive and smaller than the widest")
-    if not np.all(np.isfinite(d)) or np.any(d <= 0):
-        raise ValueError("alpha: distances to the widest must be finite and > 0")
-    return n, d
-
-
-def _alpha_stderr(alpha: float, r: np.ndarray, n: np.ndarray, widest: float) -> float:
-    """The standard error of the fitted alpha (linearised least squares; NaN with <= 2 sizes)."""
-    m = n.size
-    if m <= 2:
-        return float("nan")
-    h = 1e-6
-    dg = (_log_shape(alpha + h, n, widest) - _log_shape(alpha - h, n, widest)) / (2 * h)
-    J = np.column_stack([np.ones(m), dg])
-    s2 = float(r @ r) / (m - 2)
-    try:
-        cov = s2 * np.linalg.inv(J.T @ J)
-    except np.linalg.LinAlgError:
-        return float("nan")
-    return float(np.sqrt(max(cov[1, 1], 0.0)))
-
-
-def fit_alpha(sizes: Sequence[float], distances: Sequence[float], widest: float,
-              signed: Sequence[float] | None = None, widest_value: float | None = None) -> AlphaFit:
-    """Fit the width-convergence exponent alpha to distances ``D_n`` of sizes n to the ``widest``.
-
-    ``distances`` are relative distances to the widest (> 0, finite); ``signed`` (optional) the
-    signed relative differences, used for the sign and the limit ratio; ``widest_value`` the
-    widest's value (its sign enters the limit ratio). Needs >= 2 sizes below the widest.
-    """
-    n, d = _alpha_input(sizes, distances, widest)
-    y = np.log(d)
-
-    def ssr(a: float) -> float:
-        g = _log_shape(a, n, widest)
-        r = y - g
-        r = r - r.mean()
-        return float(r @ r)
-
-    grid = np.linspace(*_ALPHA_BOUNDS, 1601)
-    vals = np.array([ssr(a) for a in grid])
-    k = int(np.argmin(vals))
-    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, grid.size - 1)]
-    res = optimize.minimize_scalar(ssr, bounds=(lo, hi), method="bounded", options={"xatol": 1e-12})
-    a0 = float(res.x) if res.fun <= vals[k] else float(grid[k])
-
-    def resid(p):
-        return y - p[0] - _log_shape(p[1], n, widest)
-
-    c0 = float(np.mean(y - _log_shape(a0, n, widest)))
-    if n.size >= 2:
-        ls = optimize.least_squares(resid, x0=[c0, a0],
-                                    bounds=([-np.inf, _ALPHA_BOUNDS[0]], [np.inf, _ALPHA_BOUNDS[1]]),
-                                    xtol=1e-15, ftol=1e-15, gtol=1e-15)
-        if float(ls.cost) * 2 <= ssr(a0) + 1e-300:
-            c0, a0 = float(ls.x[0]), float(ls.x[1])
-    alpha = a0
-    r = resid([c0, alpha])
-    rmse = float(np.sqrt(np.mean(r ** 2)))
-    stderr = _alpha_stderr(alpha, r, n, widest)
-    # amplitude C of d_n = C |n^-a - N^-a| (the fitted constant absorbs a factor 1/|a|)
-    amplitude = float(math.exp(c0) * (abs(alpha) if abs(alpha) >= 1e-12 else 1.0))
-    if abs(alpha) < 1e-12:
-        amplitude = float("nan")
-    sign = 1
-    if signed is not None:
-        sg = np.asarray(signed, dtype=float)
-        if sg.shape != n.shape:
-            raise ValueError(f"mismatched lengths: {n.size} sizes vs {sg.size} signed differences")
-        sign = 1 if np.nansum(np.sign(sg)) >= 0 else -1
-    limit = None
-    if alpha > 0 and math.isfinite(amplitude):
-        # delta_n = b (n^-a - N^-a), b = sign * C (for a > 0, n^-a - N^-a > 0);
-        # lambda_inf / lambda_N = 1 - b N^-a * sign(lambda_N)
-        sgn_N = 1.0 if widest_value is None or widest_value >= 0 else -1.0
-        limit = float(1.0 - sign * amplitude * widest ** (-alpha) * sgn_N)
-    at_bound = bool(min(abs(alpha - _ALPHA_BOUNDS[0]), abs(alpha - _ALPHA_BOUNDS[1])) < 1e-6)
-    return AlphaFit(alpha=alpha, stderr=stderr, rmse=rmse, amplitude=amplitude, sign=sign,
-                    limit_ratio=limit, sizes=tuple(float(x) for x in n), widest=float(widest),
-                    at_bound=at_bound)
-
-
 @dataclass(frozen=True, eq=False)
 class ConsistencyResult:
     """Result of :func:`super_consistency`; every array is on ``steps`` (see module docstring).
@@ -208,7 +106,10 @@ class ConsistencyResult:
     widest), distance_summary (per size, window median), signed_summary (window median of the
     signed relative difference), trend (Spearman per step), trend_summary (window median),
     trend_positive_fraction (share of window steps with trend > 0), alpha (AlphaFit or None),
-    alpha_note (why alpha is None), thresholds, verdict, reason (one sentence with the numbers).
+    alpha_note (why alpha is None), thresholds, verdict, reason (one sentence with the numbers), code (one
+    of :data:`~sharpscope.analysis.uncertainty.CODES`), and, from seeds: n_seeds (per size), n_paired,
+    spread_interval, alpha_interval (jackknife t over seeds; None with one seed), level, seeds_suggested
+    (for an interval that straddles its threshold), interval_note. ``values`` are the seed means.
     """
 
     sizes: tuple[float, ...]
@@ -229,13 +130,29 @@ class ConsistencyResult:
     thresholds: ConsistencyThresholds
     verdict: str
     reason: str
+    code: str = "no-interval"
+    n_seeds: dict[float, int] = field(default_factory=dict)
+    n_paired: int = 1
+    spread_interval: Interval | None = None
+    alpha_interval: Interval | None = None
+    level: float = LEVEL
+    seeds_suggested: int | None = None
+    interval_note: str = ""
+
+    @property
+    def interval_method(self) -> str:
+        """How the verdict's numbers were bounded: the interval method, or "no interval"."""
+        used = [iv for iv in (self.spread_interval, self.alpha_interval) if iv is not None]
+        return f"{self.level:.0%} {used[0].method}" if used else "no interval"
 
     @property
     def evidence(self) -> dict[str, Any]:
-        """The numbers behind the verdict, JSON-friendly."""
+        """The numbers behind the verdict, JSON-friendly: intervals as ``<key>_interval`` = [low, high], their
+        method, level, seeds and centre under ``intervals``; ``interval`` names the method, or is "no interval"
+        where one seed gave a point verdict."""
         a = self.alpha
         return {
-            "verdict": self.verdict, "reason": self.reason, "sizes": list(self.sizes),
+            "verdict": self.verdict, "reason": self.reason, "code": self.code, "sizes": list(self.sizes),
             "window_steps": [float(self.steps[self.in_window][0]), float(self.steps[self.in_window][-1])],
             "spread_kind": self.spread_kind, "spread_summary": finite_or_none(self.spread_summary),
             "distance_summary": {size_key(s): finite_or_none(d) for s, d in zip(self.sizes, self.distance_summary)},
@@ -247,6 +164,13 @@ class ConsistencyResult:
             "alpha_note": self.alpha_note,
             "thresholds": {"spread_max": self.thresholds.spread_max, "alpha_min": self.thresholds.alpha_min,
                            "limit_min": self.thresholds.limit_min, "trend_min": self.thresholds.trend_min},
+            "n_seeds": {size_key(s): n for s, n in self.n_seeds.items()}, "seeds_paired": self.n_paired,
+            "interval": self.interval_method,
+            "spread_summary_interval": None if self.spread_interval is None else self.spread_interval.pair(),
+            "alpha_interval": None if self.alpha_interval is None else self.alpha_interval.pair(),
+            "intervals": {name: iv.evidence() for name, iv in (("spread_summary", self.spread_interval),
+                                                               ("alpha", self.alpha_interval)) if iv is not None},
+            "seeds_suggested": self.seeds_suggested,
         }
 
 
@@ -276,49 +200,154 @@ def _trend(sizes: np.ndarray, col: np.ndarray) -> float:
 
 
 
-def super_consistency(trajectories: Mapping[Any, Trajectory] | CommonSteps, *, window: Window = 0.25,
+def super_consistency(trajectories: Mapping[Any, Trajectory] | CommonSteps | None = None, *,
+                      seeds: Mapping[Any, Any] | None = None, window: Window = 0.25,
                       thresholds: ConsistencyThresholds | None = None, spread: str = "std",
-                      on: Union[str, Sequence[float]] = "common", interpolate: bool = False) -> ConsistencyResult:
+                      on: Union[str, Sequence[float]] = "common", interpolate: bool = False,
+                      level: float = LEVEL) -> ConsistencyResult:
     """Is a quantity's trajectory the same across sizes at fixed lr? (Noci et al. 2024.)
 
     ``trajectories``: size -> (steps, values), or a :class:`~sharpscope.analysis.trajectories.CommonSteps`;
     put on common steps by :func:`~sharpscope.analysis.trajectories.on_common_steps` (``on``,
-    ``interpolate``). ``window``: steps summarized (default 0.25 = skip the first quarter of the step
-    range). ``spread``: ``"std"`` (default: std/mean across sizes; robust to the few-step oscillations at
-    the edge of stability, where one width's spike would dominate a range) or ``"range"``
-    ((max - min)/mean). Needs >= 2 sizes; alpha needs >= 3. Returns a :class:`ConsistencyResult` whose
-    verdict is one of "consistent", "converging", "diverging-up", "diverging-down", "inconsistent" (or
-    "undetermined" without data in the window), with the numbers that led to it.
+    ``interpolate``). Or, instead, ``seeds``: size -> the seed-resolved trajectories (a mapping seed ->
+    (steps, values), or a pair (steps, values) with values 2-D, seeds x steps): the numbers then come
+    from the seed means (on the steps every seed of a size has), and the spread and alpha get ``level``
+    (default 90%) jackknife t intervals over seeds (:mod:`sharpscope.analysis.uncertainty`). ``window``:
+    steps summarized (default 0.25 = skip the first quarter of the step range). ``spread``: ``"std"``
+    (default: std/mean across sizes; robust to the few-step oscillations at the edge of stability, where
+    one width's spike would dominate a range) or ``"range"`` ((max - min)/mean). Needs >= 2 sizes; alpha
+    needs >= 3. Returns a :class:`ConsistencyResult` whose verdict is one of "consistent", "converging",
+    "diverging-up", "diverging-down", "inconsistent" (or "undetermined": code "no-data" without data in the
+    window, "straddles" when the spread's interval straddles ``spread_max``, or alpha's straddles
+    ``alpha_min`` where it decides), with the numbers that led to it. With seeds, "consistent" needs the
+    spread's interval at or below the threshold, the other verdicts its interval above.
     """
     th = thresholds if thresholds is not None else ConsistencyThresholds()
+    level = check_level(level)
     if spread not in ("range", "std"):
         raise ValueError(f"spread must be 'range' or 'std', got {spread!r}")
+    per_seed = None
+    if seeds is not None:
+        if trajectories is not None:
+            raise ValueError("give the seed-mean trajectories or the per-seed ones (seeds=), not both")
+        if not isinstance(seeds, Mapping) or not seeds:
+            raise ValueError("seeds= needs a non-empty mapping size -> per-seed trajectories")
+        per_seed = {k: {seed: check_trajectory(f"{k!r} (seed {seed!r})", tr) for seed, tr in split_seeds(k, v).items()}
+                    for k, v in seeds.items()}
+        trajectories = {k: seed_mean(list(c.values())) for k, c in per_seed.items()}
+    elif trajectories is None:
+        raise ValueError("need trajectories: super_consistency(trajectories) or super_consistency(seeds=per_seed)")
     common = trajectories if isinstance(trajectories, CommonSteps) else \
         on_common_steps(trajectories, on, interpolate=interpolate)
     if len(common.sizes) < 2:
         raise ValueError(f"super consistency needs >= 2 sizes (widths/depths), got {len(common.sizes)}: "
                          f"{[size_key(s) for s in common.sizes]}")
+    sm = _summaries(common, window, spread)
+    ivs = _SeedIntervals.of(per_seed, window, spread, on, interpolate, level) if per_seed else _SeedIntervals.none(common)
+    verdict, reason, code, suggested = _verdict(th, spread, sm.spread_sum, sm.alpha, sm.trend_sum, ivs)
+    return ConsistencyResult(
+        sizes=common.sizes, steps=common.steps, values=common.values, in_window=sm.mask, spread_kind=spread,
+        spread=sm.spread_t, spread_summary=sm.spread_sum, distance=sm.dist, distance_summary=sm.dist_sum,
+        signed_summary=sm.signed_sum, trend=sm.trend_t, trend_summary=sm.trend_sum,
+        trend_positive_fraction=sm.pos_frac, alpha=sm.alpha, alpha_note=sm.alpha_note, thresholds=th,
+        verdict=verdict, reason=reason + ivs.note, code=code, n_seeds=ivs.n_seeds, n_paired=ivs.n_paired,
+        spread_interval=ivs.spread, alpha_interval=ivs.alpha, level=level, seeds_suggested=suggested,
+        interval_note=ivs.note)
+
+
+@dataclass(frozen=True, eq=False)
+class _Summary:
+    """:func:`super_consistency`'s numbers on one set of trajectories (the seed means, or a leave-one-out set)."""
+
+    mask: np.ndarray
+    spread_t: np.ndarray
+    spread_sum: float
+    dist: np.ndarray
+    dist_sum: np.ndarray
+    signed_sum: np.ndarray
+    trend_t: np.ndarray
+    trend_sum: float
+    pos_frac: float
+    alpha: AlphaFit | None
+    alpha_note: str
+
+
+def _summaries(common: CommonSteps, window: Window, spread: str, full: bool = True) -> _Summary:
+    """The spread, distances, alpha and the trend; without ``full`` (leave-one-out sets) no trend (NaN) and
+    alpha without its final polish (:func:`~sharpscope.analysis.alpha.fit_alpha`)."""
     sizes = np.asarray(common.sizes)
     vals = common.values
     mask = window_mask(common.steps, window)
     spread_t = np.array([_spread(vals[:, j], spread) for j in range(vals.shape[1])])
     signed = _relative_to_widest(vals)
     dist = np.abs(signed)
-    trend_t = np.array([_trend(sizes, vals[:, j]) for j in range(vals.shape[1])])
-    spread_sum = float(nanmedian(spread_t[mask]))
+    trend_t = np.array([_trend(sizes, vals[:, j]) if full else np.nan for j in range(vals.shape[1])])
     dist_sum = nanmedian(dist[:, mask], axis=1)
     signed_sum = nanmedian(signed[:, mask], axis=1)
     trend_w = trend_t[mask]
-    trend_sum = float(nanmedian(trend_w))
     finite_tr = trend_w[np.isfinite(trend_w)]
     pos_frac = float(np.mean(finite_tr > 0)) if finite_tr.size else float("nan")
-    alpha, note = _alpha_of(sizes, dist_sum, signed_sum, float(nanmedian(vals[-1][mask])))
-    verdict, reason = _verdict(th, spread, spread_sum, alpha, trend_sum)
-    return ConsistencyResult(
-        sizes=common.sizes, steps=common.steps, values=vals, in_window=mask, spread_kind=spread, spread=spread_t,
-        spread_summary=spread_sum, distance=dist, distance_summary=dist_sum, signed_summary=signed_sum,
-        trend=trend_t, trend_summary=trend_sum, trend_positive_fraction=pos_frac, alpha=alpha,
-        alpha_note=note, thresholds=th, verdict=verdict, reason=reason)
+    alpha, note = _alpha_of(sizes, dist_sum, signed_sum, float(nanmedian(vals[-1][mask])), polish=full)
+    return _Summary(mask, spread_t, float(nanmedian(spread_t[mask])), dist, dist_sum, signed_sum, trend_t,
+                    float(nanmedian(trend_w)), pos_frac, alpha, note)
+
+
+@dataclass(frozen=True)
+class _SeedIntervals:
+    """The spread's and alpha's jackknife intervals over the seeds paired across sizes (none with one seed)."""
+
+    n_seeds: dict[float, int]
+    n_paired: int
+    spread: Interval | None
+    alpha: Interval | None
+    note: str
+
+    @classmethod
+    def none(cls, common: CommonSteps) -> "_SeedIntervals":
+        return cls({s: 1 for s in common.sizes}, 1, None, None, "")
+
+    @classmethod
+    def of(cls, per_seed: Mapping[Any, dict[Any, tuple[np.ndarray, np.ndarray]]], window: Window, spread: str,
+           on: Any, interpolate: bool, level: float) -> "_SeedIntervals":
+        keys = sorted(per_seed, key=check_size)
+        n_seeds = {check_size(k): len(per_seed[k]) for k in keys}
+        index, note = pair_seeds([list(per_seed[k]) for k in keys])
+        n = len(index[0])
+        curves = [[list(per_seed[k].values())[i] for i in idx] for k, idx in zip(keys, index)]
+        cache: dict[tuple[int, ...], _Summary | None] = {}
+
+        def summary(keep: np.ndarray) -> _Summary | None:
+            key = tuple(int(i) for i in keep)
+            if key not in cache:
+                try:
+                    means = {k: seed_mean([c[i] for i in key]) for k, c in zip(keys, curves)}
+                    cache[key] = _summaries(on_common_steps(means, on, interpolate=interpolate), window, spread, full=False)
+                except ValueError:  # a leave-one-out set without common steps or window data
+                    cache[key] = None
+            return cache[key]
+
+        def spread_of(keep: np.ndarray) -> float:
+            sm = summary(keep)
+            return float("nan") if sm is None else sm.spread_sum
+
+        def alpha_of(keep: np.ndarray) -> float:
+            sm = summary(keep)
+            return float("nan") if sm is None or sm.alpha is None or sm.alpha.at_bound else sm.alpha.alpha
+
+        if n < 2:
+            return cls(n_seeds, n, None, None, "" if max(n_seeds.values()) < 2 else
+                       "; fewer than 2 seeds shared by every size: no interval")
+        spread_iv = jackknife_interval(spread_of, n, level, low_limit=0.0)
+        alpha_iv = jackknife_interval(alpha_of, n, level) if len(keys) >= 3 else None
+        if spread_iv is None:
+            note += "; the spread is not finite for every leave-one-seed-out set: no interval"
+        elif spread_iv.high <= spread_iv.floor:  # the whole t interval fell below 0 and was clipped to 0..0
+            note += ("; the spread's interval is 0..0 only after clipping: the jackknife's correction for seed noise "
+                     f"(estimate {spread_iv.estimate:.3g}) exceeds the spread of the seed means, so the sizes differ by "
+                     "no more than the seeds do")
+        if alpha_iv is None and len(keys) >= 3:
+            note += "; alpha is not fitted for every leave-one-seed-out set: no alpha interval"
+        return cls(n_seeds, n, spread_iv, alpha_iv, note)
 
 
 def _relative_to_widest(vals: np.ndarray) -> np.ndarray:
@@ -331,7 +360,7 @@ def _relative_to_widest(vals: np.ndarray) -> np.ndarray:
 
 
 def _alpha_of(sizes: np.ndarray, dist_sum: np.ndarray, signed_sum: np.ndarray,
-              widest_val: float) -> tuple[AlphaFit | None, str]:
+              widest_val: float, polish: bool = True) -> tuple[AlphaFit | None, str]:
     """The alpha fit over the window medians, or None and why it was not fitted."""
     if sizes.size < 3:
         return None, f"alpha needs >= 3 sizes, got {sizes.size}"
@@ -341,21 +370,54 @@ def _alpha_of(sizes: np.ndarray, dist_sum: np.ndarray, signed_sum: np.ndarray,
         bad = [size_key(s) for s, d in zip(sizes[:-1], dist_sum[:-1]) if not (np.isfinite(d) and d > 0)]
         return None, f"alpha not fitted: distance to the widest is zero or missing for sizes {bad}"
     alpha = fit_alpha(sizes[:-1], dist_sum[:-1], float(sizes[-1]), signed=signed_sum[:-1],
-                      widest_value=widest_val if math.isfinite(widest_val) else None)
+                      widest_value=widest_val if math.isfinite(widest_val) else None, polish=polish)
     return alpha, "" if not alpha.at_bound else "alpha hit the search bound: no power law in width"
 
 
+def _converging(th: ConsistencyThresholds, alpha: AlphaFit | None, alpha_iv: Interval | None) -> str:
+    """Rule 2 of the module docstring: "yes", "no" or "straddles" (alpha's interval straddles ``alpha_min``
+    while every other condition holds)."""
+    if not (alpha is not None and not alpha.at_bound and (not math.isfinite(alpha.stderr) or alpha.alpha - 2 * alpha.stderr > 0)
+            and alpha.limit_ratio is not None and alpha.limit_ratio >= th.limit_min):
+        return "no"
+    if alpha_iv is None:
+        return "yes" if alpha.alpha >= th.alpha_min else "no"
+    where = side(alpha_iv, th.alpha_min)
+    return {"above": "yes", "below": "no"}.get(where, "straddles")
+
+
+def _interval_text(ivs: _SeedIntervals) -> str:
+    parts = ([f"spread {ivs.spread.low:.3g}..{ivs.spread.high:.3g}"] if ivs.spread is not None else []) + (
+        [f"alpha {ivs.alpha.low:.3g}..{ivs.alpha.high:.3g}"] if ivs.alpha is not None else [])
+    if not parts:
+        return "; no interval (one seed)" if ivs.n_paired < 2 else ""
+    level = (ivs.spread or ivs.alpha).level  # type: ignore[union-attr]
+    return f"; {level:.0%} interval over {ivs.n_paired} seeds: " + ", ".join(parts)
+
+
 def _verdict(th: ConsistencyThresholds, spread: str, spread_sum: float, alpha: AlphaFit | None,
-             trend_sum: float) -> tuple[str, str]:
-    """The verdict and its reason (the rules of the module docstring, in order)."""
+             trend_sum: float, ivs: _SeedIntervals) -> tuple[str, str, str, int | None]:
+    """The verdict, its reason, code and suggested seeds (the rules of the module docstring, in order; with
+    seeds, each threshold is compared with the interval)."""
     if not math.isfinite(spread_sum):
-        return "undetermined", "no step in the window has >= 2 finite values"
-    if spread_sum <= th.spread_max:
-        return "consistent", f"median relative spread ({spread}) {spread_sum:.3g} <= {th.spread_max:g}"
-    clear = (alpha is not None and not alpha.at_bound and alpha.alpha >= th.alpha_min
-             and (not math.isfinite(alpha.stderr) or alpha.alpha - 2 * alpha.stderr > 0)
-             and alpha.limit_ratio is not None and alpha.limit_ratio >= th.limit_min)
-    if clear:
+        return "undetermined", "no step in the window has >= 2 finite values", "no-data", None
+    tag = "interval" if ivs.spread is not None else "no-interval"
+    where = side(ivs.spread, th.spread_max) if ivs.spread is not None else \
+        ("below" if spread_sum <= th.spread_max else "above")
+    ints = _interval_text(ivs)
+    if where == "below":
+        return "consistent", f"median relative spread ({spread}) {spread_sum:.3g} <= {th.spread_max:g}{ints}", tag, None
+    if where == "straddles":
+        need = seeds_needed(ivs.spread, th.spread_max)  # type: ignore[arg-type]
+        return "undetermined", (f"median relative spread ({spread}) {spread_sum:.3g} against {th.spread_max:g}{ints}; "
+                                f"undetermined: {CODES['straddles']}" + seeds_note(need)), "straddles", need
+    conv = _converging(th, alpha, ivs.alpha)
+    if conv == "straddles":
+        need = seeds_needed(ivs.alpha, th.alpha_min)  # type: ignore[arg-type]
+        return "undetermined", (f"spread {spread_sum:.3g} > {th.spread_max:g}; alpha {alpha.alpha:.3g} against "  # type: ignore[union-attr]
+                                f"{th.alpha_min:g} decides between converging and not{ints}; undetermined: "
+                                f"{CODES['straddles']}" + seeds_note(need)), "straddles", need
+    if conv == "yes":
         assert alpha is not None
         error = (f" +- {alpha.stderr:.2g}" if math.isfinite(alpha.stderr)
                  else " (exact fit through 2 distances, no error estimate)")
@@ -364,11 +426,14 @@ def _verdict(th: ConsistencyThresholds, spread: str, spread_sum: float, alpha: A
             direction = f"; it {'grows' if trend_sum > 0 else 'falls'} with size (Spearman {trend_sum:.3g})"
         return "converging", (f"spread {spread_sum:.3g} > {th.spread_max:g} but the distance to the widest falls as "
                               f"n^-alpha, alpha = {alpha.alpha:.3g}{error} >= {th.alpha_min:g}, "
-                              f"towards a limit {alpha.limit_ratio:.3g} x the widest's value{direction}")
+                              f"towards a limit {alpha.limit_ratio:.3g} x the widest's value{direction}{ints}"), tag, None
     if math.isfinite(trend_sum) and trend_sum >= th.trend_min:
-        return "diverging-up", f"spread {spread_sum:.3g} > {th.spread_max:g} and grows with size (Spearman {trend_sum:.3g})"
+        return "diverging-up", (f"spread {spread_sum:.3g} > {th.spread_max:g} and grows with size "
+                                f"(Spearman {trend_sum:.3g}){ints}"), tag, None
     if math.isfinite(trend_sum) and trend_sum <= -th.trend_min:
         return "diverging-down", (f"spread {spread_sum:.3g} > {th.spread_max:g} and shrinks with size "
-                                  f"(Spearman {trend_sum:.3g})")
+                                  f"(Spearman {trend_sum:.3g}){ints}"), tag, None
     return "inconsistent", (f"spread {spread_sum:.3g} > {th.spread_max:g} with no clear convergence or monotone "
-                            f"trend (Spearman {trend_sum:.3g})")
+                            f"trend (Spearman {trend_sum:.3g}){ints}"), tag, None
+
+

@@ -166,13 +166,15 @@ def _comparison_figure(groups: Sequence[ComparedGroup], q: str, pick: str | None
     spread_label = "relative spread" if n > 1 else f"relative spread across {plural(c0.axis)}"
     for j, (g, res, t) in enumerate(zip(groups, results, thresholds)):
         c = g.comparison
-        plots.trajectories(trajs[j], quantity=quantity_name(q) if j == 0 else "",
+        plots.trajectories(trajs[j], quantity=quantity_name(q) if j == 0 else "", bands=g.quantities[q].bands or None,
                            threshold=t, size_label=c.axis, ax=top[j], legend=False, styles=styles, logy=logy,
                            far=far, step_label=_x_label(c.axis) if n == 1 else "",
                            title=_verdict_title(_panel_name(c, pick), _finding(items, c, q)) if n > 1 else
                            _verdict_title(labels.entry(g.entry) or quantity_name(q), _finding(items, c, q)))
+        interval = res.spread_interval
         plots.spread(res.steps, res.spread, quantity=spread_label if (j == 0 or n == 1) else "",
                      threshold=res.thresholds.spread_max, window=_window(res), summary=res.spread_summary,
+                     summary_interval=None if interval is None else (interval.low, interval.high),
                      ax=bottom[j], legend=False, logy=spread_log, step_label=_x_label(c.axis),
                      title="the spread behind the verdict" if n == 1 else "")
     size_legend = plots.size_handles(styles) if styles.discrete else []
@@ -213,7 +215,7 @@ def _comparisons(groups: Sequence[ComparedGroup], saver: _Saver, labels: Labels,
                     name = f"{q}-{_tag(c.parameterization, c.optimizer, c.lr, c.axis, c.fixed)}"
                     subject = labels.entry(chunk[0].entry)
                     caption = (f"{q} per {c.axis}{', ' + subject if subject else ''}: trajectories, and their relative "
-                               f"spread with the verdict window shaded")
+                               f"spread with the verdict window shaded" + _seed_note(chunk, q))
                 else:
                     names = [_panel_name(g.comparison, pick) for g in chunk]
                     rest = _tag(None if pick == "parameterization" else c.parameterization,
@@ -221,10 +223,20 @@ def _comparisons(groups: Sequence[ComparedGroup], saver: _Saver, labels: Labels,
                                 c.axis, {k: v for k, v in c.fixed.items() if k != pick})
                     name = re.sub(r"[^A-Za-z0-9._+-]", "_", f"{q}-{'-vs-'.join(x.replace(' ', '') for x in names)}-{rest}")
                     caption = (f"{q} per {c.axis}, {' vs '.join(names)}: trajectories (top) and their relative "
-                               f"spread (bottom; the verdict window shaded, its median drawn)")
+                               f"spread (bottom; the verdict window shaded, its median drawn)" + _seed_note(chunk, q))
                 fig = _comparison_figure(chunk, q, pick, labels, items)
                 made.setdefault(q, []).append((saver.keep(fig, name, caption, "comparison", wide=True), chunk))
     return made
+
+
+def _seed_note(groups: Sequence[ComparedGroup], q: str) -> str:
+    """What the shading of several seeds means, for a caption ("" with one seed per size)."""
+    res = [g.quantities[q].result for g in groups]
+    if not any(g.quantities[q].bands for g in groups):
+        return ""
+    n = max(max(r.n_seeds.values(), default=1) for r in res)
+    return (f"; curves are the mean of up to {n} seeds, shaded across their range; the dark band across the window "
+            f"is the window median's {res[0].level:.0%} interval over seeds")
 
 
 def _alone(analysis: Analysis) -> list:
@@ -303,9 +315,26 @@ def _transfer(family: TransferFamily, saver: _Saver, labels: Labels) -> None:
         return  # no curve to draw (one lr, or all diverged): the verdicts say why
     optima = {o.size: o.lr_opt for o in res.optima if o.lr_opt is not None} if res is not None else None
     label = labels(entry["parameterization"], entry["optimizer"], None, entry["fixed"]) or "all runs"
-    fig = plots.lr_sweep(curves, optima=optima, size_label=entry["axis"], title=f"final loss vs lr: {label}")
+    bands = {size: {lr: (float(np.nanmin(v)), float(np.nanmax(v))) for lr, v in _by_lr(seeds).items()
+                    if len(v) >= 2 and np.all(np.isfinite(v))} for size, seeds in family.seed_curves.items()}
+    spans = {so.size: (2.0 ** so.interval.low, 2.0 ** so.interval.high)
+             for so in (res.seed_optima if res is not None else ()) if so.interval is not None}
+    fig = plots.lr_sweep(curves, optima=optima, size_label=entry["axis"], title=f"final loss vs lr: {label}",
+                         bands=bands, optimum_intervals=spans)
+    seeds = max((len(s) for s in family.seed_curves.values()), default=1)
+    note = (f"; mean of up to {seeds} seeds, error bars: their range; bars along the bottom: each optimum's "
+            f"{res.level:.0%} interval over seeds" if seeds >= 2 and res is not None else "")
     saver.keep(fig, f"lr-{_tag(entry['parameterization'], entry['optimizer'], None, entry['axis'], entry['fixed'])}",
-               f"final training loss vs lr per {entry['axis']} (x: diverged; dotted: the optima), {label}", "transfer")
+               f"final training loss vs lr per {entry['axis']} (x: diverged; dotted: the optima){note}, {label}", "transfer")
+
+
+def _by_lr(seeds: dict) -> dict[float, list[float]]:
+    """The seeds' final losses per lr."""
+    out: dict[float, list[float]] = defaultdict(list)
+    for curve in seeds.values():
+        for lr, loss in curve.items():
+            out[lr].append(loss)
+    return out
 
 
 def _density_curves(c: Comparison):

@@ -159,12 +159,57 @@ def _number(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
+def _end(x: Any) -> float | None:
+    """An interval's end: a finite number, or "inf" / "-inf" (an open end) as a float."""
+    if x in ("inf", "-inf"):
+        return float(x)
+    return _number(x)
+
+
 def _interval(entry: Mapping[str, Any], key: str) -> tuple[float, float] | None:
-    """An optional interval of the entry's value: ``<key>_interval`` or ``interval``, a pair of numbers."""
+    """An optional interval of the entry's value: ``<key>_interval`` or ``interval``, a pair of numbers (an open
+    end as "inf" / "-inf")."""
     raw = entry.get(f"{key}_interval", entry.get("interval"))
-    if isinstance(raw, (list, tuple)) and len(raw) == 2 and all(_number(x) is not None for x in raw):
-        return float(raw[0]), float(raw[1])
+    if isinstance(raw, (list, tuple)) and len(raw) == 2 and all(_end(x) is not None for x in raw):
+        return float(_end(raw[0])), float(_end(raw[1]))  # type: ignore[arg-type]
     return None
+
+
+def _span_text(pair: Any, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
+    ends = [_end(x) for x in pair] if isinstance(pair, (list, tuple)) and len(pair) == 2 else [None, None]
+    if None in ends:
+        return ""
+    return "..".join(("inf" if e > 0 else "-inf") if math.isinf(e) else f"{e * scale:.{digits}g}"  # type: ignore[operator]
+                     for e in ends) + unit
+
+
+def interval_cell(f: Finding) -> str:
+    """The verdict table's interval cell: the intervals over seeds behind the verdict (the spread and alpha; the
+    shift and the cost), their level and seeds, or "no interval" (one seed: a point verdict)."""
+    e = f.entry
+    if f.kind == "consistency":  # alpha's interval where alpha decides (converging, or straddling on alpha)
+        alpha = f.verdict == "converging" or "decides between converging" in f.reason
+        parts = [("spread", _span_text(e.get("spread_summary_interval"))),
+                 ("alpha", _span_text(e.get("alpha_interval")) if alpha else "")]
+    elif f.kind == "transfer":
+        parts = [("shift", _span_text(e.get("shift_range_octaves_interval"), unit=" oct")),
+                 ("cost", _span_text(e.get("cost_relative_interval"), digits=2, scale=100, unit="%"))]
+    else:
+        return f"{f.interval[0]:.3g} - {f.interval[1]:.3g}" if f.interval else "no interval"
+    shown = "; ".join(f"{name} {text}" for name, text in parts if text)
+    details = next(iter((e.get("intervals") or {}).values()), {})
+    if shown and details:
+        return f"{shown} ({details.get('level', 0):.0%}, {details.get('n')} seeds)"
+    return shown or ("no interval (1 seed)" if e.get("interval") == "no interval" else "no interval")
+
+
+def verdict_cell(f: Finding) -> str:
+    """The verdict, and for an undetermined one its code and the seeds its interval suggests."""
+    code, seeds = f.entry.get("code"), f.entry.get("seeds_suggested")
+    if f.verdict != "undetermined" or code in (None, "not-analysed"):
+        return f.verdict
+    more = f", ~{seeds} seeds" if isinstance(seeds, int) else ", no seed count" if code == "straddles" else ""
+    return f"{f.verdict} ({code}{more})"
 
 
 def findings(metrics: Mapping[str, Any], labels: Labels | None = None) -> list[Finding]:

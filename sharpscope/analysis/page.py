@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from .expectations import ExpectationCheck
 from .figures import FigureFile
-from .findings import Finding, Labels, expectation_lines, not_analysed_note, plural, summary_sentences
+from .findings import Finding, Labels, expectation_lines, interval_cell, not_analysed_note, plural, summary_sentences, verdict_cell
 
 __all__ = ["html_page", "markdown_page", "verdict_rows", "VERDICT_HEAD"]
 
@@ -69,9 +69,9 @@ def verdict_rows(items: Sequence[Finding], interval: bool) -> list[tuple[str, ..
         if not f.applicable:
             continue
         value = f"{f.value_name} {_fmt(f.value)}" if f.value is not None else ""
-        cells = [f.subject or "all runs", f.check, f.verdict, value]
+        cells = [f.subject or "all runs", f.check, verdict_cell(f), value]
         if interval:
-            cells.append(f"{_fmt(f.interval[0])} - {_fmt(f.interval[1])}" if f.interval else "no interval")
+            cells.append(interval_cell(f))
         rows.append(tuple(cells + [f.threshold, f.reason]))
     return rows
 
@@ -160,7 +160,7 @@ def _verdicts_html(items: Sequence[Finding]) -> str:
     """The verdict table (an interval column where a finding has one) and the "Not analysed" note."""
     esc = html.escape
     parts = []
-    has_interval = any(f.interval is not None for f in items)
+    has_interval = _has_intervals(items)
     heads = [h for h in VERDICT_HEAD if h != "interval" or has_interval]
     rows = verdict_rows(items, has_interval)
     parts.append("<h2>Verdicts</h2>")
@@ -171,10 +171,36 @@ def _verdicts_html(items: Sequence[Finding]) -> str:
                      f"{body}</table></div>")
     else:
         parts.append("<p>No verdict among these runs.</p>")
+    method = method_note(items)
+    if method:
+        parts.append(f"<p class=na>{esc(method)}</p>")
     missing = not_analysed_note(items)
     if missing:
         parts.append(f"<p class=na><b>Not analysed</b> (cannot apply to these runs): {esc('; '.join(missing))}.</p>")
     return "".join(parts)
+
+
+def _has_intervals(items: Sequence[Finding]) -> bool:
+    """Whether the verdict table gets an interval column: a finding has an interval, or is marked single-seed."""
+    return any(f.interval is not None or f.entry.get("interval") is not None for f in items if f.applicable)
+
+
+def method_note(items: Sequence[Finding]) -> str:
+    """How the intervals were made, below the verdict table ("" when no verdict has seeds to speak of)."""
+    entries = [f.entry for f in items if f.applicable and f.kind in ("consistency", "transfer")]
+    seeded = [e for e in entries if e.get("interval") not in (None, "no interval")]
+    single = [e for e in entries if e.get("interval") == "no interval"]
+    if not seeded and not single:
+        return ""
+    text = ("Intervals: 90% confidence intervals over seeds -- Student t on the per-seed optima and EoS tail ratios, "
+            "the jackknife for the spread and alpha, Bonferroni-adjusted paired t intervals for the lr shift and a "
+            "mapped Bonferroni box for the transfer cost (docs/science.md, section 6). A verdict is decided only "
+            "when its interval lies clear of the threshold; 'undetermined (straddles, ~m seeds)': the interval "
+            "straddles it, about m seeds would decide; 'censored' / 'grid-end': an optimum at the divergence edge "
+            "or the grid's end is a bound, a finer or wider lr grid would decide.") if seeded else ""
+    if single:
+        text += (" " if text else "") + "'no interval (1 seed)': one seed per size, a point verdict."
+    return text
 
 
 def html_page(title: str, metrics: Mapping[str, Any], items: Sequence[Finding], labels: Labels,
@@ -233,11 +259,13 @@ def markdown_page(title: str, metrics: Mapping[str, Any], items: Sequence[Findin
     for f in figures:
         if f.role == "headline":
             lines += [f"![{f.caption}]({f.path.relative_to(out)})", ""]
-    has_interval = any(f.interval is not None for f in items)
+    has_interval = _has_intervals(items)
     heads = [h for h in VERDICT_HEAD if h != "interval" or has_interval]
     lines += ["## Verdicts", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     lines += ["| " + " | ".join(f"**{c}**" if i == 2 else c.replace("|", "/") for i, c in enumerate(r)) + " |"
               for r in verdict_rows(items, has_interval)]
+    if method_note(items):
+        lines += ["", method_note(items)]
     missing = not_analysed_note(items)
     if missing:
         lines += ["", f"Not analysed (cannot apply to these runs): {'; '.join(missing)}."]

@@ -14,8 +14,11 @@ read is drawn so that it can:
   an annotation above the axes instead, with an arrow saying on which side it lies;
 * **the verdict window** of a spread plot (the steps whose median decides the verdict) is shaded, with that
   median drawn across it;
-* **uncertainty**: ``bands`` (per size ``(low, high)`` arrays) and ``band`` (for a spread) are drawn as
-  shaded areas where an analysis provides intervals.
+* **uncertainty**: ``bands`` (per size ``(low, high)`` arrays: the seeds' range) and ``band`` (for a spread)
+  are drawn as shaded areas where an analysis provides them; a verdict's interval over seeds
+  (``summary_interval`` of a spread) is shaded across the window, that of the lr optima
+  (``optimum_intervals``) drawn as bars along the lr axis; an lr sweep's ``bands`` (per size, lr -> (low,
+  high)) are drawn as error bars.
 """
 from __future__ import annotations
 
@@ -248,10 +251,11 @@ def spread(steps: Sequence[float], values: Sequence[float], *, quantity: str = "
            threshold: float | None = None, window: tuple[float, float] | None = None, summary: float | None = None,
            band: tuple[Sequence[float], Sequence[float]] | None = None, logy: bool | None = None, ax=None,
            path: str | Path | None = None, title: str | None = None, legend: bool = True,
-           step_label: str = "step"):
+           step_label: str = "step", summary_interval: tuple[float, float] | None = None):
     """A per-step summary curve (e.g. the relative spread across widths), with an optional threshold line;
     ``window`` (first, last step) shades the steps a verdict summarizes and ``summary`` (their median)
-    is drawn across them; ``band`` (low, high per step) shades an interval."""
+    is drawn across them, ``summary_interval`` (low, high: its confidence interval over seeds) shaded around
+    it; ``band`` (low, high per step) shades an interval."""
     steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
     if steps.shape != values.shape or steps.size == 0:
         raise ValueError(f"need matching non-empty steps and values, got {steps.size} and {values.size}")
@@ -266,6 +270,10 @@ def spread(steps: Sequence[float], values: Sequence[float], *, quantity: str = "
         ax.set_yscale("log")
     if threshold is not None:
         handles.append(ax.axhline(threshold, color="#D55E00", ls="--", lw=1.1, label=f"threshold {threshold:g}"))
+    if window is not None and summary_interval is not None and all(np.isfinite(summary_interval)):
+        lo, hi = summary_interval
+        handles.append(ax.fill_between([window[0], window[1]], [lo, lo], [hi, hi], color="0.05", alpha=0.22, lw=0,
+                                       label="window median: interval over seeds"))
     if window is not None and summary is not None and np.isfinite(summary):
         handles += ax.plot([window[0], window[1]], [summary, summary], color="0.05", lw=3, solid_capstyle="butt",
                            label=f"window median {summary:.2g}")
@@ -279,9 +287,13 @@ def spread(steps: Sequence[float], values: Sequence[float], *, quantity: str = "
 
 
 def lr_sweep(losses: Mapping[float, Mapping[float, float]], *, optima: Mapping[float, float] | None = None,
-             size_label: str = "width", ax=None, path: str | Path | None = None, title: str | None = None):
+             size_label: str = "width", ax=None, path: str | Path | None = None, title: str | None = None,
+             bands: Mapping[float, Mapping[float, tuple[float, float]]] | None = None,
+             optimum_intervals: Mapping[float, tuple[float, float]] | None = None):
     """Final training loss against learning rate (log2 axis) per size; diverged runs (NaN/inf) drawn
-    as crosses at the top of the axes; the optimum of each size marked when ``optima`` is given."""
+    as crosses at the top of the axes; the optimum of each size marked when ``optima`` is given.
+    ``bands``: per size, lr -> (low, high) of the seeds' losses, drawn as error bars; ``optimum_intervals``:
+    per size, (low, high) lr of the optimum's interval over seeds, a bar along the bottom of the axes."""
     if not losses:
         raise ValueError("nothing to plot: no widths")
     fig, ax = _axes(ax)
@@ -294,11 +306,25 @@ def lr_sweep(losses: Mapping[float, Mapping[float, float]], *, optima: Mapping[f
         vals = np.array([losses[w][lr] for lr in sorted(losses[w])], dtype=float)
         ok = np.isfinite(vals)
         ax.plot(lrs[ok], vals[ok], color=styles.colors[w], marker=styles.markers.get(w, "o"), ms=4.5, lw=1.4)
+        seeds = (bands or {}).get(w, {})
+        span = np.array([seeds.get(lr, (np.nan, np.nan)) for lr in lrs[ok]], dtype=float).reshape(-1, 2)
+        keep = np.all(np.isfinite(span), axis=1)
+        if keep.any():
+            ax.errorbar(lrs[ok][keep], vals[ok][keep], yerr=np.abs(span[keep] - vals[ok][keep, None]).T, fmt="none",
+                        ecolor=styles.colors[w], elinewidth=1.0, capsize=2.5, alpha=0.8)
+        if optimum_intervals is not None and w in optimum_intervals:  # a bar per size along the bottom
+            lo, hi = optimum_intervals[w]
+            y = 0.025 + 0.03 * sorted(losses).index(w)
+            ax.plot([max(lo, lrs[0] / 2), min(hi, lrs[-1] * 2)], [y, y], transform=ax.get_xaxis_transform(),
+                    color=styles.colors[w], lw=4, alpha=0.7, solid_capstyle="butt")
         if (~ok).any():
             ax.plot(lrs[~ok], np.full((~ok).sum(), finite_max * 1.05), "x", color=styles.colors[w], ms=7, mew=2)
         if optima is not None and w in optima:
             ax.axvline(optima[w], color=styles.colors[w], ls=":", lw=1.2)
     ax.set_xscale("log", base=2)
+    finite = np.array([v for curve in losses.values() for v in curve.values() if np.isfinite(v) and v > 0])
+    if finite.size and spans_decades(finite):  # losses near the optimum and far from it both readable
+        ax.set_yscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
     _title(ax, title or f"loss vs learning rate per {size_label} (x: diverged)", False)

@@ -1,12 +1,14 @@
-"""Results as long ("tidy") tables: one row per (size, step), in the style of microsoft/mup's coord-check
-data frames."""
+"""Results as long ("tidy") tables: one row per (size, step) -- per (size, seed, step) for seed-resolved
+data --, in the style of microsoft/mup's coord-check data frames."""
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping
 
+import numpy as np
+
 from .consistency import ConsistencyResult
-from .trajectories import CommonSteps, Trajectory, check_size, check_trajectory, size_key
+from .trajectories import CommonSteps, Trajectory, check_size, check_trajectory, size_key, split_seeds
 
 __all__ = ["to_long_table"]
 
@@ -18,22 +20,23 @@ def to_long_table(data: Mapping[Any, Trajectory] | CommonSteps | ConsistencyResu
     microsoft/mup's coord-check data frames. ``data``: size -> (steps, values), an
     :class:`~sharpscope.analysis.trajectories.CommonSteps` or a
     :class:`~sharpscope.analysis.consistency.ConsistencyResult` (its values on common steps, and rows of
-    quantity ``"<quantity>/spread"`` with size None for its spread). NaN values are kept unless
-    ``drop_nan``. Steps are given as int when integral.
+    quantity ``"<quantity>/spread"`` with size None for its spread), or seed-resolved data: size -> a
+    mapping seed -> (steps, values) or a pair (steps, values 2-D, seeds x steps), which adds a ``"seed"``
+    column. NaN values are kept unless ``drop_nan``. Steps are given as int when integral.
     """
     if not isinstance(quantity, str) or not quantity:
         raise ValueError("quantity must be a non-empty string")
-    reserved = {size_name, "step", "quantity", "value"} & set(extra)
+    reserved = {size_name, "seed", "step", "quantity", "value"} & set(extra)
     if reserved:
         raise ValueError(f"extra columns may not reuse the names {sorted(reserved)}")
     rows: list[dict[str, Any]] = []
 
-    def add(size, step, q, value):
+    def add(size, step, q, value, **seed):
         value = float(value)
         if drop_nan and not math.isfinite(value):
             return
         st = float(step)
-        rows.append({size_name: size, "step": int(st) if st.is_integer() else st, "quantity": q,
+        rows.append({size_name: size, **seed, "step": int(st) if st.is_integer() else st, "quantity": q,
                      "value": value, **extra})
 
     if isinstance(data, (ConsistencyResult, CommonSteps)):
@@ -42,9 +45,18 @@ def to_long_table(data: Mapping[Any, Trajectory] | CommonSteps | ConsistencyResu
     if not isinstance(data, Mapping) or not data:
         raise ValueError("need a non-empty mapping size -> (steps, values), a CommonSteps or a ConsistencyResult")
     for key in sorted(data, key=check_size):
-        s, v = check_trajectory(key, data[key])
+        size = size_key(check_size(key))
+        value = data[key]
+        if isinstance(value, Mapping) or (isinstance(value, (tuple, list)) and len(value) == 2
+                                          and np.ndim(value[1]) == 2):
+            for seed, traj in split_seeds(key, value).items():
+                s, v = check_trajectory(f"{key!r} (seed {seed!r})", traj)
+                for t, x in zip(s, v):
+                    add(size, t, quantity, x, seed=seed)
+            continue
+        s, v = check_trajectory(key, value)
         for t, x in zip(s, v):
-            add(size_key(check_size(key)), t, quantity, x)
+            add(size, t, quantity, x)
     return rows
 
 

@@ -12,6 +12,10 @@ r"""Trajectories of one quantity per size, put on common steps; the conventions 
   (either may be None for open).
 * Summaries over a window are medians over steps (``nanmedian``): robust to the EoS
   oscillations of sharpness and to a few missing points.
+* *Seed-resolved* data (for intervals over seeds, :mod:`sharpscope.analysis.uncertainty`): per size,
+  a mapping seed -> curve, or a pair ``(x, values)`` with ``values`` 2-D (seeds x points, seeds then
+  numbered 0..S-1) (:func:`split_seeds`). The seed mean of a size (:func:`seed_mean`) is what the
+  seed-mean analyses see; a non-finite value of any seed makes the mean's point non-finite.
 
 Plain numpy: the analysis modules know nothing of torch or plotting.
 """
@@ -25,7 +29,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 
 __all__ = ["Trajectory", "Window", "CommonSteps", "on_common_steps", "check_size", "check_trajectory", "float_pair",
-           "window_mask", "nanmedian", "size_key", "finite_or_none"]
+           "window_mask", "nanmedian", "size_key", "finite_or_none", "split_seeds", "seed_mean"]
 
 Trajectory = tuple[Sequence[float], Sequence[float]]
 Window = Union[float, tuple[Union[float, None], Union[float, None]]]
@@ -185,3 +189,34 @@ def size_key(size: float) -> int | float:
     """A size as a JSON key: an int where integral."""
     return int(size) if float(size).is_integer() else float(size)
 
+
+
+def split_seeds(key: Any, value: Any, what: str = "size") -> dict[Any, Any]:
+    """One size's seed-resolved data as ``{seed: curve}`` (module docstring), the curves unchecked; a
+    ValueError naming the size and the two accepted forms otherwise."""
+    if isinstance(value, Mapping):
+        if len(value) == 0:
+            raise ValueError(f"{what} {key!r}: no seeds")
+        return dict(value)
+    form = (f"{what} {key!r}: give a mapping seed -> curve, or a pair (x, values) with values 2-D "
+            f"(seeds x points)")
+    x, y = float_pair(value, form)
+    if x.ndim != 1 or y.ndim != 2 or y.shape[1] != x.size or y.shape[0] == 0:
+        raise ValueError(f"{form}; got shapes {x.shape} and {y.shape}")
+    return {i: (x, y[i]) for i in range(y.shape[0])}
+
+
+def seed_mean(curves: Sequence[tuple[np.ndarray, np.ndarray]], on: str = "common") -> tuple[np.ndarray, np.ndarray]:
+    """The mean over seeds of checked, sorted ``(x, y)`` curves: at the x every seed has (``on="common"``,
+    trajectories) or at every x any seed has, over the seeds that have it (``on="union"``, lr curves).
+    NaN/inf of any seed at an x makes the mean there NaN (a diverged seed is not averaged away)."""
+    if len(curves) == 1:
+        return curves[0]
+    xs = [set(x.tolist()) for x, _ in curves]
+    grid = np.array(sorted(set.intersection(*xs) if on == "common" else set.union(*xs)))
+    tables = [dict(zip(x.tolist(), y.tolist())) for x, y in curves]
+    mean = []
+    for g in grid.tolist():
+        vals = [t[g] for t in tables if g in t]
+        mean.append(float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else float("nan"))
+    return grid, np.array(mean)
