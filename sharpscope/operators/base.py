@@ -46,6 +46,8 @@ class CurvatureOperator(Products, BlockProducts, SymmetricOperator):
         self._watch = ModelWatch(lambda: self.fn.fingerprint())
         self._digest = fn.value_digest()
         self._deterministic_checked = False
+        self._recording = False  # the first product of a solve records its values for the determinism check
+        self._recorded: tuple[list[torch.Tensor], bool] | None = None
         self._checked = False  # the loss and targets validated (first batch of a solve)
         self._total: float | None = None
         self.graph_memory_budget = graph_memory_budget
@@ -197,17 +199,24 @@ class CurvatureOperator(Products, BlockProducts, SymmetricOperator):
         """Operator-specific state that depends on the model (the NTK's output shapes)."""
 
     # -- determinism ---------------------------------------------------------------------------
-    def _check_deterministic(self) -> None:
+    def _check_deterministic(self, first: tuple[list[torch.Tensor], bool] | None = None) -> None:
         """Evaluate the data twice and refuse values that differ by more than rounding: a random
         forward pass (dropout forced on, input noise) or a random batch order (a sampler that is not
         sequential, with BatchNorm) would make every product a different matrix
         (:func:`~.following.check_same_evaluation`). The first pass also checks that the value depends on the
         parameters (a detached or argmax loss does not) and turns a forward pass that fails on the data into
-        one line."""
+        one line. ``first``: the first product's own values of every batch and whether the first depends on
+        the parameters (:meth:`~.products.Products._with_fallbacks`): one pass instead of two."""
         with self.fn.deterministic(), self.modes.context():
-            first = self._first_pass()
+            if first is None:
+                values = self._first_pass()
+            else:
+                values, depends = first
+                if not depends:
+                    raise self._independent()
+                self._check_first(values)
             with torch.no_grad():
-                for i, (batch, a) in enumerate(zip(self.batches, first)):
+                for i, (batch, a) in enumerate(zip(self.batches, values)):
                     check_same_evaluation(type(self).__name__, i, a, self._value(batch), self._value_name, self.dtype)
         self._deterministic_checked = True
 
@@ -224,11 +233,18 @@ class CurvatureOperator(Products, BlockProducts, SymmetricOperator):
                 raise ValueError(f"{type(self).__name__}: the model cannot be evaluated on batch {i} (inputs "
                                  f"{shapes}): {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
             if i == 0 and not value.requires_grad:
-                raise ValueError(f"{type(self).__name__}: the {self._value_name} does not depend on the parameters "
-                                 "(a detached tensor, or computed through argmax or integer ops): its curvature is "
-                                 "zero or undefined")
+                raise self._independent()
             values.append(value.detach())
+        self._check_first(values)
         return values
+
+    def _independent(self) -> ValueError:
+        return ValueError(f"{type(self).__name__}: the {self._value_name} does not depend on the parameters (a "
+                          "detached tensor, or computed through argmax or integer ops): its curvature is zero or "
+                          "undefined")
+
+    def _check_first(self, values: list[torch.Tensor]) -> None:
+        """Operator-specific checks of the first evaluation (the NTK: its outputs' shapes)."""
 
     def _value(self, batch) -> torch.Tensor:
         """What the determinism check compares: the batch's loss (the NTK: its outputs)."""

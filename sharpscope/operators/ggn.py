@@ -19,8 +19,8 @@ class GGNOperator(CurvatureOperator):
 
     _closure_part = "outputs"
 
-    def _check_deterministic(self) -> None:
-        super()._check_deterministic()
+    def _check_deterministic(self, first: tuple[list, bool] | None = None) -> None:
+        super()._check_deterministic(first)
         if self.closure is not None and self.closure.fn is not None:
             self._check_same_loss()
 
@@ -39,8 +39,8 @@ class GGNOperator(CurvatureOperator):
 
     def _build_graph(self, batch):
         graph = JacobianGraph(self.fn, batch.inputs)
-        self._loss(graph.outputs, batch)  # validates targets and loss on the first batch
-        return graph, batch.targets
+        loss = self._loss(graph.outputs, batch)  # also validates targets and loss on the first batch
+        return loss, (graph, batch.targets)
 
     def _apply_graphs(self, graphs, v, retain):
         vs = self.fn.unflatten(v)

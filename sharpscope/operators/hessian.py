@@ -15,7 +15,7 @@ class HessianOperator(CurvatureOperator):
     def _build_graph(self, batch):
         params = self.fn.params
         loss = self._loss(self.fn(params, batch.inputs), batch)
-        return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        return loss, torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
 
     def _apply_graphs(self, graphs, v, retain):
         vs = self.fn.unflatten(v)

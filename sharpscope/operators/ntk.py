@@ -46,10 +46,8 @@ class NTKOperator(CurvatureOperator):
             raise ValueError(f"NTKOperator: the model's outputs changed shape ({self.output_shapes[0]} -> "
                              f"{shapes[0]}): the operator's dimension cannot change; build a new operator")
 
-    def _first_pass(self) -> list[torch.Tensor]:  # each solve: the outputs' shapes too (a swapped submodule)
-        values = super()._first_pass()
+    def _check_first(self, values: list[torch.Tensor]) -> None:  # each solve: the outputs' shapes (a swapped submodule)
         self._check_shapes([v.shape for v in values])
-        return values
 
     def _weight(self, size: int) -> float:
         return 1.0
@@ -58,10 +56,13 @@ class NTKOperator(CurvatureOperator):
         return self.fn(self.fn.params, batch.inputs)
 
     def _build_graph(self, batch):
-        return JacobianGraph(self.fn, batch.inputs)
+        graph = JacobianGraph(self.fn, batch.inputs)
+        return graph.outputs, graph
 
     def _graph_groups(self):  # both passes need every batch's graph: one group of all
-        yield [(1.0, self._build_graph(b)) for b in self.batches]
+        built = [self._build_graph(b) for b in self.batches]
+        yield [(1.0, graph) for _, graph in built]
+        self._record_pass([value.detach() for value, _ in built], built[0][0].requires_grad)
 
     def _split(self, u: torch.Tensor):
         return [part.view(shape) for part, shape in zip(torch.split(u, self._sizes), self.output_shapes)]

@@ -15,6 +15,7 @@ from .following import parameter_norm
 from .modes import FD
 from .strategies import STRATEGIES
 
+_FOLDING = ("cached", "reverse")  # strategies whose first product evaluates every batch at the parameters
 SWITCH_WITHIN = 8  # auto: a symmetry failure within this many products switches to finite differences
 CHECKED_MODES = ("auto", "cached")  # the modes whose first product is checked against finite differences
 
@@ -50,21 +51,32 @@ class Products:
 
     def _with_fallbacks(self, product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``product(x)`` in the deterministic context, down the fallback ladder on unsupported derivatives."""
-        if not self._deterministic_checked:
+        # the determinism check: folded into the first product where its strategy evaluates every batch
+        fold = not self._deterministic_checked and self.modes.start() in _FOLDING
+        if not self._deterministic_checked and not fold:
             self._check_deterministic()
         self.modes.start()
-        while True:
-            try:
-                with torch.enable_grad(), self.fn.deterministic(), self.modes.context():
-                    out = product(x)
-                self._checked = True
-                break
-            except (RuntimeError, NotImplementedError) as err:
-                if not is_unsupported_derivative(err):
-                    raise
-                self._graphs = None
-                self.modes.fall_back(err)
-                self._batched_failed = None  # a new rung: batching may work there
+        self._recording, self._recorded = fold, None
+        try:
+            while True:
+                try:
+                    with torch.enable_grad(), self.fn.deterministic(), self.modes.context():
+                        out = product(x)
+                    self._checked = True
+                    break
+                except Exception as err:
+                    if not (isinstance(err, (RuntimeError, NotImplementedError)) and is_unsupported_derivative(err)):
+                        if fold:  # the check's one-line error where the forward pass fails on the data
+                            self._check_deterministic()
+                        raise
+                    self._graphs = None
+                    self.modes.fall_back(err)
+                    self._batched_failed = None  # a new rung: batching may work there
+                    self._recorded = None
+        finally:
+            self._recording = False
+        if fold:  # the product's own evaluation of every batch, and a second one (both, where none was seen)
+            self._check_deterministic(self._recorded)
         if self._derivatives == "pending":
             out = self._check_derivatives(product, x, out)
         return out
@@ -121,7 +133,7 @@ class Products:
         """A symmetry failure seen by a solver: in ``auto`` mode within the first :data:`SWITCH_WITHIN` products
         on a model that passed the determinism check, an op's double backward is wrong or missing: switch to
         finite differences (True: the solver restarts). In finite-difference mode the products are random."""
-        if self.modes.state == FD:
+        if self.modes.reported == FD:
             raise NotSymmetricError(f"{type(self).__name__}: {str(error).split(': either')[0]}: "
                                     f"{fd.FD_RANDOM_HINT}") from error
         if self.modes.request != "auto" or not self._deterministic_checked or num_matvecs > SWITCH_WITHIN:
@@ -135,8 +147,21 @@ class Products:
     # -- graphs ----------------------------------------------------------------------------------
     def _graph_groups(self):
         """The graphs a reverse product applies, one group at a time: each batch's graph with its weight."""
-        for batch in self.batches:
-            yield [(self._weight(batch.size), self._build_graph(batch))]
+        values, depends = [], True
+        for i, batch in enumerate(self.batches):
+            value, graph = self._build_graph(batch)
+            values.append(value.detach())
+            depends = depends if i else value.requires_grad
+            del value
+            yield [(self._weight(batch.size), graph)]
+            del graph
+        self._record_pass(values, depends)
+
+    def _record_pass(self, values: list[torch.Tensor], depends: bool) -> None:
+        """A complete pass over the batches (their values, the first one's dependence on the parameters): kept
+        for the determinism check while the first product of a solve records (:meth:`_with_fallbacks`)."""
+        if self._recording and self._recorded is None:
+            self._recorded = (values, depends)
 
     def _budget(self) -> int:
         budget = self.graph_memory_budget
@@ -148,14 +173,20 @@ class Products:
             return self._graphs
         budget = self._budget()
         counter = SavedBytes(self.fn.params)
-        graphs = []
+        graphs, values, depends = [], [], True
         with counter.hooks():
-            for batch in self.batches:
+            for i, batch in enumerate(self.batches):
                 before = counter.nbytes
-                graphs.append((self._weight(batch.size), self._build_graph(batch)))
+                value, graph = self._build_graph(batch)
+                graphs.append((self._weight(batch.size), graph))
+                values.append(value.detach())
+                depends = depends if i else value.requires_grad
+                del value, graph
                 self._column_bytes = max(self._column_bytes or 0, counter.nbytes - before)
                 if counter.nbytes > budget:
                     break
+            else:
+                self._record_pass(values, depends)
         self.graph_bytes = counter.nbytes
         if counter.nbytes > budget:
             if self.modes.request == "cached":
@@ -181,7 +212,8 @@ class Products:
             return fd.central_difference(lambda s: self.fn(fd.shifted(theta, vs, s), batch.inputs), eps)
 
     # -- per-operator functions -------------------------------------------------------------------
-    def _build_graph(self, batch) -> Any:  # pragma: no cover - abstract
+    def _build_graph(self, batch) -> tuple[torch.Tensor, Any]:  # pragma: no cover - abstract
+        """``(value, graph)``: the batch's value (what the determinism check compares) and its graph."""
         raise NotImplementedError
 
     def _apply_graphs(self, graphs, v: torch.Tensor, retain: bool) -> torch.Tensor:  # pragma: no cover
