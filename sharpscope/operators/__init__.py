@@ -73,8 +73,9 @@ fingerprint can list everything a forward pass reads (hooks, submodules, plain a
 weight, a closure's globals). Inside a solve, before every product, an operator compares the model's
 :meth:`~sharpscope.functional.ModelFunction.fingerprint` with the one it was built on and raises
 :class:`~sharpscope.linop.StaleOperatorError` on a change; between solves it rebuilds itself on the model
-as it now is (new parameters, dtype, device). At the start of each solve an operator evaluates the data
-twice and refuses a forward pass that is not deterministic (:class:`~sharpscope.linop.StochasticForwardError`):
+as it now is (new parameters, dtype, device). In each solve an operator evaluates the data twice before its
+first product is returned (the product's own forward pass is the first evaluation where it evaluates every batch)
+and refuses a forward pass that is not deterministic (:class:`~sharpscope.linop.StochasticForwardError`):
 a cached graph would otherwise freeze one dropout mask or one noise draw into a symmetric, wrong matrix.
 What only chooses how to compute (the timed reverse/forward choice, batching, graph sizes) is kept across
 solves: a stale choice costs time, never correctness. docs/operators-semantics.md has the whole contract.
