@@ -42,7 +42,7 @@ and a double backward for ``"reverse"``: no cached graph and no second-order mem
 **The parameters are not written** on a model evaluated functionally (the curvature operators'
 ``ModelFunction``): the perturbed values are new tensors passed to ``torch.func.functional_call``, so
 the model, its version counters and other operators' cached graphs are untouched. An FSDP2-sharded model
-(:class:`ShardedHessianOperator`) must be called as it is: its parameters are perturbed in place under
+(:class:`sharpscope.operators.ShardedHessianOperator`) must be called as it is: its parameters are perturbed in place under
 ``torch.no_grad``, restored by copying the saved shards back (bit-exact), and the operator's staleness
 fingerprint is refreshed after its own writes.
 
@@ -55,16 +55,12 @@ kinks (ReLU, max-pool, top-k routing) they do not, and the check is inconclusive
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .functional import _select, as_batches, check_loss, deterministic_mode, loss_reduction_weight, running_stats_kept
-from .linop import NotSymmetricError, StaleOperatorError, SymmetricOperator
-
-__all__ = ["fd_step", "central_difference", "perturbed", "check_fd_parameters", "ShardedHessianOperator",
+__all__ = ["fd_step", "central_difference", "perturbed", "check_fd_parameters",
            "FD_RANDOM_HINT", "derivative_verdict", "derivative_tolerance", "custom_functions"]
 
 FD_RANDOM_HINT = ("in hvp_mode='finite-difference' the products need no double backward, so this means the products "
@@ -171,188 +167,3 @@ def perturbed(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor], dir
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
-
-
-# =============================================================================================
-# FSDP2
-# =============================================================================================
-class ShardedHessianOperator(SymmetricOperator):
-    r"""The Hessian of a model sharded with FSDP2 (``fully_shard``), by central differences of its gradients.
-
-    Built by ``ss.hessian_operator(fsdp_model, loss_fn, shard, distributed=True)``; the data-parallel
-    semantics of :mod:`sharpscope.distributed` (each rank its own shard, the sample-weighted mean over all
-    ranks' samples). Each product perturbs the sharded parameters in place (each rank its own shard of
-    ``theta +- eps v``, cut locally by ``distribute_tensor(..., src_data_rank=None)``), runs the model's own
-    forward and backward over the local data (FSDP all-gathers the parameters and reduce-scatters the
-    gradients, averaging over ranks: each batch's loss is weighted by ``world * n_b / N``), gathers the
-    gradient (``full_tensor``), and restores the parameters bit-exactly; ``.grad`` and BatchNorm buffers
-    are restored too.
-
-    Memory: vectors are full-size on every rank (the Lanczos basis holds ``max_basis`` of them, and each
-    product gathers the full gradient twice), so the operator fits models whose full parameter vector,
-    times the basis size, fits one device, although the model itself is sharded.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, group, *,
-                 params: Sequence[str] | str | None = None, batchnorm: str = "batch") -> None:
-        from torch.distributed.tensor import DTensor
-
-        if batchnorm not in ("batch", "eval"):
-            raise ValueError(f"batchnorm must be 'batch' or 'eval', got {batchnorm!r}")
-        check_fd_parameters(model, params)
-        selected = _select(model, params)
-        self.model, self.loss_fn, self.group, self.batchnorm = model, loss_fn, group, batchnorm
-        self.names = [n for n, _ in selected]
-        self.params = [p for _, p in selected]
-        self.shapes = [p.shape for p in self.params]
-        self.numels = [p.numel() for p in self.params]
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.params]
-        super().__init__(sum(self.numels), self.params[0].dtype, local[0].device)
-        self.batches = as_batches(data, self.device)
-        self._all_params = [p for p in model.parameters() if p.requires_grad]
-        self._deterministic_checked = False
-        self._theta_norm: tuple[Any, float] | None = None
-        self._fingerprint = self._fp()
-        self.hvp_mode = "finite-difference"
-        self.num_samples = 0
-        self._total = 0
-        self._steps = 0
-
-    def _agreed(self, total: int, steps: int) -> None:
-        """Set the agreed total sample count and number of batch steps per product (the largest local one:
-        FSDP needs every rank to run as many forwards and backwards)."""
-        self._total, self._steps = total, steps
-        self.num_samples = sum(b.size for b in self.batches)
-
-    # -- staleness -----------------------------------------------------------------------------
-    def _fp(self) -> tuple:
-        def local(p):
-            return getattr(p, "_local_tensor", p)
-        return (tuple((n, id(p), p._version, local(p).data_ptr(), p.dtype) for n, p in self.model.named_parameters()),
-                tuple(m.training for m in self.model.modules()))
-
-    def _sync(self) -> None:
-        now = self._fp()
-        if now == self._fingerprint:
-            return
-        if self._pins:
-            raise StaleOperatorError(f"{type(self).__name__}: the model changed during a solve: products before and "
-                                     "after belong to two different matrices; do not train or modify the model while "
-                                     "lanczos or an estimator runs")
-        self._fingerprint = now
-        self._theta_norm = None
-        self._deterministic_checked = False
-
-    def same_on_all_ranks(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.broadcast(x)
-
-    def _after_asymmetry(self, error: NotSymmetricError, num_matvecs: int) -> bool:
-        raise NotSymmetricError(f"{type(self).__name__}: {str(error).split(': either')[0]}: {FD_RANDOM_HINT}") from error
-
-    # -- evaluation ---------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _deterministic(self) -> Iterator[None]:
-        """Deterministic mode, BatchNorm's running statistics restored afterwards (the sharded model runs
-        its own forward, which updates them in training mode)."""
-        with deterministic_mode(self.model, self.batchnorm), running_stats_kept(self.model):
-            yield
-
-    def _batch_steps(self) -> Iterator[tuple[Any, float]]:
-        """``(batch, weight)`` for ``self._steps`` steps: the local batches, then the first one again with
-        weight 0 (every rank runs as many forwards and backwards)."""
-        batches = list(self.batches)
-        world = self.group.size
-        for i in range(self._steps):
-            if i < len(batches):
-                b = batches[i]
-                yield b, world * loss_reduction_weight(self.loss_fn, b.size, self._total)
-            else:
-                yield batches[0], 0.0
-
-    def _local_loss(self, batch) -> torch.Tensor:
-        loss = self.loss_fn(self.model(*batch.inputs), batch.targets)
-        check_loss(loss, "on a batch of this rank")
-        return loss
-
-    def _gradient(self) -> torch.Tensor:
-        """The full gradient of the global loss at the model's current parameters (every rank: the same)."""
-        grads = [p.grad for p in self._all_params]
-        for p in self._all_params:
-            p.grad = None
-        try:
-            with torch.enable_grad():
-                for batch, weight in self._batch_steps():
-                    (self._local_loss(batch) * weight).backward()
-            parts = []
-            for p, n in zip(self.params, self.numels):
-                g = p.grad
-                if g is None:
-                    parts.append(torch.zeros(n, dtype=self.dtype, device=self.device))
-                else:
-                    parts.append((g.full_tensor() if hasattr(g, "full_tensor") else g).reshape(-1))
-            return torch.cat(parts)
-        finally:
-            for p, g in zip(self._all_params, grads):
-                p.grad = g
-
-    def _check_deterministic(self) -> None:
-        rel = 64 * torch.finfo(self.dtype).eps
-        with torch.no_grad():
-            first = [float(self._local_loss(b)) for b, _ in self._batch_steps()]
-            second = [float(self._local_loss(b)) for b, _ in self._batch_steps()]
-        error = None
-        for i, (a, b) in enumerate(zip(first, second)):
-            if not abs(a - b) <= rel * max(abs(a), abs(b), 1e-300):
-                from .linop import StochasticForwardError
-                error = StochasticForwardError(f"{type(self).__name__}: two evaluations of batch {i} differ (loss {a:.6g} "
-                                               f"vs {b:.6g}): the forward pass or the data order is random")
-                break
-        self.group.agree(error)
-        self._deterministic_checked = True
-
-    def _norm_theta(self) -> float:
-        if self._theta_norm is None or self._theta_norm[0] != self._fingerprint:
-            sq = sum(float(getattr(p, "_local_tensor", p).detach().double().pow(2).sum()) for p in self.params)
-            total = self.group.all_sum(torch.tensor([sq], dtype=torch.float64))
-            self._theta_norm = (self._fingerprint, math.sqrt(float(total[0])))
-        return self._theta_norm[1]
-
-    def _directions(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """This rank's shards of ``v``, laid out like the sharded parameters (no communication)."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        out = []
-        for p, part in zip(self.params, torch.split(v, self.numels)):
-            full = part.view(p.shape)
-            if isinstance(p, DTensor):
-                out.append(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
-            else:
-                out.append(full)
-        return out
-
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        try:
-            with self._deterministic():
-                out = self._product(v)
-        finally:
-            self._fingerprint = self._fp()  # our own writes, restored bit-exactly (and flags): not a change
-        error = None if bool(torch.isfinite(out).all()) else FloatingPointError(
-            "the finite-difference product is NaN or inf: check the data, loss and model")
-        self.group.agree(error)
-        return out
-
-    def _product(self, v: torch.Tensor) -> torch.Tensor:
-        if not self._deterministic_checked:
-            self._check_deterministic()
-        norm = float(v.norm())
-        if norm == 0.0:
-            return torch.zeros_like(v)
-        eps = fd_step(self.dtype, self._norm_theta(), norm)
-        directions = self._directions(v)
-        saved = [p.detach().clone() for p in self.params]
-
-        def gradient_at(step: float) -> torch.Tensor:
-            with perturbed(self.params, saved, directions, step):
-                return self._gradient()
-
-        return central_difference(gradient_at, eps)

@@ -212,8 +212,8 @@ class PreconditionedOperator(SymmetricOperator):
         try:
             self._follow_optimizer()
         except Exception as err:  # a data-parallel base reports it to every rank at the next product
-            defer = getattr(self.base, "_defer", None)
-            if not (callable(defer) and defer(err)):
+            parallel = getattr(self.base, "parallel", None)
+            if parallel is None or not parallel.defer(err):
                 raise
 
     def _follow_optimizer(self) -> None:
@@ -239,9 +239,9 @@ class PreconditionedOperator(SymmetricOperator):
         at the start of each solve too (:func:`_check_same_preconditioner`)."""
         outermost = not self._pins
         with super().pinned():
-            group = getattr(self.base, "_group", None)
-            if outermost and group is not None:
-                _check_same_preconditioner(group, self.d_sqrt, skip=getattr(self.base, "_deferred", None) is not None)
+            parallel = getattr(self.base, "parallel", None)
+            if outermost and parallel is not None and parallel.group is not None:
+                _check_same_preconditioner(parallel.group, self.d_sqrt, skip=parallel.deferred is not None)
             yield self
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -275,7 +275,7 @@ def preconditioned_hessian_operator(model: nn.Module, loss_fn: Callable, data: A
     H: HessianOperator = hessian_operator(model, loss_fn, data, params=params, hvp_mode=hvp_mode,
                                           batchnorm=batchnorm, graph_memory_budget=graph_memory_budget,
                                           batched=batched, distributed=distributed)
-    group = H._group
+    group = H.parallel.group
     with group.guarded() if group is not None else contextlib.nullcontext():
         eta = reference_lr if reference_lr is not None else _reference_lr(optimizer)
         named = list(zip(H.fn.names, H.fn.params))
