@@ -10,8 +10,11 @@ eigensolver (:func:`lanczos`) and randomized estimators (:func:`hutchinson_trace
 from ._version import __version__
 from .alignment import alignment_terms, layer_alignment
 from .analysis.comparisons import analyze, collect
-from .analysis.consistency import edge_of_stability, eos_threshold, lr_transfer, super_consistency, to_long_table
+from .analysis.consistency import super_consistency
+from .analysis.eos import edge_of_stability
 from .analysis.report import write_report
+from .analysis.tables import to_long_table
+from .analysis.transfer import lr_transfer
 from .closures import BatchLoss, batch_loss
 from .coordcheck import CoordCheckResult, coord_check, plot_coord_check
 from .dense import dense_ggn, dense_hessian, dense_jacobian, ntk_gram
@@ -46,6 +49,7 @@ from .runs.callbacks import huggingface_callback, lightning_callback
 from .runs.capture import Recorder, every_schedule, log_schedule
 from .runs.jobs import run_spectrum_job
 from .runs.store import Run, RunFileError, RunWriter, open_run
+from .stability import eos_threshold
 from .sweep import load_probe, run_sweep
 
 __all__ = [

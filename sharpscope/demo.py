@@ -88,17 +88,23 @@ def _print(s: dict) -> None:
 
 
 def _plot(density, top: list[float], threshold: float, path: Path) -> None:
+    """The SLQ density with the top eigenvalues, and the edge of stability 2/lr drawn on the same axis (the
+    x range reaches it, wherever the spectrum ends)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    density.plot(ax=ax, color="C0", label="SLQ density (Gaussian-smoothed)")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    density.plot(ax=ax, color="#0072B2", label="SLQ density (Gaussian-smoothed)")
     for i, lam in enumerate(top):
-        ax.axvline(lam, color="C3", lw=0.8, ls="--", label="top eigenvalues (Lanczos)" if i == 0 else None)
-    ax.set_title(f"Hessian spectrum, MLP on digits (2/lr = {threshold:.2f})")
-    ax.legend(loc="upper center", fontsize=8)
+        ax.axvline(lam, color="#D55E00", lw=0.9, ls="--", label="top eigenvalues (Lanczos)" if i == 0 else None)
+    ax.axvline(threshold, color="0.1", lw=1.6, ls=":", label=f"edge of stability 2/lr = {threshold:.2f}")
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, max(hi, threshold + 0.05 * (threshold - lo)))
+    ax.set_title(f"Hessian spectrum, MLP on digits: top eigenvalue {top[0]:.2f} = {top[0] / threshold:.2f} x 2/lr",
+                 loc="left", fontsize=11)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -131,8 +137,11 @@ def _demo_command(args: argparse.Namespace) -> int:
         for row in summary_rows(result):
             print(f"  {row['run']:<24} {row['quantity']:<8} step {row['first_step']:>4}: {row['first']:8.3f}   "
                   f"step {row['last_step']:>4}: {row['last']:8.3f}")
-        from .analysis.report import verdict_lines
+        from .analysis.report import summary_lines, verdict_lines
 
+        print("summary:")
+        for line in summary_lines(result.report.parent / "metrics.json"):
+            print(f"  {line}")
         print("verdicts:")
         for line in verdict_lines(result.report.parent / "metrics.json"):
             print(f"  {line}")

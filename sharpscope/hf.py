@@ -24,10 +24,18 @@ Hessian float32-accurate; half-precision logits are still upcast to float32, as 
 Model factories (trusted names for ``meta["model_factory"]``): :func:`causal_lm_from_config` and
 :func:`model_from_config` build a model from its JSON config (``model.config.to_dict()``) with random
 weights (the checkpoint is loaded over them); :func:`causal_lm_meta` is the Recorder meta that names
-them. Nothing is downloaded and no remote code runs.
+them. Nothing is downloaded and no remote code runs: a config (a run file's, so anyone's) is built only from
+an allow-list -- a built-in model type, the fields its config class defines (sub-configs checked the same
+way), attention and experts implementations built into torch (``eager``, ``sdpa``, ``flex_attention``;
+``flash_attention_*`` may fall back to kernels from the Hub) -- and anything else is refused in one line
+naming the field (``use_pretrained_backbone``, ``backbone``, ``trust_remote_code``, ``auto_map``,
+``quantization_config``, an ``attn_implementation`` naming a Hub repo, the ``timm`` model types, ...); the
+label ``_name_or_path`` (where the weights came from) is dropped. The build itself runs in Hugging Face Hub
+offline mode, so a field this list let through still could not download anything.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Mapping
 
 import torch
@@ -130,15 +138,112 @@ def _transformers():
     return transformers
 
 
-def _config(config: Mapping[str, Any]):
-    transformers = _transformers()
+# A config from a run file is built only from what this allow-list accepts (_checked_config): the fields its
+# config class defines, recursively for sub-configs; attention / experts implementations built into torch;
+# no model type that builds a third-party model by name. Known fields that would download or run code get
+# their reason in the one-line refusal.
+_ATTENTION = ("eager", "sdpa", "flex_attention")  # flash_attention_* may fall back to kernels from the Hub
+_EXPERTS = ("eager", "grouped_mm", "batched_mm")
+_IMPLEMENTATIONS = {"attn_implementation": _ATTENTION, "experts_implementation": _EXPERTS}
+_LABELS = ("_name_or_path", "name_or_path")  # where the weights came from: never needed to build, dropped
+_ALSO = frozenset({"model_type", "transformers_version", "torch_dtype", "output_attentions", *_IMPLEMENTATIONS, *_LABELS})
+_NOT_BUILT = {"timm_backbone": "builds a timm model by name (which timm may fetch from the Hub)",
+              "timm_wrapper": "builds a timm model by name (which timm may fetch from the Hub)"}
+_REASONS = {
+    "use_pretrained_backbone": "loads pretrained backbone weights from the Hub",
+    "use_timm_backbone": "builds a timm backbone by name (which may reach the Hub)",
+    "backbone": "names a backbone to fetch (a Hub repo or a timm model)",
+    "backbone_kwargs": "configures a backbone fetched by name",
+    "trust_remote_code": "runs code from the Hub",
+    "auto_map": "names remote code to run",
+    "custom_pipelines": "names remote code to run",
+    "quantization_config": "loads a quantization backend",
+    "fusion_config": "patches the model with fused kernels",
+    "use_kernels": "loads kernels from the Hub",
+    "kernel_config": "loads kernels from the Hub",
+    "distributed_config": "sets up a distributed backend",
+    "transformers_weights": "names a weights file to load",
+    "target_lang": "downloads language adapters",
+}
+
+
+@lru_cache(maxsize=None)
+def _config_fields(cls: type) -> frozenset[str]:
+    """The fields a config class defines (its dataclass fields and what its default ``to_dict()`` holds)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    try:
+        names |= set(cls().to_dict())
+    except Exception:  # noqa: BLE001 - a config class without defaults: its declared fields only
+        pass
+    return frozenset(names | _ALSO)
+
+
+def _refuse(path: str, why: str) -> ValueError:
+    return ValueError(f"the Hugging Face config's {path} {why}: sharpscope builds Hugging Face models from their config "
+                      "alone (random weights, no download, no remote code); remove it from the run's model_kwargs")
+
+
+def _checked_config(config: Any, path: str = "config") -> dict:
+    """``config`` if the allow-list above accepts it (labels dropped); else one ValueError line naming the field."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     if not isinstance(config, Mapping) or not isinstance(config.get("model_type"), str):
         raise ValueError("config must be a model config as a JSON object with its 'model_type' (model.config.to_dict())")
-    rest = {k: v for k, v in config.items() if k != "model_type"}
+    model_type = config["model_type"]
+    if model_type in _NOT_BUILT:
+        raise _refuse(f"model_type {model_type!r}", _NOT_BUILT[model_type])
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{path}: {model_type!r} is not a model type of this transformers "
+                         f"({_transformers().__version__}); remote model types are not built")
+    cls = CONFIG_MAPPING[model_type]
+    fields, sub_configs = _config_fields(cls), dict(getattr(cls, "sub_configs", None) or {})
+    out = {}
+    for key, value in config.items():
+        where = f"{path}.{key}"
+        if not isinstance(key, str) or key not in fields:
+            raise _refuse(f"field {where!r}", _REASONS.get(key, f"is not a field of {cls.__name__}"))
+        if key in _LABELS:
+            continue
+        if key in _IMPLEMENTATIONS:
+            for v in (value.values() if isinstance(value, Mapping) else [value]):
+                if v is not None and v not in _IMPLEMENTATIONS[key]:
+                    raise _refuse(f"{where} {v!r}", f"is not one of the implementations built into torch "
+                                                    f"({', '.join(_IMPLEMENTATIONS[key])}); others come from the Hub")
+        if key in sub_configs and isinstance(value, Mapping):
+            sub = sub_configs[key]
+            own_type = getattr(sub, "model_type", "") or None
+            value = _checked_config({**value, "model_type": value.get("model_type", own_type)}
+                                    if own_type else value, where)
+        out[key] = value
+    return out
+
+
+class _Offline:
+    """Hugging Face Hub offline mode for the duration of a build: whatever the allow-list missed cannot reach the
+    network (huggingface_hub refuses every request while ``constants.HF_HUB_OFFLINE`` is set)."""
+
+    def __enter__(self):
+        from huggingface_hub import constants
+
+        self._constants, self._was = constants, constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._constants.HF_HUB_OFFLINE = self._was
+
+
+def _config(config: Mapping[str, Any]):
+    transformers = _transformers()
+    checked = _checked_config(config)
+    rest = {k: v for k, v in checked.items() if k != "model_type"}
     try:
-        return transformers.AutoConfig.for_model(config["model_type"], **rest)
+        with _Offline():
+            return transformers.AutoConfig.for_model(checked["model_type"], **rest)
     except (KeyError, ValueError) as err:
-        raise ValueError(f"cannot build a Hugging Face config of model_type {config['model_type']!r}: {err}") from None
+        raise ValueError(f"cannot build a Hugging Face config of model_type {checked['model_type']!r}: {err}") from None
 
 
 def _finish(model: nn.Module, architecture: str | None, dtype: str | None) -> nn.Module:
@@ -155,20 +260,28 @@ def _finish(model: nn.Module, architecture: str | None, dtype: str | None) -> nn
 def causal_lm_from_config(config: Mapping[str, Any], architecture: str | None = None,
                           dtype: str | None = None) -> nn.Module:
     """A causal LM (``AutoModelForCausalLM``) from its JSON config, randomly initialized, no download and
-    no remote code; ``architecture`` (the class name) is checked, ``dtype`` (e.g. ``"float32"``) applied."""
+    no remote code (the config's fields are checked first, see the module docstring); ``architecture``
+    (the class name) is checked, ``dtype`` (e.g. ``"float32"``) applied."""
     transformers = _transformers()
-    model = transformers.AutoModelForCausalLM.from_config(_config(config), trust_remote_code=False)
+    built = _config(config)
+    with _Offline():
+        model = transformers.AutoModelForCausalLM.from_config(built, trust_remote_code=False)
     return _finish(model, architecture, dtype)
 
 
 def model_from_config(config: Mapping[str, Any], architecture: str, dtype: str | None = None) -> nn.Module:
     """Any Hugging Face model class of ``transformers`` (``architecture``, e.g. ``"BertForMaskedLM"``) from
-    its JSON config, randomly initialized; only ``PreTrainedModel`` subclasses are built."""
+    its JSON config, randomly initialized; only ``PreTrainedModel`` subclasses of the config's own class are built."""
     transformers = _transformers()
-    cls = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
+    cls = getattr(transformers, architecture, None) if isinstance(architecture, str) and architecture.isidentifier() else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ValueError(f"{architecture!r} is not a transformers model class")
-    return _finish(cls(_config(config)), None, dtype)
+    built = _config(config)
+    if not isinstance(built, cls.config_class):
+        raise ValueError(f"{architecture} takes a {cls.config_class.__name__}, not the config's {type(built).__name__}")
+    with _Offline():
+        model = cls(built)
+    return _finish(model, None, dtype)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -185,9 +298,20 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 def causal_lm_meta(model: nn.Module) -> dict:
     """Recorder meta for a Hugging Face causal LM: the trusted factory, its kwargs (config, class, dtype)
-    and the loss, so that ``sharpscope spectrum`` rebuilds and measures the run."""
+    and the loss, so that ``sharpscope spectrum`` rebuilds and measures the run. Config entries that are not
+    fields of the config's class (a Hub config's leftovers, e.g. GPT-2's ``n_ctx``) are left out with a
+    warning: :func:`causal_lm_from_config` builds only from fields."""
+    import warnings
+
     config = model.config.to_dict()
+    fields = _config_fields(type(model.config))
+    extra = sorted(k for k in config if k not in fields)
+    if extra:
+        warnings.warn(f"causal_lm_meta: the model's config holds entries its class {type(model.config).__name__} does not "
+                      f"define ({', '.join(extra)}): left out of the run's meta (not part of the rebuilt architecture)",
+                      stacklevel=2)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return {"model_factory": "sharpscope.hf:causal_lm_from_config",
-            "model_kwargs": {"config": config, "architecture": type(model).__name__, "dtype": dtype},
+            "model_kwargs": {"config": {k: v for k, v in config.items() if k not in extra},
+                             "architecture": type(model).__name__, "dtype": dtype},
             "loss": "sharpscope.hf:causal_lm_loss"}

@@ -45,6 +45,8 @@ class AdamAtan2(torch.optim.Optimizer):
     edge-of-stability threshold are in :mod:`sharpscope.preconditioning`.
     """
 
+    update_rule = "adam-atan2"   # how the engine (sharpscope.preconditioning) knows it without importing this layer
+
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, a: float = 4.0 / math.pi, b: float = 1.0) -> None:
         if not lr > 0:

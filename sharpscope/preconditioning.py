@@ -43,7 +43,7 @@ from torch import nn
 from .distributed import model_values
 from .linop import StaleOperatorError, SymmetricOperator
 from .operators import HessianOperator, HvpMode, hessian_operator
-from .optim import AdamAtan2
+from .stability import eos_threshold
 
 __all__ = ["preconditioned_hessian_operator", "stability_threshold", "effective_step_sizes",
            "PreconditionedOperator"]
@@ -66,27 +66,32 @@ def _reference_lr(optimizer: torch.optim.Optimizer) -> float:
 def stability_threshold(optimizer: torch.optim.Optimizer, reference_lr: float | None = None) -> float:
     r"""The edge-of-stability value of the preconditioned sharpness for this optimizer.
 
-    * SGD: :math:`2/\eta`; heavy-ball momentum :math:`\mu` with dampening :math:`d`:
-      :math:`(2+2\mu)/((1-d)\eta)`; Nesterov: :math:`(2+2\mu)/((1+2\mu)\eta)`
-      (largest :math:`\eta\lambda` with both roots of the quadratic's recurrence in the unit disc).
-    * Adam/AdamW: :math:`(2+2\beta_1)/((1-\beta_1)\eta)` (Cohen et al. 2022); Adam-atan2 the same
-      (its linearized update is Adam's EMA momentum with another preconditioner; module docstring).
-    * Adafactor (torch's, no momentum): :math:`2/\eta`.
+    SGD (momentum, dampening, Nesterov), Adam/AdamW, Adam-atan2 and Adafactor, with the hyper-parameters
+    read from ``optimizer.defaults`` and :math:`\eta` = ``reference_lr`` (default ``defaults["lr"]``); the
+    formulas are :func:`sharpscope.stability.eos_threshold`'s.
     """
     eta = reference_lr if reference_lr is not None else _reference_lr(optimizer)
-    d = optimizer.defaults
+    d, rule = optimizer.defaults, _update_rule(optimizer)
+    if rule == "sgd":
+        return eos_threshold(rule, eta, float(d.get("momentum", 0.0)), dampening=float(d.get("dampening", 0.0)),
+                             nesterov=bool(d.get("nesterov", False)))
+    if rule in ("adam", "adam-atan2"):
+        return eos_threshold(rule, eta, beta1=float(d["betas"][0]))
+    return eos_threshold(rule, eta)
+
+
+def _update_rule(optimizer: torch.optim.Optimizer) -> str:
+    """The update rule (:data:`sharpscope.stability.UPDATE_RULES`) of torch's SGD, Adam, AdamW and Adafactor,
+    or the one an optimizer class declares as ``update_rule`` (:class:`sharpscope.optim.AdamAtan2`)."""
+    declared = getattr(type(optimizer), "update_rule", None)
+    if declared is not None:
+        return declared
     if isinstance(optimizer, torch.optim.SGD):
-        mu, damp = float(d.get("momentum", 0.0)), float(d.get("dampening", 0.0))
-        if mu == 0.0:
-            return 2.0 / eta
-        if d.get("nesterov", False):
-            return (2.0 + 2.0 * mu) / ((1.0 + 2.0 * mu) * eta)
-        return (2.0 + 2.0 * mu) / ((1.0 - damp) * eta)
-    if isinstance(optimizer, (*_ADAM, AdamAtan2)):
-        beta1 = float(d["betas"][0])
-        return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * eta)
+        return "sgd"
+    if isinstance(optimizer, _ADAM):
+        return "adam"
     if isinstance(optimizer, torch.optim.Adafactor):
-        return 2.0 / eta
+        return "adafactor"
     raise ValueError(_unsupported(optimizer))
 
 
@@ -154,7 +159,7 @@ def effective_step_sizes(optimizer: torch.optim.Optimizer, named_params: Sequenc
             s = torch.full_like(p, _lr(group["lr"]))
         elif isinstance(optimizer, _ADAM):
             s = _lr(group["lr"]) / _adam_preconditioner(state, group, name)
-        elif isinstance(optimizer, AdamAtan2):
+        elif _update_rule(optimizer) == "adam-atan2":
             s = _adam_atan2_step(state, group, name)
         elif isinstance(optimizer, torch.optim.Adafactor):
             s = _adafactor_step(state, group, p, name)

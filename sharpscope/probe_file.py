@@ -47,6 +47,9 @@ A probe file::
     k = 1
     executor = "local"                         # for training and spectra: local, process:N, dask-local:N, dask://HOST:PORT
 
+    [expect]                                   # optional: verdicts the report checks (analysis/expectations.py)
+    mup = "consistent"                         # or a list (any of), or [expect.mup] precond = ..., transfer = ...
+
 **Axes.** Widths, depths, lrs, parameterizations, optimizers and seeds are varied by their own
 lists. ``[sweep.axes]`` varies any other setting; a name resolves, in this order, to a run setting
 (``steps``, ``batch_size``), a keyword of :func:`sharpscope.parametrize` (``lr_scaling``,
@@ -70,15 +73,16 @@ import inspect
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import tomllib
 import torch
 
+from .analysis.expectations import parse_expectations
 from .data import DATASETS
-from .param import OPTIMIZERS, PARAMETERIZATIONS
+from .param import OPTIMIZERS, PARAMETERIZATIONS, ParametrizeOptions
 
 __all__ = ["Probe", "RunSpec", "Axis", "load_probe", "plan", "RUN_SETTINGS", "OPTIMIZER_SETTINGS"]
 
@@ -141,6 +145,7 @@ class Probe:
     axes: tuple[Axis, ...] = ()
     compare: str = "width"
     device: str = "cpu"
+    expect: tuple = ()  # the [expect] table as sharpscope.analysis.expectations.Expectation s
     file: str = ""
     sha256: str = ""
 
@@ -254,9 +259,9 @@ def load_probe(path: str | Path) -> Probe:
     r = _Reader(path)
     meta, model, train = r.table(raw, "probe"), r.table(raw, "model"), r.table(raw, "train")
     capture, measure, sweep = r.table(raw, "capture"), r.table(raw, "measure"), r.table(raw, "sweep")
-    unknown = sorted(set(raw) - {"probe", "model", "train", "capture", "measure", "sweep"})
+    unknown = sorted(set(raw) - {"probe", "model", "train", "capture", "measure", "sweep", "expect"})
     if unknown:
-        r.fail(f"unknown table(s) {unknown}: the tables are [probe], [model], [train], [sweep], [capture], [measure]")
+        r.fail(f"unknown table(s) {unknown}: the tables are [probe], [model], [train], [sweep], [capture], [measure], [expect]")
     pos_int = lambda minimum: lambda v, what: r.integer(v, what, minimum)  # noqa: E731
     lower = lambda v, what: r.text(v, what).lower()  # noqa: E731
     base_width, base_depth = r.get(model, "base_width", "model"), r.get(model, "base_depth", "model")
@@ -293,7 +298,9 @@ def load_probe(path: str | Path) -> Probe:
     )
     axes = _axes(r, probe, r.mapping(sweep.get("axes", {}), "[sweep] axes"))
     compare = _compare(r, probe, axes, sweep)
-    probe = _replace(probe, axes=axes, compare=compare)
+    expect = parse_expectations(raw.get("expect", {}), parameterizations=probe.parameterizations,
+                                quantities=probe.quantities, where=str(path))  # [expect]: one line per problem
+    probe = _replace(probe, axes=axes, compare=compare, expect=expect)
     _validate(r, probe)
     return probe
 
@@ -325,9 +332,7 @@ def _factory_keywords(factory: str) -> set[str] | None:
 
 
 def _parametrize_keywords() -> set[str]:
-    from .param import parametrize
-
-    return set(inspect.signature(parametrize).parameters) - set(_PARAMETRIZE_FIXED)
+    return {f.name for f in fields(ParametrizeOptions)} - set(_PARAMETRIZE_FIXED)
 
 
 def _resolve_axis(r: _Reader, probe: Probe, name: str) -> tuple[str, str]:

@@ -25,6 +25,7 @@ from .optim import build_optimizer
 from .param import parametrize
 from .probe_file import Probe, RunSpec, load_probe, plan, run_values, settings_of
 from .progress import progress_bar
+from .registry import allowances
 from .runs.capture import Recorder
 from .runs.executors import executor_from_spec
 from .runs.jobs import JobReport, SpectrumSettings, run_spectrum_job
@@ -150,7 +151,7 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
             "seed": spec.seed, "loss": probe.loss,
             "probe": {"name": probe.name, **axes, "depth": spec.depth, "steps": final,
                       "axes": {a.name: spec.value(a.name) for a in probe.axes}, "compare": probe.compare,
-                      "file": probe.file, "sha256": probe.sha256}}  # the probe file trusts its factory
+                      "file": probe.file, "sha256": probe.sha256}}  # provenance only: it grants no trust
     gen = torch.Generator().manual_seed(spec.seed)
     with Recorder(path, model, opt, batch=(x[: probe.probe_size], y[: probe.probe_size]),
                   schedule=lambda s: s % probe.every == 0 or s == final, meta=meta, loss_fn=loss_fn,
@@ -219,6 +220,7 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
     ``executor`` (default: the probe's) runs both the training runs and the spectrum tasks: ``local``
     one after the other, ``process:N`` / ``dask-local:N`` / ``dask://HOST:PORT`` in parallel."""
     probe = load_probe(probe_path)
+    allow = allowances(probe.factory, probe.loss)  # the user's probe trusts its own names, for its own jobs
     executor = executor or probe.executor
     out = Path(out_dir).resolve()  # workers of a remote cluster do not share our working directory
     specs = plan(probe)
@@ -237,12 +239,12 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
     runs = [out / "runs" / s.filename for s in specs]
     settings = SpectrumSettings(k=probe.k, device=probe.device)
     report = run_spectrum_job(runs, probe.quantities, settings, executor=executor, progress=progress,
-                              allow_factories=[probe.factory, probe.loss])
+                              allow_factories=allow)
     from .analysis.report import write_report
 
     page = write_report(runs, out, title=f"sharpscope: {probe.name}", compare=probe.compare,
                         settings={"probe": str(probe_path), "description": probe.description,
-                                  "expected": probe.expected, "source": probe.source})
+                                  "expected": probe.expected, "source": probe.source}, expect=probe.expect)
     return SweepResult(probe, runs, len(todo), report, page, notes)
 
 

@@ -47,7 +47,8 @@ def test_batch_size_is_compared_and_weight_decay_makes_groups(tmp_path):
     assert any("weight_decay 0.01" in ln and "hessian across batch_sizes" in ln for ln in lines)
     assert any("lr transfer across batch_sizes" in ln for ln in lines)
     figures = sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png"))
-    assert any("batch_sizes-weight_decay0.01" in name for name in figures)
+    # the weight-decay groups side by side in one figure (issue 22: one comparison figure per set of groups)
+    assert any("batch_sizes" in name and "weight_decay0.01" in name for name in figures)
 
 
 def test_the_training_horizon_is_compared_at_equal_fractions(tmp_path):

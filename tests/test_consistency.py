@@ -1,4 +1,5 @@
-"""Tests of sharpscope.analysis.consistency on synthetic data with known answers (numpy only)."""
+"""Tests of the numpy-only analysis (trajectories, super consistency, EoS, lr transfer, long tables) and of the
+EoS thresholds (sharpscope.stability) on synthetic data with known answers."""
 from __future__ import annotations
 
 import json
@@ -7,19 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from sharpscope.analysis import consistency as C
-from sharpscope.analysis.consistency import (
-    Aligned,
-    ConsistencyThresholds,
-    align,
-    edge_of_stability,
-    eos_threshold,
-    fit_alpha,
-    lr_optimum,
-    lr_transfer,
-    super_consistency,
-    to_long_table,
-)
+from sharpscope import stability
+from sharpscope.analysis import consistency, eos, tables, trajectories, transfer
+from sharpscope.analysis.consistency import ConsistencyThresholds, fit_alpha, super_consistency
+from sharpscope.analysis.eos import edge_of_stability
+from sharpscope.analysis.tables import to_long_table
+from sharpscope.analysis.trajectories import CommonSteps, on_common_steps
+from sharpscope.analysis.transfer import lr_optimum, lr_transfer
+from sharpscope.stability import eos_threshold
 
 WIDTHS = [1, 2, 4, 8, 16]
 STEPS = np.arange(0, 200, 2.0)
@@ -30,9 +26,10 @@ def family(f, widths=WIDTHS, steps=STEPS, base=BASE):
     return {n: (steps, base * f(n)) for n in widths}
 
 
-# ----------------------------------------------------------------------------- align
+# ----------------------------------------------------------------------------- trajectories on common steps
 
-def test_all_names_exported():
+@pytest.mark.parametrize("C", [trajectories, consistency, eos, transfer, tables, stability], ids=lambda m: m.__name__)
+def test_all_names_exported(C):
     for name in C.__all__:
         assert hasattr(C, name), name
     assert "torch" not in C.__dict__
@@ -40,40 +37,40 @@ def test_all_names_exported():
     assert "import torch" not in src and "matplotlib" not in src
 
 
-def test_align_common_union_and_grid():
+def test_common_steps_union_and_grid():
     tr = {4: ([0, 1, 2, 3], [1.0, 2, 3, 4]), 2: ([3, 1, 5], [30.0, 10, 50])}
-    al = align(tr)
+    al = on_common_steps(tr)
     assert al.sizes == (2.0, 4.0)
     np.testing.assert_array_equal(al.steps, [1, 3])
     np.testing.assert_array_equal(al.values, [[10, 30], [2, 4]])
-    sizes, steps, values = align(tr, "union")
+    sizes, steps, values = on_common_steps(tr, "union")
     np.testing.assert_array_equal(steps, [0, 1, 2, 3, 5])
     assert np.isnan(values[0, 0]) and np.isnan(values[1, 4]) and values[0, 4] == 50
-    ali = align(tr, "union", interpolate=True)
+    ali = on_common_steps(tr, "union", interpolate=True)
     assert ali.values[0, 2] == pytest.approx(20.0)  # midpoint of 10 @1 and 30 @3
     assert np.isnan(ali.values[0, 0])  # outside the size-2 range: not extrapolated
-    alc = align(tr, "common", interpolate=True)
+    alc = on_common_steps(tr, "common", interpolate=True)
     np.testing.assert_array_equal(alc.steps, [1, 2, 3])
-    alg = align(tr, [1, 2])
+    alg = on_common_steps(tr, [1, 2])
     assert np.isnan(alg.values[0, 1]) and alg.values[1, 1] == 3
 
 
-def test_align_bad_inputs():
+def test_common_steps_bad_inputs():
     with pytest.raises(ValueError, match="mismatched lengths"):
-        align({1: ([0, 1, 2], [1.0, 2.0])})
+        on_common_steps({1: ([0, 1, 2], [1.0, 2.0])})
     with pytest.raises(ValueError, match="no common steps"):
-        align({1: ([0, 1], [1, 1]), 2: ([2, 3], [1, 1])})
+        on_common_steps({1: ([0, 1], [1, 1]), 2: ([2, 3], [1, 1])})
     with pytest.raises(ValueError, match="finite number"):
-        align({float("inf"): ([0], [1.0])})
+        on_common_steps({float("inf"): ([0], [1.0])})
     with pytest.raises(ValueError, match="must be a number"):
-        align({"wide": ([0], [1.0])})
-    assert align({0: ([0], [1.0]), -1: ([0], [2.0])}).sizes == (-1.0, 0.0)  # a linear axis (weight decay 0)
+        on_common_steps({"wide": ([0], [1.0])})
+    assert on_common_steps({0: ([0], [1.0]), -1: ([0], [2.0])}).sizes == (-1.0, 0.0)  # a linear axis (weight decay 0)
     with pytest.raises(ValueError, match="duplicate steps"):
-        align({1: ([0, 0], [1.0, 2.0])})
+        on_common_steps({1: ([0, 0], [1.0, 2.0])})
     with pytest.raises(ValueError, match="non-empty"):
-        align({})
+        on_common_steps({})
     with pytest.raises(ValueError, match="on must be"):
-        align({1: ([0], [1.0])}, on="nearest")
+        on_common_steps({1: ([0], [1.0])}, on="nearest")
 
 
 # ----------------------------------------------------------------------------- super consistency
@@ -369,7 +366,7 @@ def test_long_table():
     assert len(rows) == 4
     assert rows[0] == {"width": 1, "step": 0, "quantity": "sharpness", "value": 3.0, "parameterization": "mup"}
     assert len(to_long_table(tr, "sharpness", drop_nan=True)) == 3
-    rows_al = to_long_table(align(tr), "sharpness", size_name="depth")
+    rows_al = to_long_table(on_common_steps(tr), "sharpness", size_name="depth")
     assert {r["depth"] for r in rows_al} == {1, 2}
     r = super_consistency(tr, window=0.0, spread="range")
     rows_r = to_long_table(r, "sharpness")
@@ -377,7 +374,7 @@ def test_long_table():
     assert spread_rows[0] == 1.0 and math.isnan(spread_rows[1])  # one finite value at step 10
     with pytest.raises(ValueError, match="reuse"):
         to_long_table(tr, "sharpness", value=1)
-    assert isinstance(align(tr), Aligned)
+    assert isinstance(on_common_steps(tr), CommonSteps)
 
 
 def test_transfer_cost_is_clipped_when_the_interpolation_dips_below_the_optimum():

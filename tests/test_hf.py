@@ -296,3 +296,42 @@ def test_causal_lm_from_config_rebuilds_the_model():
     with pytest.raises(ValueError, match="not a transformers model class"):
         hf.model_from_config(meta["model_kwargs"]["config"], "pipeline")
     assert hf.is_causal_lm(model) and not hf.is_causal_lm(torch.nn.Linear(2, 2))
+
+
+def test_configs_are_built_only_from_their_fields():
+    """A Hub config's leftovers (entries its class does not define, e.g. GPT-2's ``n_ctx``) are left out of the
+    meta with a warning; a config that holds one anyway, or a class of another config, is refused in one line.
+    The fields that reach the network or load code: tests/faults/test_trust.py."""
+    model = gpt2(8)
+    model.config.n_ctx = SEQ
+    with pytest.warns(UserWarning, match="does not define \\(n_ctx\\)"):
+        meta = hf.causal_lm_meta(model)
+    config = meta["model_kwargs"]["config"]
+    assert "n_ctx" not in config and config["n_embd"] == 16
+    rebuilt = hf.causal_lm_from_config(**meta["model_kwargs"])
+    assert [(n, p.shape) for n, p in rebuilt.named_parameters()] == [(n, p.shape) for n, p in model.named_parameters()]
+    with pytest.raises(ValueError, match="field 'config.n_ctx' is not a field of GPT2Config") as err:
+        hf.causal_lm_from_config({**config, "n_ctx": SEQ})
+    _one_line(err)
+    with pytest.raises(ValueError, match="BertForMaskedLM takes a BertConfig, not the config's GPT2Config"):
+        hf.model_from_config(config, "BertForMaskedLM")
+    with pytest.raises(ValueError, match="not a model type of this transformers"):
+        hf.causal_lm_from_config({**config, "model_type": "evil_remote_type"})
+
+
+def test_models_are_built_in_hub_offline_mode(monkeypatch):
+    """Whatever the allow-list let through could not download: the build runs with the Hub offline, and the
+    user's setting is restored after it."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    seen = []
+    original = transformers.AutoModelForCausalLM.from_config
+
+    def spy(*args, **kwargs):
+        seen.append(constants.HF_HUB_OFFLINE)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", spy)
+    hf.causal_lm_from_config(hf.causal_lm_meta(gpt2(9))["model_kwargs"]["config"])
+    assert seen == [True] and constants.HF_HUB_OFFLINE is False

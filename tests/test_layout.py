@@ -1,44 +1,90 @@
-"""The package layout: old module paths keep working (with a DeprecationWarning), public names and the
-names stored in run files resolve, the CUDA sources are found."""
-import importlib
+"""The package layout: imports obey the layer table of docs/architecture.md, public names resolve, the CUDA
+sources are found, ``python -m sharpscope`` runs."""
+import ast
+import re
 import sys
-
-import pytest
+from pathlib import Path
 
 import sharpscope as ss
-from sharpscope._moved import MOVED
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "sharpscope"
 
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_old_module_paths_warn_and_alias_the_new_modules(old):
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=f"{old} moved to"):
-        module = importlib.import_module(old)
-    if old != "sharpscope.jobs":  # the one path whose names now live in several modules
-        assert module is importlib.import_module(MOVED[old])
+def layer_table(text: str) -> list[set[str]]:
+    """The top-level names (modules and folders of sharpscope/) of each layer, in the table's order."""
+    layers = []
+    for row in (line for line in text.splitlines() if line.startswith("| **")):
+        layer, modules = [cell.strip() for cell in row.strip("|").split("|")][:2]
+        folder = re.search(r"`sharpscope/(\w+)/`", layer)
+        layers.append({folder.group(1)} if folder else {t.rstrip("/") for t in re.findall(r"`([\w/]+)`", modules)})
+    return layers
 
 
-def test_the_old_jobs_module_keeps_every_name_it_had():
-    sys.modules.pop("sharpscope.jobs", None)
-    with pytest.warns(DeprecationWarning):
-        jobs = importlib.import_module("sharpscope.jobs")
-    from sharpscope.runs.spectra import SpectraFile
+def imported(module: str, tree: ast.Module) -> set[str]:
+    """The sharpscope modules (dotted) ``module`` imports anywhere in its body, lazy imports included."""
+    package = module if module.endswith(".__init__") else module.rpartition(".")[0]
+    package = package.removesuffix(".__init__")
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "sharpscope")
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+            if target.split(".")[0] == "sharpscope":  # ``from . import x``: x is the module (or a name of target)
+                out.update(f"{target}.{a.name}" for a in node.names)
+    return out
 
-    assert jobs.SpectraFile is SpectraFile
-    for name in ("QUANTITIES", "SpectrumSettings", "run_spectrum_job", "spectra_path", "build_loss", "model_at",
-                 "first_diverged_step", "logged_losses", "executor_from_spec", "layer_groups", "JobReport"):
-        assert hasattr(jobs, name), name
+
+def layer_of(dotted: str, layers: list[set[str]]) -> int | None:
+    """The layer of a sharpscope module: the row naming its top-level name (private helpers: the engine);
+    the package itself imports every layer (the last)."""
+    parts = dotted.split(".")
+    if len(parts) == 1:
+        return len(layers) - 1
+    if parts[1].startswith("_") and parts[1] != "__main__":
+        return 0
+    return next((i for i, names in enumerate(layers) if parts[1] in names), None)
 
 
-def test_old_backend_submodules_are_the_new_ones():
-    for sub in ("torch_basis", "reference", "bf16"):
-        sys.modules.pop(f"sharpscope.backends.{sub}", None)
-    sys.modules.pop("sharpscope.backends", None)
-    with pytest.warns(DeprecationWarning):
-        from sharpscope.backends import torch_basis
-    from sharpscope.lanczos.backends import torch_basis as new
+def wrong_way_imports(sources: dict[str, str], layers: list[set[str]]) -> list[str]:
+    """``"a (layer i) imports b (layer j > i)"`` and ``"a is in no layer"`` for every offending module."""
+    problems = []
+    for dotted, text in sorted(sources.items()):
+        if dotted == "sharpscope.__init__":
+            continue
+        own = layer_of(dotted, layers)
+        if own is None:
+            problems.append(f"{dotted} is in no layer of docs/architecture.md")
+            continue
+        for target in sorted(imported(dotted, ast.parse(text))):
+            theirs = layer_of(target, layers)
+            if theirs is None or theirs > own:
+                problems.append(f"{dotted} (layer {own}) imports {target} (layer {theirs})")
+    return problems
 
-    assert torch_basis is new
+
+def package_sources() -> dict[str, str]:
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts): p.read_text() for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_imports_go_one_way_through_the_documented_layers():
+    layers = layer_table((ROOT / "docs" / "architecture.md").read_text())
+    assert len(layers) == 5 and {"operators", "preconditioning", "stability"} <= layers[0] and "param" in layers[1]
+    assert wrong_way_imports(package_sources(), layers) == []
+
+
+def test_the_layer_check_sees_lazy_imports_and_unplaced_modules():
+    layers = [{"linop", "stability"}, {"optim"}, {"runs"}]
+    sources = {"sharpscope.stability": "def f():\n    from .optim import AdamAtan2\n",      # lazy, upward
+               "sharpscope.runs.jobs": "from ..linop import matmat\nfrom . import store\n",  # downward: fine
+               "sharpscope.newthing": "x = 1\n"}
+    assert wrong_way_imports(sources, layers) == [
+        "sharpscope.newthing is in no layer of docs/architecture.md",
+        "sharpscope.stability (layer 0) imports sharpscope.optim.AdamAtan2 (layer 1)"]
 
 
 def test_public_names_and_the_lanczos_function():

@@ -10,11 +10,11 @@ from torch import nn
 
 import sharpscope as ss
 from conftest import make_data, make_mlp
-from sharpscope.analysis.consistency import eos_threshold
 from sharpscope.models import MLP
 from sharpscope.optim import AdamAtan2, build_optimizer
 from sharpscope.param import lr_exponent, parametrize
 from sharpscope.preconditioning import effective_step_sizes
+from sharpscope.stability import eos_threshold
 
 CE = nn.CrossEntropyLoss()
 

@@ -618,3 +618,36 @@ def test_moe_expert_input_and_router_options():
         parametrize(MoE(width=128), "mup", base_width=32, expert_input="output")
     with pytest.raises(ValueError, match="unknown router scaling"):
         parametrize(MoE(width=128), "mup", base_width=32, router="zero")
+
+
+# -- the settings as one frozen ParametrizeOptions ------------------------------------------------------------
+def test_options_object_and_keywords_give_the_same_groups():
+    from sharpscope.param import ParametrizeOptions
+
+    opts = ParametrizeOptions(optimizer="sgd", lr=0.1, base_width=32, eps_scaling=False, seed=1)
+    by_options = parametrize(MLP(width=128), "mup", options=opts)
+    by_keywords = parametrize(MLP(width=128), "mup", optimizer="sgd", lr=0.1, base_width=32, seed=1)
+    assert json.dumps(by_options.record) == json.dumps(by_keywords.record)
+    assert all(torch.equal(a["params"][0], b["params"][0]) for a, b in zip(by_options, by_keywords))
+    replaced = parametrize(MLP(width=128), "mup", options=opts, lr=0.2)         # a keyword replaces a field
+    assert replaced.record["lr"] == 0.2 and replaced.record["optimizer"] == "sgd" and opts.lr == 0.1
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['learning_rate'\\].*ParametrizeOptions"):
+        parametrize(MLP(width=128), "mup", base_width=32, learning_rate=0.1)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        ParametrizeOptions(lr=-1.0)
+
+
+@pytest.mark.parametrize("bad", [dict(router="zero"), dict(attention="1/d^2"),
+                                 dict(optimizer="muon", muon_adjust_lr_fn="spectral")])
+def test_a_bad_setting_leaves_a_parametrized_model_as_it_was(bad):
+    """A bad setting raises before the model is touched: before, the multipliers were already removed (router,
+    attention) or every tensor re-drawn (Muon's adjust_lr_fn) when it raised."""
+    model = MLP(width=64)
+    parametrize(model, "mup", optimizer="sgd", lr=0.1, base_width=16, seed=0)
+    x = torch.randn(5, 8)   # MLP's default in_features
+    before_out, before = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="unknown"):
+        parametrize(model, "mup", base_width=16, seed=1, **bad)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(model(x), before_out)

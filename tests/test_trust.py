@@ -74,7 +74,7 @@ def test_a_run_file_naming_os_system_runs_nothing(tmp_path):
                    "model_kwargs": {"width": 8, "depth": 1, "in_features": 4, "out_features": 3}})
     marker = tmp_path / "f"
     _crafted(path, model_factory="os:system", model_kwargs={"command": f"echo PWNED > {marker}"})
-    with pytest.raises(ss.UntrustedNameError, match=r"names the model 'os:system', which is not trusted.*--allow-factory 'os:\*'"):
+    with pytest.raises(ss.UntrustedNameError, match=r"names the model 'os:system', which is not trusted.*--allow-factory 'os:system'"):
         run_spectrum_job([path], ["hessian"], SETTINGS, progress=False)
     assert main(["spectrum", str(path), "--quiet"]) == 2
     assert not marker.exists() and not spectra_path(path).exists()
@@ -132,7 +132,11 @@ def test_registered_and_entry_point_factories_are_trusted(tmp_path, monkeypatch)
         sys.modules.pop("mine_mod", None)
 
 
-def test_a_probe_trusts_its_own_factory_for_the_runs_it_created(tmp_path, monkeypatch):
+def test_a_sweep_trusts_its_probe_for_its_own_jobs_only(tmp_path, monkeypatch, capsys):
+    """The probe given to `sharpscope sweep` trusts its factory for the spectrum jobs that sweep launches; the
+    run files' record of it does not: `spectrum` on those runs alone is refused with the fix. (On 7abbbde the
+    recorded, unchanged probe file vouched for the runs, so a probe file shipped beside a run could too: this
+    test asserted that behaviour, issue 21.)"""
     (tmp_path / "probe_models.py").write_text(
         "from sharpscope.models import MLP\ndef tiny(width=16, **kw):\n    return MLP(width=width, **kw)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -143,14 +147,21 @@ def test_a_probe_trusts_its_own_factory_for_the_runs_it_created(tmp_path, monkey
     assert main(["sweep", str(probe), "--out", str(out), "--quiet"]) == 0
     runs = sorted((out / "runs").glob("*-w*.h5"))
     runs = [r for r in runs if not r.name.endswith(".spectra.h5")]
+    assert runs and all(spectra_path(r).exists() for r in runs)  # the sweep's own jobs were trusted
     for r in runs:
         spectra_path(r).unlink()
-    assert main(["spectrum", *map(str, runs), "--quiet"]) == 0  # the recorded, unchanged probe file trusts it
-    probe.write_text(probe.read_text() + "\n# edited\n")
+    capsys.readouterr()
+    assert main(["spectrum", *map(str, runs), "--quiet"]) == 2  # the run file's probe record grants nothing
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "names the model 'probe_models:tiny', which is not trusted" in err
+    assert "--allow-factory 'probe_models:tiny'" in err and "run that sweep again" in err
+    assert not any(spectra_path(r).exists() for r in runs)
+    assert main(["sweep", str(probe), "--out", str(out), "--quiet"]) == 0  # the sweep again: trusted, measured
+    assert all(spectra_path(r).exists() for r in runs)
     for r in runs:
         spectra_path(r).unlink()
-    assert main(["spectrum", *map(str, runs), "--quiet"]) == 2  # edited: no longer vouches for the runs
-    assert main(["spectrum", *map(str, runs), "--quiet", "--allow-factory", "probe_models:*"]) == 0
+    assert main(["spectrum", *map(str, runs), "--quiet", "--allow-factory", "probe_models:tiny"]) == 0
+    assert main(["spectrum", *map(str, runs), "--quiet", "--allow-factory", "probe_models:*"]) == 0  # stored: skipped
     sys.modules.pop("probe_models", None)
 
 
@@ -218,3 +229,139 @@ def test_parametrize_at_the_base_width_of_a_plain_sequential():
         ss.parametrize(make(16), "mup", optimizer="sgd", lr=1e-2, base_model=base, zero_readout=True)
     roles = ss.parametrize(make(16), "mup", optimizer="sgd", lr=0.1, base_model=base, delta_model=make(64))
     assert [g["role"] for g in roles][:3] == ["embedding", "vector", "hidden"]
+
+
+# -- the name rules and the allow-pattern semantics (docs/trust.md) ---------------------------------------------
+def test_every_stored_name_still_resolves():
+    """Short names, sharpscope's own factories and losses, torch losses, and optimizers in every form the Recorder
+    and the fixtures store (``"torch.optim.adam.Adam"``, ``"torch.optim.SGD"``, sharpscope's own)."""
+    from pathlib import Path
+
+    for name in ("mlp", "CNN", "transformer", "moe", "sharpscope.models:MLP", "sharpscope.demo:digits_mlp",
+                 "sharpscope.hf:causal_lm_from_config", "sharpscope.hf:model_from_config"):
+        assert callable(registry.resolve_trusted("model", name))
+    for name in ("torch.nn:CrossEntropyLoss", "torch.nn.modules.loss:MSELoss", "sharpscope.hf:causal_lm_loss"):
+        assert callable(registry.resolve_trusted("loss", name))
+    for name, cls in (("torch.optim.SGD", torch.optim.SGD), ("torch.optim.adam.Adam", torch.optim.Adam),
+                      ("torch.optim.sgd.SGD", torch.optim.SGD), ("sharpscope.optim.AdamAtan2", ss.optim.AdamAtan2),
+                      ("sharpscope.optim.OptimizerList", ss.optim.OptimizerList),
+                      (f"{torch.optim.Muon.__module__}.Muon", torch.optim.Muon)):
+        assert registry.resolve_trusted("optimizer", name) is cls
+    fixtures = Path(__file__).parent / "fixtures"
+    stored = 0
+    for path in fixtures.rglob("*.h5"):
+        if path.name.endswith(".spectra.h5"):
+            continue
+        with ss.open_run(path) as run:
+            meta = run.meta
+        for kind, name in (("model", meta.get("model_factory")), ("optimizer", (meta.get("optimizer") or {}).get("class"))):
+            if name:
+                registry.resolve_trusted(kind, name)
+                stored += 1
+    assert stored >= 3
+    for bad in ("torch.optim.lr_scheduler.LambdaLR", "torch.optim.Optimizer.step"):
+        with pytest.raises(ValueError):
+            registry.resolve_trusted("optimizer", bad)
+    with pytest.raises(ValueError, match="not a torch.nn loss"):
+        registry.resolve_trusted("loss", "torch.nn:Module")
+
+
+@pytest.fixture
+def pkg(tmp_path, monkeypatch):
+    """``mypkg`` (a function, a class, a re-export, a private helper) and ``mypkg.models`` / ``mypkg.models.deep``."""
+    (tmp_path / "mypkg" / "models").mkdir(parents=True)
+    (tmp_path / "mypkg" / "__init__.py").write_text(
+        "from os.path import basename\nfrom mypkg.models import make as reexported\n"
+        "def top(**kw):\n    return 'top'\nclass Net:\n    pass\ndef _helper():\n    pass\n")
+    (tmp_path / "mypkg" / "models" / "__init__.py").write_text("def make(**kw):\n    return 'make'\n")
+    (tmp_path / "mypkg" / "models" / "deep.py").write_text("def make(**kw):\n    return 'deep'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for name in ("mypkg", "mypkg.models", "mypkg.models.deep"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("allow, name, trusted", [
+    (["mypkg:*"], "mypkg:top", True),
+    (["mypkg:*"], "mypkg:Net", True),
+    (["mypkg:*"], "mypkg:_helper", False),            # '*' matches public names only
+    (["mypkg:*"], "mypkg:basename", False),           # re-exported from os.path: not defined in mypkg
+    (["mypkg:*"], "mypkg:reexported", False),         # defined in mypkg.models, which 'mypkg:*' does not cover
+    (["mypkg:*", "mypkg.*:*"], "mypkg:reexported", True),  # ... and is covered here
+    (["mypkg:reexported"], "mypkg:reexported", True),  # an exact name trusts exactly what it names
+    (["mypkg:*"], "mypkg.models:make", False),        # a submodule is another module
+    (["mypkg.*:*"], "mypkg.models:make", True),
+    (["mypkg.*:*"], "mypkg.models.deep:make", True),  # any depth
+    (["mypkg.*:*"], "mypkg:top", False),              # submodules only, not the package itself
+    (["mypkg.*:make"], "mypkg.models.deep:make", True),
+    (["mypkg.models:make"], "mypkg.models.deep:make", False),
+    (["mypkg:*"], "mypkg:models", False),             # a module, not a function
+    (["mypkg:*"], "mypkg:top.__globals__", False),    # attribute chains are not names
+])
+def test_allow_pattern_semantics(pkg, allow, name, trusted):
+    if trusted:
+        assert registry.resolve_trusted("model", name, allow) is not None
+        registry.is_trusted("model", name, allow, check_object=True)
+    else:
+        with pytest.raises(ss.UntrustedNameError):
+            registry.resolve_trusted("model", name, allow)
+        with pytest.raises(ss.UntrustedNameError):
+            registry.is_trusted("model", name, allow, check_object=True)
+
+
+@pytest.mark.parametrize("pattern, why", [
+    ("mypkg", "is not accepted"), ("mypkg.*", "is not accepted"), ("*:make", "is not accepted"),
+    ("mypkg:**", "is not accepted"), ("mypkg:ma?e", "is not accepted"), ("mypkg:[a-z]*", "is not accepted"),
+    ("my*:make", "is not accepted"), ("mypkg:a.b", "is not accepted"), ("mypkg:__init__", "is not accepted"),
+    ("mypkg::make", "is not accepted"), ("torch.*:*", "no wildcard over torch"), ("os:*", "no wildcard over os"),
+    ("sharpscope.models:*", "no wildcard over sharpscope"),
+])
+def test_bad_allow_patterns_are_one_line(pattern, why, capsys, tmp_path):
+    with pytest.raises(ValueError, match=why) as err:
+        registry.allow_patterns([pattern])
+    assert "\n" not in str(err.value)
+    assert main(["spectrum", str(tmp_path / "none.h5"), "--allow-factory", pattern]) == 2
+    assert why in capsys.readouterr().err
+
+
+def test_exact_names_in_no_wildcard_packages_and_probe_allowances():
+    assert registry.allow_patterns(["os.path:join", "torch.nn:Linear"]) == ["os.path:join", "torch.nn:Linear"]
+    assert registry.allowances("mlp", "CrossEntropyLoss", "probe_models:tiny", None) == ["probe_models:tiny"]
+    with pytest.raises(ValueError, match="is not a 'module:function' name"):
+        registry.allowances("probe_models:Outer.tiny")
+
+
+def test_an_entry_point_is_trusted_exactly_as_declared(tmp_path, monkeypatch):
+    """An installed entry point may name an attribute (``mod:obj.attr``): that exact value is trusted, nothing
+    beside it."""
+    (tmp_path / "ep_mod.py").write_text("import torch\nclass Holder:\n    @staticmethod\n    def make(width=8):\n"
+                                        "        return torch.nn.Linear(4, width)\n")
+    dist = tmp_path / "epdist-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: epdist\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[sharpscope.models]\nmake = ep_mod:Holder.make\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry._entry_point_values.cache_clear()
+    try:
+        assert registry.resolve_trusted("model", "ep_mod:Holder.make")().out_features == 8
+        with pytest.raises(ss.UntrustedNameError, match="is not a 'module:function' name"):
+            registry.resolve_trusted("model", "ep_mod:Holder.__init__")
+    finally:
+        registry._entry_point_values.cache_clear()
+        sys.modules.pop("ep_mod", None)
+
+
+def test_a_sweep_passes_its_allowances_to_worker_processes(tmp_path, monkeypatch):
+    """On a process pool the spectrum tasks get the probe's allowances as an argument: nothing in the worker
+    reads a probe file, and the run files carry no trust."""
+    (tmp_path / "probe_models2.py").write_text(
+        "from sharpscope.models import MLP\ndef tiny(width=16, **kw):\n    return MLP(width=width, **kw)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probe = tmp_path / "custom.toml"
+    probe.write_text(probe_text("custom", widths=(16,), steps=2, every=2, quantities=("hessian",))
+                     .replace('factory = "mlp"', 'factory = "probe_models2:tiny"'))
+    try:
+        result = ss.run_sweep(probe, tmp_path / "out", executor="process:1", progress=False)
+        assert result.spectra.failures == [] and result.spectra.written == 2
+    finally:
+        sys.modules.pop("probe_models2", None)

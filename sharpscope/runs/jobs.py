@@ -24,10 +24,11 @@ import numpy as np
 from ..closures import BatchLoss
 from ..devices import resolve_device
 from ..progress import progress_bar
+from ..registry import allow_patterns
 from .executors import executor_from_spec
 from .quantities import QUANTITIES, Checkpoint, layer_groups
 from .quantities import get as get_quantity
-from .rebuild import NoOptimizerState, allowed_by_probe, build_loss, check_trusted, model_at, optimizer_at
+from .rebuild import NoOptimizerState, build_loss, check_trusted, model_at, optimizer_at
 from .spectra import SpectraFile, spectra_path
 from .store import first_diverged_step, open_run
 
@@ -103,7 +104,7 @@ def _load_checkpoint(run, step: int, quantities: Sequence[str], settings: Spectr
     loss_fn = None
     mapping = isinstance(batch, Mapping)  # a Hugging Face batch: every quantity needs the loss closure
     if mapping or any(get_quantity(q).needs_loss for q in quantities):
-        loss_fn = build_loss(loss_spec, [*allow, *allowed_by_probe(run.meta), *([settings.loss] if settings.loss else [])],
+        loss_fn = build_loss(loss_spec, [*allow, *([settings.loss] if settings.loss and ":" in settings.loss else [])],
                              str(run.path))
     initial, initial_error = None, None
     if any(get_quantity(q).needs_initial for q in quantities):
@@ -194,7 +195,7 @@ def run_spectrum_job(runs: Sequence[str | os.PathLike], quantities: Sequence[str
     (:mod:`sharpscope.registry`): sharpscope's own, registered ones, or those matching
     ``allow_factories`` (e.g. ``["mypkg.models:*"]``); any other run is refused before anything is
     imported."""
-    allow = list(allow_factories)
+    allow = allow_patterns(allow_factories)  # a bad pattern is one line, before anything runs
     bad = [q for q in quantities if q not in QUANTITIES]
     if bad:
         raise ValueError(f"unknown quantities {bad}; choose from {', '.join(QUANTITIES)}")

@@ -2,25 +2,23 @@
 
 Every name a run file holds (model factory, loss, optimizer class) goes through
 :func:`sharpscope.registry.resolve_trusted` before anything is imported: a crafted file cannot run
-code. The checkpoint must then cover the rebuilt model: every parameter and persistent buffer (by
-``state_dict`` key, tied weights once) stored with its shape -- a model rebuilt with other kwargs,
+code, and nothing the file holds (a probe file it names, a checksum) can make its names trusted. The
+checkpoint must then cover the rebuilt model: every parameter and persistent buffer (by ``state_dict``
+key, tied weights once) stored with its shape -- a model rebuilt with other kwargs,
 or a row missing a tensor, would otherwise be measured partly at its fresh random initialization.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import tomllib
 import torch
 from torch import nn
 
-from ..registry import is_trusted, resolve_trusted
+from ..registry import UntrustedNameError, is_trusted, resolve_trusted
 from .store import RunFileError
 
-__all__ = ["build_loss", "model_at", "optimizer_at", "NoOptimizerState", "allowed_by_probe", "check_trusted"]
+__all__ = ["build_loss", "model_at", "optimizer_at", "NoOptimizerState", "check_trusted"]
 
 
 def build_loss(spec: str | None, allow: Iterable[str] = (), where: str = "the run file") -> Callable:
@@ -38,39 +36,31 @@ def build_loss(spec: str | None, allow: Iterable[str] = (), where: str = "the ru
     return resolve_trusted("loss", spec, allow, where)()
 
 
-def allowed_by_probe(meta: Mapping[str, Any]) -> list[str]:
-    """Names a run's own probe file allows: a sweep records its probe file's path and sha256; if that
-    file is still there, unchanged, its model factory and loss are trusted for the run (the user ran the
-    probe on purpose). A run file cannot forge this: the trust comes from the probe file on disk."""
-    probe = (meta.get("user") or {}).get("probe") if isinstance(meta.get("user"), Mapping) else None
-    if not isinstance(probe, Mapping) or not isinstance(probe.get("file"), str):
-        return []
-    path = Path(probe["file"])
-    try:
-        text = path.read_bytes()
-    except OSError:
-        return []
-    if hashlib.sha256(text).hexdigest() != probe.get("sha256"):
-        return []
-    try:
-        raw = tomllib.loads(text.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return []
-    names = [(raw.get("model") or {}).get("factory"), (raw.get("train") or {}).get("loss")]
-    return [n for n in names if isinstance(n, str)]
+def _made_by_a_sweep(meta: Mapping[str, Any]) -> bool:
+    user = meta.get("user")
+    return isinstance(user, Mapping) and isinstance(user.get("probe"), Mapping)
 
 
 def check_trusted(run, allow: Iterable[str] = (), loss: str | None = None) -> None:
-    """Refuse, before any import, a run whose model factory, loss or optimizer class is not trusted."""
+    """Refuse, before any of it is called, a run whose model factory, loss or optimizer class is not trusted
+    (:mod:`sharpscope.registry`). Trust comes from ``allow`` and the registry only, never from the run file: a
+    probe file the run names (a sweep's record) grants nothing; a sweep's run gets a hint naming the fix."""
     meta, where = run.meta, str(run.path)
-    allow = [*allow, *allowed_by_probe(meta)]
-    is_trusted("model", meta.get("model_factory"), allow, where)
+    names = [("model", meta.get("model_factory"))]
     stored_loss = meta.get("loss")
     if loss is None and isinstance(stored_loss, str) and ":" in stored_loss:  # an override is the user's own
-        is_trusted("loss", stored_loss, allow, where)
+        names.append(("loss", stored_loss))
     info = meta.get("optimizer")
     if isinstance(info, Mapping) and info.get("class"):
-        is_trusted("optimizer", info["class"], allow, where)
+        names.append(("optimizer", info["class"]))
+    for kind, spec in names:
+        try:
+            is_trusted(kind, spec, allow, where, check_object=True)
+        except UntrustedNameError as err:
+            if not _made_by_a_sweep(meta):
+                raise
+            raise UntrustedNameError(f"{err}; or, if you made this run with `sharpscope sweep PROBE.toml`, run that "
+                                     "sweep again (a sweep trusts its own probe's factory and loss)") from None
 
 
 def _rebuilt_model(run, allow: Iterable[str]) -> nn.Module:
@@ -79,7 +69,7 @@ def _rebuilt_model(run, allow: Iterable[str]) -> nn.Module:
     if not factory:
         raise ValueError(f"{run.path}: meta has no model_factory ('module:function'): the model cannot be "
                          "rebuilt offline; pass meta={'model_factory': ..., 'model_kwargs': ...} to the Recorder")
-    build = resolve_trusted("model", factory, [*allow, *allowed_by_probe(meta)], where=str(run.path))
+    build = resolve_trusted("model", factory, allow, where=str(run.path))
     kwargs = meta.get("model_kwargs") or {}
     if not isinstance(kwargs, Mapping):
         raise RunFileError(f"{run.path}: model_kwargs must be a JSON object, got {type(kwargs).__name__}")
