@@ -19,7 +19,8 @@ test suite's float64 models (tests/conftest.py: ``t-mlp`` 6-12-12-4 tanh, ``t-cn
 ``t-attention``), each on its 16 samples, Hessian operator with the defaults.
 
 Run: python scripts/bench_basis_default.py [--problems mlp,cnn,t-mlp,t-cnn,t-attention] [--k 1,2,5,10,20]
-                                           [--tol 1e-3,1e-6] [--candidate EXPR] [--json PATH]
+                                           [--tol 1e-3,1e-6] [--candidate EXPR] [--device cuda]
+                                           [--markdown PATH] [--json PATH]
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def old_default(k: int) -> int:
     return max(2 * k + 20, 60)
 
 
-def build(problem: str) -> ss.SymmetricOperator:
-    """The Hessian operator of a problem (module docstring)."""
+def build(problem: str, device: str = "cpu") -> ss.SymmetricOperator:
+    """The Hessian operator of a problem (module docstring), its model and data on ``device``."""
     if problem in ("mlp", "cnn"):
         import bench_eigs
 
@@ -56,12 +57,14 @@ def build(problem: str) -> ss.SymmetricOperator:
         made = bench_eigs.make_problem(spec)
         model = bench_eigs.build_model(spec)
         model.load_state_dict(made["state"])
-        return ss.hessian_operator(model, nn.CrossEntropyLoss(), (made["x"], made["y"]))
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest
+        data = (made["x"], made["y"])
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import conftest
 
-    kind = problem.removeprefix("t-")
-    return ss.hessian_operator(conftest.MODELS[kind](0), nn.CrossEntropyLoss(), conftest.make_data(kind, 0))
+        kind = problem.removeprefix("t-")
+        model, data = conftest.MODELS[kind](0), conftest.make_data(kind, 0)
+    return ss.hessian_operator(model.to(device), nn.CrossEntropyLoss(), tuple(t.to(device) for t in data))
 
 
 def solve(H, k: int, tol: float, max_basis: int | None) -> dict:
@@ -70,10 +73,11 @@ def solve(H, k: int, tol: float, max_basis: int | None) -> dict:
             "restarts": res.num_restarts, "eigenvalues": res.eigenvalues.tolist(), "converged": res.all_converged}
 
 
-def run(problems: list[str], ks: list[int], tols: list[float], candidate: str | None) -> list[dict]:
+def run(problems: list[str], ks: list[int], tols: list[float], candidate: str | None,
+        device: str = "cpu") -> list[dict]:
     rows = []
     for problem in problems:
-        H = build(problem)
+        H = build(problem, device)
         n = H.shape[0]
         for k in ks:
             if k >= n:
@@ -124,16 +128,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--tol", default="1e-3,1e-6", help="comma-separated tolerances (default 1e-3,1e-6)")
     p.add_argument("--candidate", default=None,
                    help="a formula of k for the new basis instead of the default (e.g. '2*k+8')")
+    p.add_argument("--device", default="cpu", help="where the models and the solves run (default cpu)")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the table and totals here")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     new = args.candidate or f"default ({default_basis_size(1)} at k=1, {default_basis_size(20)} at k=20)"
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {platform.processor() or 'cpu'}, "
-          f"{os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"old: max(2k+20, 60); new: {new}\n\n{HEADER}", flush=True)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+        f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+    header = (f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {where}; torch {torch.__version__} "
+              f"({torch.get_num_threads()} threads); old: max(2k+20, 60); new: {new}")
+    print(f"{header}\n\n{HEADER}", flush=True)
     rows = run(args.problems.split(","), [int(k) for k in args.k.split(",")],
-               [float(t) for t in args.tol.split(",")], args.candidate)
+               [float(t) for t in args.tol.split(",")], args.candidate, args.device)
     print("\n" + summary(rows))
+    if args.markdown:
+        args.markdown.write_text(f"{header}\n\n{HEADER}\n" + "\n".join(line(r) for r in rows) + "\n\n"
+                                 + summary(rows).replace("\n", "\n\n") + "\n")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows
