@@ -150,6 +150,7 @@ def worker(config: str, cases: list[dict], samples: int, vocab: int | None, devi
                              "peak_reset": reset,
                              **({"cuda_before_gib": cuda_before / 2**30,
                                  "peak_cuda_gib": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {})})
+        print(f"[{config}] {json.dumps(out['cases'][-1])}", file=sys.stderr, flush=True)  # as each solve ends
     return out
 
 
@@ -179,9 +180,9 @@ def run_worker(config: str, cases: list[dict], src: Path, samples: int, vocab: i
     env = {**os.environ, "PYTHONPATH": str(src)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--cases", json.dumps(cases),
            "--product-samples", str(samples), "--device", device] + (["--vocab", str(vocab)] if vocab else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(src))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=str(src))  # stderr: as it runs
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {config} from {src} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"worker {config} from {src} failed (exit status {proc.returncode}; its stderr is above)")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -317,8 +317,3 @@ class _LockstepLanczos:
             if after_step is not None:
                 after_step()
         return [(np.array(a), np.array(b)) for a, b in zip(self.alpha, self.beta)]
-
-
-def _lanczos_tridiagonal_block(op, Z: torch.Tensor, num_steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:func:`lanczos_tridiagonal` for the rows of ``Z`` at once: a list of ``(alpha, beta)``."""
-    return _LockstepLanczos(op, Z, num_steps).run()
