@@ -225,7 +225,7 @@ def test_damaged_spectra_rows_are_detected(tmp_path):
         for step in (0, 2, 4):
             sf.append(_spectra_row(step, values=(step + 3.0, step + 1.0)))
     with SpectraFile(path) as sf:
-        assert sf.version == 2 and sf.checksummed
+        assert sf.version == 3 and sf.checksummed
         assert [r["values"].tolist() for r in sf.rows()] == [[3.0, 1.0], [5.0, 3.0], [7.0, 5.0]]
     with h5py.File(path, "r") as f:  # flip the bytes of num_matvecs in row 1
         start = f["num_matvecs"].id.get_chunk_info(0).byte_offset + 1 * 8
@@ -238,7 +238,8 @@ def test_damaged_spectra_rows_are_detected(tmp_path):
             sf.keys()
     _flip(path, start, 2)  # repaired; now change a variable-length value behind the checksum's back
     with h5py.File(path, "r+") as f:
-        f["values"][2] = np.array([7.0, 5.5])
+        start, stop = f["values"][2]  # the row's entry in the ragged column's data (version 3)
+        f["values.data"][start:stop] = np.array([7.0, 5.5])
     with SpectraFile(path) as sf, pytest.raises(RunFileError, match=r"row 2 \(step 4, hessian\) fails its checksum"):
         sf.rows("hessian")
 
@@ -275,7 +276,7 @@ def test_spectra_file_survives_sigkill(tmp_path):
         seen = len(rows)
     with SpectraFile(path, "a") as sf:  # recovered by copy, appended to, still version 2
         sf.append(_spectra_row(10**6))
-        assert sf.version == 2 and len(sf.keys()) == seen + 1
+        assert sf.version == 3 and len(sf.keys()) == seen + 1
 
 
 # -- renames --------------------------------------------------------------------------------------------
@@ -318,8 +319,51 @@ def test_inspect_v2(tmp_path, capsys):
     assert "format:      v2, checksummed rows" in out and "verified:    every checkpoint reads back intact\n" in out
     assert 'axes:        {"optimizer": "adam", "width": 16}' in out and f"config:      {config_digest(CONFIG)}" in out
     assert "batch:       input_ids [2, 5] int64, labels [2, 5] int64" in out
-    assert "results:     {'hessian': 1} (v2, checksummed rows)" in out
+    assert "results:     {'hessian': 1} (v3, checksummed rows)" in out
     assert main(["inspect", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "v2, checksummed rows" and info["axes"] == {"width": 16, "optimizer": "adam"}
-    assert info["batch"]["kind"] == "mapping" and info["results"]["format"] == "v2, checksummed rows"
+    assert info["batch"]["kind"] == "mapping" and info["results"]["format"] == "v3, checksummed rows"
+
+
+def _write_v2_spectra(path, rows):
+    """A version 2 spectra file as sharpscope wrote it before version 3: variable-length columns."""
+    from sharpscope.runs.spectra import _COLUMNS, _ROW_CHECKSUM
+    from sharpscope.runs.table import CHECKSUM, AppendTable, Column, create_table
+
+    with h5py.File(path, "w", libver="latest") as f:
+        f.attrs["format"], f.attrs["format_version"] = "sharpscope.spectra", 2
+        create_table(f, {**{name: Column(dtype, chunk_rows=256) for name, dtype in _COLUMNS.items()},
+                         CHECKSUM: Column("u4", chunk_rows=256)})
+        table = AppendTable(f, _ROW_CHECKSUM)
+        for row in rows:
+            table.append(row)
+
+
+def test_version_2_spectra_files_read_and_stay_version_2(tmp_path):
+    """Version 3 stores no HDF5 variable-length data (SWMR does not support it); version 2 files, which do,
+    still read, are verified, and stay version 2 when appended to."""
+    path = tmp_path / "old.spectra.h5"
+    _write_v2_spectra(path, [_spectra_row(0), _spectra_row(2, values=(5.0, 4.0, 1.0))])
+    with SpectraFile(path, "a") as sf:
+        assert sf.version == 2
+        sf.append(_spectra_row(4, values=()))
+    with SpectraFile(path) as sf:
+        assert sf.version == 2 and sf.checksummed
+        assert [r["values"].tolist() for r in sf.rows()] == [[3.0, 2.0], [5.0, 4.0, 1.0], []]
+    with h5py.File(path, "r") as f:
+        assert h5py.check_vlen_dtype(f["values"].dtype) is not None
+
+
+def test_version_3_spectra_files_hold_no_variable_length_data(tmp_path):
+    path = tmp_path / "new.spectra.h5"
+    with SpectraFile(path, "a") as sf:
+        for step, values in ((0, (3.0, 2.0)), (1, ()), (2, tuple(range(300)))):
+            sf.append(_spectra_row(step, values=values) | {"settings": json.dumps({"k": "ünïcode"})})
+    with h5py.File(path, "r") as f:
+        kinds = [h5py.check_vlen_dtype(ds.dtype) for ds in f.values() if isinstance(ds, h5py.Dataset)]
+        assert f.attrs["format_version"] == 3 and kinds and all(k is None for k in kinds)
+    with SpectraFile(path) as sf:
+        rows = sf.rows()
+    assert [len(r["values"]) for r in rows] == [2, 0, 300] and rows[2]["values"].tolist() == list(range(300))
+    assert rows[0]["settings"] == {"k": "ünïcode"}

@@ -1,7 +1,9 @@
 """The spectra file ``<run>.spectra.h5``: the results of spectrum jobs for one run, one writer.
 
-An append-only table (:mod:`.table`) in the file's root group; version 2 rows carry one crc32 over all
-their fields, verified on every read. A spectra file belongs to one run: it carries the run's id (root
+An append-only table (:mod:`.table`) in the file's root group; version 2 and 3 rows carry one crc32 over
+all their fields, verified on every read. Version 3 stores text and arrays in ragged columns (no HDF5
+variable-length type, which SWMR does not support: a version 1 or 2 file whose writer was killed can hold
+complete rows that no longer read). A spectra file belongs to one run: it carries the run's id (root
 attribute ``run_id``, and ``info["run_id"]`` in every row, under the row checksum) and is read for a run
 only when the ids agree (:func:`belongs`). Layouts, versions and why a version 1 file stays version 1
 when appended to: docs/formats.md.
@@ -17,14 +19,14 @@ import h5py
 import numpy as np
 
 from .h5file import H5Handle, NotSharpscopeFileError, RunFileError, UnsupportedVersionError, WriterLock, open_for_reading
-from .table import CHECKSUM, AppendTable, Column, RowChecksum, create_file, create_table, open_for_append
+from .table import CHECKSUM, AppendTable, Column, Ragged, RowChecksum, create_file, create_table, open_for_append
 
 __all__ = ["SpectraFile", "spectra_path", "belongs", "SPECTRA_FORMAT", "SPECTRA_VERSION", "ANY_RUN",
            "ForeignSpectraError"]
 
 SPECTRA_FORMAT = "sharpscope.spectra"
-SPECTRA_VERSION = 2  # written by new files
-READ_VERSIONS = (1, 2)  # read; appending keeps a file's version
+SPECTRA_VERSION = 3  # written by new files
+READ_VERSIONS = (1, 2, 3)  # read; appending keeps a file's version
 ANY_RUN = object()  # SpectraFile(run_id=ANY_RUN): read without checking whose results they are
 
 
@@ -53,7 +55,9 @@ _STR = h5py.string_dtype()
 _VLEN = h5py.vlen_dtype(np.float64)
 _COLUMNS = {"step": "i8", "quantity": _STR, "settings": _STR, "values": _VLEN, "residuals": _VLEN,
             "num_matvecs": "i8", "seconds": "f8", "info": _STR}
-_ROW_CHECKSUM = RowChecksum(_COLUMNS)  # version 2: one crc32 over the fields, in this order
+_ROW_CHECKSUM = RowChecksum(_COLUMNS)  # versions 2 and 3: one crc32 over the fields, in this order
+_STORED = {name: (Ragged.of_text(256) if dtype is _STR else Ragged("f8", chunk_rows=256, data_chunk=256)
+                  if dtype is _VLEN else Column(dtype, chunk_rows=256)) for name, dtype in _COLUMNS.items()}  # version 3
 
 
 class SpectraFile(H5Handle):
@@ -107,8 +111,7 @@ class SpectraFile(H5Handle):
                 f.attrs["format_version"] = SPECTRA_VERSION
                 if run_id is not None:
                     f.attrs["run_id"] = run_id
-                columns = {name: Column(dtype, chunk_rows=256) for name, dtype in _COLUMNS.items()}
-                create_table(f, {**columns, CHECKSUM: Column("u4", chunk_rows=256)})
+                create_table(f, {**_STORED, CHECKSUM: Column("u4", chunk_rows=256)})
 
             create_file(self.path, build)  # the file appears complete or not at all
         f, self._reservation = open_for_append(self.path, "/")
@@ -127,7 +130,15 @@ class SpectraFile(H5Handle):
         read in one go (a spectra file holds a few thousand small rows at most)."""
         n = len(self)
         f = self._file
-        cols = {name: (f[name].asstr()[:n] if dtype is _STR else f[name][:n]) for name, dtype in _COLUMNS.items()}
+        try:
+            if self.version >= 3:
+                cols = {name: self._table.read(name, n) for name in _COLUMNS}
+            else:
+                cols = {name: (f[name].asstr()[:n] if dtype is _STR else f[name][:n]) for name, dtype in _COLUMNS.items()}
+        except OSError as err:  # versions 1-2 only: variable-length data a killed SWMR writer left unreadable
+            raise RunFileError(f"{self.path}: damaged spectra file (version {self.version}: {err}); a writer killed "
+                               "while appending to a version 1-2 file can leave it so: move it away and run the "
+                               "spectrum job again (results are recomputed)") from None
         stored = f[CHECKSUM][:n] if self.checksummed else None
         out = []
         for i in range(n):

@@ -8,6 +8,11 @@ reserves the disk space the row can take (:mod:`.space`): HDF5 never meets a ful
 ``checksum`` column written with the row (before ``complete``): one crc32 per segment of a row
 (:class:`SegmentChecksum`, the run file's tensors) or one over the whole row (:class:`RowChecksum`,
 the spectra file).
+
+No column uses an HDF5 variable-length type: HDF5's SWMR mode does not support them (their data goes
+to the global heap, which a crashed writer can leave past the end address a reader trusts: "actual len
+exceeds EOA" on reading rows that were complete). Entries of varying length are :class:`Ragged`
+columns instead: a fixed ``(start, stop)`` per row into a flat, append-only data dataset.
 """
 from __future__ import annotations
 
@@ -26,10 +31,12 @@ from .h5file import LIBVER, RunFileError, open_for_reading
 from .space import METADATA_ALLOWANCE, DiskFullError, Reservation, write_new_file
 
 __all__ = ["Column", "AppendTable", "create_table", "open_for_append", "copy_complete", "SegmentChecksum",
-           "RowChecksum", "CHECKSUM", "file_image", "create_file", "allocation_bytes", "ColumnSpace"]
+           "RowChecksum", "CHECKSUM", "file_image", "create_file", "allocation_bytes", "ColumnSpace", "Ragged"]
 
 COMPLETE = "complete"
 CHECKSUM = "checksum"
+RAGGED = "ragged"  # attribute of a ragged column's index dataset: the name of its data dataset
+TEXT = "text"  # attribute of a ragged column's index dataset: entries are UTF-8 text
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,49 @@ class Column:
         return (self.chunk_rows, *(max(1, n) for n in (self.row_chunk or self.shape)))
 
 
-def create_table(group: h5py.Group, columns: Mapping[str, Column]) -> None:
+@dataclass(frozen=True)
+class Ragged:
+    """A column whose entries vary in length (1-D arrays of ``base``, or text when ``text``), stored without
+    HDF5 variable-length types: row ``i`` is ``data[start_i : stop_i]`` of the flat dataset ``<name>.data``,
+    with ``(start_i, stop_i)`` in the ``(N, 2)`` int64 column ``<name>``; text is stored as UTF-8 bytes."""
+
+    base: Any = "f8"
+    text: bool = False
+    chunk_rows: int = 1024
+    data_chunk: int = 4096  # elements per chunk of the data dataset
+
+    @classmethod
+    def of_text(cls, chunk_rows: int = 1024, data_chunk: int = 1024) -> "Ragged":
+        return cls("u1", True, chunk_rows, data_chunk)
+
+    def flat(self, value: Any) -> np.ndarray:
+        """An entry as the 1-D array stored in the data dataset."""
+        if self.text:
+            return np.frombuffer(value.encode() if isinstance(value, str) else bytes(value), dtype=np.uint8)
+        return np.asarray(value, dtype=self.base).reshape(-1)
+
+
+def create_table(group: h5py.Group, columns: Mapping[str, Column | Ragged]) -> None:
     """Create the (empty) columns and ``complete`` in ``group`` (before the file turns SWMR: in
     SWMR mode no dataset can be created)."""
     for name, col in {**columns, COMPLETE: Column("u1")}.items():
+        if isinstance(col, Ragged):
+            index = group.create_dataset(name, shape=(0, 2), maxshape=(None, 2), dtype="i8", chunks=(col.chunk_rows, 2))
+            index.attrs[RAGGED] = f"{name}.data"
+            index.attrs[TEXT] = col.text
+            group.create_dataset(f"{name}.data", shape=(0,), maxshape=(None,), dtype=col.base, chunks=(col.data_chunk,))
+            continue
         group.create_dataset(name, shape=(0, *col.shape), maxshape=(None,) * (1 + len(col.shape)), dtype=col.dtype,
                              chunks=col.chunks)
+
+
+def _ragged_columns(group: h5py.Group) -> dict[str, tuple[str, bool]]:
+    """``name -> (data dataset, is text)`` of the ragged columns of a table's group."""
+    out = {}
+    for name, obj in group.items():
+        if isinstance(obj, h5py.Dataset) and RAGGED in obj.attrs:
+            out[name] = (str(obj.attrs[RAGGED]), bool(obj.attrs.get(TEXT, False)))
+    return out
 
 
 def _little_endian(arr: np.ndarray) -> np.ndarray:
@@ -120,7 +164,10 @@ class AppendTable:
         self.checksum = checksum
         self.reservation = reservation
         self.rows_are = rows_are  # what a row is, for messages ("checkpoints", "results")
-        self.columns = [name for name, obj in group.items() if isinstance(obj, h5py.Dataset) and name != COMPLETE]
+        self.ragged = _ragged_columns(group)
+        data = {data_name for data_name, _ in self.ragged.values()}
+        self.columns = [name for name, obj in group.items()
+                        if isinstance(obj, h5py.Dataset) and name != COMPLETE and name not in data]
         if COMPLETE not in group:
             raise KeyError(f"no {COMPLETE!r} column in {group.name}")
         # a writer's columns and their space, looked up once: an h5py lookup costs about 0.1 ms, per column per row
@@ -141,14 +188,30 @@ class AppendTable:
         """Rows present in any column: complete ones plus one being written (or lost in a crash)."""
         return max(int(self.group[name].shape[0]) for name in (*self.columns, COMPLETE))
 
+    def _all(self) -> tuple[str, ...]:
+        return (*self.columns, *(data for data, _ in self.ragged.values()), COMPLETE)
+
     def refresh(self) -> None:
         """See rows a live writer appended since (SWMR readers see them after a refresh)."""
-        for name in (*self.columns, COMPLETE):
+        for name in self._all():
             self.group[name].refresh()
+
+    def read(self, name: str, n: int) -> Any:
+        """The first ``n`` entries of column ``name``: an array, or for a ragged column a list of arrays
+        (of strings, for text)."""
+        ds = self.group[name]
+        if name not in self.ragged:
+            return ds[:n]
+        data_name, text = self.ragged[name]
+        bounds = ds[:n] if n else np.zeros((0, 2), dtype=np.int64)
+        flat = self.group[data_name][: int(bounds[-1, 1])] if n else np.zeros(0, dtype=self.group[data_name].dtype)
+        if text:
+            return [flat[a:b].tobytes().decode() for a, b in bounds]
+        return [flat[a:b] for a, b in bounds]
 
     def _writing(self) -> dict[str, h5py.Dataset]:
         if self._datasets is None:
-            self._datasets = {name: self.group[name] for name in (*self.columns, COMPLETE)}
+            self._datasets = {name: self.group[name] for name in self._all()}
         return self._datasets
 
     def bytes_needed(self, values: Mapping[str, Any]) -> int:
@@ -174,9 +237,13 @@ class AppendTable:
         for name in self.columns:
             ds = datasets[name]
             ds.resize(i + 1, axis=0)  # also drops a row a crashed append left beyond the complete ones
-            ds[i] = values[name]
-        for name in self.columns:  # the chunk caches are written here, their errors raised (not when closed)
-            datasets[name].flush()
+            if name in self.ragged:
+                ds[i] = self._append_data(datasets, name, values[name], i)
+            else:
+                ds[i] = values[name]
+        for name, ds in datasets.items():  # the chunk caches are written here, their errors raised (not when closed)
+            if name != COMPLETE:
+                ds.flush()
         self.group.file.flush()
         done = datasets[COMPLETE]
         done.resize(i + 1, axis=0)
@@ -184,6 +251,18 @@ class AppendTable:
         done.flush()
         self.group.file.flush()
         return i
+
+    def _append_data(self, datasets: Mapping[str, h5py.Dataset], name: str, value: Any, i: int) -> tuple[int, int]:
+        """Write a ragged entry after the data of the complete rows (overwriting what a crashed append left);
+        its ``(start, stop)``."""
+        data_name, text = self.ragged[name]
+        data = datasets[data_name]
+        flat = (Ragged.of_text() if text else Ragged(data.dtype)).flat(value)
+        start = int(datasets[name][i - 1, 1]) if i else 0
+        data.resize(start + flat.size, axis=0)
+        if flat.size:
+            data[start: start + flat.size] = flat
+        return start, start + flat.size
 
 
 _VLEN_SLOT = 16  # bytes a variable-length entry takes in its chunk (length + global heap id)
@@ -198,11 +277,16 @@ class ColumnSpace:
     chunk_rows: int
     kind: str = "fixed"
     base: Any = None
+    data_chunk: int = 0  # a ragged column: elements per chunk of its data dataset
 
     @classmethod
     def of(cls, ds: h5py.Dataset) -> "ColumnSpace":
         slot = int(np.prod(ds.shape[1:], dtype=np.int64))
         chunk_rows = ds.chunks[0] if ds.chunks else 1
+        if RAGGED in ds.attrs:
+            data = ds.parent[str(ds.attrs[RAGGED])]
+            return cls(ds.dtype.itemsize * slot, chunk_rows, "text" if ds.attrs.get(TEXT, False) else "ragged",
+                       data.dtype, data.chunks[0])
         if h5py.check_string_dtype(ds.dtype) is not None:
             return cls(_VLEN_SLOT * slot, chunk_rows, "str")
         base = h5py.check_vlen_dtype(ds.dtype)
@@ -219,6 +303,10 @@ class ColumnSpace:
             total += 2 * len(value.encode() if isinstance(value, str) else bytes(value or b"")) + _VLEN_SLOT
         elif self.kind == "vlen":
             total += 2 * int(np.asarray(value, dtype=self.base).nbytes) + _VLEN_SLOT
+        elif self.kind in ("ragged", "text"):  # the data chunks the entry starts: at most nbytes // chunk + 1
+            nbytes = (Ragged.of_text() if self.kind == "text" else Ragged(self.base)).flat(value).nbytes
+            chunk_bytes = self.data_chunk * np.dtype(self.base).itemsize
+            total += (nbytes // chunk_bytes + 1) * chunk_bytes
         return total
 
 
@@ -320,16 +408,23 @@ def _copy_into(f: h5py.File, g: h5py.File, table: str) -> None:
     if COMPLETE not in src_grp:
         raise RunFileError(f"{f.filename}: damaged ({COMPLETE!r} column missing): cannot recover it")
     n = int(src_grp[COMPLETE].shape[0])
+    data_ends = {data: (int(src_grp[name][n - 1, 1]) if n else 0) for name, (data, _) in _ragged_columns(src_grp).items()}
     for name, ds in src_grp.items():
-        if not isinstance(ds, h5py.Dataset):
-            f.copy(ds, dst_grp, name)
-            continue
-        new = dst_grp.create_dataset(name, shape=(n, *ds.shape[1:]), maxshape=ds.maxshape, chunks=ds.chunks,
-                                     dtype=ds.dtype)
-        if not n:
-            continue
-        if h5py.check_vlen_dtype(ds.dtype) is not None and h5py.check_string_dtype(ds.dtype) is None:
-            for i, row in enumerate(ds[:n]):  # row by row: equal-length rows would read back as one 2-D array
-                new[i] = row
+        if isinstance(ds, h5py.Dataset):  # a ragged column's data: up to the end of the complete rows' entries
+            _copy_column(ds, dst_grp, name, data_ends.get(name, n))
         else:
-            new[:n] = ds[:n]
+            f.copy(ds, dst_grp, name)
+
+
+def _copy_column(ds: h5py.Dataset, dst_grp: h5py.Group, name: str, rows: int) -> None:
+    """Copy the first ``rows`` entries of a column, with its dtype, chunking, maximum shape and attributes."""
+    new = dst_grp.create_dataset(name, shape=(rows, *ds.shape[1:]), maxshape=ds.maxshape, chunks=ds.chunks, dtype=ds.dtype)
+    for key, value in ds.attrs.items():
+        new.attrs[key] = value
+    if not rows:
+        return
+    if h5py.check_vlen_dtype(ds.dtype) is not None and h5py.check_string_dtype(ds.dtype) is None:
+        for i, row in enumerate(ds[:rows]):  # row by row: equal-length rows would read back as one 2-D array
+            new[i] = row
+    else:
+        new[:rows] = ds[:rows]

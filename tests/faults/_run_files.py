@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -111,7 +112,8 @@ _WRITE_AND_DIE = _PRELUDE + textwrap.dedent("""
             if self.name.rsplit("/", 1)[-1] == column and size == kill["row"] + 1:
                 if kill["stage"] == "mid_columns":
                     resize(self, size, axis=axis)
-                    self[kill["row"]] = np.arange(7.0)  # half a row: this column written, the later ones not
+                    # half a row: this column written, the later ones not (a ragged column: its index entry)
+                    self[kill["row"]] = (0, 7) if "ragged" in self.attrs else np.arange(7.0)
                 die()
             return resize(self, size, axis=axis)
 
@@ -196,3 +198,32 @@ def free_space(disk: Path) -> int:
 
 def allclose(a, b, rtol=1e-5) -> bool:
     return np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=rtol, atol=0)
+
+
+# -- editing a stored spectra row in place (the fault cases' tampering) ----------------------------------------
+def spectra_field(f, name: str, i: int):
+    """Field ``name`` of row ``i`` of an open spectra file as stored: a ragged column's entry (version 3) or a
+    variable-length one (versions 1-2); text as ``str``."""
+    ds = f[name]
+    if "ragged" in ds.attrs:
+        start, stop = ds[i]
+        data = f[ds.attrs["ragged"]][start:stop]
+        return data.tobytes().decode() if ds.attrs["text"] else data
+    return ds.asstr()[i] if h5py.check_string_dtype(ds.dtype) else ds[i]
+
+
+def set_spectra_field(f, name: str, i: int, value) -> None:
+    """Overwrite field ``name`` of row ``i`` (no new checksum): in place when the new entry has the old length,
+    else appended to the column's data with the row pointing at it."""
+    ds = f[name]
+    if "ragged" not in ds.attrs:
+        ds[i] = value
+        return
+    data = f[ds.attrs["ragged"]]
+    flat = np.frombuffer(value.encode(), dtype=np.uint8) if ds.attrs["text"] else np.asarray(value, dtype=data.dtype)
+    start, stop = (int(x) for x in ds[i])
+    if flat.size != stop - start:
+        start = data.shape[0]
+        data.resize(start + flat.size, axis=0)
+    data[start: start + flat.size] = flat
+    ds[i] = (start, start + flat.size)

@@ -54,7 +54,7 @@ def _matches(rows, reference):
     return all(np.array_equal(v, reference[key]) for key, v in rows.items())
 
 
-@pytest.mark.parametrize("free_kib", [36, 60, 120, 160])
+@pytest.mark.parametrize("free_kib", [36, 60, 120, 140])
 def test_spectrum_on_a_full_disk_is_one_line_and_a_rerun_continues(tmpfs, reference, capsys, free_kib):  # noqa: F811
     run, want = reference
     path = tmpfs / "run.h5"
@@ -67,7 +67,7 @@ def test_spectrum_on_a_full_disk_is_one_line_and_a_rerun_continues(tmpfs, refere
     assert "free space and run again to continue" in err[0]
     kept = _rows(path) if spectra_path(path).exists() else {}
     assert _matches(kept, want)  # what was stored before is readable and right
-    assert (len(kept) > 0) == (free_kib >= 120)  # 36, 60 KiB: too little for the file; 120, 160: some results
+    assert (len(kept) > 0) == (free_kib >= 120)  # 36, 60 KiB: too little for the file; 120, 140: some results (version 3 files)
     assert not list(tmpfs.glob("*.creating")) and not list(tmpfs.glob("*.recovering"))
     filler.unlink()
     assert main(["spectrum", str(path), *WHAT]) == 0  # after freeing space: continues where it stopped

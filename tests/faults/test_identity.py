@@ -21,7 +21,17 @@ import sharpscope as ss
 from sharpscope.cli import main
 from sharpscope.runs.spectra import SpectraFile, spectra_path
 
-from ._run_files import allclose, dense_top, dense_top_rebuilt, plain_rows, record, spectra_values, superseded_notes
+from ._run_files import (
+    allclose,
+    dense_top,
+    dense_top_rebuilt,
+    plain_rows,
+    record,
+    set_spectra_field,
+    spectra_field,
+    spectra_values,
+    superseded_notes,
+)
 
 
 def _spectrum(capsys, path, *extra) -> str:
@@ -240,15 +250,15 @@ def test_a_damaged_result_row_is_found_by_verify(tmp_path, capsys, tamper):
         rows = sf.rows()
     with h5py.File(spectra_path(path), "r+") as f:
         if tamper == "a value":
-            f["values"][2] = np.asarray(rows[2]["values"]) * 1.01  # no new checksum
+            set_spectra_field(f, "values", 2, np.asarray(rows[2]["values"]) * 1.01)  # no new checksum
         else:  # a consistent row (new checksum) that says it is another run's
             from sharpscope.runs.spectra import _ROW_CHECKSUM
 
             info = {**rows[2]["info"], "run_id": "f" * 32}
-            row = {name: f[name].asstr()[2] if h5py.check_string_dtype(f[name].dtype) else f[name][2]
+            row = {name: spectra_field(f, name, 2)
                    for name in ("step", "quantity", "settings", "values", "residuals", "num_matvecs", "seconds", "info")}
             row["info"] = json.dumps(info)
-            f["info"][2] = row["info"]
+            set_spectra_field(f, "info", 2, row["info"])
             f["checksum"][2] = _ROW_CHECKSUM.compute(row)
     assert main(["inspect", str(path), "--verify"]) == 1
     out = capsys.readouterr().out

@@ -78,7 +78,7 @@ def test_a_job_killed_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path
     assert report.written == len(reference) - crash_at
     assert not list(tmp_path.glob("*.recovering")) and not list(tmp_path.glob("*.creating"))
     with SpectraFile(spectra_path(target)) as sf:
-        assert sf.version == 2 and sf.checksummed
+        assert sf.version == 3 and sf.checksummed
         got = _keyed(sf.rows())
     want = _keyed(reference)
     assert got.keys() == want.keys()
