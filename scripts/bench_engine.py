@@ -149,26 +149,26 @@ _READS = ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__", 
 def reads_per_step(H) -> tuple[int, float | None]:
     """Host reads between consecutive products of one ``lanczos(H, k=5)``: the maximum over the steps
     without a reorthogonalization; and, on CUDA, synchronizations per product (sync debug mode)."""
-    from sharpscope.lanczos import state
     from sharpscope.lanczos.backends.base import KrylovBasis
+    from sharpscope.lanczos.backends.torch_basis import TorchBasis
 
     events: list[str] = []
     saved = {name: getattr(torch.Tensor, name) for name in _READS}
-    orthogonalize, reorthogonalize, product = KrylovBasis.orthogonalize, state.reorthogonalize, H._matvec
+    orthogonalize, reorthogonalize, product = KrylovBasis.orthogonalize, TorchBasis.reorthogonalize, H._matvec
     for name, original in saved.items():
         def counted(self, *args, _original=original, **kwargs):
             events.append("read")
             return _original(self, *args, **kwargs)
         setattr(torch.Tensor, name, counted)
     KrylovBasis.orthogonalize = lambda self, *a, **kw: (events.append("reorth"), orthogonalize(self, *a, **kw))[1]
-    state.reorthogonalize = lambda *a, **kw: (events.append("reorth"), reorthogonalize(*a, **kw))[1]
+    TorchBasis.reorthogonalize = lambda self, *a, **kw: (events.append("reorth"), reorthogonalize(self, *a, **kw))[1]
     H._matvec = lambda v: (events.append("product"), product(v))[1]
     try:
         res = ss.lanczos(H, k=K)
     finally:
         for name, original in saved.items():
             setattr(torch.Tensor, name, original)
-        KrylovBasis.orthogonalize, state.reorthogonalize = orthogonalize, reorthogonalize
+        KrylovBasis.orthogonalize, TorchBasis.reorthogonalize = orthogonalize, reorthogonalize
         del H._matvec
     # the first product of a solve carries the solve's set-up (the determinism check, the cached graph, built
     # once per solve): its reads are per solve, not per step

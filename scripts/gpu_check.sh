@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command that checks and measures sharpscope's GPU engine on one GPU, in at most 6 minutes:
+# One command that checks and measures sharpscope's GPU engine on one GPU, in at most 9 minutes:
 #
 #   ./scripts/gpu_check.sh [--cpu] [OUTDIR]        (OUTDIR: $OUT if set, else ./gpu-check-output)
 #
@@ -11,16 +11,21 @@
 #    ResNet-18-like CNN, the verdict on backend="auto");
 # 4. runs scripts/bench_engine.py --device cuda if that script exists (the GPU targets of the
 #    GPU-ready engine issue on its three models), else notes its absence;
-# 5. writes OUTDIR/perf-gpu-tables.md (device, date, every table of docs/perf-gpu.md), which
+# 5. runs scripts/bench_basis_default.py --device cuda (products and basis vectors of the default Krylov basis
+#    against the old one, per problem and k) and scripts/bench_scale.py --device cuda (GPT-2 configs of 26M and
+#    124M parameters: products, basis bytes and peak GPU memory for the old and new default basis, "host" and
+#    "device-bf16");
+# 6. writes OUTDIR/perf-gpu-tables.md (device, date, every table of docs/perf-gpu.md), which
 #    `python3 scripts/update_perf_gpu.py OUTDIR/perf-gpu-tables.md` folds into docs/perf-gpu.md.
 #
 # Everything goes to OUTDIR/gpu_check.log too. Each step has its own timeout inside a total budget
-# (SHARPSCOPE_GPU_CHECK_BUDGET seconds, default 340); a failing step does not stop the later ones;
+# (SHARPSCOPE_GPU_CHECK_BUDGET seconds, default 520); a failing step does not stop the later ones;
 # the exit status is 0 only when every step passed. It uses the machine's own python
 # ($PYTHON, default python3) with PYTHONPATH set to the checkout: no install, no package registry.
 #
 # --cpu (or SHARPSCOPE_GPU_CHECK_DRY=1): the dry run the CPU tests use: no GPU is touched, the
-# gpu-marked tests are only collected, bench_gpu.py runs with --dry-run, and every GPU figure in the
+# gpu-marked tests are only collected, bench_gpu.py runs with --dry-run, bench_basis_default.py and
+# bench_scale.py run a small CPU smoke case each (their tables stay in the log), and every GPU figure in the
 # tables reads "not measured".
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +34,7 @@ OUTDIR=""
 for arg in "$@"; do
   case "$arg" in
     --cpu) DRY=1 ;;
-    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (usage: gpu_check.sh [--cpu] [OUTDIR])" >&2; exit 2 ;;
     *) OUTDIR="$arg" ;;
   esac
@@ -38,7 +43,7 @@ OUTDIR="${OUTDIR:-${OUT:-./gpu-check-output}}"
 mkdir -p "$OUTDIR" || { echo "gpu_check.sh: cannot create $OUTDIR" >&2; exit 2; }
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 PY="${PYTHON:-python3}"
-BUDGET="${SHARPSCOPE_GPU_CHECK_BUDGET:-340}"
+BUDGET="${SHARPSCOPE_GPU_CHECK_BUDGET:-520}"
 LOG="$OUTDIR/gpu_check.log"
 GPU_TESTS=(tests/test_backends.py)  # the files holding the gpu-marked tests
 cd "$ROOT"
@@ -135,7 +140,20 @@ else
     --markdown "$OUTDIR/engine.md"
 fi
 
-# 5. the tables for docs/perf-gpu.md
+# 5. the default Krylov basis and the GPT-2 scale bench (on the CPU in a dry run: small smoke cases, no GPU figure)
+if [ "$DRY" = "1" ]; then
+  step "scripts/bench_basis_default.py (CPU smoke)" 60 "$PY" scripts/bench_basis_default.py --problems t-mlp \
+    --k 1 --tol 1e-3
+  step "scripts/bench_scale.py (CPU smoke)" 120 "$PY" scripts/bench_scale.py --configs tiny --vocab 64 --k 1 \
+    --bases old,default --tol 0.1 --product-samples 1 --json "$OUTDIR/bench_scale_smoke.json"
+else
+  step "scripts/bench_basis_default.py --device cuda" 60 "$PY" scripts/bench_basis_default.py --device cuda \
+    --markdown "$OUTDIR/basis_default.md"
+  step "scripts/bench_scale.py --device cuda" 120 "$PY" scripts/bench_scale.py --device cuda --configs 26M,124M \
+    --k 1,5 --product-samples 3 --json "$OUTDIR/bench_scale.json" --markdown "$OUTDIR/bench_scale.md"
+fi
+
+# 6. the tables for docs/perf-gpu.md
 DEVICE_LINE="$(head -n 1 "$OUTDIR/device.txt" 2>/dev/null)"
 DEVICE_LINE="${DEVICE_LINE:-device: not measured}"
 VERSIONS_LINE="$(sed -n 2p "$OUTDIR/device.txt" 2>/dev/null)"
@@ -172,6 +190,18 @@ TABLES="$OUTDIR/perf-gpu-tables.md"
   if [ -n "$ENGINE_NOTE" ]; then echo "not measured: $ENGINE_NOTE"
   elif [ -s "$OUTDIR/engine.md" ]; then cat "$OUTDIR/engine.md"
   else echo "not measured: scripts/bench_engine.py wrote no tables (see gpu_check.log)."; fi
+  echo
+  echo "### The default Krylov basis against the old one (\`scripts/bench_basis_default.py --device cuda\`)"
+  echo
+  if [ "$DRY" = "1" ]; then echo "not measured: dry run (the CPU smoke case is in gpu_check.log)."
+  elif [ -s "$OUTDIR/basis_default.md" ]; then cat "$OUTDIR/basis_default.md"
+  else echo "not measured: scripts/bench_basis_default.py wrote no table (see gpu_check.log)."; fi
+  echo
+  echo "### GPT-2 configs: basis memory, products, peak GPU memory (\`scripts/bench_scale.py --device cuda\`)"
+  echo
+  if [ "$DRY" = "1" ]; then echo "not measured: dry run (the CPU smoke case is in gpu_check.log)."
+  elif [ -s "$OUTDIR/bench_scale.md" ]; then cat "$OUTDIR/bench_scale.md"
+  else echo "not measured: scripts/bench_scale.py wrote no table (see gpu_check.log)."; fi
 } >"$TABLES"
 log "== wrote $TABLES"
 ELAPSED=$((SECONDS - START))

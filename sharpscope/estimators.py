@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import scipy.linalg
@@ -32,6 +33,7 @@ import torch
 
 from ._memory import memory_budget
 from .linop import SymmetricOperator, derivative_check_of, matmat, pinned, same_on_all_ranks
+from .progress import Progress
 
 __all__ = ["hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
            "lanczos_tridiagonal"]
@@ -76,47 +78,57 @@ def _quadratic_forms(op, Z: torch.Tensor) -> torch.Tensor:
 
 
 def hutchinson_trace(op: SymmetricOperator, num_probes: int = 100, seed: int = 0, *,
-                     block_size: int | None = None) -> TraceEstimate:
+                     block_size: int | None = None, progress: bool | None = None) -> TraceEstimate:
     """Hutchinson's trace estimate with Rademacher probes (module docstring), ``block_size`` probes per
-    block product (default 32)."""
+    block product (default 32). ``progress``: a bar of the products, updated per block, with the running
+    estimate (None: once the call has run 2 s; True: always; False: never; :class:`sharpscope.progress.Progress`)."""
     _check_probes(num_probes, 2)
     block = _block_size(block_size, 32)
-    with pinned(op):
-        return _hutchinson(op, num_probes, seed, block)
+    with pinned(op), Progress("hutchinson_trace", num_probes, progress) as bar:
+        return _hutchinson(op, num_probes, seed, block, bar)
 
 
-def _hutchinson(op: SymmetricOperator, num_probes: int, seed: int, block: int) -> TraceEstimate:
+def _hutchinson(op: SymmetricOperator, num_probes: int, seed: int, block: int, bar: Progress) -> TraceEstimate:
     gen = torch.Generator().manual_seed(seed)
-    parts = [_quadratic_forms(op, _rademacher(op, min(block, num_probes - i), gen))
-             for i in range(0, num_probes, block)]
+    parts = []
+    for i in range(0, num_probes, block):
+        parts.append(_quadratic_forms(op, _rademacher(op, min(block, num_probes - i), gen)))
+        bar.advance(i + len(parts[-1]))
+        if bar.bar is not None:  # shown: the running estimate (one host read per block)
+            bar.note(f"estimate {float(torch.cat(parts).double().mean()):.6g}")
     samples = same_on_all_ranks(op, torch.cat(parts)).double().cpu().numpy()
     return TraceEstimate(float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(num_probes)),
                          num_probes, samples, derivative_check=derivative_check_of(op))
 
 
-def hutchpp_trace(op: SymmetricOperator, num_matvecs: int = 102, seed: int = 0) -> TraceEstimate:
+def hutchpp_trace(op: SymmetricOperator, num_matvecs: int = 102, seed: int = 0, *,
+                  progress: bool | None = None) -> TraceEstimate:
     """Hutch++ trace estimate using ``num_matvecs`` products (a multiple of 3 is used exactly), in three
     block products of ``num_matvecs / 3`` columns (batched where the operator finds that faster).
 
     The standard error is that of the Hutchinson part on the deflated operator (the sketch part is exact).
+    ``progress``: a bar of the products, updated per block (as :func:`hutchinson_trace`).
     """
     third = num_matvecs // 3
     if third < 2:
         raise ValueError(f"hutchpp_trace needs num_matvecs >= 6, got {num_matvecs}")
-    with pinned(op):
-        return _hutchpp(op, third, seed)
+    with pinned(op), Progress("hutchpp_trace", 3 * min(third, op.shape[0]), progress) as bar:
+        return _hutchpp(op, third, seed, bar)
 
 
-def _hutchpp(op: SymmetricOperator, third: int, seed: int) -> TraceEstimate:
+def _hutchpp(op: SymmetricOperator, third: int, seed: int, bar: Progress) -> TraceEstimate:
     n = op.shape[0]
     third = min(third, n)
     gen = torch.Generator().manual_seed(seed)
     S = _rademacher(op, third, gen).T
     Qs, _ = torch.linalg.qr(matmat(op, S))
+    bar.advance(third)
     exact = torch.trace(Qs.T @ matmat(op, Qs))
+    bar.advance(2 * third)
     G = _rademacher(op, third, gen).T
     G = G - Qs @ (Qs.T @ G)
     values = torch.cat([exact.reshape(1), torch.linalg.vecdot(G, matmat(op, G), dim=0)])
+    bar.advance(3 * third)
     values = same_on_all_ranks(op, values).double().cpu().numpy()
     exact, samples = float(values[0]), values[1:]
     std = samples.std(ddof=1) / math.sqrt(third) if third > 1 else float("nan")
@@ -206,7 +218,7 @@ class SpectralDensity:
 
 
 def spectral_density(op: SymmetricOperator, num_probes: int = 10, num_steps: int = 80, seed: int = 0, *,
-                     block_size: int | None = None) -> SpectralDensity:
+                     block_size: int | None = None, progress: bool | None = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature with Rademacher probes (module docstring); ``num_probes * num_steps``
     products.
 
@@ -215,27 +227,33 @@ def spectral_density(op: SymmetricOperator, num_probes: int = 10, num_steps: int
     bases). Each probe's small tridiagonal eigenproblem is solved on the host by
     ``scipy.linalg.eigh_tridiagonal`` (LAPACK): about 0.25 ms for 80 steps on one CPU core
     (``scripts/bench_basis_cpu.py``), against 80 products of a network's Hessian per probe, so a
-    batched GPU eigensolver would not change the run time (docs/perf-gpu.md)."""
+    batched GPU eigensolver would not change the run time (docs/perf-gpu.md).
+
+    ``progress``: a bar of the products (at most ``num_probes * num_steps``; a probe whose Krylov space is
+    exhausted stops early), updated per step (None: once the call has run 2 s; True: always; False: never)."""
     _check_probes(num_probes)
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
     n, itemsize = op.shape[0], torch.empty(0, dtype=op.dtype).element_size()
     fits = memory_budget(op.device, gpu_free=0.25, host=0.125) // max(1, min(num_steps, n) * n * itemsize)
     block = _block_size(block_size, int(max(1, min(num_probes, fits))))
-    with pinned(op):
-        return _slq(op, num_probes, num_steps, seed, block)
+    total = num_probes * min(num_steps, n)
+    with pinned(op), Progress("spectral_density", total, progress) as bar:
+        return _slq(op, num_probes, num_steps, seed, block, bar)
 
 
-def _slq(op: SymmetricOperator, num_probes: int, num_steps: int, seed: int, block: int) -> SpectralDensity:
+def _slq(op: SymmetricOperator, num_probes: int, num_steps: int, seed: int, block: int,
+         bar: Progress) -> SpectralDensity:
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
     before = op.num_matvecs
     for i in range(0, num_probes, block):
         Z = _rademacher(op, min(block, num_probes - i), gen)
-        for alpha, beta in _lanczos_tridiagonal_block(op, Z, num_steps):
+        for alpha, beta in _LockstepLanczos(op, Z, num_steps).run(lambda: bar.advance(op.num_matvecs - before)):
             theta, S = scipy.linalg.eigh_tridiagonal(alpha, beta)
             nodes.append(theta)
             weights.append(S[0, :] ** 2)
+        bar.note(f"{len(nodes)}/{num_probes} probes")
     nodes, weights = _quadrature_on_all_ranks(op, nodes, weights)
     return SpectralDensity(nodes, weights, op.num_matvecs - before, op.shape[0], derivative_check_of(op))
 
@@ -291,14 +309,11 @@ class _LockstepLanczos:
                 survivors.append(p)
         self.active = survivors  # done, or the Krylov space is exhausted
 
-    def run(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def run(self, after_step: Callable[[], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         for j in range(self.steps):
             if not self.active:
                 break
             self.step(j)
+            if after_step is not None:
+                after_step()
         return [(np.array(a), np.array(b)) for a, b in zip(self.alpha, self.beta)]
-
-
-def _lanczos_tridiagonal_block(op, Z: torch.Tensor, num_steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:func:`lanczos_tridiagonal` for the rows of ``Z`` at once: a list of ``(alpha, beta)``."""
-    return _LockstepLanczos(op, Z, num_steps).run()

@@ -124,11 +124,12 @@ def test_one_host_synchronization_per_step(monkeypatch):
     """A step that needs no reorthogonalization reads its scalars (alpha, beta, the symmetry probe) in ONE
     transfer; a partial reorthogonalization adds one (the norms before and after the Gram-Schmidt pass)."""
     op = with_spectrum([2.0, 1.5] + list(np.linspace(0, 1, 298)), seed=3)
-    res, reads = _reads_per_step(monkeypatch, op, k=1, tol=1e-8)
+    # a basis that never restarts (the default 2k + 8 would; after a restart every step reorthogonalizes)
+    res, reads = _reads_per_step(monkeypatch, op, k=1, tol=1e-8, max_basis=60)
     assert res.all_converged and res.num_reorthogonalizations == 0 and res.num_restarts == 0
     assert max(reads) == 1, reads
     op = with_spectrum(np.concatenate([[9.0, 8.5, 8.4, 8.39], np.linspace(-3.0, 2.0, 196)]), seed=1)
-    res, reads = _reads_per_step(monkeypatch, op, k=4)
+    res, reads = _reads_per_step(monkeypatch, op, k=4, max_basis=60)
     assert res.num_reorthogonalizations > 0 and res.num_restarts == 0
     assert reads.count(2) == res.num_reorthogonalizations and max(reads) == 2, reads
 

@@ -21,17 +21,18 @@ Choices, for robustness over speed on the basis side (the products dominate):
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import scipy.linalg
 import torch
 
 from ..linop import NOT_SYMMETRIC_HINT, NotSymmetricError, matmat, same_on_all_ranks
-from .recurrence import random_block
-from .state import LanczosConfig, Ritz, order, probe_tolerance, scores
+from .config import LanczosConfig
+from .result import LanczosResult, make_result
+from .ritz import Ritz, StopRule, ritz_pairs
+from .start import random_block
+from .state import probe_tolerance
 
-__all__ = ["block_lanczos", "BlockLanczosState"]
+__all__ = ["BlockLanczosState"]
 
 
 class BlockLanczosState:
@@ -49,7 +50,7 @@ class BlockLanczosState:
         self.num_mv = self.restarts = 0
         self.anorm = 0.0
         self.replaced = 0       # directions replaced by random ones at the last step (exhausted space)
-        self.block_scores = np.full(cfg.k, -np.inf)
+        self.stop = StopRule(cfg)
 
     # -- start ------------------------------------------------------------------------------------
     def start(self, v0: torch.Tensor | None) -> None:
@@ -110,6 +111,8 @@ class BlockLanczosState:
             W = W.clone()  # an operator that returned its input
         W = W.detach().contiguous()
         self.num_mv += w
+        if cfg.progress is not None:
+            cfg.progress.advance(self.num_mv)
         H, Qf, R = self._project_out(W, j + w)
         self._symmetry_probe(H[:j])
         Aj = H[j: j + w]
@@ -153,32 +156,17 @@ class BlockLanczosState:
 
     # -- Ritz test and restart ----------------------------------------------------------------------
     def ritz_test(self) -> Ritz:
-        j, cfg = self.j, self.cfg
+        """The Ritz pairs and their residual norms ``||B S_last||`` (after every block)."""
+        j = self.j
         theta, S = scipy.linalg.eigh(self.T[:j, :j], check_finite=False)
         last = S[j - self.B.shape[1]: j, :]
         residuals = np.linalg.norm(self.B @ last, axis=0) if self.B.size else np.zeros(j)
-        if j >= cfg.n:
-            residuals[:] = 0.0
-        idx = order(theta, cfg.which)
-        floor = math.sqrt(cfg.eps) * max(float(np.max(np.abs(theta))), self.anorm * cfg.eps)
-        ritz = Ritz(theta, S, residuals, idx, idx[: cfg.k], floor)
-        if cfg.callback is not None:
-            cfg.callback(self.num_mv, theta[ritz.wanted].copy(), residuals[ritz.wanted].copy())
-        return ritz
+        return ritz_pairs(self.cfg, theta, S, residuals, j, self.anorm, self.num_mv)
 
     def done(self, ritz: Ritz) -> bool:
-        cfg = self.cfg
-        finished = (self.j >= cfg.k and bool(ritz.converged(cfg.tol).all())) or self.j >= cfg.n
-        if self.replaced and self.j < cfg.n:
-            # fresh directions entered (an exhausted block Krylov space): go on until they no longer
-            # improve the wanted values (as the single-vector solver does after a breakdown)
-            s = np.full(cfg.k, -np.inf)
-            s[: len(ritz.wanted)] = scores(ritz.theta[ritz.wanted], cfg.which)
-            margin = cfg.tol * np.maximum(np.abs(np.where(np.isfinite(s), s, 0.0)), ritz.floor)
-            improved = bool(np.any(s > self.block_scores + margin))
-            self.block_scores = s
-            finished = finished and not improved
-        return finished or self.num_mv + self.width > cfg.max_matvecs or self.width == 0
+        """The stop rule (fresh directions: those replaced at this step), or out of products or room."""
+        finished = self.stop.finished(ritz, self.j, fresh=self.replaced > 0)
+        return finished or self.num_mv + self.width > self.cfg.max_matvecs or self.width == 0
 
     def restart_if_full(self, ritz: Ritz) -> None:
         """Thick restart when the next block does not fit: keep the best Ritz vectors, the pending block
@@ -211,21 +199,17 @@ class BlockLanczosState:
                 return ritz
             self.restart_if_full(ritz)
 
+    @property
+    def basis_bytes(self) -> int:
+        return self.X.untyped_storage().nbytes()
 
-def block_lanczos(op, cfg: LanczosConfig, b: int, gen: torch.Generator, v0, return_eigenvectors: bool, *,
-                  run=None):
-    """:func:`sharpscope.lanczos` with ``block_size=b`` (module docstring); ``run(op, state.run, state)``
-    drives the iteration when given (the solver's symmetry-failure handling)."""
-    from .solver import make_result
-
-    state = BlockLanczosState(op, cfg, b, gen)
-    state.start(v0)
-    ritz = state.run() if run is None else run(op, state.run, state)
-    idx = ritz.wanted
-    vectors = None
-    if return_eigenvectors:
-        S = torch.as_tensor(ritz.S[:, idx], dtype=cfg.dtype, device=cfg.device)
-        vectors = state.X[: state.j].T @ S
-        vectors = vectors / vectors.norm(dim=0, keepdim=True)
-    return make_result(ritz, idx, cfg, vectors, num_matvecs=state.num_mv, num_restarts=state.restarts,
-                       num_reorthogonalizations=state.num_mv)
+    def extract(self, ritz: Ritz, return_eigenvectors: bool) -> LanczosResult:
+        """The wanted Ritz pairs of the last test (the Ritz vectors ``X^T S`` when asked for)."""
+        idx = ritz.wanted
+        vectors = None
+        if return_eigenvectors:
+            S = torch.as_tensor(ritz.S[:, idx], dtype=self.cfg.dtype, device=self.cfg.device)
+            vectors = self.X[: self.j].T @ S
+            vectors = vectors / vectors.norm(dim=0, keepdim=True)
+        return make_result(ritz, idx, self.cfg, vectors, num_matvecs=self.num_mv, num_restarts=self.restarts,
+                           num_reorthogonalizations=self.num_mv, basis_bytes=self.basis_bytes)

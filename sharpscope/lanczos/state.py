@@ -4,21 +4,20 @@ r"""The single-vector thick-restart Lanczos iteration as a state object with sma
 split of scipy's ARPACK wrapper: validate, iterate, extract). One iteration is
 
 1. :meth:`LanczosState.expand`: one product ``w = A q_j`` and the three-term recurrence; ``alpha_j``,
-   ``beta_j`` and the symmetry probe ``q_{j-1}^T A q_j`` reach the host in one transfer (on the torch
-   backend: :func:`.recurrence.three_term`), the only host synchronization of a step that needs no
-   reorthogonalization;
+   ``beta_j`` and the symmetry probe ``q_{j-1}^T A q_j`` reach the host in one transfer
+   (:meth:`~.backends.base.KrylovBasis.three_term`), the only host synchronization of a step that needs
+   no reorthogonalization;
 2. :meth:`LanczosState.reorthogonalize`: Simon's omega recurrence on the host, and a Gram-Schmidt pass
    against the basis only when semi-orthogonality is about to be lost;
-3. :meth:`LanczosState.ritz_test`: the Ritz values and residual norms from the projected matrix, solved
-   only when the test can change the answer (:class:`CheckSchedule`);
+3. :meth:`LanczosState.ritz_test`: the Ritz values and residual norms from the projected matrix
+   (:func:`.ritz.ritz_pairs`), solved only when the test can change the answer (:class:`CheckSchedule`);
+   :meth:`LanczosState.done` applies the stop rule (:class:`.ritz.StopRule`);
 4. :meth:`LanczosState.advance`: store ``q_{j+1}``, or continue from a fresh vector after a breakdown,
    and restart thickly when the basis is full.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import scipy.linalg
@@ -26,10 +25,12 @@ import torch
 
 from ..linop import ASYMMETRY_CAP, NOT_SYMMETRIC_HINT, NotSymmetricError, same_on_all_ranks
 from .backends import KrylovBasis
-from .recurrence import random_unit, reorthogonalize, three_term
+from .config import LanczosConfig
+from .result import LanczosResult, make_result
+from .ritz import Ritz, StopRule, ritz_pairs
+from .start import random_unit
 
-__all__ = ["LanczosConfig", "LanczosState", "Ritz", "CheckSchedule", "RoundedBasisLost", "order", "scores",
-           "probe_tolerance"]
+__all__ = ["LanczosState", "CheckSchedule", "RoundedBasisLost", "probe_tolerance"]
 
 
 def probe_tolerance(op_dtype: torch.dtype, n: int) -> float:
@@ -43,64 +44,12 @@ def probe_tolerance(op_dtype: torch.dtype, n: int) -> float:
     return min(100 * math.sqrt(torch.finfo(op_dtype).eps), ASYMMETRY_CAP / math.sqrt(max(n, 1)))
 
 
-def order(theta: np.ndarray, which: str) -> np.ndarray:
-    """Indices of ``theta`` from most to least wanted for ``which``."""
-    if which == "LA":
-        return np.argsort(-theta, kind="stable")
-    if which == "SA":
-        return np.argsort(theta, kind="stable")
-    return np.argsort(-np.abs(theta), kind="stable")
-
-
-def scores(theta: np.ndarray, which: str) -> np.ndarray:
-    """Values as "bigger is better" scores for ``which``, sorted descending."""
-    score = {"LA": theta, "SA": -theta, "LM": np.abs(theta)}[which]
-    return np.sort(score)[::-1]
-
-
 class RoundedBasisLost(RuntimeError):  # noqa: N818 - internal; caught by lanczos() to solve again
     """The bfloat16-stored basis lost orthogonality (seen as a symmetry mismatch of the recurrence)."""
 
     def __init__(self, message: str, num_matvecs: int) -> None:
         super().__init__(message)
         self.num_matvecs = num_matvecs
-
-
-@dataclass(frozen=True)
-class LanczosConfig:
-    """What one solve was asked for, validated (see :func:`sharpscope.lanczos`)."""
-
-    n: int
-    k: int
-    which: str
-    tol: float
-    max_matvecs: int
-    max_basis: int
-    reorth: str
-    dtype: torch.dtype
-    op_dtype: torch.dtype
-    device: torch.device
-    callback: Callable | None = None
-
-    @property
-    def eps(self) -> float:
-        return torch.finfo(self.dtype).eps
-
-
-@dataclass
-class Ritz:
-    """The projected eigenproblem at one check: values, vectors, residual norms, the wanted indices."""
-
-    theta: np.ndarray
-    S: np.ndarray
-    residuals: np.ndarray
-    order: np.ndarray
-    wanted: np.ndarray
-    floor: float
-
-    def converged(self, tol: float, idx: np.ndarray | None = None) -> np.ndarray:
-        idx = self.wanted if idx is None else idx
-        return self.residuals[idx] <= tol * np.maximum(np.abs(self.theta[idx]), self.floor)
 
 
 class CheckSchedule:
@@ -146,7 +95,7 @@ class LanczosState:
         self.beta = 0.0
         self.noise = 0.0
         self.coupled = False
-        self.block_scores = np.full(cfg.k, -np.inf)  # wanted values (scores) when the last fresh run began
+        self.stop = StopRule(cfg)
         self.schedule = CheckSchedule(cfg.k)
         # a bfloat16 basis stores rounded rows: inner products of rounded unit vectors are off by about
         # u / sqrt(n) (u = 2^-8), which the symmetry probe must tolerate and the omega recurrence cannot see
@@ -160,6 +109,8 @@ class LanczosState:
         qj = self.Q.get(j)
         w = self.op.matvec(qj)
         self.num_mv += 1
+        if self.cfg.progress is not None:
+            self.cfg.progress.advance(self.num_mv)
         if w.dtype != self.cfg.dtype:
             w = w.to(self.cfg.dtype)
         elif w.data_ptr() == qj.data_ptr():
@@ -176,7 +127,7 @@ class LanczosState:
             self.beta = self.Q.norm(w)
         else:
             lo = j - 1 if j > self.start else j
-            h, self.beta = three_term(self.Q, w, lo, j, T[j, j - 1] if j > lo else 0.0)
+            h, self.beta = self.Q.three_term(w, lo, j, T[j, j - 1] if j > lo else 0.0)
             if j > lo:
                 self._symmetry_probe(float(h[0]))
             T[j, j] = float(h[-1])
@@ -213,7 +164,7 @@ class LanczosState:
         elif not need:
             self._reset_omega()
         if need:
-            self.beta = reorthogonalize(self.Q, w, j + 1)
+            self.beta = self.Q.reorthogonalize(w, j + 1)
             self.reorths += 1
             self.force_reorth = not self.force_reorth and self.cfg.reorth == "partial"  # the next one too (Simon)
             self._reset_omega()
@@ -259,35 +210,16 @@ class LanczosState:
             theta, S = scipy.linalg.eigh(Tj, check_finite=False)
         else:
             theta, S = scipy.linalg.eigh_tridiagonal(np.diag(Tj).copy(), np.diag(Tj, -1).copy(), check_finite=False)
-        residuals = np.abs(self.beta * S[j - 1, :])
-        if j >= cfg.n:
-            residuals[:] = 0.0  # the Krylov space is the whole space: Ritz pairs are exact
-        idx = order(theta, cfg.which)
-        floor = math.sqrt(cfg.eps) * max(float(np.max(np.abs(theta))), self.anorm * cfg.eps)
-        ritz = Ritz(theta, S, residuals, idx, idx[: cfg.k], floor)
-        if cfg.callback is not None:
-            cfg.callback(self.num_mv, theta[ritz.wanted].copy(), residuals[ritz.wanted].copy())
-        return ritz
+        return ritz_pairs(cfg, theta, S, np.abs(self.beta * S[j - 1, :]), j, self.anorm, self.num_mv)
 
     def done(self, ritz: Ritz | None) -> bool:
-        """Whether the solve stops after this step (converged, or out of products)."""
+        """Whether the solve stops after this step (the stop rule, or out of products)."""
         if ritz is None:
             return False
-        cfg = self.cfg
-        ok = ritz.converged(cfg.tol)
-        finished = (self.j >= cfg.k and bool(ok.all())) or self.j >= cfg.n
-        if self.j >= cfg.k:
-            self._schedule(ritz, ok)
-        if self.breakdown and self.j < cfg.n:
-            # an invariant subspace is exhausted: the rest of the space is unexplored. Go on from a fresh
-            # vector until a run no longer improves the wanted values (finds repeated copies)
-            s = np.full(cfg.k, -np.inf)
-            s[: len(ritz.wanted)] = scores(ritz.theta[ritz.wanted], cfg.which)
-            margin = cfg.tol * np.maximum(np.abs(np.where(np.isfinite(s), s, 0.0)), ritz.floor)
-            improved = bool(np.any(s > self.block_scores + margin))
-            self.block_scores = s
-            finished = finished and not improved
-        return finished or self.num_mv >= cfg.max_matvecs
+        if self.j >= self.cfg.k:
+            self._schedule(ritz, ritz.converged(self.cfg.tol))
+        finished = self.stop.finished(ritz, self.j, fresh=self.breakdown)
+        return finished or self.num_mv >= self.cfg.max_matvecs
 
     def _schedule(self, ritz: Ritz, ok: np.ndarray) -> None:
         if ok.all():
@@ -337,7 +269,7 @@ class LanczosState:
         self.restarts += 1
         self.omega_prev, self.omega = np.zeros(m + 1), np.full(m + 1, self.cfg.eps)
 
-    # -- the loop ---------------------------------------------------------------------------------
+    # -- the loop, and what it found ----------------------------------------------------------------
     def run(self) -> Ritz:
         """Iterate until converged or out of products; the last Ritz test."""
         while True:
@@ -347,3 +279,14 @@ class LanczosState:
             if self.done(ritz):
                 return ritz
             self.advance(w, ritz)
+
+    @property
+    def basis_bytes(self) -> int:
+        return self.Q.nbytes
+
+    def extract(self, ritz: Ritz, return_eigenvectors: bool) -> LanczosResult:
+        """The wanted Ritz pairs of the last test (the Ritz vectors ``Q^T S`` when asked for)."""
+        idx = ritz.wanted
+        vectors = self.Q.ritz_vectors(ritz.S[:, idx], self.j) if return_eigenvectors else None
+        return make_result(ritz, idx, self.cfg, vectors, num_matvecs=self.num_mv, num_restarts=self.restarts,
+                           num_reorthogonalizations=self.reorths, basis_bytes=self.basis_bytes)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..closures import BatchLoss
 from ..devices import resolve_device
-from ..progress import progress_bar
+from ..progress import call_bars, progress_bar
 from ..registry import REBUILD_FIX, allow_patterns, resolve_trusted
 from .executors import executor_from_spec
 from .quantities import QUANTITIES, Checkpoint, layer_groups
@@ -321,9 +321,11 @@ def _run_tasks(tasks: list[tuple[str, int, list[str]]], settings: SpectrumSettin
     resubmit = executor.startswith(("dask-local:", "dask-cuda", "dask://", "tcp://"))
     try:
         bar = progress_bar(len(tasks), "spectra", progress, unit="ckpt")
-        failed = _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep_failed=resubmit)
-        if failed:
-            _drain(submit, completed, [t for t, _ in failed], settings, allow, writers, report, bar, keep_failed=False)
+        with call_bars(progress, leave=False):  # each solve's own bar (after 2 s) under this one, run in process
+            failed = _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep_failed=resubmit)
+            if failed:
+                _drain(submit, completed, [t for t, _ in failed], settings, allow, writers, report, bar,
+                       keep_failed=False)
         bar.close()
     finally:
         for sf in writers.values():

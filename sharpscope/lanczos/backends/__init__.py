@@ -26,9 +26,10 @@ import warnings
 
 import torch
 
-from .base import BASIS_CHOICES, KrylovBasis, storage_of
+from .base import BASIS_CHOICES, KrylovBasis, basis_nbytes, storage_of
+from .kernels import cuda_index
 
-__all__ = ["BACKEND_CHOICES", "BASIS_CHOICES", "KrylovBasis", "resolve_backend", "make_basis",
+__all__ = ["BACKEND_CHOICES", "BASIS_CHOICES", "KrylovBasis", "basis_nbytes", "resolve_backend", "make_basis",
            "cupy_status", "cuda_index", "cuda_version_mismatch", "AUTO_CUPY_DEVICES", "auto_prefers_cupy"]
 
 BACKEND_CHOICES = ("torch", "numpy", "cupy", "auto")
@@ -63,12 +64,6 @@ def cuda_version_mismatch(torch_cuda: str | None, cupy_runtime: int) -> str | No
         return None
     return (f"CuPy's CUDA {cupy_major}.{cupy_minor} does not match torch's CUDA {torch_cuda}; "
             f"install the CuPy wheel for CUDA {torch_major}: pip install -e .[cupy-cuda{torch_major}]")
-
-
-def cuda_index(device: torch.device | str) -> int:
-    """The CUDA device index of ``device`` (a bare ``"cuda"`` means torch's current device)."""
-    device = torch.device(device)
-    return torch.cuda.current_device() if device.index is None else device.index
 
 
 def cupy_status(device: torch.device | str = "cuda") -> str | None:

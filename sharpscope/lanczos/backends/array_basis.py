@@ -55,7 +55,7 @@ class ArrayBasis(KrylovBasis):
         current device and stream)."""
         import contextlib
 
-        from . import cuda_index
+        from .kernels import cuda_index
 
         index = cuda_index(self.device)
         stream = self.xp.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream)
@@ -178,6 +178,9 @@ class ArrayBasis(KrylovBasis):
             Q[:keep, a:b] = new.get() if self._host else new
             Q[keep, a:b] = Q[m, a:b]
         self._after_restart(m, keep)
+
+    def stored_nbytes(self) -> int:
+        return int(self.Q.nbytes)
 
     def ritz_vectors(self, S: np.ndarray, j: int) -> torch.Tensor:
         xp = self.xp

@@ -5,8 +5,10 @@ and the operator's products in torch; everything that touches the basis ``Q`` (`
 length ``n``) goes through a :class:`KrylovBasis`: storing a row, the projections ``Q[lo:hi] w``, the
 update ``w += Q[lo:hi]^T c``, norms, a classical Gram-Schmidt pass run twice when the DGKS test asks
 for it (Daniel, Gragg, Kaufman & Stewart 1976), the thick-restart recombination
-``Q[:l] <- Y^T Q[:m]`` and the Ritz vectors ``Q^T S``. ``w`` is always a torch tensor on the operator's
-device, updated in place.
+``Q[:l] <- Y^T Q[:m]`` and the Ritz vectors ``Q^T S``, and the recurrence's two steps on top of them:
+:meth:`KrylovBasis.three_term` and :meth:`KrylovBasis.reorthogonalize`, each with its scalars read back in
+one host transfer where the working rows are torch tensors on the device. ``w`` is always a torch tensor
+on the operator's device, updated in place.
 
 Storage (``basis=``):
 
@@ -30,7 +32,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["KrylovBasis", "BASIS_CHOICES", "storage_of"]
+__all__ = ["KrylovBasis", "BASIS_CHOICES", "storage_of", "basis_nbytes"]
 
 BASIS_CHOICES = ("device", "device-bf16", "host")
 
@@ -40,6 +42,22 @@ def storage_of(basis: str) -> tuple[str, str]:
     if basis not in BASIS_CHOICES:
         raise ValueError(f"basis must be one of {', '.join(map(repr, BASIS_CHOICES))}, got {basis!r}")
     return ("bfloat16" if basis == "device-bf16" else "float32"), ("host" if basis == "host" else "device")
+
+
+def keeps_working_copies(basis: str, device: torch.device) -> bool:
+    """Whether a basis keeps float working copies of its last two rows (:attr:`KrylovBasis.recent`): rounded
+    (bfloat16) rows, or rows in host memory for a GPU operator."""
+    storage, placement = storage_of(basis)
+    return storage == "bfloat16" or (placement == "host" and torch.device(device).type != "cpu")
+
+
+def basis_nbytes(rows: int, n: int, dtype: torch.dtype, basis: str, device: torch.device) -> int:
+    """Bytes a basis of ``rows`` rows of length ``n`` holds: the stored rows (2 bytes an entry in bfloat16,
+    else ``dtype``'s size) plus, where kept, the two working copies in ``dtype``."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    stored = 2 if storage_of(basis)[0] == "bfloat16" else itemsize
+    copies = 2 * n * itemsize if keeps_working_copies(basis, device) else 0
+    return rows * n * stored + copies
 
 
 class KrylovBasis:
@@ -60,7 +78,7 @@ class KrylovBasis:
         self.m, self.n, self.dtype, self.device = int(m), int(n), dtype, torch.device(device)
         self.storage, self.placement = storage_of(basis)
         self.recent: dict[int, torch.Tensor] = {}
-        self._keep_recent = self.storage == "bfloat16" or (self.placement == "host" and self.device.type != "cpu")
+        self._keep_recent = keeps_working_copies(basis, self.device)
 
     # -- storage-specific ------------------------------------------------------------------
     def set(self, j: int, v: torch.Tensor) -> None:
@@ -101,6 +119,17 @@ class KrylovBasis:
         """``Q[:j]^T S`` with unit columns, an ``(n, k)`` tensor of the working dtype on the device."""
         raise NotImplementedError
 
+    def stored_nbytes(self) -> int:
+        """Bytes of the stored rows (the storage's own count)."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this basis holds: the stored rows and the working copies of :attr:`recent` (two rows in
+        ``dtype`` where kept, counted whether or not filled yet)."""
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return self.stored_nbytes() + (2 * self.n * itemsize if self._keep_recent else 0)
+
     # -- shared ------------------------------------------------------------------------------
     def orthogonalize(self, w: torch.Tensor, j: int) -> np.ndarray:
         """Gram-Schmidt of ``w`` against rows ``0..j-1`` (CGS, twice when DGKS asks); returns the
@@ -130,6 +159,47 @@ class KrylovBasis:
                 w.add_(self.recent[r], alpha=float(c))
             return
         self.axpy_stored(w, lo, hi, coeffs)
+
+    # -- the recurrence's steps -------------------------------------------------------------
+    def _working_rows(self, lo: int, hi: int) -> torch.Tensor | None:
+        """Rows ``lo..hi-1`` as one torch tensor of the working dtype on the device where this basis has
+        them (here: the working copies of :attr:`recent`); else None."""
+        if self.recent and all(r in self.recent for r in range(lo, hi)):
+            return torch.stack([self.recent[r] for r in range(lo, hi)])
+        return None
+
+    def three_term(self, w: torch.Tensor, lo: int, j: int, beta_prev: float) -> tuple[np.ndarray, float]:
+        r"""One Lanczos update in place: ``h = Q[lo:j+1] w`` (``lo`` is ``j - 1`` or ``j``), then
+        ``w -= beta_prev q_{j-1} + h[-1] q_j`` (only ``h[-1] q_j`` when ``lo == j``), ``beta = ||w||``.
+
+        Returns ``(h, beta)`` on the host (float64 array, float): ``h[-1]`` is ``alpha_j``, ``h[0]`` (two
+        rows) is ``q_{j-1}^\top A q_j``, the symmetry probe. Where the rows are torch tensors on the device
+        (:meth:`_working_rows`) the scalars stay there until ONE device-to-host transfer; otherwise through
+        ``project``/``axpy``/``norm`` (the same numbers, a host round trip per call)."""
+        rows = self._working_rows(lo, j + 1)
+        if rows is None:
+            h = self.project(w, lo, j + 1)
+            coeffs = -h
+            if j > lo:
+                coeffs[0] = -beta_prev
+            self.axpy(w, lo, j + 1, coeffs)
+            return h, self.norm(w)
+        if j == lo:
+            alpha = torch.dot(rows[0], w)
+            w.addcmul_(rows[0], alpha, value=-1.0)
+            h = alpha.reshape(1)
+        else:
+            h = torch.mv(rows, w)
+            coeffs = -h
+            coeffs[0] = -beta_prev  # a host scalar written into the device tensor: no transfer back
+            w.addmv_(rows.T, coeffs)
+        values = torch.cat([h, torch.linalg.vector_norm(w).reshape(1)]).tolist()  # the one host sync
+        return np.array(values[:-1]), float(values[-1])
+
+    def reorthogonalize(self, w: torch.Tensor, j: int) -> float:
+        """Gram-Schmidt of ``w`` against rows ``0..j-1`` (:meth:`orthogonalize`), in place; returns ``||w||``."""
+        self.orthogonalize(w, j)
+        return self.norm(w)
 
     def _remember(self, j: int, v: torch.Tensor) -> None:
         if self._keep_recent:

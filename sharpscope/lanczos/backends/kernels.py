@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["cuda_source_dir", "kernel_source", "CupyKernels", "load_kernels", "staged_rows", "basis_kind",
+__all__ = ["cuda_index", "cuda_source_dir", "kernel_source", "CupyKernels", "load_kernels", "staged_rows", "basis_kind",
            "NVRTC_OPTIONS"]
 
 _FILES = ("orthogonalize.cu", "normalize.cu")
@@ -36,6 +36,14 @@ _SHARED = 48 * 1024  # shared memory a block gets without opting in
 _STATIC_UP = _ROWCHUNK * (_TPB // 32) * 4  # update_project's static shared memory (its `red`)
 _MAX_ROWS = (_SHARED - _STATIC_UP) // 4  # float32 coefficients in the dynamic shared memory
 NVRTC_OPTIONS = ("--std=c++17",)
+
+
+def cuda_index(device) -> int:
+    """The CUDA device index of a torch ``device`` (a bare ``"cuda"`` means torch's current device)."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.current_device() if device.index is None else device.index
 
 
 def staged_rows(itemsize: int) -> int:

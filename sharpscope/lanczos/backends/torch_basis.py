@@ -107,6 +107,27 @@ class TorchBasis(KrylovBasis):
             Q[keep, a:b] = Q[m, a:b]
         self._after_restart(m, keep)
 
+    def stored_nbytes(self) -> int:
+        return self.Q.untyped_storage().nbytes()
+
+    def _working_rows(self, lo: int, hi: int) -> torch.Tensor | None:
+        return self.Q[lo:hi] if self._plain else super()._working_rows(lo, hi)
+
+    def reorthogonalize(self, w: torch.Tensor, j: int) -> float:
+        """Classical Gram-Schmidt of ``w`` against rows ``0..j-1``, repeated when the pass cancelled more
+        than half of ``w``'s norm (DGKS), in place; returns ``||w||``. On plain storage the norms before and
+        after reach the host in one transfer (a second only when DGKS asks for the second pass)."""
+        if not self._plain:
+            return super().reorthogonalize(w, j)
+        rows = self.Q[:j]
+        before = torch.linalg.vector_norm(w)
+        w.sub_(torch.mv(rows.T, torch.mv(rows, w)))
+        norms = torch.stack([before, torch.linalg.vector_norm(w)]).tolist()
+        if not self._dgks(norms[0], norms[1]):
+            return float(norms[1])
+        w.sub_(torch.mv(rows.T, torch.mv(rows, w)))
+        return float(torch.linalg.vector_norm(w))
+
     def ritz_vectors(self, S: np.ndarray, j: int) -> torch.Tensor:
         Sk = torch.as_tensor(S, dtype=self.dtype, device=self.device)
         if self._plain:

@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Peak memory, products and time of top-1 and top-5 Hessian eigenvalues on GPT-2 configs of growing size.
+
+Each config runs in its own subprocess, so that its peak RSS is its own:
+
+* the model is ``transformers.GPT2LMHeadModel`` built locally from a ``GPT2Config`` (random weights, seed 0,
+  dropout off, ``n_positions=64``; nothing is downloaded), the loss ``ss.hf.causal_lm_loss()`` on one batch of
+  4 x 64 random tokens (seed 1), the operator ``ss.hessian_operator`` (``hvp_mode="auto"``), built once per
+  process and shared by its solves (its derivative check runs at the first product of the first solve);
+* before the solves, the steady-state product time (median of ``--product-samples`` products inside one
+  ``H.pinned()`` block, after one untimed product);
+* each case (k, basis) is one ``ss.lanczos(H, k, tol=--tol, basis=...)``, where ``old`` is the default basis
+  before issue 24 (``max(2k + 20, 60)`` vectors, capped by 1/8 of the RAM as it was), ``default`` today's
+  (``2k + 8``), ``host`` and ``device-bf16`` those storages with their defaults: products, wall time, the basis's
+  vectors and bytes as the result reports them (``res.basis_size``, ``res.basis_bytes``), and the peak RSS
+  of the process during the solve (``VmHWM`` reset to the current RSS before it, so it is the solve's peak
+  with the model, data and operator already resident) and its rise over the RSS before the solve;
+* ``--reference`` adds a tight solve on the first config (the largest k, ``tol=--reference-tol``, a basis of
+  40, float32): the eigenvalues every case of that config is compared with (its residuals are printed, so
+  what the reference itself certifies is visible);
+* ``--ab REV`` runs the default-basis cases also from ``git archive REV`` (extracted under bench-output/), in
+  their own processes, interleaved per config: before/after products, time and peak RSS in one run.
+
+The cost model checked against these points (docs/performance.md, "Memory and the Krylov basis"): a solve's time
+is about products x the product time plus the solve's set-up (one gradient graph per solve); the basis holds
+``basis_size + 1`` vectors of ``n`` parameters at 4 bytes (float32) or 2 (bfloat16, plus two float32 working vectors).
+
+On a CPU the bfloat16 basis is a memory measurement, not a speed one (bfloat16 arithmetic on a CPU is slow).
+
+Run:   python scripts/bench_scale.py [--configs 26M,81M,124M] [--k 1,5] [--bases old,default,host,device-bf16]
+                                     [--tol 1e-3] [--reference] [--ab REV] [--json PATH]
+Smoke: python scripts/bench_scale.py --configs tiny --reference    (seconds; what the test runs)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench-output"
+# name: (layers, width); heads = width / 64 (GPT-2's head size), vocabulary 50257, 64 positions
+CONFIGS = {"tiny": (1, 64), "26M": (4, 384), "81M": (6, 768), "124M": (12, 768)}
+BATCH, TOKENS = 4, 64
+REFERENCE_BASIS = 40
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak() -> bool:
+    """VmHWM back to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def build(config: str, vocab: int | None = None, device: str = "cpu"):
+    """``(model, batch)`` of a config: random GPT-2 weights (seed 0), 4 x 64 random tokens (seed 1)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    layers, width = CONFIGS[config]
+    cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=max(1, width // 64), n_positions=TOKENS,
+                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                     **({"vocab_size": vocab} if vocab else {}))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (BATCH, TOKENS), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return model.to(device), {key: t.to(device) for key, t in batch.items()}
+
+
+def old_default(n: int, k: int, device: str = "cpu", itemsize: int = 4) -> int:
+    """The default basis before issue 24: ``max(2k + 20, 60)`` vectors, at most what 1/8 of the RAM (1/4 of a
+    GPU's free memory) holds (``max_basis + 1`` rows of ``n`` entries)."""
+    from sharpscope._memory import memory_budget
+
+    fits = memory_budget(device, gpu_free=0.25, host=0.125) // (n * itemsize) - 1
+    return min(max(2 * k + 20, 60), max(k + 2, fits), n)
+
+
+def _solve_kwargs(case: dict, supported: set[str], n: int, device: str) -> dict:
+    kwargs = {"k": case["k"], "tol": case["tol"]}
+    if case.get("label") == "old":
+        kwargs["max_basis"] = old_default(n, case["k"], device)
+    for name in ("basis", "max_basis", "max_memory", "max_matvecs"):
+        if case.get(name) is not None:
+            kwargs[name] = case[name]
+    if "progress" in supported:
+        kwargs["progress"] = False
+    return kwargs
+
+
+def worker(config: str, cases: list[dict], samples: int, vocab: int | None, device: str = "cpu") -> dict:
+    """One config in this process: the product time, then each case's solve (module docstring)."""
+    import inspect
+
+    import torch
+
+    import sharpscope as ss
+    import sharpscope.hf  # noqa: F401 - ss.hf
+
+    model, batch = build(config, vocab, device)
+    cuda = device.startswith("cuda")
+    H = ss.hessian_operator(model, ss.hf.causal_lm_loss(), [batch])
+    supported = set(inspect.signature(ss.lanczos).parameters)
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(2)).to(device)
+    with H.pinned():
+        start = time.perf_counter()
+        H.matvec(v)
+        _sync(cuda)
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            H.matvec(v)
+            _sync(cuda)
+            times.append(time.perf_counter() - start)
+    out = {"config": config, "params": H.shape[0], "hvp_mode": H.hvp_mode, "first_product_s": first,
+           "product_s": statistics.median(times), "product_samples": times, "cases": []}
+    for case in cases:
+        before = _status_kib("VmRSS")
+        reset = _reset_peak()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            cuda_before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        res = ss.lanczos(H, **_solve_kwargs(case, supported, H.shape[0], device))
+        _sync(cuda)
+        seconds = time.perf_counter() - start
+        out["cases"].append({**case, "seconds": seconds, "num_matvecs": res.num_matvecs,
+                             "restarts": res.num_restarts, "eigenvalues": res.eigenvalues.tolist(),
+                             "residuals": res.residuals.tolist(), "converged": res.converged.tolist(),
+                             "basis_size": getattr(res, "basis_size", None),
+                             "basis_bytes": getattr(res, "basis_bytes", None),
+                             "rss_before_gib": before / 2**20, "peak_rss_gib": _status_kib("VmHWM") / 2**20,
+                             "peak_reset": reset,
+                             **({"cuda_before_gib": cuda_before / 2**30,
+                                 "peak_cuda_gib": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {})})
+        print(f"[{config}] {json.dumps(out['cases'][-1])}", file=sys.stderr, flush=True)  # as each solve ends
+    return out
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def extract_revision(rev: str) -> Path:
+    """``git archive REV sharpscope`` extracted under bench-output/ab-REV/ (once); the directory to import from."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    dest = OUT / f"ab-{commit}"
+    if not (dest / "sharpscope" / "__init__.py").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "sharpscope"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def run_worker(config: str, cases: list[dict], src: Path, samples: int, vocab: int | None,
+               device: str = "cpu") -> dict:
+    """:func:`worker` in a fresh process that imports sharpscope from ``src``."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--cases", json.dumps(cases),
+           "--product-samples", str(samples), "--device", device] + (["--vocab", str(vocab)] if vocab else [])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=str(src))  # stderr: as it runs
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {config} from {src} failed (exit status {proc.returncode}; its stderr is above)")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plan(args) -> list[tuple[str, str, list[dict]]]:
+    """``(config, source, cases)`` in the order they run: per config, this checkout's cases, then REV's."""
+    ks = [int(k) for k in args.k.split(",")]
+    bases = args.bases.split(",")
+    runs = []
+    for i, config in enumerate(args.configs.split(",")):
+        cases = [{"k": k, "tol": args.tol, "basis": None if b in ("default", "old") else b, "label": b}
+                 for k in ks for b in bases]
+        if args.reference and i == 0:
+            cases.append({"k": max(ks), "tol": args.reference_tol, "max_basis": REFERENCE_BASIS,
+                          "max_matvecs": args.reference_matvecs, "label": "reference"})
+        runs.append((config, "current", cases))
+        if args.ab:
+            runs.append((config, args.ab, [c for c in cases if c["label"] == "default"]))
+    return runs
+
+
+def relative_errors(case: dict, reference: dict | None) -> float | None:
+    if reference is None:
+        return None
+    ref = reference["eigenvalues"]
+    vals = case["eigenvalues"]
+    return max(abs(a - b) / abs(ref[0]) for a, b in zip(vals, ref))
+
+
+def table(results: list[dict]) -> str:
+    """One markdown row per solve."""
+    lines = ["| config | params | source | k | basis | basis vectors | basis MiB | peak RSS GiB (rise) [; GPU peak allocated] | products "
+             "| time s | product s | time / (products x product) | top eigenvalue | max rel. diff (to reference, else old) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ref = next((c for c in r["cases"] if c["label"] == "reference"), None)
+        ref = ref or next((c for q in results if q["config"] == r["config"] for c in q["cases"]
+                           if c["label"] == "reference"), None)
+        for c in r["cases"]:
+            # against the tight reference, else against the old default's solve of the same k
+            base = ref or next((o for o in r["cases"] if o["label"] == "old" and o["k"] == c["k"]), None)
+            err = relative_errors(c, base) if c["label"] not in ("reference",) and base is not c else None
+            mib = "-" if c["basis_bytes"] is None else f"{c['basis_bytes'] / 2**20:.0f}"
+            ratio = c["seconds"] / (c["num_matvecs"] * r["product_s"])
+            peak = f"{c['peak_rss_gib']:.2f} (+{c['peak_rss_gib'] - c['rss_before_gib']:.2f})"
+            if "peak_cuda_gib" in c:
+                peak += f"; GPU {c['peak_cuda_gib']:.2f} (+{c['peak_cuda_gib'] - c['cuda_before_gib']:.2f})"
+            lines.append(
+                f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['source']} | {c['k']} | {c['label']} "
+                f"| {c['basis_size'] if c['basis_size'] is not None else '-'} | {mib} "
+                f"| {peak} | {c['num_matvecs']} "
+                f"| {c['seconds']:.1f} | {r['product_s']:.2f} | {ratio:.2f} | {c['eigenvalues'][0]:.6g} "
+                f"| {'-' if err is None else f'{err:.1e}'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="26M,81M,124M", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--k", default="1,5", help="comma-separated k values (default 1,5)")
+    p.add_argument("--bases", default="old,default,host,device-bf16",
+                   help="comma-separated basis= values, 'default' for today's default basis, 'old' for the one "
+                        "before issue 24 (default: old,default,host,device-bf16)")
+    p.add_argument("--tol", type=float, default=1e-3, help="Ritz-residual tolerance of the cases (default 1e-3)")
+    p.add_argument("--reference", action="store_true", help="a tight solve on the first config (accuracy column)")
+    p.add_argument("--reference-tol", type=float, default=1e-5, help="its tolerance (default 1e-5)")
+    p.add_argument("--reference-matvecs", type=int, default=120, help="its product cap (default 120)")
+    p.add_argument("--ab", metavar="REV", help="also run the default-basis cases from git revision REV")
+    p.add_argument("--product-samples", type=int, default=3, help="timed products per config (default 3)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default GPT-2's 50257)")
+    p.add_argument("--device", default="cpu", help="where the model and the solves run (default cpu)")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the header and table here")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (default bench-output/)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--cases", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        result = worker(args.worker, json.loads(args.cases), args.product_samples, args.vocab, args.device)
+        print(json.dumps(result))
+        return ""
+    import torch
+
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+        f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+    header = (f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {where}; torch {torch.__version__} "
+              f"({torch.get_num_threads()} threads); load "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; tol {args.tol}")
+    print(header, flush=True)
+    results = []
+    for config, source, cases in plan(args):
+        src = ROOT if source == "current" else extract_revision(source)
+        print(f"[{config}] {source}: {len(cases)} solves ...", flush=True)
+        result = run_worker(config, cases, src, args.product_samples, args.vocab, args.device)
+        result["source"] = source
+        results.append(result)
+    text = header + "\n\n" + table(results)
+    print("\n" + table(results))
+    path = args.json or OUT / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"header": header, "results": results}, indent=1))
+    print(f"\nwritten: {path}")
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    main()
