@@ -458,38 +458,118 @@ def _validate(r: _Reader, p: Probe) -> None:
 
 
 def _dry_run(r: _Reader, p: Probe) -> None:
-    """Build the smallest model and run two samples through it and the loss: inputs that do not fit the
-    model (``in_features``) or targets that do not fit the loss (MSE with class labels) fail here, in
-    one line, not after an hour of training."""
+    """Before anything trains: every distinct model configuration the sweep will build is built with
+    shapes only (the ``meta`` device: no memory), run on the data's shape and checked against the loss
+    and the machine's memory (:func:`_check_config`); then the smallest one is built for real and run on
+    two samples (what shapes cannot show: a loss that fails on the values). Inputs that do not fit a
+    model (``in_features``), targets that do not fit the loss, a model too big to train: one line here,
+    not a traceback after the first runs have trained."""
     from .data import load as load_data
-    from .functional import check_targets
-    from .models import build_model
     from .runs.rebuild import build_loss
 
     try:
-        x, y = load_data(p.data, **p.data_kwargs)
-    except FileNotFoundError:
-        return  # a data set that is not on this machine (yet): training will say so first
-    except (TypeError, ValueError, OSError) as err:
-        r.fail(f"data {p.data!r} with {p.data_kwargs}: {err}")
-    kwargs = {**p.kwargs, p.width_key: min(p.widths)}
-    if p.depths:
-        kwargs[p.depth_key] = min(p.depths)
-    for axis in p.axes:
-        if axis.target == "model":
-            kwargs[axis.key] = axis.values[0]
+        loss_fn = build_loss(p.loss, allow=[p.loss], where=str(r.path))
+    except ValueError as err:
+        r.fail(f"[train] loss {p.loss!r}: {err}")
+    datasets: dict[str, tuple] = {}
+    configs: dict[str, tuple[dict, str]] = {}
+    for spec in plan(p):
+        kwargs = {**p.kwargs, p.width_key: spec.width, **settings_of(p, spec, "model")}
+        if spec.depth is not None:
+            kwargs[p.depth_key] = spec.depth
+        data_kwargs = {**p.data_kwargs, **settings_of(p, spec, "data")}
+        configs.setdefault(repr(sorted(kwargs.items())) + repr(sorted(data_kwargs.items())), (kwargs, repr(data_kwargs)))
+        if repr(data_kwargs) not in datasets:
+            try:
+                datasets[repr(data_kwargs)] = load_data(p.data, **data_kwargs)
+            except FileNotFoundError:
+                datasets[repr(data_kwargs)] = None  # not on this machine (yet): training will say so first
+            except (TypeError, ValueError, OSError) as err:
+                r.fail(f"data {p.data!r} with {data_kwargs}: {err}")
+    sizes = {}
+    for kwargs, data_key in configs.values():
+        if datasets[data_key] is not None:
+            sizes[repr(kwargs)] = (_check_config(r, p, kwargs, datasets[data_key], loss_fn), kwargs, data_key)
+    if sizes:
+        _, kwargs, data_key = min(sizes.values(), key=lambda t: t[0])
+        _run_for_real(r, p, kwargs, datasets[data_key], loss_fn)
+
+
+def _training_bytes(model: torch.nn.Module) -> int:
+    """A lower bound of what training the model holds: its parameters and their gradients."""
+    return 2 * sum(q.numel() * q.element_size() for q in model.parameters())
+
+
+def _check_config(r: _Reader, p: Probe, kwargs: dict, data: tuple, loss_fn: Callable) -> int:
+    """One configuration, shapes only: built on the ``meta`` device, sized against the machine, run on two
+    samples' shapes, its outputs checked against the loss (and, for class losses, the number of classes).
+    Returns its parameter bytes."""
+    from ._memory import memory_budget
+    from .devices import resolve_device
+    from .functional import check_targets
+    from .models import build_model
+
+    x, y = data
+    try:
+        with torch.device("meta"):
+            model = build_model(p.factory, kwargs)
+    except (TypeError, ValueError, RuntimeError, IndexError) as err:
+        if "overflow" in str(err):  # sizes past what a tensor can hold (even shapes only)
+            r.fail(f"the model {p.factory} {kwargs} is too big to build: its tensor sizes overflow "
+                   f"({_first_line(err)}): lower the sizes")
+        r.fail(f"the model {p.factory} {kwargs} cannot be built: {_first_line(err)}")
+    need = _training_bytes(model)
+    device = resolve_device(p.device)
+    available = memory_budget(device, gpu_free=1.0, host=1.0)
+    if need > available:
+        from .runs.space import human_bytes
+
+        count = sum(q.numel() for q in model.parameters())
+        r.fail(f"the model {p.factory} {kwargs} has {count:.3g} parameters: training it needs at least "
+               f"{human_bytes(need)} (parameters and gradients), more than the {human_bytes(available)} of this "
+               f"machine's {'GPU' if device.type == 'cuda' else 'memory'}: lower the sizes")
+    try:
+        with torch.no_grad():
+            out = model(x[:2].to("meta"))
+        check_targets(loss_fn, out, y[:2].to("meta"))
+        loss = loss_fn(out, y[:2].to("meta"))
+    except NotImplementedError:
+        return need  # an operation without a meta kernel: the real run of the smallest model checks what it can
+    except (TypeError, ValueError, RuntimeError, IndexError) as err:
+        r.fail(f"the model {p.factory} {kwargs} does not run on the data {p.data!r} with {p.loss}: {_first_line(err)}")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        r.fail(f"the loss {p.loss} does not return a scalar on the model's outputs")
+    if _class_loss(loss_fn) and not y.is_floating_point() and y.ndim == out.ndim - 1 and out.ndim >= 2 \
+            and y.numel() and int(y.max()) >= out.shape[1]:
+        r.fail(f"the model {p.factory} {kwargs} has {out.shape[1]} outputs, but the data {p.data!r} has class "
+               f"{int(y.max())}: {p.loss} needs one output per class")
+    return need
+
+
+def _class_loss(loss_fn: Callable) -> bool:
+    return isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss))
+
+
+def _run_for_real(r: _Reader, p: Probe, kwargs: dict, data: tuple, loss_fn: Callable) -> None:
+    """The smallest configuration built for real and run on two samples with the loss."""
+    from .functional import check_targets
+    from .models import build_model
+
+    x, y = data
     try:
         model = build_model(p.factory, kwargs)
-        loss_fn = build_loss(p.loss, allow=[p.loss], where=str(r.path))
         with torch.no_grad():
             out = model(x[:2])
         check_targets(loss_fn, out, y[:2])
         loss = loss_fn(out, y[:2])
     except (TypeError, ValueError, RuntimeError, IndexError) as err:
-        r.fail(f"the model {p.factory} {kwargs} does not run on the data {p.data!r} with {p.loss}: "
-               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        r.fail(f"the model {p.factory} {kwargs} does not run on the data {p.data!r} with {p.loss}: {_first_line(err)}")
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         r.fail(f"the loss {p.loss} does not return a scalar on the model's outputs")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def run_values(probe: Probe, spec: RunSpec) -> dict[str, Any]:

@@ -7,11 +7,15 @@ file system); every varied setting is in the name and, with the compared axis, i
 A run whose file holds its final step (or stopped at a diverged, non-finite loss) is complete and
 skipped on a re-run; an incomplete one (interrupted) is trained again from scratch (training is
 deterministic for a seed). Spectra are resumable the same way (see :mod:`sharpscope.runs.jobs`).
+
+Nothing stored is deleted: a stored file the sweep will not reuse (another config, interrupted,
+unreadable, not a sharpscope run, a later format) is moved with its spectra to
+``runs/superseded/<stamp>/`` with a note (:mod:`sharpscope.runs.superseded`). A sweep holds a lock on
+its output folder for its whole run; a second sweep on the same folder refuses, naming the holder.
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +32,14 @@ from .progress import progress_bar
 from .registry import allowances
 from .runs.capture import Recorder
 from .runs.executors import executor_from_spec
+from .runs.h5file import NotSharpscopeFileError, UnsupportedVersionError
 from .runs.jobs import JobReport, SpectrumSettings, run_spectrum_job
+from .runs.locks import Lock, LockHeldError, folder_lock_file
 from .runs.provenance import config_digest
 from .runs.rebuild import build_loss
 from .runs.spectra import spectra_path
 from .runs.store import RunFileError, first_diverged_step, open_run
+from .runs.superseded import Aside
 
 __all__ = ["Probe", "RunSpec", "load_probe", "plan", "train_run", "run_sweep", "run_config", "SweepResult",
            "summary_rows"]
@@ -90,32 +97,49 @@ def _parametrize_options(probe: Probe, spec: RunSpec) -> dict[str, Any]:
 
 def _run_state(path: Path, config: dict[str, Any], final: int) -> str:
     """What a stored run is to this sweep: ``missing``, ``complete`` (same config, done or diverged),
-    ``interrupted`` (same config, not done), ``different`` (another config: kept, moved aside),
-    ``unrecorded`` (an older file without a config record, done: reused by its name) or ``unreadable``."""
+    ``interrupted`` (same config, not done), ``different`` (another config), ``unrecorded`` (an older file
+    without a config record, done: reused by its name), ``unreadable``, ``foreign`` (not a sharpscope run)
+    or ``future`` (a format this sharpscope does not read). Every state but ``missing``, ``complete`` and
+    ``unrecorded`` moves the file aside (:func:`_stored_run`)."""
+    return _stored_run(path, config, final)[0]
+
+
+def _stored_run(path: Path, config: dict[str, Any], final: int) -> tuple[str, str]:
+    """``(state, why)``: :func:`_run_state` and, for a file that is moved aside, the reason in its note."""
     if not path.exists():
-        return "missing"
+        return "missing", ""
     try:
         with open_run(path) as run:
-            done = bool(run.steps) and (run.steps[-1] == final or first_diverged_step(run) < math.inf)
+            steps = run.steps
+            done = bool(steps) and (steps[-1] == final or first_diverged_step(run) < math.inf)
             stored = (run.provenance or {}).get("config_digest")
-    except (RunFileError, OSError, KeyError):
-        return "unreadable"
+    except NotSharpscopeFileError as err:
+        return "foreign", f"not a sharpscope run file ({_reason(err, path)})"
+    except UnsupportedVersionError as err:
+        return "future", f"written by a later sharpscope ({_reason(err, path)})"
+    except (RunFileError, OSError, KeyError) as err:
+        return "unreadable", f"cannot be read ({_reason(err, path)}): trained again"
     if stored is None:
-        return "unrecorded" if done else "interrupted"
+        return ("unrecorded", "") if done else ("interrupted", f"interrupted at step {steps[-1] if steps else 0} "
+                                                               f"of {final}: trained again from scratch")
     if stored != config_digest(config):
-        return "different"
-    return "complete" if done else "interrupted"
+        return "different", (f"a run of another config (the probe file changed: digest {stored[:19]}..., this "
+                             f"sweep's {config_digest(config)[:19]}...): trained again")
+    if done:
+        return "complete", ""
+    return "interrupted", f"interrupted at step {steps[-1] if steps else 0} of {final}: trained again from scratch"
 
 
-def _move_aside(path: Path, stamp: str) -> Path:
-    """Keep a run the sweep will not reuse: ``runs/superseded/<stamp>/`` (with its spectra file)."""
-    target = path.parent / "superseded" / stamp
-    target.mkdir(parents=True, exist_ok=True)
-    moved = target / path.name
-    path.replace(moved)
+def _reason(err: Exception, path: Path) -> str:
+    return str(err).splitlines()[0].removeprefix(f"{path}: ") if str(err) else type(err).__name__
+
+
+def _set_aside(aside: Aside, path: Path, why: str) -> Path:
+    """Move a stored run and its spectra file aside with the same reason (never deleted)."""
+    moved = aside.move(path, why)
     results = spectra_path(path)
     if results.exists():
-        results.replace(target / results.name)
+        aside.move(results, f"the results of {path.name}, moved with it: {why}")
     return moved
 
 
@@ -125,14 +149,11 @@ def train_run(probe: Probe, spec: RunSpec, out_dir: str | Path) -> Path:
     path = Path(out_dir) / "runs" / spec.filename
     config = run_config(probe, spec)
     final, batch_size = config["steps"], config["batch_size"]
-    state = _run_state(path, config, final)
+    state, why = _stored_run(path, config, final)
     if state in ("complete", "unrecorded"):
         return path
-    if state == "different":
-        raise RuntimeError(f"{path} holds a run of another config: run_sweep moves it aside first")
-    if path.exists():  # interrupted (or unreadable): retrain from scratch, deterministic for the seed
-        path.unlink()
-        spectra_path(path).unlink(missing_ok=True)
+    if state != "missing":  # run_sweep has done this before; a direct call keeps the file the same way
+        _set_aside(Aside(path.parent, "sharpscope.sweep.train_run"), path, why)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(probe.device)
     x, y = load_data(probe.data, **config["data"]["kwargs"])
@@ -190,25 +211,40 @@ class SweepResult:
 
 
 def _plan_training(probe: Probe, specs: list[RunSpec], runs_dir: Path) -> tuple[list[RunSpec], list[str]]:
-    """Which runs to train, after moving aside stored runs of another config (never deleted)."""
-    todo, notes, moved, unrecorded = [], [], [], []
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    """Which runs to train, after moving aside (never deleting) every stored run the sweep will not reuse."""
+    todo, notes, unrecorded = [], [], []
+    aside = Aside(runs_dir, "sharpscope sweep")
+    counts: dict[str, int] = {}
     for spec in specs:
         path = runs_dir / spec.filename
-        state = _run_state(path, run_config(probe, spec), _steps(probe, spec))
-        if state == "different":
-            moved.append(_move_aside(path, stamp))
-        elif state == "unrecorded":
+        state, why = _stored_run(path, run_config(probe, spec), _steps(probe, spec))
+        if state == "unrecorded":
             unrecorded.append(path.name)
+        elif state not in ("missing", "complete"):
+            _set_aside(aside, path, why)
+            counts[state] = counts.get(state, 0) + 1
         if state not in ("complete", "unrecorded"):
             todo.append(spec)
-    if moved:
-        notes.append(f"{len(moved)} stored run(s) came from another config (the probe file changed): kept in "
-                     f"{moved[0].parent} and trained again")
+    labels = {"different": "came from another config (the probe file changed)", "interrupted": "were interrupted",
+              "unreadable": "could not be read", "foreign": "are not sharpscope run files",
+              "future": "are in a later sharpscope's format"}
+    for state, n in counts.items():
+        notes.append(f"{n} stored run(s) {labels[state]}: kept in {aside.target} (with their spectra; reasons in "
+                     f"NOTES.txt) and trained again")
     if unrecorded:
         notes.append(f"{len(unrecorded)} stored run(s) have no config record (an older sharpscope): reused by "
                      f"their name ({unrecorded[0]}{', ...' if len(unrecorded) > 1 else ''})")
     return todo, notes
+
+
+def _lock_output(out: Path) -> Lock:
+    """The sweep's lock on its output folder (:mod:`sharpscope.runs.locks`); a second sweep refuses in one line."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return Lock(folder_lock_file(out, "sweep")).acquire()
+    except LockHeldError as err:
+        raise RunFileError(f"{out}: another sweep is running in this folder ({err.holder}): wait for it to finish "
+                           "or choose another --out") from None
 
 
 def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | None = None,
@@ -223,6 +259,12 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
     allow = allowances(probe.factory, probe.loss)  # the user's probe trusts its own names, for its own jobs
     executor = executor or probe.executor
     out = Path(out_dir).resolve()  # workers of a remote cluster do not share our working directory
+    with _lock_output(out):
+        return _sweep_locked(probe, probe_path, out, executor, progress, allow)
+
+
+def _sweep_locked(probe: Probe, probe_path: str | Path, out: Path, executor: str, progress: bool,
+                  allow: list[str]) -> SweepResult:
     specs = plan(probe)
     todo, notes = _plan_training(probe, specs, out / "runs")
     if todo:
@@ -240,6 +282,7 @@ def run_sweep(probe_path: str | Path, out_dir: str | Path, *, executor: str | No
     settings = SpectrumSettings(k=probe.k, device=probe.device)
     report = run_spectrum_job(runs, probe.quantities, settings, executor=executor, progress=progress,
                               allow_factories=allow)
+    notes += report.notes
     from .analysis.report import write_report
 
     page = write_report(runs, out, title=f"sharpscope: {probe.name}", compare=probe.compare,

@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-import sharpscope as ss
 from sharpscope.cli import main
 from sharpscope.runs import provenance as provenance_module
 from sharpscope.runs.capture import Recorder
@@ -284,29 +283,28 @@ def test_deprecated_names_warn_and_work(tmp_path):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
-    with pytest.warns(DeprecationWarning, match=r"Recorder\(probe=...\) is now Recorder\(batch=...\)"):
-        rec = Recorder(tmp_path / "old.h5", model, opt, probe=(x, y), every=1)
-    with pytest.warns(DeprecationWarning, match="Recorder.probe is now Recorder.batch"):
-        assert rec.probe[0] is x
+    rec = Recorder(tmp_path / "old.h5", model, opt, batch=(x, y), every=1)
     rec.step()
     assert rec.writer.steps == [0, 1]  # a property now
     with pytest.warns(DeprecationWarning, match="RunWriter.steps is a property now"):
         assert rec.writer.steps() == [0, 1]  # calling it still works for one release
     rec.close()
-    with open_run(tmp_path / "old.h5") as run:
-        with pytest.warns(DeprecationWarning, match=r"Run.probe\(\) is now Run.batch\(\)"):
-            (px,), py = run.probe()
-    assert torch.equal(px, x) and torch.equal(py, y)
-    with pytest.raises(ValueError, match="give batch= only"):
-        Recorder(tmp_path / "both.h5", model, batch=(x, y), probe=(x, y))
-    with pytest.warns(DeprecationWarning, match="probe= is now batch="):
-        try:
-            ss.huggingface_callback(str(tmp_path / "hf.h5"), probe=(x, y))
-        except ImportError:
-            pass
-    with pytest.warns(DeprecationWarning, match=r"RunWriter\(probe=...\) is now batch="):
-        RunWriter(tmp_path / "writer.h5", {}, [], probe=(x, y)).close()
-    assert open_run(tmp_path / "writer.h5").batch()[1].equal(y)
+
+
+def test_the_pre_release_probe_aliases_are_gone(tmp_path):
+    """Recorder(probe=), Recorder.probe, RunWriter(probe=), Run.probe() and the callbacks' probe= were
+    never released (issue 23): they are removed, not deprecated."""
+    model = _model()
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with pytest.raises(TypeError, match="probe"):
+        Recorder(tmp_path / "old.h5", model, probe=(x, y), every=1)
+    with pytest.raises(TypeError, match="probe"):
+        RunWriter(tmp_path / "writer.h5", {}, [], probe=(x, y))
+    assert not (tmp_path / "old.h5").exists() and not (tmp_path / "writer.h5").exists()
+    with Recorder(tmp_path / "new.h5", model, batch=(x, y), every=1) as rec:
+        assert not hasattr(rec, "probe")
+    with open_run(tmp_path / "new.h5") as run:
+        assert not hasattr(run, "probe")
 
 
 def test_inspect_v2(tmp_path, capsys):

@@ -127,7 +127,7 @@ def test_bad_inputs(tmp_path, capsys):
         rec.step()
     with pytest.raises(ValueError, match="no model_factory"):
         run_spectrum_job([tmp_path / "nofactory.h5"], ["hessian"], progress=False)
-    with ss.Recorder(tmp_path / "wrong.h5", model, probe=digits_data(), every=1, loss_fn=CE,
+    with ss.Recorder(tmp_path / "wrong.h5", model, batch=digits_data(), every=1, loss_fn=CE,
                      meta={"model_factory": "sharpscope.demo:digits_mlp", "model_kwargs": {"hidden": 8, "depth": 1}}) as rec:
         rec.step()
     report = run_spectrum_job([tmp_path / "wrong.h5"], ["hessian"], progress=False)

@@ -234,8 +234,8 @@ def _chosen_keys(rows: list[dict], wanted: Any, summary: RunSummary, problems: l
     return chosen
 
 
-def _read_spectra(summary: RunSummary, results: Path, wanted: Any, problems: list[str]) -> None:
-    with SpectraFile(results) as sf:
+def _read_spectra(summary: RunSummary, results: Path, wanted: Any, problems: list[str], run_id: str | None) -> None:
+    with SpectraFile(results, run_id=run_id) as sf:  # only this run's results (docs/formats.md, "Belonging")
         rows = sf.rows()
     chosen = _chosen_keys(rows, wanted, summary, problems)
     summary.settings_used = dict(chosen)
@@ -288,6 +288,7 @@ def collect(runs: Sequence[str | Path], *, compare: str | None = None, spectrum:
                 steps = run.steps
                 initial, final, loss_source = _losses(run)
                 digest = _digest(run.batch())
+                run_id = getattr(run, "id", None)
                 logs = _logs(run)
                 losses = ([int(st) for st in steps], [float(run.loss(st)) for st in steps])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -309,7 +310,7 @@ def collect(runs: Sequence[str | Path], *, compare: str | None = None, spectrum:
         results = spectra_path(path)
         if results.exists():
             try:
-                _read_spectra(summary, results, spectrum, problems)
+                _read_spectra(summary, results, spectrum, problems, run_id)
             except (OSError, ValueError, KeyError) as err:
                 problems.append(f"{results.name}: unreadable results ({err}): the run counts for lr transfer only")
         else:

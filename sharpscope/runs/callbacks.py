@@ -14,23 +14,11 @@
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Mapping
 
 from .capture import Recorder
 
 __all__ = ["lightning_callback", "huggingface_callback"]
-
-
-def _renamed(recorder_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``probe=`` is the old name of the Recorder's ``batch=``: warn now, when the callback is made."""
-    if "probe" in recorder_kwargs:
-        recorder_kwargs = dict(recorder_kwargs)
-        if recorder_kwargs.get("batch") is not None:
-            raise ValueError("give batch= only (probe= is its old name)")
-        warnings.warn("probe= is now batch= (the stored data batch)", DeprecationWarning, stacklevel=3)
-        recorder_kwargs["batch"] = recorder_kwargs.pop("probe")
-    return recorder_kwargs
 
 
 class _Pending:
@@ -52,7 +40,6 @@ class _Pending:
 
 def lightning_callback(path: str, **recorder_kwargs: Any):
     """A Lightning callback recording ``trainer.lightning_module`` and its first optimizer."""
-    recorder_kwargs = _renamed(recorder_kwargs)
     try:
         from lightning.pytorch.callbacks import Callback
     except ImportError:
@@ -89,7 +76,6 @@ def huggingface_callback(path: str, **recorder_kwargs: Any):
     """A ``transformers.TrainerCallback`` recording the Trainer's model and (unwrapped) optimizer. The
     Trainer logs its loss (averaged over ``logging_steps``) after the step's hooks, so checkpoints hold
     no loss; the logged losses go to the run's ``loss`` scalar log, which the report falls back to."""
-    recorder_kwargs = _renamed(recorder_kwargs)
     try:
         from transformers import TrainerCallback
     except ImportError:

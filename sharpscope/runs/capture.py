@@ -29,6 +29,7 @@ lr 0 at the end of a schedule, no second moment yet) nothing is logged at that s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -41,6 +42,7 @@ from ..closures import BatchLoss
 from ..functional import mapping_batch_error
 from ..optim import AdamAtan2
 from .provenance import config_digest
+from .space import DiskFullError
 from .store import RunFileError, RunWriter, TensorSpec, open_run
 
 __all__ = ["Recorder", "every_schedule", "log_schedule", "optimizer_state_specs", "SHARPNESS_METRICS"]
@@ -231,7 +233,11 @@ class Recorder:
             (``run.provenance``; :func:`sharpscope.runs.provenance.config_digest` recomputes it).
         axes: the run's coordinates, name -> number or string (``{"width": 256, "batch_size": 64}``),
             read back as ``run.axes``.
-        probe: deprecated name of ``batch``.
+        on_disk_full: what a full disk does (docs/formats.md, "A full disk"): ``"raise"`` (default) raises
+            :class:`~sharpscope.runs.space.DiskFullError` -- one line naming the file and the free space --
+            from :meth:`step` / :meth:`capture` into the training loop; ``"stop"`` stops capturing, warns once
+            (``RuntimeWarning``, the same line) and lets training go on (:attr:`stopped` holds the line). The
+            checkpoints stored before are complete either way, and none is ever marked complete unwritten.
 
     Under ``torch.distributed`` (an initialized process group) only global rank 0 writes: one writer per
     file. Every rank may create its Recorder (and the Lightning / Hugging Face callbacks do); on the other
@@ -244,14 +250,8 @@ class Recorder:
                  schedule: Any = None, meta: Mapping[str, Any] | None = None, *, loss_fn: Callable | None = None,
                  sharpness_every: int | None = None, summary_writer: Any = None, resume: bool = False,
                  start_step: int | None = None, config: Mapping[str, Any] | None = None,
-                 axes: Mapping[str, Any] | None = None, probe: tuple[Any, Any] | None = None,
-                 log_fn: Callable[[dict, int], Any] | None = None) -> None:
-        if probe is not None:
-            if batch is not None:
-                raise ValueError("give batch= only (probe= is its old name)")
-            warnings.warn("Recorder(probe=...) is now Recorder(batch=...) (the stored data batch)",
-                          DeprecationWarning, stacklevel=2)
-            batch = probe
+                 axes: Mapping[str, Any] | None = None, log_fn: Callable[[dict, int], Any] | None = None,
+                 on_disk_full: str = "raise") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if sharpness_every is not None and (loss_fn is None or batch is None):
@@ -260,6 +260,10 @@ class Recorder:
             raise mapping_batch_error(batch)
         if log_fn is not None and not callable(log_fn):
             raise TypeError(f"log_fn must be callable as log_fn(metrics, step), got {type(log_fn).__name__}")
+        if on_disk_full not in ("raise", "stop"):
+            raise ValueError(f"on_disk_full must be 'raise' or 'stop', got {on_disk_full!r}")
+        self.on_disk_full = on_disk_full
+        self.stopped: str | None = None
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.batch = batch
         self.should_capture = _schedule(every, schedule)
@@ -371,19 +375,13 @@ class Recorder:
         return self.optimizer is None or any(s.kind == "optim" for s in self._specs) or isinstance(
             self.optimizer, torch.optim.SGD)
 
-    @property
-    def probe(self) -> Any:
-        """Deprecated name of :attr:`batch`."""
-        warnings.warn("Recorder.probe is now Recorder.batch", DeprecationWarning, stacklevel=2)
-        return self.batch
-
     # -- the loop --------------------------------------------------------------------------------
     def step(self, loss: float | torch.Tensor | None = None) -> bool:
         """Call once after each optimizer step; captures when the schedule says so. Returns whether it did."""
         self.step_count += 1
         self._loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else (
             float("nan") if loss is None else float(loss))
-        if self.writer is None:  # another rank writes the run file
+        if self.writer is None or self.stopped:  # another rank writes the run file, or the disk filled up
             return False
         if self.sharpness_every and self.step_count % self.sharpness_every == 0:
             self.measure_sharpness()
@@ -396,10 +394,11 @@ class Recorder:
         """Log a training loss known apart from :meth:`step` (e.g. a framework's averaged logged loss)
         to the run's ``loss`` scalar log, at ``step`` (default: the current step). A run file from
         before that log existed (resumed) cannot grow one: the loss is then dropped, with one warning."""
-        if self.writer is None:
+        if self.writer is None or self.stopped:
             return
         try:
-            self.writer.log_scalar("loss", self.step_count if step is None else int(step), float(value))
+            with self._disk_guard():
+                self.writer.log_scalar("loss", self.step_count if step is None else int(step), float(value))
         except KeyError:
             if not getattr(self, "_warned_no_loss_log", False):
                 warnings.warn(f"{self.writer.path} has no loss log (an older run file): logged losses are "
@@ -411,7 +410,7 @@ class Recorder:
         ``loss`` overrides the last loss passed to :meth:`step`."""
         if loss is not None:
             self._loss = float(loss)
-        if self.writer is None or self._last_captured == self.step_count:
+        if self.writer is None or self.stopped or self._last_captured == self.step_count:
             return
         tensors: dict[str, torch.Tensor | None] = {}
         state = self.optimizer.state if self.optimizer is not None else {}
@@ -424,8 +423,20 @@ class Recorder:
                 value = state.get(self._params[spec.name], {}).get(spec.key)
                 tensors[spec.id] = value if isinstance(value, torch.Tensor) else None
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups] if self.optimizer is not None else []
-        self.writer.append(self.step_count, tensors, loss=getattr(self, "_loss", float("nan")), lrs=lrs)
-        self._last_captured = self.step_count
+        with self._disk_guard():
+            self.writer.append(self.step_count, tensors, loss=getattr(self, "_loss", float("nan")), lrs=lrs)
+            self._last_captured = self.step_count
+
+    @contextlib.contextmanager
+    def _disk_guard(self):
+        """A full disk raises into the loop, or (``on_disk_full="stop"``) stops capturing with one warning."""
+        try:
+            yield
+        except DiskFullError as err:
+            if self.on_disk_full == "raise":
+                raise
+            self.stopped = str(err.strerror)
+            warnings.warn(f"capturing stopped: {self.stopped}", RuntimeWarning, stacklevel=4)
 
     def measure_sharpness(self) -> float:
         """The online sharpness on the stored batch (warm-started Lanczos): the top eigenvalue of the
@@ -499,7 +510,8 @@ class Recorder:
     def _log_scalar(self, name: str, value: float) -> None:
         """Append to a run-file scalar log; a resumed file from before that log existed drops it (one warning)."""
         try:
-            self.writer.log_scalar(name, self.step_count, value)
+            with self._disk_guard():
+                self.writer.log_scalar(name, self.step_count, value)
         except KeyError:
             self._warn_once(f"{self.writer.path} has no scalar log {name!r} (an older run file): not stored there")
 

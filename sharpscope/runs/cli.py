@@ -6,9 +6,10 @@ import json
 import math
 from pathlib import Path
 
+from .h5file import RunFileError
 from .jobs import SpectrumSettings, run_spectrum_job
 from .quantities import QUANTITIES
-from .spectra import SpectraFile, spectra_path
+from .spectra import ForeignSpectraError, SpectraFile, spectra_path
 from .store import open_run
 
 
@@ -47,41 +48,77 @@ def _describe_batch(batch) -> dict | None:
             "targets": None if targets is None else list(targets.shape)}
 
 
+def _optimizer_line(opt) -> str:
+    """The meta's optimizer description, or what is wrong with it (the meta is the caller's JSON)."""
+    if opt is None:
+        return "None"
+    if isinstance(opt, dict) and isinstance(opt.get("class"), str):
+        groups = opt.get("param_groups")
+        return opt["class"] + (f", {len(groups)} param group(s)" if isinstance(groups, list) else "")
+    return f"{json.dumps(opt)[:60]} (not an optimizer description: expected an object with 'class' and 'param_groups')"
+
+
+def _results_info(run_path: Path, run_id: str | None, verify: bool) -> tuple[dict | None, list[str]]:
+    """What the run's spectra file holds (if it belongs to the run), and its problems (``--verify``: every
+    row's checksum and run id)."""
+    results = spectra_path(run_path)
+    if not results.exists():
+        return None, []
+    try:
+        with SpectraFile(results, run_id=run_id) as sf:
+            counts: dict[str, int] = {}
+            for _, quantity, _ in sf.keys():  # reads every row: checksums and run ids verified
+                counts[quantity] = counts.get(quantity, 0) + 1
+            return {"file": str(results), "format": _format(sf.version, sf.checksummed),
+                    "rows": dict(sorted(counts.items()))}, []
+    except ForeignSpectraError as err:
+        note = f"{err} (the next spectrum job moves it aside)"
+        return {"file": str(results), "foreign": note}, [note] if verify else []
+    except RunFileError as err:
+        return {"file": str(results), "damaged": str(err)}, [str(err)] if verify else []
+
+
 def _inspect(args: argparse.Namespace) -> int:
     with open_run(args.run) as run:
         steps = run.steps
         provenance = run.provenance
         info = {
-            "file": str(run.path), "format": _format(run.version, run.checksummed), "versions": run.versions,
-            "meta": run.meta, "axes": run.axes,
+            "file": str(run.path), "id": run.id, "format": _format(run.version, run.checksummed),
+            "versions": run.versions, "meta": run.meta, "axes": run.axes,
             "config_digest": provenance.get("config_digest") if provenance else None,
             "checkpoints": len(steps), "steps": steps if len(steps) <= 20 else steps[:10] + ["..."] + steps[-5:],
             "incomplete_checkpoints": run.incomplete,
             "tensors": {kind: sum(1 for s in run.specs if s.kind == kind) for kind in ("param", "buffer", "optim")},
             "parameters": sum(int(math.prod(s.shape)) for s in run.specs if s.kind == "param"),
-            "batch": _describe_batch(run.batch()),
         }
         if args.verify:
             info["problems"] = run.verify()
-    results = spectra_path(args.run)
-    if results.exists():
-        with SpectraFile(results) as sf:
-            counts: dict[str, int] = {}
-            for _, quantity, _ in sf.keys():
-                counts[quantity] = counts.get(quantity, 0) + 1
-            info["results"] = {"file": str(results), "format": _format(sf.version, sf.checksummed), "rows": dict(sorted(counts.items()))}
-    else:
-        info["results"] = None
+        try:
+            info["batch"] = _describe_batch(run.batch())
+        except RunFileError as err:
+            info["batch"] = {"kind": "damaged", "problem": str(err)}
+            if not args.verify:
+                info.setdefault("problems", []).append(str(err))
+        run_id = run.id
+    info["results"], problems = _results_info(Path(args.run), run_id, args.verify)
+    if args.verify:
+        info["problems"] += problems
     if args.json:
         print(json.dumps(info, indent=2))
-        return 1 if info.get("problems") else 0
+    else:
+        _print_info(info, args.verify)
+    return 1 if info.get("problems") else 0
+
+
+def _print_info(info: dict, verify: bool) -> None:
     print(f"{info['file']}  (sharpscope {info['versions'].get('sharpscope')}, torch {info['versions'].get('torch')})")
+    print(f"  id:          {info['id'] or 'none (an older file: its spectra are matched by path)'}")
     print(f"  format:      {info['format']}")
     meta = info["meta"]
-    print(f"  model:       {meta.get('model_factory') or meta.get('model_class')} {json.dumps(meta.get('model_kwargs') or {})}")
+    kwargs = meta.get("model_kwargs")
+    print(f"  model:       {meta.get('model_factory') or meta.get('model_class')} {json.dumps(kwargs if kwargs else {})}")
     print(f"  loss:        {meta.get('loss')}")
-    opt = meta.get("optimizer")
-    print(f"  optimizer:   {opt['class'] if opt else None}" + (f", {len(opt['param_groups'])} param group(s)" if opt else ""))
+    print(f"  optimizer:   {_optimizer_line(meta.get('optimizer'))}")
     if info["axes"]:
         print(f"  axes:        {json.dumps(info['axes'], sort_keys=True)}")
     if info["config_digest"]:
@@ -91,6 +128,8 @@ def _inspect(args: argparse.Namespace) -> int:
     batch = info["batch"]
     if batch is None:
         print("  batch:       none")
+    elif batch["kind"] == "damaged":
+        print(f"  batch:       DAMAGED: {batch['problem']}")
     elif batch["kind"] == "mapping":
         print(f"  batch:       {', '.join(f'{k} {v[0]} {v[1]}' for k, v in batch['tensors'].items())}")
     else:
@@ -100,13 +139,16 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  incomplete:  {info['incomplete_checkpoints']} (being written, or lost in a crash)")
     for problem in info.get("problems", []):
         print(f"  DAMAGED:     {problem}")
-    if "problems" in info and not info["problems"]:
+    if verify and not info["problems"]:
         print("  verified:    every checkpoint reads back intact"
               + ("" if info["format"].endswith("checksummed rows") else " (no checksums: only unreadable rows would show)"))
     results = info["results"]
-    print(f"  results:     {results['rows']} ({results['format']})" if results else
-          "  results:     none (run sharpscope spectrum)")
-    return 1 if info.get("problems") else 0
+    if results is None:
+        print("  results:     none (run sharpscope spectrum)")
+    elif "rows" in results:
+        print(f"  results:     {results['rows']} ({results['format']})")
+    else:
+        print(f"  results:     {results.get('foreign') or results.get('damaged')}")
 
 
 def add_parser(subparsers) -> None:
@@ -141,5 +183,7 @@ def add_parser(subparsers) -> None:
     q.add_argument("run", type=Path, metavar="RUN.h5")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--verify", action="store_true",
-                   help="read every checkpoint and check its checksums (v2); exit status 1 if any is damaged")
+                   help="read and check everything stored: every checkpoint's checksums (v2), the batch (its "
+                        "checksums and the provenance digest), the provenance digests and every result row (its "
+                        "checksum and run id); exit status 1 if anything is damaged")
     q.set_defaults(func=_inspect)

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import h5py
 
-__all__ = ["RunFileError", "WriterLock", "H5Handle", "open_for_reading", "LIBVER"]
+from .locks import Lock, LockHeldError, lock_file_for
+
+__all__ = ["RunFileError", "NotSharpscopeFileError", "UnsupportedVersionError", "WriterLock", "H5Handle", "open_for_reading",
+           "LIBVER"]
 
 LIBVER = "latest"  # SWMR needs the newest file-format features
 
@@ -17,43 +20,52 @@ class RunFileError(ValueError):
     damaged (a checksum mismatch), mismatched with the model."""
 
 
+class NotSharpscopeFileError(RunFileError):
+    """An HDF5 file that is not a sharpscope run (or spectra) file: a foreign file."""
+
+
+class UnsupportedVersionError(RunFileError):
+    """A sharpscope file in a format version this sharpscope does not read (written by a later one)."""
+
+
 class WriterLock:
-    """One writer per file: an exclusive ``flock`` on ``<file>.lock``, held while the writer lives
-    (released by the OS if the process dies, so a crash never leaves a stale lock)."""
+    """One writer per file: an exclusive lock on ``<dir>/.sharpscope-locks/<name>.lock``
+    (:mod:`.locks`), held while the writer lives (released by the OS if the process dies, so a crash
+    never leaves a stale lock)."""
 
     def __init__(self, path: Path) -> None:
-        import fcntl
-
-        self.path = path.with_name(path.name + ".lock")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock = Lock(lock_file_for(path))
+        self.path = self._lock.path
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise RunFileError(f"{path} is being written by another process (lock {self.path})") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
+            self._lock.acquire()
+        except LockHeldError as err:
+            raise RunFileError(f"{path} is being written by another process ({err.holder}); wait for it to "
+                               "finish") from None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        self._lock.release()
 
 
 class H5Handle:
     """An object owning an open ``h5py.File`` in ``self._file`` (and, for writers, a
-    :class:`WriterLock`): ``close()`` and ``with`` support."""
+    :class:`WriterLock` and the file's disk :class:`~.space.Reservation`): ``close()`` and ``with`` support."""
 
     _file: h5py.File | None = None
     _lock: WriterLock | None = None
+    _reservation = None
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        try:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        finally:
+            if self._reservation is not None:
+                self._reservation.release()  # after HDF5 closed the file: what is reserved past its end
+                self._reservation = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self):
         return self

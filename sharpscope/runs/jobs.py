@@ -6,7 +6,9 @@ settings' device, and measures the requested quantities (:mod:`.quantities`) on 
 
 Results go to a sibling file ``<run>.spectra.h5`` through one writer (the process that runs the
 job), appended row by row in SWMR mode like the run file itself, so an interrupted job loses only
-the tasks in flight and a re-run skips every (step, quantity, settings) already stored. A result's
+the tasks in flight and a re-run skips every (step, quantity, settings) already stored -- for this
+run: every result carries the id of the run it was measured on, and a spectra file of another run
+(the run file was replaced at the same path) is moved aside, never reused (docs/formats.md). A result's
 settings key holds everything that changes it (the solver settings, a loss override, a non-CPU
 device): results of one step under different settings coexist.
 """
@@ -29,8 +31,10 @@ from .executors import executor_from_spec
 from .quantities import QUANTITIES, Checkpoint, layer_groups
 from .quantities import get as get_quantity
 from .rebuild import NoOptimizerState, build_loss, check_trusted, model_at, optimizer_at
-from .spectra import SpectraFile, spectra_path
+from .space import DiskFullError
+from .spectra import ForeignSpectraError, SpectraFile, spectra_path
 from .store import first_diverged_step, open_run
+from .superseded import Aside
 
 __all__ = ["QUANTITIES", "SpectrumSettings", "JobReport", "run_spectrum_job", "compute_task", "layer_groups"]
 
@@ -145,10 +149,11 @@ def compute_task(run_path: str, step: int, quantities: Sequence[str], settings: 
         settings = replace(settings, loss=loss)
     with open_run(run_path) as run:
         checkpoint, optimizer_error, not_applicable = _load_checkpoint(run, step, quantities, settings, allow)
+        run_id = run.id
     out = []
     for name in quantities:
         quantity = get_quantity(name)
-        row = {"step": int(step), "quantity": name}
+        row = {"step": int(step), "quantity": name, "run_id": run_id}
         if quantity.needs_optimizer and optimizer_error:
             out.append({**row, "error": optimizer_error})
             continue
@@ -230,10 +235,8 @@ def _plan_tasks(runs: Sequence[str | os.PathLike], quantities: Sequence[str], se
             if not run.meta.get("model_factory"):
                 raise ValueError(f"{path}: meta has no model_factory ('module:function'): the model cannot be rebuilt")
             check_trusted(run, allow, settings.loss)
-        done = set()
-        if spectra_path(path).exists():
-            with SpectraFile(spectra_path(path)) as sf:
-                done = sf.keys()
+            run_id = run.id
+        done = _stored_keys(Path(path), run_id, report)
         for step in run_steps:
             if wanted_steps is not None and step not in wanted_steps:
                 continue
@@ -242,6 +245,23 @@ def _plan_tasks(runs: Sequence[str | os.PathLike], quantities: Sequence[str], se
             if todo:
                 tasks.append((path, step, todo))
     return tasks
+
+
+def _stored_keys(path: Path, run_id: str | None, report: JobReport) -> set[tuple[int, str, str]]:
+    """The results stored for this run. A spectra file of another run (docs/formats.md, "Belonging") is
+    moved aside under its writer lock, with a note: its results are never taken for this run's."""
+    results = spectra_path(path)
+    if not results.exists():
+        return set()
+    try:
+        with SpectraFile(results, run_id=run_id) as sf:
+            return sf.keys()
+    except ForeignSpectraError as err:
+        reason = str(err).removeprefix(f"{results}: ")
+    aside = Aside(path.parent, "sharpscope spectrum")
+    moved = aside.move(results, f"{reason} at {path}")
+    report.notes.append(f"{results.name}: {reason}: moved to {moved.parent}; this run is measured afresh")
+    return set()
 
 
 def _run_tasks(tasks: list[tuple[str, int, list[str]]], settings: SpectrumSettings, executor: str,
@@ -286,7 +306,11 @@ def _drain(submit, completed, tasks, settings, allow, writers, report, bar, keep
                 if "error" in row:
                     report.failures.append((path, step, f"{row['quantity']}: {row['error']}"))
                     continue
-                _store(writers, path, row)
+                try:
+                    _store(writers, path, row)
+                except ForeignSpectraError as err:  # the run file was replaced while the task ran
+                    report.failures.append((path, step, f"{row['quantity']}: {err}"))
+                    continue
                 report.written += 1
                 report.not_applicable += "not_applicable" in json.loads(row["info"])
             report.computed += 1
@@ -299,8 +323,14 @@ def _store(writers: dict[str, SpectraFile], path: str, row: dict) -> None:
     one line: the rows stored before it are complete and kept, a re-run continues from there."""
     results = spectra_path(path)
     try:
-        sf = writers.get(path) or writers.setdefault(path, SpectraFile(results, "a"))
+        # the writer writes for the run file at the path now; a row measured on another (a run replaced while
+        # the job ran) is refused by append
+        sf = writers.get(path)
+        if sf is None:  # (not ``or``: a writer of an empty file has len() 0)
+            sf = writers[path] = SpectraFile(results, "a")
         sf.append(row)
+    except DiskFullError:
+        raise  # one line already: the file, the free space, what is kept
     except OSError as err:
         reason = err.strerror or str(err).splitlines()[0]
         raise OSError(err.errno, f"{results}: results could not be written ({reason}); the results stored "

@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,10 +31,11 @@ import h5py
 import numpy as np
 import torch
 
-from .batch import Batch, read_batch, to_numpy, write_batch
-from .h5file import LIBVER, H5Handle, RunFileError, WriterLock, open_for_reading
-from .provenance import check_axes, provenance_record, software_versions
-from .table import CHECKSUM, AppendTable, Column, SegmentChecksum, create_table, open_for_append
+from .batch import Batch, batch_problems, read_batch, to_numpy, write_batch
+from .h5file import H5Handle, NotSharpscopeFileError, RunFileError, UnsupportedVersionError, WriterLock, open_for_reading
+from .provenance import check_axes, config_digest, provenance_record, software_versions
+from .space import DiskFullError
+from .table import CHECKSUM, AppendTable, Column, ColumnSpace, SegmentChecksum, allocation_bytes, create_file, create_table, open_for_append
 
 __all__ = ["H5Handle", "WriterLock", "RunWriter", "Run", "open_run", "RunFileError", "FORMAT", "FORMAT_VERSION",
            "READ_VERSIONS", "TensorSpec", "logged_losses", "first_diverged_step"]
@@ -122,20 +125,17 @@ class RunWriter(H5Handle):
         config: the caller's config, stored with its digest in ``/provenance`` (docs/formats.md).
         recorded: what the Recorder knows itself (model, optimizer, loss, schedule), for ``/provenance``.
         axes: the run's coordinates (name -> number or string), ``Run.axes``.
-        probe: deprecated name of ``batch``.
+
+    The file gets a new run id (``Run.id``, docs/formats.md "Run identity") and is created from an image
+    built in memory (a full disk is one :class:`~.space.DiskFullError` line, nothing left behind); every
+    later write reserves its disk space first (:mod:`.space`).
     """
 
     def __init__(self, path: str | os.PathLike, meta: Mapping[str, Any], tensors: list[TensorSpec],
                  lr_groups: int = 0, batch: Batch | Mapping[str, torch.Tensor] | None = None,
                  scalars: Iterable[str] = ("sharpness", "loss"), *, config: Mapping[str, Any] | None = None,
-                 recorded: Mapping[str, Any] | None = None, axes: Mapping[str, Any] | None = None,
-                 probe: Any = None) -> None:
+                 recorded: Mapping[str, Any] | None = None, axes: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
-        if probe is not None:
-            if batch is not None:
-                raise ValueError("give batch= only (probe= is its old name)")
-            warnings.warn("RunWriter(probe=...) is now batch=...", DeprecationWarning, stacklevel=2)
-            batch = probe
         if self.path.exists():
             raise FileExistsError(f"{self.path} exists: resume it (RunWriter.resume) or choose a new path")
         meta_json = _as_json(dict(meta), "meta")
@@ -143,27 +143,29 @@ class RunWriter(H5Handle):
         tensors = _layout(tensors)
         recorded = dict(recorded or {})
         provenance_record(config, recorded)  # refuse a config that is not JSON before creating anything
+        self.run_id = uuid.uuid4().hex
+
+        def build(f: h5py.File) -> None:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["run_id"] = self.run_id
+            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            f.attrs["versions"] = json.dumps(software_versions())
+            f.create_group("meta").attrs["json"] = meta_json
+            f["meta"].attrs["axes"] = axes_json
+            digest = write_batch(f.create_group("batch"), batch) if batch is not None else None
+            f.create_group("provenance").attrs["json"] = json.dumps(
+                provenance_record(config, {**recorded, "batch_digest": digest}), sort_keys=True)
+            grp = f.create_group("checkpoints")
+            grp.attrs["tensors"] = json.dumps([asdict(s) for s in tensors])
+            create_table(grp, _checkpoint_columns(tensors, lr_groups, checksums=True))
+            _create_scalar_logs(f.create_group("scalars"), scalars)
+
         self._lock = WriterLock(self.path)
-        tmp = self.path.with_name(self.path.name + ".creating")
         try:
-            with h5py.File(tmp, "w", libver=LIBVER) as f:
-                f.attrs["format"] = FORMAT
-                f.attrs["format_version"] = FORMAT_VERSION
-                f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                f.attrs["versions"] = json.dumps(software_versions())
-                f.create_group("meta").attrs["json"] = meta_json
-                f["meta"].attrs["axes"] = axes_json
-                digest = write_batch(f.create_group("batch"), batch) if batch is not None else None
-                f.create_group("provenance").attrs["json"] = json.dumps(
-                    provenance_record(config, {**recorded, "batch_digest": digest}), sort_keys=True)
-                grp = f.create_group("checkpoints")
-                grp.attrs["tensors"] = json.dumps([asdict(s) for s in tensors])
-                create_table(grp, _checkpoint_columns(tensors, lr_groups, checksums=True))
-                _create_scalar_logs(f.create_group("scalars"), scalars)
-            os.replace(tmp, self.path)  # the file appears complete or not at all
+            create_file(self.path, build)  # the file appears complete or not at all
             self._open()
         except BaseException:
-            tmp.unlink(missing_ok=True)
             self.close()
             raise
 
@@ -184,16 +186,21 @@ class RunWriter(H5Handle):
 
     def _open(self) -> None:
         try:
-            self._file = open_for_append(self.path, "checkpoints")
+            self._file, self._reservation = open_for_append(self.path, "checkpoints")
+        except DiskFullError:
+            self.close()
+            raise
         except (OSError, BlockingIOError) as err:
             self.close()
             raise RunFileError(f"{self.path}: cannot open for writing ({err})") from None
         self.version = int(self._file.attrs["format_version"])
+        self.run_id = self._file.attrs.get("run_id")
         grp = self._file["checkpoints"]
         self._specs = _spec_list(grp.attrs["tensors"])
         self._totals = _totals(self._specs)
         self._grp = grp
-        self._table = AppendTable(grp, _segments(self._specs) if self.version >= 2 else None)
+        self._table = AppendTable(grp, _segments(self._specs) if self.version >= 2 else None, self._reservation,
+                                  "checkpoints")
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -235,6 +242,8 @@ class RunWriter(H5Handle):
             raise KeyError(f"{self.path} has no scalar log {name!r} (has: {sorted(grp)})")
         ds = grp[name]
         i = ds.shape[0]
+        self._reservation.ensure(allocation_bytes([(ColumnSpace.of(ds), None, i)]),
+                                 f"the {name} log's {i} entries stored before are intact")
         ds.resize(i + 1, axis=0)
         ds[i] = (step, value)
         ds.flush()
@@ -256,6 +265,26 @@ def _create_scalar_logs(grp: h5py.Group, names: Iterable[str]) -> None:
 
 
 _SPEC_KEYS = {"id", "kind", "name", "shape", "dtype", "key", "dataset", "offset"}
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _plain(value: Any) -> Any:
+    """A stored attribute as Python shows it (``2.5``, not ``np.float64(2.5)``), for messages."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _json_attr(attrs: h5py.AttributeManager, name: str, what: str, kind: type, default: str | None = None) -> Any:
+    """A JSON attribute that must hold a value of type ``kind`` (a one-line ValueError otherwise)."""
+    if name not in attrs and default is not None:
+        raw = default
+    else:
+        raw = attrs[name]
+    if not isinstance(raw, (str, bytes)):
+        raise ValueError(f"{what} is a {type(_plain(raw)).__name__}, not a JSON string")
+    value = json.loads(raw)
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} is a JSON {type(value).__name__}, not {'an object' if kind is dict else kind.__name__}")
+    return value
 
 
 def _spec_list(raw: str) -> list[TensorSpec]:
@@ -296,6 +325,7 @@ class Run(H5Handle):
     """Read side of a run file (use :func:`open_run`); can follow a file that is being written.
 
     Attributes:
+        id: the run's id (32 hex digits), None for files written before run ids (docs/formats.md).
         meta: the stored description (dict).
         axes: the run's coordinates given to the Recorder (``{}`` for version 1 files).
         provenance: config, config digest, what the Recorder saw, versions (None for version 1 files).
@@ -310,33 +340,45 @@ class Run(H5Handle):
             raise FileNotFoundError(f"{self.path}: no such run file")
         self._file = open_for_reading(self.path)
         f = self._file
-        fmt = f.attrs.get("format")
-        if fmt != FORMAT:
-            self.close()
-            raise RunFileError(f"{self.path}: not a sharpscope run file (format attribute {fmt!r})")
-        version = int(f.attrs.get("format_version", -1))
-        if version not in READ_VERSIONS:
-            self.close()
-            raise RunFileError(f"{self.path}: run format version {version} is not supported by this sharpscope "
-                               f"(reads versions {READ_VERSIONS[0]}-{READ_VERSIONS[-1]}): upgrade sharpscope")
-        self.version = version
         try:
-            self.meta: dict = json.loads(f["meta"].attrs["json"])
-            if not isinstance(self.meta, dict):
-                raise ValueError(f"the meta is a JSON {type(self.meta).__name__}, not an object")
-            self.axes: dict = json.loads(f["meta"].attrs.get("axes", "{}")) if version >= 2 else {}
-            self.provenance: dict | None = json.loads(f["provenance"].attrs["json"]) \
-                if version >= 2 and "provenance" in f else None
-            self._grp = f["checkpoints"]
-            self.specs = _spec_list(self._grp.attrs["tensors"])
-            _check_layout(self._grp, self.specs)
-            self._segments = _segments(self.specs) if version >= 2 else None
-            self._table = AppendTable(self._grp, self._segments)
+            fmt = f.attrs.get("format")
+            if fmt != FORMAT:
+                raise NotSharpscopeFileError(f"{self.path}: not a sharpscope run file (format attribute {fmt!r})")
+            version = f.attrs.get("format_version", -1)
+            if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
+                raise RunFileError(f"{self.path}: damaged run file (format_version {_plain(version)!r} is not an "
+                                   "integer)")
+            if int(version) not in READ_VERSIONS:
+                raise UnsupportedVersionError(f"{self.path}: run format version {int(version)} is not supported by "
+                                              f"this sharpscope (reads versions {READ_VERSIONS[0]}-{READ_VERSIONS[-1]}): "
+                                              "upgrade sharpscope")
+            self.version = int(version)
+            self._read_description(f)
+        except RunFileError:
+            self.close()
+            raise
         except (KeyError, ValueError, TypeError, RecursionError) as err:
             self.close()
             reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
             raise RunFileError(f"{self.path}: damaged run file ({reason})") from None
-        self.versions = json.loads(f.attrs.get("versions", "{}"))
+
+    def _read_description(self, f: h5py.File) -> None:
+        """The typed attributes (docs/formats.md, reading rule 8): each a JSON value of its type."""
+        version = self.version
+        run_id = f.attrs.get("run_id")
+        if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
+            raise ValueError(f"run_id {_plain(run_id)!r} is not 32 hex digits")
+        self.id: str | None = run_id
+        self.meta: dict = _json_attr(f["meta"].attrs, "json", "the meta", dict)
+        self.axes: dict = _json_attr(f["meta"].attrs, "axes", "the axes", dict, "{}") if version >= 2 else {}
+        self.provenance: dict | None = _json_attr(f["provenance"].attrs, "json", "the provenance record", dict) \
+            if version >= 2 and "provenance" in f else None
+        self.versions: dict = _json_attr(f.attrs, "versions", "the versions attribute", dict, "{}")
+        self._grp = f["checkpoints"]
+        self.specs = _spec_list(self._grp.attrs["tensors"])
+        _check_layout(self._grp, self.specs)
+        self._segments = _segments(self.specs) if version >= 2 else None
+        self._table = AppendTable(self._grp, self._segments)
 
     @property
     def checksummed(self) -> bool:
@@ -408,15 +450,37 @@ class Run(H5Handle):
         return state
 
     def verify(self) -> list[str]:
-        """Read every tensor of every complete checkpoint: the one-line problems found (none: ``[]``).
-        Version 1 files have no checksums: only unreadable rows are found there."""
+        """Read and check everything stored (docs/formats.md, "Verifying a run"): every tensor of every
+        complete checkpoint, the stored batch (its checksums and the provenance batch digest) and the
+        provenance record's digests. The one-line problems found (none: ``[]``). Version 1 files have no
+        checksums: only unreadable rows are found there."""
         problems = []
         for step in self.steps:
             try:
                 self._tensors(step, None)
             except RunFileError as err:
                 problems.append(str(err))
+        problems += batch_problems(self._file, self.provenance)
+        problems += self.provenance_problems()
         return problems
+
+    def provenance_problems(self) -> list[str]:
+        """Whether the stored config digests to the stored ``config_digest`` (one line per problem)."""
+        record = self.provenance
+        if record is None:
+            return []
+        config, digest = record.get("config"), record.get("config_digest")
+        if config is None:
+            return [] if digest is None else [f"{self.path}: provenance: a config digest {str(digest)[:19]}... "
+                                              "without a config: the record is damaged"]
+        try:
+            actual = config_digest(config)
+        except (TypeError, ValueError) as err:
+            return [f"{self.path}: provenance: the config is not plain JSON ({err}): the record is damaged"]
+        if actual != digest:
+            return [f"{self.path}: provenance: the config digests to {actual[:19]}..., the record says "
+                    f"{str(digest)[:19]}...: the record is damaged (restore the file from a copy)"]
+        return []
 
     def loss(self, step: int) -> float:
         return float(self._grp["loss"][self._row(step)])
@@ -434,13 +498,9 @@ class Run(H5Handle):
 
     def batch(self) -> Batch | None:
         """The stored data batch: ``(inputs, targets)`` with ``inputs`` a tuple of tensors, or a dict
-        of named tensors (a mapping batch, in its stored order); None if none was stored."""
-        return read_batch(self._file)
-
-    def probe(self) -> Batch | None:
-        """Deprecated name of :meth:`batch`."""
-        warnings.warn("Run.probe() is now Run.batch()", DeprecationWarning, stacklevel=2)
-        return self.batch()
+        of named tensors (a mapping batch, in its stored order); None if none was stored. Verified on
+        every read (its checksums, else the provenance batch digest; docs/formats.md)."""
+        return read_batch(self._file, self.provenance)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, steps={len(self.steps)}, incomplete={self.incomplete})"
