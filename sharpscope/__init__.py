@@ -49,6 +49,7 @@ from .runs.callbacks import huggingface_callback, lightning_callback
 from .runs.capture import Recorder, every_schedule, log_schedule
 from .runs.jobs import run_spectrum_job
 from .runs.store import Run, RunFileError, RunWriter, open_run
+from .sharded_vectors import ShardedVectorOperator, shard_vectors
 from .stability import eos_threshold
 from .sweep import load_probe, run_sweep
 
@@ -57,7 +58,7 @@ __all__ = [
     "hessian_operator", "ggn_operator", "ntk_operator", "preconditioned_hessian_operator", "batch_loss", "BatchLoss",
     "HessianOperator", "GGNOperator", "NTKOperator", "PreconditionedOperator", "SymmetricOperator", "as_operator",
     "stability_threshold", "effective_step_sizes",
-    "lanczos", "LanczosResult",
+    "lanczos", "LanczosResult", "shard_vectors", "ShardedVectorOperator",
     "hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
     "check_symmetry", "SymmetryCheck", "NotSymmetricError", "StochasticForwardError", "StaleOperatorError",
     "DerivativeCheckError",
