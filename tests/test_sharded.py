@@ -68,8 +68,20 @@ def _scenario(rank: int, world: int) -> dict:
     out["slq"] = [np.concatenate(dens.nodes).tolist(), np.concatenate(dens.weights).tolist()]
     probe = H.vector_space.rademacher(1, torch.Generator().manual_seed(3), torch.float64, torch.device("cpu"))[0]
     out["probe"] = H.gather(probe).tolist()
+    out["errors"] = [_error(lambda: H.matvec(torch.zeros(H.shape[0], dtype=torch.float64))),
+                     _error(lambda: ss.lanczos(H, k=1, block_size=2)),
+                     _error(lambda: H.gather(res.eigenvectors, max_bytes=8)),
+                     _error(lambda: ss.lanczos(H, k=1, v0=torch.ones(H.local_size + 1, dtype=torch.float64)))]
     out["exact"] = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(model.parameters(), H.base.params))
     return out
+
+
+def _error(call) -> str:
+    try:
+        call()
+    except (ValueError, TypeError) as err:
+        return str(err)
+    return "no error"
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
@@ -150,7 +162,11 @@ def _check_world(outs: list[dict], one: dict, dense_top: list[float]) -> None:
         assert np.allclose(o["trace"][1], one["trace"][1], rtol=0, atol=scale)
         assert abs(o["trace"][0] - one["trace"][0]) <= scale and abs(o["trace"][2] - one["trace"][2]) <= scale
         assert _close(o["slq"][0], one["slq"][0], 1e-8) and np.allclose(o["slq"][1], one["slq"][1], atol=1e-8)
-        assert o["exact"]
+        assert o["exact"]  # the parameter shards restored bit-exactly
+        wrong_length, block, too_big, v0 = o["errors"]
+        assert "this rank's shard" in wrong_length and "block_size=1" in block and "keep them sharded" in too_big
+        assert "this rank's shard" in v0
+        assert all("\n" not in e for e in o["errors"])
 
 
 def test_two_ranks_equal_one_process(one, two, dense_top):
