@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("SymmetricOperator", "as_operator", "check_symmetry", "SymmetryCheck", "NotSymmetricError",
                      "StochasticForwardError", "StaleOperatorError", "DerivativeCheckError"), ".linop"),
     **dict.fromkeys(("lanczos", "LanczosResult"), ".lanczos"),
+    **dict.fromkeys(("shard_vectors", "ShardedVectorOperator"), ".sharded_vectors"),
     **dict.fromkeys(("hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity"),
                     ".estimators"),
     **dict.fromkeys(("dense_hessian", "dense_ggn", "dense_jacobian", "ntk_gram"), ".dense"),
@@ -135,5 +136,6 @@ if TYPE_CHECKING:  # what type checkers and the API reference (griffe, which doe
     from .runs.capture import Recorder, every_schedule, log_schedule
     from .runs.jobs import run_spectrum_job
     from .runs.store import Run, RunFileError, RunWriter, open_run
+    from .sharded_vectors import ShardedVectorOperator, shard_vectors
     from .stability import eos_threshold
     from .sweep import load_probe, run_sweep

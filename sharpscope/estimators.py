@@ -20,6 +20,11 @@ Lanczos recurrences of a block of probes in lockstep (one product block and one 
 The probes are drawn by a CPU generator, in the order of earlier versions (the same numbers on every
 device for a seed), so the estimates are those of one probe at a time up to floating-point rounding
 (summation order).
+
+Sharded vectors (``ss.shard_vectors(H)`` on an FSDP2 model): probes, sketches and Lanczos bases are held as
+each rank's shard, the probes drawn per shard so that any number of ranks draws the same global vectors for
+a seed, and every inner product is summed over the ranks (:mod:`sharpscope.vector_space`; Hutch++'s QR is a
+TSQR).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import torch
 from ._memory import memory_budget
 from .linop import SymmetricOperator, derivative_check_of, matmat, pinned, same_on_all_ranks
 from .progress import Progress
+from .vector_space import space_of
 
 __all__ = ["hutchinson_trace", "hutchpp_trace", "spectral_density", "TraceEstimate", "SpectralDensity",
            "lanczos_tridiagonal"]
@@ -54,9 +60,8 @@ class TraceEstimate:
 
 def _rademacher(op, count: int, gen: torch.Generator) -> torch.Tensor:
     """``count`` Rademacher rows for ``op`` (drawn on the CPU: the same numbers on every device for a seed;
-    rank 0's on every rank of a data-parallel operator)."""
-    z = torch.randint(0, 2, (count, op.shape[0]), generator=gen, dtype=torch.int8)
-    return same_on_all_ranks(op, (2 * z - 1).to(device=op.device).to(dtype=op.dtype))
+    rank 0's on every rank of a data-parallel operator; this rank's shards on sharded vectors)."""
+    return space_of(op).rademacher(count, gen, op.dtype, op.device)
 
 
 def _check_probes(num_probes: int, minimum: int = 1) -> None:
@@ -74,7 +79,7 @@ def _block_size(block_size: int | None, default: int) -> int:
 
 def _quadratic_forms(op, Z: torch.Tensor) -> torch.Tensor:
     """``z_i^T A z_i`` for the rows ``z_i`` of ``Z`` (on the device), by one block product."""
-    return torch.linalg.vecdot(Z.T, matmat(op, Z.T), dim=0)
+    return space_of(op).reduce(torch.linalg.vecdot(Z.T, matmat(op, Z.T), dim=0))
 
 
 def hutchinson_trace(op: SymmetricOperator, num_probes: int = 100, seed: int = 0, *,
@@ -117,17 +122,17 @@ def hutchpp_trace(op: SymmetricOperator, num_matvecs: int = 102, seed: int = 0, 
 
 
 def _hutchpp(op: SymmetricOperator, third: int, seed: int, bar: Progress) -> TraceEstimate:
-    n = op.shape[0]
+    n, space = op.shape[0], space_of(op)
     third = min(third, n)
     gen = torch.Generator().manual_seed(seed)
     S = _rademacher(op, third, gen).T
-    Qs, _ = torch.linalg.qr(matmat(op, S))
+    Qs = space.orthonormalize(matmat(op, S))
     bar.advance(third)
     exact = torch.trace(Qs.T @ matmat(op, Qs))
     bar.advance(2 * third)
     G = _rademacher(op, third, gen).T
-    G = G - Qs @ (Qs.T @ G)
-    values = torch.cat([exact.reshape(1), torch.linalg.vecdot(G, matmat(op, G), dim=0)])
+    G = G - Qs @ space.reduce(Qs.T @ G)
+    values = space.reduce(torch.cat([exact.reshape(1), torch.linalg.vecdot(G, matmat(op, G), dim=0)]))
     bar.advance(3 * third)
     values = same_on_all_ranks(op, values).double().cpu().numpy()
     exact, samples = float(values[0]), values[1:]
@@ -144,20 +149,20 @@ def lanczos_tridiagonal(op: SymmetricOperator, v: torch.Tensor, num_steps: int) 
 
 
 def _lanczos_tridiagonal(op: SymmetricOperator, v: torch.Tensor, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    n = op.shape[0]
-    steps = min(num_steps, n)
-    Q = torch.empty(steps, n, dtype=op.dtype, device=op.device)
-    Q[0] = v / v.norm()
+    space = space_of(op)  # sharded vectors: v and the basis are this rank's shards
+    steps = min(num_steps, op.shape[0])
+    Q = torch.empty(steps, space.local_size, dtype=op.dtype, device=op.device)
+    Q[0] = v / space.norm(v)
     alpha: list[float] = []
     beta: list[float] = []
     eps = torch.finfo(op.dtype).eps
     scale = 0.0
     for j in range(steps):
         w = op.matvec(Q[j])
-        alpha.append(float(torch.dot(Q[j], w)))
+        alpha.append(float(space.reduce(torch.dot(Q[j], w))))
         for _ in range(2):  # classical Gram-Schmidt against the whole basis, twice
-            w.sub_(Q[: j + 1].T @ (Q[: j + 1] @ w))
-        b = float(w.norm())
+            w.sub_(Q[: j + 1].T @ space.reduce(Q[: j + 1] @ w))
+        b = float(space.norm(w))
         scale = max(scale, abs(alpha[-1]) + b)
         if j == steps - 1 or b <= 10 * eps * scale:  # done, or the Krylov space is exhausted
             break
@@ -235,7 +240,8 @@ def spectral_density(op: SymmetricOperator, num_probes: int = 10, num_steps: int
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
     n, itemsize = op.shape[0], torch.empty(0, dtype=op.dtype).element_size()
-    fits = memory_budget(op.device, gpu_free=0.25, host=0.125) // max(1, min(num_steps, n) * n * itemsize)
+    local = space_of(op).local_size  # the entries of a vector this process holds
+    fits = memory_budget(op.device, gpu_free=0.25, host=0.125) // max(1, min(num_steps, n) * local * itemsize)
     block = _block_size(block_size, int(max(1, min(num_probes, fits))))
     total = num_probes * min(num_steps, n)
     with pinned(op), Progress("spectral_density", total, progress) as bar:
@@ -275,10 +281,10 @@ class _LockstepLanczos:
     one block product and one host transfer per step; a probe whose Krylov space is exhausted stops."""
 
     def __init__(self, op, Z: torch.Tensor, num_steps: int) -> None:
-        c, n = Z.shape
-        self.op, self.steps = op, min(num_steps, n)
+        c, n = Z.shape  # n: the entries of a vector this process holds
+        self.op, self.steps, self.space = op, min(num_steps, op.shape[0]), space_of(op)
         self.Q = torch.empty(c, self.steps, n, dtype=op.dtype, device=op.device)
-        self.Q[:, 0] = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True)
+        self.Q[:, 0] = Z / self.space.column_norms(Z, dim=1)
         self.alpha: list[list[float]] = [[] for _ in range(c)]
         self.beta: list[list[float]] = [[] for _ in range(c)]
         self.scale = [0.0] * c
@@ -294,10 +300,10 @@ class _LockstepLanczos:
         basis = self._basis(j)                       # (a, j + 1, n)
         qj = basis[:, j]
         W = matmat(self.op, qj.T).T.contiguous()     # (a, n)
-        alpha = torch.linalg.vecdot(qj, W)
+        alpha = self.space.reduce(torch.linalg.vecdot(qj, W))
         for _ in range(2):  # classical Gram-Schmidt against each probe's own basis, twice
-            W -= torch.bmm(basis.transpose(1, 2), torch.bmm(basis, W.unsqueeze(2))).squeeze(2)
-        b = torch.linalg.vector_norm(W, dim=1)
+            W -= torch.bmm(basis.transpose(1, 2), self.space.reduce(torch.bmm(basis, W.unsqueeze(2)))).squeeze(2)
+        b = self.space.column_norms(W, dim=1)[:, 0]
         values = torch.stack([alpha, b]).double().cpu().numpy()  # the step's one host transfer
         survivors = []
         for row, p in enumerate(self.active):

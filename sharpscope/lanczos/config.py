@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .._memory import max_memory_bytes, memory_budget
+from ..vector_space import space_of
 from .backends import basis_nbytes, storage_of
 
 __all__ = ["LanczosConfig", "Request", "validate", "make_config", "default_basis_size", "basis_size"]
@@ -62,6 +63,7 @@ class LanczosConfig:
     device: torch.device
     callback: Callable | None = None
     progress: Any = None  # a sharpscope.progress.Progress (products and the last Ritz test), or None
+    space: Any = None  # the operator's vector space (sharpscope.vector_space): local length, inner products
 
     @property
     def eps(self) -> float:
@@ -113,10 +115,12 @@ def make_config(op, req: Request, basis: str, progress=None) -> LanczosConfig:
         max_matvecs = max(300, 30 * k) * (1 if b == 1 else 2)
     if max_matvecs < b:
         raise ValueError(f"max_matvecs={max_matvecs} is smaller than one block of block_size={b}")
-    m = basis_size(n, k, b, dtype, basis, torch.device(op.device), req.max_basis, req.max_memory, max_matvecs)
+    space = space_of(op)
+    m = basis_size(n, k, b, dtype, basis, torch.device(op.device), req.max_basis, req.max_memory, max_matvecs,
+                   row_length=space.local_size)
     return LanczosConfig(n=n, k=k, which=req.which, tol=req.tol, max_matvecs=int(max_matvecs), max_basis=m,
                          reorth=req.reorth, dtype=dtype, op_dtype=op.dtype, device=torch.device(op.device),
-                         callback=req.callback, progress=progress)
+                         callback=req.callback, progress=progress, space=space)
 
 
 def default_basis_size(k: int, block_size: int = 1, basis: str = "device") -> int:
@@ -136,12 +140,15 @@ def default_basis_size(k: int, block_size: int = 1, basis: str = "device") -> in
 
 
 def basis_size(n: int, k: int, b: int, dtype: torch.dtype, basis: str, device: torch.device,
-               max_basis: int | None, max_memory: int | float | None, max_matvecs: int) -> int:
-    """``max_basis`` of a solve (module docstring); one-line errors when it cannot hold ``k`` pairs."""
+               max_basis: int | None, max_memory: int | float | None, max_matvecs: int, *,
+               row_length: int | None = None) -> int:
+    """``max_basis`` of a solve (module docstring); one-line errors when it cannot hold ``k`` pairs.
+    ``row_length``: the entries of a row this process holds (its shard of sharded vectors; default ``n``)."""
     need = k + 2 if b == 1 else k + 2 * b
     spare = 1 if b == 1 else b  # rows beyond max_basis: the pending vector (block)
-    fixed = basis_nbytes(0, n, dtype, basis, device)
-    row = basis_nbytes(1, n, dtype, basis, device) - fixed
+    local = n if row_length is None else max(int(row_length), 1)
+    fixed = basis_nbytes(0, local, dtype, basis, device)
+    row = basis_nbytes(1, local, dtype, basis, device) - fixed
     where = torch.device("cpu") if storage_of(basis)[1] == "host" else device
     if max_basis is not None:
         m = int(max_basis)
@@ -151,7 +158,7 @@ def basis_size(n: int, k: int, b: int, dtype: torch.dtype, basis: str, device: t
         m = min(fits, max_matvecs, n)
         if m < min(need, n):
             least = (min(need, n) + spare) * row + fixed
-            raise ValueError(f"max_memory={budget} bytes holds {max(fits, 0)} basis vectors of {n} entries "
+            raise ValueError(f"max_memory={budget} bytes holds {max(fits, 0)} basis vectors of {local} entries "
                              f"({row} bytes each) with basis={basis!r}, and k={k} needs {min(need, n)}: give at "
                              f"least {least} bytes, or basis='device-bf16' (half the bytes) or 'host'")
     else:

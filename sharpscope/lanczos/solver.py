@@ -58,6 +58,7 @@ import torch
 
 from ..linop import NotSymmetricError, SymmetricOperator, after_asymmetry, derivative_check_of, pinned, same_on_all_ranks
 from ..progress import Progress
+from ..vector_space import space_of
 from .backends import make_basis, resolve_backend
 from .block import BlockLanczosState
 from .config import Request, make_config, validate
@@ -128,6 +129,8 @@ def _attempts(op, req: Request, bar: Progress) -> LanczosResult:
     if req.block_size > 1 and (backend != "torch" or req.basis != "device"):
         raise ValueError(f"block_size={req.block_size} needs backend='torch' and basis='device' "
                          f"(got backend={backend!r}, basis={req.basis!r})")
+    if req.block_size > 1 and space_of(op).sharded:
+        raise ValueError(f"block_size={req.block_size} is not available on sharded vectors: use block_size=1")
     basis, spent, peak, switched = req.basis, 0, 0, False
     while True:
         state = _new_state(op, req, backend, basis, bar)
@@ -158,8 +161,9 @@ def _new_state(op, req: Request, backend: str, basis: str, bar: Progress) -> Lan
         state = BlockLanczosState(op, cfg, req.block_size, gen)
         state.start(req.v0)
         return state
-    Q = make_basis(backend, basis, cfg.max_basis, cfg.n, cfg.dtype, cfg.device)
-    Q.set(0, same_on_all_ranks(op, start_vector(req.v0, cfg.n, gen, cfg.dtype, cfg.device)))
+    space = cfg.space  # sharded vectors: the basis holds this rank's shards, its inner products all-reduced
+    Q = make_basis(backend, basis, cfg.max_basis, space.local_size, cfg.dtype, cfg.device, space=space)
+    Q.set(0, start_vector(req.v0, space, gen, cfg.dtype, cfg.device))
     return LanczosState(op, cfg, Q, gen)
 
 
@@ -169,6 +173,6 @@ def _same_on_all_ranks(op, res: LanczosResult) -> LanczosResult:
     shared = same_on_all_ranks(op, packed)
     if shared is packed:
         return res
-    vectors = None if res.eigenvectors is None else same_on_all_ranks(op, res.eigenvectors)
+    vectors = None if res.eigenvectors is None else space_of(op).share_vectors(res.eigenvectors)  # shards stay
     return dataclasses.replace(res, eigenvalues=shared[0].clone(), residuals=shared[1].clone(),
                                converged=shared[2] != 0, eigenvectors=vectors)

@@ -24,18 +24,27 @@ def random_block(rows: int, n: int, gen: torch.Generator, dtype: torch.dtype, de
     return v if v.device == torch.device(device) else v.to(device)
 
 
-def random_unit(n: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A random unit vector drawn by ``gen`` (on the operator's device when ``gen`` is; no host sync)."""
-    v = random_block(1, n, gen, dtype, device)[0]
-    return v / v.norm()
+def random_unit(space, gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A random unit vector of the operator's vector space (:mod:`sharpscope.vector_space`: whole, rank 0's
+    on every rank of a data-parallel operator, or this rank's shard) drawn by ``gen`` (on the operator's
+    device when ``gen`` is; no host sync in one process)."""
+    v = space.random_rows(1, gen, dtype, device)[0]
+    return v / space.norm(v)
 
 
-def start_vector(v0: torch.Tensor | None, n: int, gen: torch.Generator, dtype: torch.dtype,
+def start_vector(v0: torch.Tensor | None, space, gen: torch.Generator, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
-    """``v0`` normalized (checked: finite, nonzero, length ``n``), or a random unit vector."""
+    """``v0`` normalized (checked: finite, nonzero, of the space's local length: a sharded space's ``v0`` is
+    this rank's shard), or a random unit vector."""
     if v0 is None:
-        return random_unit(n, gen, dtype, device)
+        return random_unit(space, gen, dtype, device)
+    n = space.local_size
     v = torch.as_tensor(v0).reshape(-1).to(dtype=dtype, device=device)
-    if v.shape[0] != n or not torch.isfinite(v).all() or float(v.norm()) == 0.0:
-        raise ValueError(f"v0 must be a finite nonzero vector of length {n}")
-    return v / v.norm()
+    bad = v.shape[0] != n or not bool(torch.isfinite(v).all())
+    if space.sharded:  # every rank must agree, or the ranks would part ways
+        bad = bool(space.reduce(torch.tensor([float(bad)], dtype=torch.float64))[0])
+    norm = None if bad else space.norm(v)
+    if bad or float(norm) == 0.0:
+        shard = " (this rank's shard)" if space.sharded else ""
+        raise ValueError(f"v0 must be a finite nonzero vector of length {n}{shard}")
+    return space.share_vectors(v / norm)

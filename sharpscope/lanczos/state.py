@@ -23,7 +23,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..linop import ASYMMETRY_CAP, NOT_SYMMETRIC_HINT, NotSymmetricError, same_on_all_ranks
+from ..linop import ASYMMETRY_CAP, NOT_SYMMETRIC_HINT, NotSymmetricError
 from .backends import KrylovBasis
 from .config import LanczosConfig
 from .result import LanczosResult, make_result
@@ -245,7 +245,7 @@ class LanczosState:
     def _fresh_vector(self) -> None:
         """Invariant subspace found: continue from a random vector orthogonal to the basis."""
         j, cfg = self.j, self.cfg
-        q = same_on_all_ranks(self.op, random_unit(cfg.n, self.gen, cfg.dtype, cfg.device))
+        q = random_unit(cfg.space, self.gen, cfg.dtype, cfg.device)
         self.Q.orthogonalize(q, j)
         q = q / self.Q.norm(q)
         self.T[j, j - 1] = self.T[j - 1, j] = 0.0

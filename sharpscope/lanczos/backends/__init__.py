@@ -141,22 +141,24 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def make_basis(backend: str, basis: str, m: int, n: int, dtype: torch.dtype, device: torch.device) -> KrylovBasis:
-    """A Krylov basis of ``m + 1`` rows of length ``n`` for a resolved backend and a ``basis=`` choice."""
+def make_basis(backend: str, basis: str, m: int, n: int, dtype: torch.dtype, device: torch.device,
+               space=None) -> KrylovBasis:
+    """A Krylov basis of ``m + 1`` rows of length ``n`` for a resolved backend and a ``basis=`` choice;
+    ``space``: the vector space whose inner products it takes (a sharded one: ``n`` is this rank's shard)."""
     storage_of(basis)  # validates the name
     if backend == "torch":
         from .torch_basis import TorchBasis
 
-        return TorchBasis(m, n, dtype, device, basis)
+        return TorchBasis(m, n, dtype, device, basis, space=space)
     from .array_basis import ArrayBasis
 
     if backend == "numpy":
-        return ArrayBasis(m, n, dtype, device, basis)
+        return ArrayBasis(m, n, dtype, device, basis, space=space)
     if backend == "cupy":
         import cupy
 
         from .kernels import load_kernels
 
         with cupy.cuda.Device(cuda_index(device)):
-            return ArrayBasis(m, n, dtype, device, basis, xp=cupy, ops=load_kernels())
+            return ArrayBasis(m, n, dtype, device, basis, xp=cupy, ops=load_kernels(), space=space)
     raise ValueError(f"unresolved backend {backend!r}")

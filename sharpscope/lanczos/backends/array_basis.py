@@ -32,8 +32,8 @@ class ArrayBasis(KrylovBasis):
     """
 
     def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, basis: str = "device",
-                 xp=np, ops=reference) -> None:
-        super().__init__(m, n, dtype, device, basis)
+                 xp=np, ops=reference, space=None) -> None:
+        super().__init__(m, n, dtype, device, basis, space)
         self.xp = xp
         self.name = "cupy" if xp is not np else "numpy"
         self.np_dtype = np.float32 if dtype == torch.float32 else np.float64
@@ -83,6 +83,12 @@ class ArrayBasis(KrylovBasis):
     def _tensor(self, a) -> torch.Tensor:
         return torch.from_numpy(a) if self.xp is np else torch.from_dlpack(a)
 
+    def _sum_arr(self, a):
+        """The global sum of an array of partial sums (itself unless the space is sharded)."""
+        if self.space is None:
+            return a
+        return self._arr(self._sum(self._tensor(self.xp.ascontiguousarray(a)).clone()))
+
     def _dev(self, a):
         """An array on the compute device (a no-op unless the basis is in host memory)."""
         return self.xp.asarray(np.ascontiguousarray(a)) if self._host else a
@@ -131,7 +137,7 @@ class ArrayBasis(KrylovBasis):
 
     # -- algebra ------------------------------------------------------------------------------
     def project_stored(self, w: torch.Tensor, lo: int, hi: int) -> np.ndarray:
-        h = self._project_rows(self._arr(w), lo, hi)
+        h = self._sum_arr(self._project_rows(self._arr(w), lo, hi))
         return np.asarray(h.get() if self.xp is not np else h, dtype=np.float64)
 
     def axpy_stored(self, w: torch.Tensor, lo: int, hi: int, coeffs: np.ndarray) -> None:
@@ -141,7 +147,7 @@ class ArrayBasis(KrylovBasis):
             self.ops.update(block, a, h[b0 - lo: b1 - lo])
 
     def norm(self, w: torch.Tensor) -> float:
-        return float(self.ops.sumsq(self._arr(w))) ** 0.5
+        return max(float(self._sum_arr(self.xp.reshape(self.ops.sumsq(self._arr(w)), (1,)))[0]), 0.0) ** 0.5
 
     def _project_rows(self, a, lo: int, hi: int):
         """``Q[lo:hi] a`` as an array of the backend (block by block for a host basis)."""
@@ -154,15 +160,18 @@ class ArrayBasis(KrylovBasis):
 
     def _orthogonalize_stored(self, w: torch.Tensor, j: int) -> np.ndarray:
         a = self._arr(w)
-        before = float(self.ops.sumsq(a)) ** 0.5
-        h = self._project_rows(a, 0, j)
+        before = self.norm(w)
+        h = self._sum_arr(self._project_rows(a, 0, j))
         if self._host:
             self._update_all(a, j, h)
             h2 = self._project_rows(a, 0, j)
-            after = float(self.ops.sumsq(a)) ** 0.5
+            sq = self.ops.sumsq(a)
         else:
             h2, sq = self.ops.update_project(self.Q[:j], a, h)
-            after = float(sq) ** 0.5
+        if self.space is not None:  # the second projection and the norm in one all_reduce
+            both = self._sum_arr(self.xp.concatenate([h2, self.xp.reshape(sq, (1,)).astype(h2.dtype)]))
+            h2, sq = both[:-1], both[-1]
+        after = max(float(sq), 0.0) ** 0.5
         if self._dgks(before, after):
             self._update_all(a, j, h2)
             h = h + h2
@@ -188,5 +197,7 @@ class ArrayBasis(KrylovBasis):
         vectors = xp.zeros((self.n, S.shape[1]), dtype=self.np_dtype)
         for a, b in self._col_blocks(j):
             vectors[a:b] = self._decode(self._dev(self.Q[:j, a:b])).T @ Sk
-        vectors /= xp.linalg.norm(vectors, axis=0, keepdims=True)
-        return self._tensor(vectors)
+        if self.space is None:
+            vectors /= xp.linalg.norm(vectors, axis=0, keepdims=True)
+            return self._tensor(vectors)
+        return self._unit_columns(self._tensor(vectors))

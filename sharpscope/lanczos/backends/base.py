@@ -10,6 +10,13 @@ for it (Daniel, Gragg, Kaufman & Stewart 1976), the thick-restart recombination
 one host transfer where the working rows are torch tensors on the device. ``w`` is always a torch tensor
 on the operator's device, updated in place.
 
+Sharded vectors (:class:`~sharpscope.vector_space.ShardedSpace`): a basis built with ``space=`` holds this
+rank's shard of every row (``n`` is the local length) and sums every inner product and norm over the ranks
+through ``space.reduce``: the local partial sums of one pass (a projection's coefficients, with the norm
+where the pass needs it) go in one ``all_reduce``. A step without reorthogonalization takes two (``alpha``
+with the symmetry probe, then ``beta``), a Gram-Schmidt pass one more per pass. Without ``space`` (one
+process, or data-parallel operators, whose vectors are whole on every rank) the reduction is skipped.
+
 Storage (``basis=``):
 
 * ``"device"``: float32 (or the operator's float64) rows on the operator's device.
@@ -74,11 +81,28 @@ class KrylovBasis:
 
     name = "base"
 
-    def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, basis: str = "device") -> None:
+    def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, basis: str = "device",
+                 space=None) -> None:
         self.m, self.n, self.dtype, self.device = int(m), int(n), dtype, torch.device(device)
         self.storage, self.placement = storage_of(basis)
         self.recent: dict[int, torch.Tensor] = {}
         self._keep_recent = keeps_working_copies(basis, self.device)
+        self.space = space if space is not None and space.sharded else None  # None: nothing to reduce
+
+    # -- sums over the ranks of a sharded space (identities otherwise) ------------------------------
+    def _sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """The global sum of this rank's partial sums (a tensor of one pass's scalars: one ``all_reduce``)."""
+        return partial if self.space is None else self.space.reduce(partial)
+
+    def _norm_t(self, w: torch.Tensor) -> torch.Tensor:
+        """``||w||`` as a 0-d tensor (summed over the ranks of a sharded space)."""
+        return torch.linalg.vector_norm(w) if self.space is None else self.space.norm(w)
+
+    def _unit_columns(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``vectors`` with unit columns (norms summed over the ranks of a sharded space)."""
+        if self.space is None:
+            return vectors / vectors.norm(dim=0, keepdim=True)
+        return vectors / self.space.column_norms(vectors, dim=0)
 
     # -- storage-specific ------------------------------------------------------------------
     def set(self, j: int, v: torch.Tensor) -> None:
@@ -103,7 +127,7 @@ class KrylovBasis:
 
     def norm(self, w: torch.Tensor) -> float:
         """``||w||``."""
-        return float(w.norm())
+        return float(w.norm()) if self.space is None else float(self.space.norm(w))
 
     def _orthogonalize_stored(self, w: torch.Tensor, j: int) -> np.ndarray:
         """Classical Gram-Schmidt of ``w`` against stored rows ``0..j-1``, repeated once when the first
@@ -140,7 +164,7 @@ class KrylovBasis:
         if self._keep_recent:
             for r in sorted(self.recent):
                 if r < j:
-                    c = float(torch.dot(self.recent[r], w))
+                    c = float(self._sum(torch.dot(self.recent[r], w)))
                     w.add_(self.recent[r], alpha=-c)
                     h[r] += c
         return h
@@ -148,7 +172,7 @@ class KrylovBasis:
     def project(self, w: torch.Tensor, lo: int, hi: int) -> np.ndarray:
         """``Q[lo:hi] w`` (float64); rows kept in :attr:`recent` are read from their working copies."""
         if self._keep_recent and all(r in self.recent for r in range(lo, hi)):
-            return np.array([float(torch.dot(self.recent[r], w)) for r in range(lo, hi)])
+            return self._sum(torch.stack([torch.dot(self.recent[r], w) for r in range(lo, hi)])).double().cpu().numpy()
         return self.project_stored(w, lo, hi)
 
     def axpy(self, w: torch.Tensor, lo: int, hi: int, coeffs) -> None:
@@ -185,15 +209,15 @@ class KrylovBasis:
             self.axpy(w, lo, j + 1, coeffs)
             return h, self.norm(w)
         if j == lo:
-            alpha = torch.dot(rows[0], w)
+            alpha = self._sum(torch.dot(rows[0], w))
             w.addcmul_(rows[0], alpha, value=-1.0)
             h = alpha.reshape(1)
         else:
-            h = torch.mv(rows, w)
+            h = self._sum(torch.mv(rows, w))
             coeffs = -h
             coeffs[0] = -beta_prev  # a host scalar written into the device tensor: no transfer back
             w.addmv_(rows.T, coeffs)
-        values = torch.cat([h, torch.linalg.vector_norm(w).reshape(1)]).tolist()  # the one host sync
+        values = torch.cat([h, self._norm_t(w).reshape(1)]).tolist()  # the one host sync
         return np.array(values[:-1]), float(values[-1])
 
     def reorthogonalize(self, w: torch.Tensor, j: int) -> float:

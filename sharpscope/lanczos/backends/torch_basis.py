@@ -20,8 +20,9 @@ class TorchBasis(KrylovBasis):
 
     name = "torch"
 
-    def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, basis: str = "device") -> None:
-        super().__init__(m, n, dtype, device, basis)
+    def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, basis: str = "device",
+                 space=None) -> None:
+        super().__init__(m, n, dtype, device, basis, space)
         store_dtype = torch.bfloat16 if self.storage == "bfloat16" else dtype
         if self.placement == "host":
             pin = self.device.type == "cuda"
@@ -54,8 +55,8 @@ class TorchBasis(KrylovBasis):
     def project_stored(self, w: torch.Tensor, lo: int, hi: int) -> np.ndarray:
         if self._plain:
             if hi - lo == 1:
-                return np.array([float(torch.dot(self.Q[lo], w))])
-            return np.array(torch.mv(self.Q[lo:hi], w).tolist())
+                return np.array([float(self._sum(torch.dot(self.Q[lo], w)))])
+            return np.array(self._sum(torch.mv(self.Q[lo:hi], w)).tolist())
         return self._project_f(w, lo, hi).double().cpu().numpy()
 
     def axpy_stored(self, w: torch.Tensor, lo: int, hi: int, coeffs: np.ndarray) -> None:
@@ -67,26 +68,26 @@ class TorchBasis(KrylovBasis):
             self._update(w, lo, hi, -torch.as_tensor(coeffs, dtype=self.dtype).to(self.device))
 
     def _project_f(self, w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return torch.cat([torch.mv(self._rows(a, b), w) for a, b in self._row_blocks(lo, hi)])
+        return self._sum(torch.cat([torch.mv(self._rows(a, b), w) for a, b in self._row_blocks(lo, hi)]))
 
     def _update(self, w: torch.Tensor, lo: int, hi: int, h: torch.Tensor) -> None:
         for a, b in self._row_blocks(lo, hi):
             w.sub_(torch.mv(self._rows(a, b).T, h[a - lo: b - lo]))
 
     def _orthogonalize_stored(self, w: torch.Tensor, j: int) -> np.ndarray:
-        before = float(w.norm())
+        before = self.norm(w)
         if self._plain:
             Qj = self.Q[:j]
-            h = torch.mv(Qj, w)
+            h = self._sum(torch.mv(Qj, w))
             w.sub_(torch.mv(Qj.T, h))
-            if self._dgks(before, float(w.norm())):
-                h2 = torch.mv(Qj, w)
+            if self._dgks(before, self.norm(w)):
+                h2 = self._sum(torch.mv(Qj, w))
                 w.sub_(torch.mv(Qj.T, h2))
                 h += h2
             return h.double().cpu().numpy()
         h = self._project_f(w, 0, j)
         self._update(w, 0, j, h)
-        if self._dgks(before, float(w.norm())):
+        if self._dgks(before, self.norm(w)):
             h2 = self._project_f(w, 0, j)
             self._update(w, 0, j, h2)
             h += h2
@@ -119,6 +120,8 @@ class TorchBasis(KrylovBasis):
         after reach the host in one transfer (a second only when DGKS asks for the second pass)."""
         if not self._plain:
             return super().reorthogonalize(w, j)
+        if self.space is not None:
+            return self._reorthogonalize_sharded(w, j)
         rows = self.Q[:j]
         before = torch.linalg.vector_norm(w)
         w.sub_(torch.mv(rows.T, torch.mv(rows, w)))
@@ -128,6 +131,18 @@ class TorchBasis(KrylovBasis):
         w.sub_(torch.mv(rows.T, torch.mv(rows, w)))
         return float(torch.linalg.vector_norm(w))
 
+    def _reorthogonalize_sharded(self, w: torch.Tensor, j: int) -> float:
+        """:meth:`reorthogonalize` on sharded rows: the projection and ``||w||^2`` of a pass summed over the
+        ranks in one ``all_reduce``, the norm after it in another (two more when DGKS asks for a second pass)."""
+        rows = self.Q[:j]
+        first = self._sum(torch.cat([torch.mv(rows, w), torch.dot(w, w).reshape(1)]))
+        w.sub_(torch.mv(rows.T, first[:-1]))
+        before, after = float(first[-1].clamp_min(0).sqrt()), self.norm(w)
+        if not self._dgks(before, after):
+            return after
+        w.sub_(torch.mv(rows.T, self._sum(torch.mv(rows, w))))
+        return self.norm(w)
+
     def ritz_vectors(self, S: np.ndarray, j: int) -> torch.Tensor:
         Sk = torch.as_tensor(S, dtype=self.dtype, device=self.device)
         if self._plain:
@@ -136,4 +151,4 @@ class TorchBasis(KrylovBasis):
             vectors = torch.zeros(self.n, S.shape[1], dtype=self.dtype, device=self.device)
             for a, b in self._row_blocks(0, j):
                 vectors += self._rows(a, b).T @ Sk[a:b]
-        return vectors / vectors.norm(dim=0, keepdim=True)
+        return self._unit_columns(vectors)
