@@ -91,10 +91,14 @@ def test_real_16_bit_hessians_are_not_refused(kind, dtype):
 @pytest.mark.parametrize("n", [2, 100, 10**6])
 def test_every_tolerance_is_below_what_an_asymmetric_operator_gives(dtype, n):
     """Below 1 (the bound of any relative asymmetry), and below what a triangle gives: about 1/sqrt(2n) for the
-    bilinear test, 0.7 for the exact dense test; the probe's per-step mismatch about ||A|| / (2 sqrt(n))."""
+    bilinear test, 0.7 for the exact dense test; in 16-bit, the probe's per-step mismatch about ||A|| / (2 sqrt(n))."""
     from sharpscope.lanczos.state import probe_tolerance
     from sharpscope.linop import dense_symmetry_tolerance, symmetry_tolerance
 
     assert symmetry_tolerance(dtype, n) < min(1.0, 0.5 / math.sqrt(2 * n))
     assert dense_symmetry_tolerance(dtype) < 0.1
-    assert probe_tolerance(dtype, n) < min(1.0, 0.25 / math.sqrt(n))
+    assert probe_tolerance(dtype, n) < 1.0
+    if dtype in HALF:  # 16-bit: below what a triangle gives per step at every n
+        assert probe_tolerance(dtype, n) < 0.25 / math.sqrt(n)
+    else:  # float32/64: the product noise of real models, which does not shrink with n (the 26M GPT-2)
+        assert probe_tolerance(dtype, n) == 100 * math.sqrt(torch.finfo(dtype).eps)
