@@ -16,9 +16,9 @@ def test_bench_engine_smoke_run(tmp_path):
     sys.modules["bench_engine"] = bench  # dataclasses look their module up
     spec.loader.exec_module(bench)
     out = tmp_path / "engine.md"
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: wall time on a shared machine measures the other jobs
     text = bench.main(["--device", "cpu", "--small", "--markdown", str(out)])
-    assert time.perf_counter() - start < 30
+    assert time.process_time() - start < 30
     assert out.read_text() == text
     targets = [line for line in text.splitlines() if line.startswith("| ") and ("<=" in line or ">=" in line)]
     assert len(targets) == 7, targets
