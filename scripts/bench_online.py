@@ -1,0 +1,196 @@
+"""What online sharpness costs in a training loop, and how accurate it is (docs/bench-notes.md, "Online tracking").
+
+For each problem, one interleaved run (``--reps`` rounds of: the plain loop, the loop with
+``Recorder(sharpness_every=K)``, and, with ``--legacy``, the same with the measurement as main 53faba8 made
+it -- a new operator per measurement, ``lanczos(k=1, tol=1e-4)`` warm-started, default basis) prints the
+median time ratio tracked / plain, products per measurement (median, first) and, from one more untimed
+tracked run, the largest relative error of the logged values against a converged solve (a fresh operator,
+``lanczos(tol=1e-8)``) at the same checkpoints.
+
+Problems: ``mlp`` (the issue's bench: a 64-512-512-10 tanh MLP, SGD, full batch 1024, sharpness batch 256),
+``cnn`` (a ReLU CNN with Adam, batch 256, sharpness batch 128), ``gpt2`` (a tiny GPT-2 from
+``transformers.GPT2Config`` trained by a Hugging Face ``Trainer``, tracked through ``ss.huggingface_callback``).
+
+    PYTHONPATH=. python scripts/bench_online.py --problems mlp,cnn,gpt2 --reps 3 --legacy
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sharpscope as ss
+from sharpscope.online import OnlineSharpness
+from sharpscope.runs.capture import Recorder
+
+
+class LegacyOnline(OnlineSharpness):
+    """The measurement as main 53faba8 made it: a new operator at every measurement (its determinism check,
+    graph and first-product derivative check each time), ``tol=1e-4``, the default basis."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, tol=1e-4, max_basis=None, **kwargs)
+
+    def measure(self, step: int):
+        self.operator = None
+        return super().measure(step)
+
+
+# -- problems: (model, optimizer, one training step, sharpness batch, loss) ---------------------------
+def mlp(seed: int):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(1024, 64), torch.randint(0, 10, (1024,))
+    return model, opt, (x, y), (x[:256], y[:256]), nn.CrossEntropyLoss()
+
+
+def cnn(seed: int):
+    torch.manual_seed(seed)
+    model = ss.models.CNN(width=16, depth=2, in_channels=3, num_classes=10, image_size=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(256, 3, 16, 16), torch.randint(0, 10, (256,))
+    return model, opt, (x, y), (x[:128], y[:128]), nn.CrossEntropyLoss()
+
+
+def train(problem, seed: int, steps: int, every: int | None, legacy: bool = False, reference: bool = False):
+    """One run; returns (seconds, Recorder or None, [(step, logged, converged)])."""
+    model, opt, data, sbatch, loss_fn = problem(seed)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rec = None
+        errors = []
+        start = time.perf_counter()
+        if every is not None:
+            rec = Recorder(Path(tmp) / "run.h5", model, opt, batch=sbatch, schedule="on_demand", loss_fn=loss_fn,
+                           sharpness_every=every)
+            if legacy:
+                rec.online = LegacyOnline(model, loss_fn, sbatch, opt, warn=rec._warn_once)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn(model(data[0]), data[1])
+            loss.backward()
+            opt.step()
+            if rec is not None:
+                rec.step(loss=loss.detach())
+                if reference and rec.step_count % every == 0 and rec.sharpness_log:
+                    P = ss.preconditioned_hessian_operator(model, loss_fn, sbatch, opt)
+                    errors.append((rec.step_count, rec.sharpness_log[-1][1],
+                                   float(ss.lanczos(P, k=1, tol=1e-8).eigenvalues[0])))
+        seconds = time.perf_counter() - start
+        if rec is not None:
+            rec.close()
+    return seconds, rec, errors
+
+
+# -- GPT-2 through the Hugging Face Trainer ----------------------------------------------------------------
+def gpt2_run(seed: int, steps: int, every: int | None, legacy: bool = False, reference: bool = False):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=32, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (64, 32), generator=g)
+    rows = [{"input_ids": ids[i], "attention_mask": torch.ones(32, dtype=torch.long), "labels": ids[i]}
+            for i in range(64)]
+    sbatch = {k: torch.stack([r[k] for r in rows[:8]]) for k in rows[0]}
+    errors = []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        args = transformers.TrainingArguments(output_dir=str(Path(tmp) / "hf"), per_device_train_batch_size=16,
+                                              max_steps=steps, logging_steps=10**6, save_strategy="no", report_to="none",
+                                              use_cpu=True, learning_rate=1e-3, lr_scheduler_type="constant",
+                                              disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        callback = None
+        if every is not None:
+            callback = ss.huggingface_callback(str(Path(tmp) / "lm.h5"), batch=sbatch, schedule="on_demand",
+                                               sharpness_every=every)
+            callback.attach(trainer)
+            if legacy or reference:
+                _instrument(callback, legacy, reference, errors)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    return seconds, callback.recorder if callback is not None else None, errors
+
+
+def _instrument(callback, legacy: bool, reference: bool, errors: list) -> None:
+    """Swap in the legacy measurement and/or record a converged reference after each measurement."""
+    begin, end = callback.on_train_begin, callback.on_step_end
+
+    def on_train_begin(*a, **k):
+        out = begin(*a, **k)
+        rec = callback.recorder
+        if legacy:
+            rec.online = LegacyOnline(rec.model, rec.loss_fn, rec.batch, rec.optimizer, warn=rec._warn_once)
+        return out
+
+    def on_step_end(*a, **k):
+        out = end(*a, **k)
+        rec = callback.recorder
+        if reference and rec.sharpness_log and rec.sharpness_log[-1][0] == rec.step_count:
+            P = ss.preconditioned_hessian_operator(rec.model, rec.loss_fn, rec.batch, rec.optimizer)
+            errors.append((rec.step_count, rec.sharpness_log[-1][1], float(ss.lanczos(P, k=1, tol=1e-8).eigenvalues[0])))
+        return out
+
+    callback.on_train_begin, callback.on_step_end = on_train_begin, on_step_end
+
+
+PROBLEMS = {"mlp": lambda *a, **k: train(mlp, *a, **k), "cnn": lambda *a, **k: train(cnn, *a, **k), "gpt2": gpt2_run}
+
+
+def bench(name: str, reps: int, steps: int, every: int, legacy: bool) -> None:
+    run = PROBLEMS[name]
+    variants = {"plain": dict(every=None), "online": dict(every=every)}
+    if legacy:
+        variants["legacy"] = dict(every=every, legacy=True)
+    times = {v: [] for v in variants}
+    recs = {}
+    run(0, min(steps, 20), None)  # warm-up: imports, allocator, thread pool
+    for rep in range(reps):
+        for v, kw in variants.items():
+            seconds, rec, _ = run(rep, steps, **kw)
+            times[v].append(seconds)
+            recs[v] = rec
+    print(f"\n[{name}] {steps} steps, sharpness_every={every}, {reps} interleaved rounds, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  plain: median {statistics.median(times['plain']):.2f} s  ({', '.join(f'{t:.2f}' for t in times['plain'])})")
+    for v in variants:
+        if v == "plain":
+            continue
+        ratios = [t / p for t, p in zip(times[v], times["plain"])]
+        cost = recs[v].online_cost
+        _, _, ref = run(0, steps, every=every, legacy=(v == "legacy"), reference=True)
+        err = max(abs(a - b) / abs(b) for _, a, b in ref)
+        print(f"  {v}: median {statistics.median(times[v]):.2f} s, ratio {statistics.median(ratios):.2f}x "
+              f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}); products per measurement median "
+              f"{cost.products_median:g}, first {cost.products_first}; {cost.seconds / cost.measurements * 1e3:.0f} ms "
+              f"per measurement; max relative error vs lanczos(tol=1e-8) {err:.1e} over {len(ref)} checkpoints")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", default="mlp", help="comma-separated: mlp, cnn, gpt2 (default mlp)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    parser.add_argument("--every", type=int, default=10, help="sharpness_every (default 10)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--legacy", action="store_true", help="also time main 53faba8's measurement (A/B)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.problems.split(","):
+        bench(name.strip(), args.reps, args.steps, args.every, args.legacy)
+
+
+if __name__ == "__main__":
+    main()
