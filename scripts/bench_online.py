@@ -16,6 +16,7 @@ Problems: ``mlp`` (the issue's bench: a 64-512-512-10 tanh MLP, SGD, full batch 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -60,12 +61,14 @@ def cnn(seed: int):
 
 
 def train(problem, seed: int, steps: int, every: int | None, legacy: bool = False, reference: bool = False):
-    """One run; returns (seconds, Recorder or None, [(step, logged, converged)])."""
+    """One run; returns (seconds, Recorder or None, [(step, logged, converged)]). With ``reference``, the model and
+    optimizer state are copied at each measured step (a few ms) and the converged values computed after the
+    timed loop, on copies."""
     model, opt, data, sbatch, loss_fn = problem(seed)
+    snapshots = []
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         rec = None
-        errors = []
         start = time.perf_counter()
         if every is not None:
             rec = Recorder(Path(tmp) / "run.h5", model, opt, batch=sbatch, schedule="on_demand", loss_fn=loss_fn,
@@ -80,12 +83,18 @@ def train(problem, seed: int, steps: int, every: int | None, legacy: bool = Fals
             if rec is not None:
                 rec.step(loss=loss.detach())
                 if reference and rec.step_count % every == 0 and rec.sharpness_log:
-                    P = ss.preconditioned_hessian_operator(model, loss_fn, sbatch, opt)
-                    errors.append((rec.step_count, rec.sharpness_log[-1][1],
-                                   float(ss.lanczos(P, k=1, tol=1e-8).eigenvalues[0])))
+                    snapshots.append((rec.step_count, rec.sharpness_log[-1][1], copy.deepcopy(model.state_dict()),
+                                      copy.deepcopy(opt.state_dict())))
         seconds = time.perf_counter() - start
         if rec is not None:
             rec.close()
+        errors = []
+        for step, logged, params, state in snapshots:
+            fresh, fresh_opt, _, _, _ = problem(seed)
+            fresh.load_state_dict(params)
+            fresh_opt.load_state_dict(state)
+            P = ss.preconditioned_hessian_operator(fresh, loss_fn, sbatch, fresh_opt)
+            errors.append((step, logged, float(ss.lanczos(P, k=1, tol=1e-8).eigenvalues[0])))
     return seconds, rec, errors
 
 
@@ -155,13 +164,14 @@ def bench(name: str, reps: int, steps: int, every: int, legacy: bool) -> None:
     if legacy:
         variants["legacy"] = dict(every=every, legacy=True)
     times = {v: [] for v in variants}
-    recs = {}
-    run(0, min(steps, 20), None)  # warm-up: imports, allocator, thread pool
+    recs, refs = {}, {}
+    run(0, min(steps, 10), None)  # warm-up: imports, allocator, thread pool
     for rep in range(reps):
         for v, kw in variants.items():
-            seconds, rec, _ = run(rep, steps, **kw)
+            # the last round also copies the state at each measured step (the mlp and cnn; GPT-2 replays the run)
+            seconds, rec, ref = run(0, steps, **kw, reference=(rep == reps - 1 and v != "plain" and name != "gpt2"))
             times[v].append(seconds)
-            recs[v] = rec
+            recs[v], refs[v] = rec, ref
     print(f"\n[{name}] {steps} steps, sharpness_every={every}, {reps} interleaved rounds, "
           f"{torch.get_num_threads()} threads")
     print(f"  plain: median {statistics.median(times['plain']):.2f} s  ({', '.join(f'{t:.2f}' for t in times['plain'])})")
@@ -170,12 +180,44 @@ def bench(name: str, reps: int, steps: int, every: int, legacy: bool) -> None:
             continue
         ratios = [t / p for t, p in zip(times[v], times["plain"])]
         cost = recs[v].online_cost
-        _, _, ref = run(0, steps, every=every, legacy=(v == "legacy"), reference=True)
+        ref = refs[v] or run(0, steps, every=every, legacy=(v == "legacy"), reference=True)[2]
         err = max(abs(a - b) / abs(b) for _, a, b in ref)
         print(f"  {v}: median {statistics.median(times[v]):.2f} s, ratio {statistics.median(ratios):.2f}x "
               f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}); products per measurement median "
               f"{cost.products_median:g}, first {cost.products_first}; {cost.seconds / cost.measurements * 1e3:.0f} ms "
-              f"per measurement; max relative error vs lanczos(tol=1e-8) {err:.1e} over {len(ref)} checkpoints")
+              f"per measurement, {cost.seconds / statistics.median(times[v]):.0%} of the run; max relative error vs "
+              f"lanczos(tol=1e-8) {err:.1e} over {len(ref)} checkpoints", flush=True)
+
+
+def breakdown(name: str, repeats: int = 5) -> None:
+    """Where a measurement's fixed cost goes, on one operator reused across solves (medians of ``repeats``):
+    a forward pass of the sharpness batch (no graph), the first product of a solve (the determinism check's two
+    evaluations, the gradient graph, the product) and a later product of the same solve (the second backward)."""
+    model, opt, data, sbatch, loss_fn = {"mlp": mlp, "cnn": cnn}[name](0)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(model(data[0]), data[1]).backward()
+        opt.step()
+    P = ss.preconditioned_hessian_operator(model, loss_fn, sbatch, opt)
+    v = torch.randn(P.shape[0])
+    P @ v  # the derivative check, once per operator
+    fwd, first, later = [], [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.no_grad():
+            loss_fn(model(sbatch[0]), sbatch[1])
+        fwd.append(time.perf_counter() - t)
+        with P.pinned():
+            t = time.perf_counter()
+            P @ v
+            first.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            P @ v
+            later.append(time.perf_counter() - t)
+    f, a, b = (statistics.median(x) * 1e3 for x in (fwd, first, later))
+    print(f"\n[{name} breakdown] forward {f:.1f} ms; first product of a solve {a:.1f} ms; later product {b:.1f} ms; "
+          f"fixed cost per solve {a - b:.1f} ms = {(a - b) / b:.1f} products (determinism check ~ 2 forwards = "
+          f"{2 * f:.1f} ms; the rest the gradient graph)", flush=True)
 
 
 def main() -> None:
@@ -186,9 +228,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="sharpness_every (default 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--legacy", action="store_true", help="also time main 53faba8's measurement (A/B)")
+    parser.add_argument("--breakdown", action="store_true", help="only the fixed cost per measurement (mlp, cnn)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.problems.split(","):
+        if args.breakdown:
+            breakdown(name.strip())
+            continue
         bench(name.strip(), args.reps, args.steps, args.every, args.legacy)
 
 

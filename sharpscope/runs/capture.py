@@ -289,6 +289,7 @@ class Recorder:
         self._buffers = dict(model.named_buffers())
         self._names = {id(p): n for n, p in self._params.items()}
         self._specs = self._tensor_specs()
+        self.sharpness_tol = sharpness_tol
         self.online = (OnlineSharpness(model, loss_fn, batch, optimizer, tol=sharpness_tol, warn=self._warn_once)
                        if sharpness_every is not None else None)
         self.sharpness_log: list[tuple[int, float]] = []
@@ -467,7 +468,8 @@ class Recorder:
         if self.online is None:  # measured on demand without sharpness_every
             if self.loss_fn is None or self.batch is None:
                 raise ValueError("measure_sharpness needs loss_fn= and batch= (given to the Recorder)")
-            self.online = OnlineSharpness(self.model, self.loss_fn, self.batch, self.optimizer, warn=self._warn_once)
+            self.online = OnlineSharpness(self.model, self.loss_fn, self.batch, self.optimizer, tol=self.sharpness_tol,
+                                          warn=self._warn_once)
         m = self.online.measure(self.step_count)
         if m.skipped is not None:
             self.sharpness_skipped.append((self.step_count, m.skipped))
