@@ -19,10 +19,10 @@ What makes it cheap enough to leave on:
 * **A tracking tolerance.** ``tol`` (default ``1e-2``) is the relative Ritz-residual tolerance of
   :func:`~sharpscope.lanczos`: the solve stops when :math:`\|A y - \theta y\| \le \mathrm{tol}\,|\theta|`.
   Two statements follow. Rigorously, some eigenvalue of :math:`A` lies within :math:`\|A y - \theta y\|`
-  of :math:`\theta` (Krylov-Weinstein; Parlett, *The Symmetric Eigenvalue Problem*, Thm. 4.5.1): the
+  of :math:`\theta` (Krylov-Weinstein; Parlett, *The Symmetric Eigenvalue Problem*, ch. 4): the
   logged value is within ``tol`` relative of an eigenvalue -- the top one unless the start vector had no
   component along it, the limit of every Krylov method. And the Ritz value is a lower bound of the top
-  eigenvalue whose error is about :math:`\|r\|^2/\mathrm{gap}` (Kato-Temple; Parlett Thm. 10.2.1), that is
+  eigenvalue whose error is about :math:`\|r\|^2/\mathrm{gap}` (Kato-Temple; Parlett, ch. 10), that is
   ``tol**2 / g`` relative for a relative gap ``g`` between the two top eigenvalues: 1e-4 / g at the
   default, measured at most 7e-4 on the MLP bench of docs/bench-notes.md (g = 0.01 to 0.04). The error
   the residual bounds is thus far above the usual one; a tighter ``tol`` costs products where the gap is
