@@ -51,7 +51,7 @@ def converged(model, opt, loss_fn, batch) -> float:
     params = dict(twin.named_parameters())
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[names[id(p)]] for p in g["params"]]}
               for g in opt.param_groups]
-    twin_opt = type(opt)(groups)
+    twin_opt = type(opt)(groups, **opt.defaults)  # the defaults hold the reference lr of D
     twin_opt.load_state_dict(opt.state_dict())  # casts the state to float64
     if isinstance(batch, dict):
         batch = dict(batch)
