@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import time
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
@@ -40,6 +42,7 @@ from torch import nn
 
 from ..closures import BatchLoss
 from ..functional import mapping_batch_error
+from ..online import DEFAULT_TOL, SHARPNESS_METRICS, OnlineCost, OnlineSharpness
 from ..optim import AdamAtan2
 from ..registry import REBUILD_FIX, is_name
 from .provenance import config_digest
@@ -48,10 +51,12 @@ from .store import RunFileError, RunWriter, TensorSpec, open_run
 
 __all__ = ["Recorder", "every_schedule", "log_schedule", "optimizer_state_specs", "SHARPNESS_METRICS"]
 
-SHARPNESS_METRICS = ("sharpness/preconditioned", "sharpness/eos_ratio", "sharpness/hessian")
 # the run file's scalar log of each metric
 _SCALAR_LOGS = {"sharpness/preconditioned": "sharpness_preconditioned", "sharpness/eos_ratio": "eos_ratio",
                 "sharpness/hessian": "sharpness"}
+# the run file's logs of what each online measurement cost
+_COST_LOGS = ("online_seconds", "online_products")
+_log = logging.getLogger("sharpscope")
 
 
 def writes_here() -> bool:
@@ -222,8 +227,14 @@ class Recorder:
         loss_fn: needed for online sharpness; a criterion (its class name is recorded) or a loss closure
             (:func:`~sharpscope.batch_loss`; its ``name``, a trusted factory, is recorded).
         sharpness_every: also measure the online sharpness on the batch every K steps (module docstring:
-            preconditioned when the optimizer defines it; warm-started Lanczos), logged in the run file,
-            to ``log_fn`` and to ``summary_writer``.
+            preconditioned when the optimizer defines it; :class:`sharpscope.online.OnlineSharpness`: one
+            operator for the run, warm-started Lanczos), logged in the run file, to ``log_fn`` and to
+            ``summary_writer``; what each measurement cost (seconds, products) goes to the run file's
+            ``online_seconds`` and ``online_products`` logs and :attr:`online_cost` (docs/capture.md, "Cost").
+        sharpness_tol: the online measurement's relative Ritz-residual tolerance (default 1e-2): each logged
+            value is within ``sharpness_tol`` relative of an eigenvalue of the operator; its error to the top
+            one is about ``sharpness_tol**2 / g`` for a relative gap ``g`` between the two top eigenvalues
+            (:mod:`sharpscope.online`; docs/capture.md, "Cost").
         summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (optional).
         log_fn: ``log_fn(metrics: dict, step: int)``, called with the sharpness metrics at each measured
             step (e.g. ``lambda m, s: wandb.log(m, step=s)``); the Lightning and Hugging Face callbacks
@@ -253,7 +264,7 @@ class Recorder:
                  sharpness_every: int | None = None, summary_writer: Any = None, resume: bool = False,
                  start_step: int | None = None, config: Mapping[str, Any] | None = None,
                  axes: Mapping[str, Any] | None = None, log_fn: Callable[[dict, int], Any] | None = None,
-                 on_disk_full: str = "raise") -> None:
+                 on_disk_full: str = "raise", sharpness_tol: float = DEFAULT_TOL) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if sharpness_every is not None and (loss_fn is None or batch is None):
@@ -273,11 +284,16 @@ class Recorder:
         self.summary_writer = summary_writer
         self.log_fn = log_fn
         self._warned: set[str] = set()
+        self._loss = float("nan")  # the last loss passed to step() or capture()
+        self._cost_logged = False
+        self._started = time.perf_counter()
         self._params = dict(model.named_parameters())
         self._buffers = dict(model.named_buffers())
         self._names = {id(p): n for n, p in self._params.items()}
         self._specs = self._tensor_specs()
-        self._warm: torch.Tensor | None = None
+        self.sharpness_tol = sharpness_tol
+        self.online = (OnlineSharpness(model, loss_fn, batch, optimizer, tol=sharpness_tol, warn=self._warn_once)
+                       if sharpness_every is not None else None)
         self.sharpness_log: list[tuple[int, float]] = []
         self.metrics_log: list[tuple[int, dict[str, float]]] = []
         self.sharpness_skipped: list[tuple[int, str]] = []
@@ -307,7 +323,8 @@ class Recorder:
                                                    "optimizer")}
             recorded.update(schedule=describe_schedule(every, schedule), sharpness_every=sharpness_every)
             self.writer = RunWriter(path, meta, self._specs, lr_groups=self._lr_groups(), batch=batch,
-                                    scalars=("sharpness", "loss", *[_SCALAR_LOGS[m] for m in SHARPNESS_METRICS[:2]]),
+                                    scalars=("sharpness", "loss", *[_SCALAR_LOGS[m] for m in SHARPNESS_METRICS[:2]],
+                                             *(_COST_LOGS if sharpness_every is not None else ())),
                                     config=config, recorded=recorded, axes=axes)
             self.step_count = 0 if start_step is None else int(start_step)
             self._last_captured = None
@@ -408,10 +425,8 @@ class Recorder:
             with self._disk_guard():
                 self.writer.log_scalar("loss", self.step_count if step is None else int(step), float(value))
         except KeyError:
-            if not getattr(self, "_warned_no_loss_log", False):
-                warnings.warn(f"{self.writer.path} has no loss log (an older run file): logged losses are "
-                              "not stored", RuntimeWarning, stacklevel=2)
-                self._warned_no_loss_log = True
+            self._warn_once(f"{self.writer.path} has no loss log (an older run file): logged losses are not stored",
+                            stacklevel=3)
 
     def capture(self, loss: float | None = None) -> None:
         """Capture a checkpoint at the current step now (the on-demand schedule uses only this);
@@ -432,7 +447,7 @@ class Recorder:
                 tensors[spec.id] = value if isinstance(value, torch.Tensor) else None
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups] if self.optimizer is not None else []
         with self._disk_guard():
-            self.writer.append(self.step_count, tensors, loss=getattr(self, "_loss", float("nan")), lrs=lrs)
+            self.writer.append(self.step_count, tensors, loss=self._loss, lrs=lrs)
             self._last_captured = self.step_count
 
     @contextlib.contextmanager
@@ -447,9 +462,10 @@ class Recorder:
             warnings.warn(f"capturing stopped: {self.stopped}", RuntimeWarning, stacklevel=4)
 
     def measure_sharpness(self) -> float:
-        """The online sharpness on the stored batch (warm-started Lanczos): the top eigenvalue of the
-        preconditioned Hessian when the optimizer defines one, else of the Hessian (module docstring).
-        Logged to the run file, ``log_fn`` and ``summary_writer``; returns the value measured.
+        """The online sharpness on the stored batch (:class:`sharpscope.online.OnlineSharpness`): the top
+        eigenvalue of the preconditioned Hessian when the optimizer defines one, else of the Hessian (module
+        docstring). Logged to the run file, ``log_fn`` and ``summary_writer``, with its cost (run-file logs
+        ``online_seconds``, ``online_products``); returns the value measured.
 
         The preconditioner is the one the next step will use: the optimizer's state and its groups'
         current learning rates (after a scheduler's step; a Hugging Face Trainer's logged
@@ -457,63 +473,37 @@ class Recorder:
         learning rate 0 (the end of a linear schedule) or no second moment yet (Adam before its first
         step) -- nothing is logged: the step and the reason go to :attr:`sharpness_skipped`, with a
         ``RuntimeWarning``, and NaN is returned."""
-        from ..lanczos import lanczos
-
-        op, threshold, reason = self._sharpness_operator()
-        if op is None:
-            self.sharpness_skipped.append((self.step_count, reason))
-            warnings.warn(f"online sharpness not logged at step {self.step_count}: {reason}", RuntimeWarning,
-                          stacklevel=3)
+        if self.online is None:  # measured on demand without sharpness_every
+            if self.loss_fn is None or self.batch is None:
+                raise ValueError("measure_sharpness needs loss_fn= and batch= (given to the Recorder)")
+            self.online = OnlineSharpness(self.model, self.loss_fn, self.batch, self.optimizer, tol=self.sharpness_tol,
+                                          warn=self._warn_once)
+        m = self.online.measure(self.step_count)
+        if m.skipped is not None:
+            self.sharpness_skipped.append((self.step_count, m.skipped))
             return float("nan")
-        v0 = self._warm if self._warm is not None and self._warm.shape[0] == op.shape[0] else None
-        res = lanczos(op, k=1, tol=1e-4, v0=v0, return_eigenvectors=True)
-        self._warm = res.eigenvectors[:, 0]
-        value = float(res.eigenvalues[0])
-        if threshold is None:
-            metrics = {"sharpness/hessian": value}
-        else:
-            metrics = {"sharpness/preconditioned": value, "sharpness/eos_ratio": value / threshold}
-            if bool((op.d_sqrt == 1).all()):  # D = I (SGD, one lr): this is the raw Hessian too
-                metrics["sharpness/hessian"] = value
-        self.sharpness_log.append((self.step_count, value))
-        self.metrics_log.append((self.step_count, metrics))
-        for name, v in metrics.items():
+        self.sharpness_log.append((self.step_count, m.value))
+        self.metrics_log.append((self.step_count, dict(m.metrics)))
+        for name, v in m.metrics.items():
             self._log_scalar(_SCALAR_LOGS[name], v)
             if self.summary_writer is not None:
                 self.summary_writer.add_scalar(f"sharpscope/{name}", v, self.step_count)
+        self._log_scalar("online_seconds", m.seconds)
+        self._log_scalar("online_products", float(m.num_matvecs))
         if self.log_fn is not None:
-            self.log_fn(dict(metrics), self.step_count)
-        return value
+            self.log_fn(dict(m.metrics), self.step_count)
+        return m.value
 
-    def _sharpness_operator(self):
-        """``(operator, threshold, None)``: the preconditioned Hessian and its threshold, or ``(H, None, None)``
-        where the optimizer defines no threshold (none, RMSprop, Muon: one warning); ``(None, None, reason)``
-        where the preconditioned sharpness is undefined at this step (all lrs 0, no optimizer state yet)."""
-        from ..operators import hessian_operator
-        from ..preconditioning import preconditioned_hessian_operator, stability_threshold
+    @property
+    def online_cost(self) -> OnlineCost | None:
+        """What online sharpness cost so far (measurements, seconds, products per measurement), or None."""
+        return self.online.cost() if self.online is not None else None
 
-        if self.optimizer is not None:
-            try:
-                stability_threshold(self.optimizer)
-            except (ValueError, ZeroDivisionError) as err:  # no threshold defined for this optimizer
-                self._warn_once(f"online sharpness is the raw Hessian's, without an edge-of-stability ratio: "
-                                f"{str(err).splitlines()[0] or type(err).__name__}")
-                return hessian_operator(self.model, self.loss_fn, self.batch), None, None
-            lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
-            if all(lr == 0 for lr in lrs):
-                return None, None, ("every learning rate of the optimizer is 0 (e.g. the end of a linear schedule): "
-                                    "a step of size 0 has no edge of stability")
-            try:
-                P = preconditioned_hessian_operator(self.model, self.loss_fn, self.batch, self.optimizer)
-            except ValueError as err:  # no optimizer state yet
-                return None, None, str(err).splitlines()[0]
-            return P, P.threshold, None
-        return hessian_operator(self.model, self.loss_fn, self.batch), None, None
-
-    def _warn_once(self, message: str) -> None:
+    def _warn_once(self, message: str, stacklevel: int = 4) -> None:
+        """The Recorder's one warn-once: each distinct message is warned once (``RuntimeWarning``)."""
         if message not in self._warned:
             self._warned.add(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
     def _log_scalar(self, name: str, value: float) -> None:
         """Append to a run-file scalar log; a resumed file from before that log existed drops it (one warning)."""
@@ -524,6 +514,12 @@ class Recorder:
             self._warn_once(f"{self.writer.path} has no scalar log {name!r} (an older run file): not stored there")
 
     def close(self) -> None:
+        """Close the run file; log what online sharpness cost (logger ``sharpscope``, INFO) with its share of
+        the time since the Recorder was created (:meth:`sharpscope.online.OnlineCost.describe`)."""
+        cost = self.online_cost
+        if cost is not None and cost.measurements and not self._cost_logged:
+            self._cost_logged = True
+            _log.info("%s", cost.describe(time.perf_counter() - self._started))
         if self.writer is not None:
             self.writer.close()
 

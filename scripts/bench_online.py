@@ -1,0 +1,259 @@
+"""What online sharpness costs in a training loop, and how accurate it is (docs/bench-notes.md, "Online tracking").
+
+For each problem, one interleaved run (``--reps`` rounds of: the plain loop, the loop with
+``Recorder(sharpness_every=K)``, and, with ``--legacy``, the same with the measurement as main 53faba8 made
+it -- a new operator per measurement, ``lanczos(k=1, tol=1e-4)`` warm-started, default basis) prints the
+median time ratio tracked / plain, products per measurement (median, first) and, from one more untimed
+tracked run, the largest relative error of the logged values against a converged solve (a fresh operator,
+``lanczos(tol=1e-8)``) at the same checkpoints.
+
+Problems: ``mlp`` (the issue's bench: a 64-512-512-10 tanh MLP, SGD, full batch 1024, sharpness batch 256),
+``cnn`` (a ReLU CNN with Adam, batch 256, sharpness batch 128), ``gpt2`` (a tiny GPT-2 from
+``transformers.GPT2Config`` trained by a Hugging Face ``Trainer``, tracked through ``ss.huggingface_callback``).
+
+    PYTHONPATH=. python scripts/bench_online.py --problems mlp,cnn,gpt2 --reps 3 --legacy
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sharpscope as ss
+from sharpscope.online import OnlineSharpness
+from sharpscope.runs.capture import Recorder
+
+
+class LegacyOnline(OnlineSharpness):
+    """The measurement as main 53faba8 made it: a new operator at every measurement (its determinism check,
+    graph and first-product derivative check each time), ``tol=1e-4``, the default basis."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, tol=1e-4, max_basis=None, **kwargs)
+
+    def measure(self, step: int):
+        self.operator = None
+        return super().measure(step)
+
+
+def converged(model, opt, loss_fn, batch) -> float:
+    """The reference: ``lanczos(tol=1e-8)`` on a float64 copy of the model, its optimizer state and the batch
+    (float32 products cannot reach a 1e-8 residual)."""
+    twin = copy.deepcopy(model).double()
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = dict(twin.named_parameters())
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[names[id(p)]] for p in g["params"]]}
+              for g in opt.param_groups]
+    twin_opt = type(opt)(groups, **opt.defaults)  # the defaults hold the reference lr of D
+    twin_opt.load_state_dict(opt.state_dict())  # casts the state to float64
+    if isinstance(batch, dict):
+        batch = dict(batch)
+    else:
+        batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
+    P = ss.preconditioned_hessian_operator(twin, loss_fn, batch, twin_opt)
+    return float(ss.lanczos(P, k=1, tol=1e-8).eigenvalues[0])
+
+
+# -- problems: (model, optimizer, one training step, sharpness batch, loss) ---------------------------
+def mlp(seed: int):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(1024, 64), torch.randint(0, 10, (1024,))
+    return model, opt, (x, y), (x[:256], y[:256]), nn.CrossEntropyLoss()
+
+
+def cnn(seed: int):
+    torch.manual_seed(seed)
+    model = ss.models.CNN(width=16, depth=2, in_channels=3, num_classes=10, image_size=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(256, 3, 16, 16), torch.randint(0, 10, (256,))
+    return model, opt, (x, y), (x[:128], y[:128]), nn.CrossEntropyLoss()
+
+
+def train(problem, seed: int, steps: int, every: int | None, legacy: bool = False, reference: bool = False):
+    """One run; returns (seconds, Recorder or None, [(step, logged, converged)]). With ``reference``, the model and
+    optimizer state are copied at each measured step (a few ms) and the converged values computed after the
+    timed loop, on copies."""
+    model, opt, data, sbatch, loss_fn = problem(seed)
+    snapshots = []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rec = None
+        start = time.perf_counter()
+        if every is not None:
+            rec = Recorder(Path(tmp) / "run.h5", model, opt, batch=sbatch, schedule="on_demand", loss_fn=loss_fn,
+                           sharpness_every=every)
+            if legacy:
+                rec.online = LegacyOnline(model, loss_fn, sbatch, opt, warn=rec._warn_once)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn(model(data[0]), data[1])
+            loss.backward()
+            opt.step()
+            if rec is not None:
+                rec.step(loss=loss.detach())
+                if reference and rec.step_count % every == 0 and rec.sharpness_log:
+                    snapshots.append((rec.step_count, rec.sharpness_log[-1][1], copy.deepcopy(model),
+                                      copy.deepcopy(opt.state_dict())))
+        seconds = time.perf_counter() - start
+        if rec is not None:
+            rec.close()
+        errors = []
+        for step, logged, twin, state in snapshots:
+            twin_opt = type(opt)(twin.parameters(), **opt.defaults)
+            twin_opt.load_state_dict(state)
+            errors.append((step, logged, converged(twin, twin_opt, loss_fn, sbatch)))
+    return seconds, rec, errors
+
+
+# -- GPT-2 through the Hugging Face Trainer ----------------------------------------------------------------
+def gpt2_run(seed: int, steps: int, every: int | None, legacy: bool = False, reference: bool = False):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=32, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (64, 32), generator=g)
+    rows = [{"input_ids": ids[i], "attention_mask": torch.ones(32, dtype=torch.long), "labels": ids[i]}
+            for i in range(64)]
+    sbatch = {k: torch.stack([r[k] for r in rows[:8]]) for k in rows[0]}
+    errors = []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        args = transformers.TrainingArguments(output_dir=str(Path(tmp) / "hf"), per_device_train_batch_size=16,
+                                              max_steps=steps, logging_steps=10**6, save_strategy="no", report_to="none",
+                                              use_cpu=True, learning_rate=1e-3, lr_scheduler_type="constant",
+                                              disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        callback = None
+        if every is not None:
+            callback = ss.huggingface_callback(str(Path(tmp) / "lm.h5"), batch=sbatch, schedule="on_demand",
+                                               sharpness_every=every)
+            callback.attach(trainer)
+            if legacy or reference:
+                _instrument(callback, legacy, reference, errors)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    return seconds, callback.recorder if callback is not None else None, errors
+
+
+def _instrument(callback, legacy: bool, reference: bool, errors: list) -> None:
+    """Swap in the legacy measurement and/or record a converged reference after each measurement."""
+    begin, end = callback.on_train_begin, callback.on_step_end
+
+    def on_train_begin(*a, **k):
+        out = begin(*a, **k)
+        rec = callback.recorder
+        if legacy:
+            rec.online = LegacyOnline(rec.model, rec.loss_fn, rec.batch, rec.optimizer, warn=rec._warn_once)
+        return out
+
+    def on_step_end(*a, **k):
+        out = end(*a, **k)
+        rec = callback.recorder
+        if reference and rec.sharpness_log and rec.sharpness_log[-1][0] == rec.step_count:
+            errors.append((rec.step_count, rec.sharpness_log[-1][1], converged(rec.model, rec.optimizer, rec.loss_fn, rec.batch)))
+        return out
+
+    callback.on_train_begin, callback.on_step_end = on_train_begin, on_step_end
+
+
+PROBLEMS = {"mlp": lambda *a, **k: train(mlp, *a, **k), "cnn": lambda *a, **k: train(cnn, *a, **k), "gpt2": gpt2_run}
+
+
+def bench(name: str, reps: int, steps: int, every: int, legacy: bool, errors: bool = True) -> None:
+    run = PROBLEMS[name]
+    variants = {"plain": dict(every=None), "online": dict(every=every)}
+    if legacy:
+        variants["legacy"] = dict(every=every, legacy=True)
+    times = {v: [] for v in variants}
+    recs, refs = {}, {}
+    run(0, min(steps, 10), None)  # warm-up: imports, allocator, thread pool
+    for rep in range(reps):
+        for v, kw in variants.items():
+            # the last round also copies the state at each measured step (the mlp and cnn; GPT-2 replays the run)
+            seconds, rec, ref = run(0, steps, **kw, reference=(errors and rep == reps - 1 and v != "plain" and name != "gpt2"))
+            times[v].append(seconds)
+            recs[v], refs[v] = rec, ref
+            print(f"  round {rep}: {v} {seconds:.2f} s", flush=True)
+    print(f"\n[{name}] {steps} steps, sharpness_every={every}, {reps} interleaved rounds, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  plain: median {statistics.median(times['plain']):.2f} s  ({', '.join(f'{t:.2f}' for t in times['plain'])})")
+    for v in variants:
+        if v == "plain":
+            continue
+        ratios = [t / p for t, p in zip(times[v], times["plain"])]
+        cost = recs[v].online_cost
+        ref = (refs[v] or run(0, steps, every=every, legacy=(v == "legacy"), reference=True)[2]) if errors else []
+        err = max((abs(a - b) / abs(b) for _, a, b in ref), default=float("nan"))
+        print(f"  {v}: median {statistics.median(times[v]):.2f} s, ratio {statistics.median(ratios):.2f}x "
+              f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}); products per measurement median "
+              f"{cost.products_median:g}, first {cost.products_first}; {cost.seconds / cost.measurements * 1e3:.0f} ms "
+              f"per measurement, {cost.seconds / statistics.median(times[v]):.0%} of the run; max relative error vs "
+              f"lanczos(tol=1e-8) {err:.1e} over {len(ref)} checkpoints", flush=True)
+
+
+def breakdown(name: str, repeats: int = 5) -> None:
+    """Where a measurement's fixed cost goes, on one operator reused across solves (medians of ``repeats``):
+    a forward pass of the sharpness batch (no graph), the first product of a solve (the determinism check's two
+    evaluations, the gradient graph, the product) and a later product of the same solve (the second backward)."""
+    model, opt, data, sbatch, loss_fn = {"mlp": mlp, "cnn": cnn}[name](0)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(model(data[0]), data[1]).backward()
+        opt.step()
+    P = ss.preconditioned_hessian_operator(model, loss_fn, sbatch, opt)
+    v = torch.randn(P.shape[0])
+    P @ v  # the derivative check, once per operator
+    fwd, first, later = [], [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.no_grad():
+            loss_fn(model(sbatch[0]), sbatch[1])
+        fwd.append(time.perf_counter() - t)
+        with P.pinned():
+            t = time.perf_counter()
+            P @ v
+            first.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            P @ v
+            later.append(time.perf_counter() - t)
+    f, a, b = (statistics.median(x) * 1e3 for x in (fwd, first, later))
+    print(f"\n[{name} breakdown] forward {f:.1f} ms; first product of a solve {a:.1f} ms; later product {b:.1f} ms; "
+          f"fixed cost per solve {a - b:.1f} ms = {(a - b) / b:.1f} products (determinism check ~ 2 forwards = "
+          f"{2 * f:.1f} ms; the rest the gradient graph)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", default="mlp", help="comma-separated: mlp, cnn, gpt2 (default mlp)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    parser.add_argument("--every", type=int, default=10, help="sharpness_every (default 10)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--legacy", action="store_true", help="also time main 53faba8's measurement (A/B)")
+    parser.add_argument("--no-errors", action="store_true", help="skip the converged reference solves")
+    parser.add_argument("--breakdown", action="store_true", help="only the fixed cost per measurement (mlp, cnn)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.problems.split(","):
+        if args.breakdown:
+            breakdown(name.strip())
+            continue
+        bench(name.strip(), args.reps, args.steps, args.every, args.legacy, not args.no_errors)
+
+
+if __name__ == "__main__":
+    main()
