@@ -23,8 +23,8 @@ from ._version import __version__
 
 # every public name -> the module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("hessian_operator", "ggn_operator", "ntk_operator", "HessianOperator", "GGNOperator",
-                     "NTKOperator"), ".operators"),
+    **dict.fromkeys(("hessian_operator", "ggn_operator", "ntk_operator", "fisher_operator", "HessianOperator",
+                     "GGNOperator", "NTKOperator", "FisherOperator"), ".operators"),
     **dict.fromkeys(("preconditioned_hessian_operator", "PreconditionedOperator", "stability_threshold",
                      "effective_step_sizes"), ".preconditioning"),
     **dict.fromkeys(("batch_loss", "BatchLoss"), ".closures"),
@@ -113,7 +113,16 @@ if TYPE_CHECKING:  # what type checkers and the API reference (griffe, which doe
         check_symmetry,
     )
     from .models import CNN, FAMILIES, MLP, MoE, MoELayer, Transformer, build_model
-    from .operators import GGNOperator, HessianOperator, NTKOperator, ggn_operator, hessian_operator, ntk_operator
+    from .operators import (
+        FisherOperator,
+        GGNOperator,
+        HessianOperator,
+        NTKOperator,
+        fisher_operator,
+        ggn_operator,
+        hessian_operator,
+        ntk_operator,
+    )
     from .optim import OptimizerList, build_optimizer
     from .param import (
         PARAMETERIZATIONS,

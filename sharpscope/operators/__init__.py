@@ -84,7 +84,7 @@ The package: :mod:`.base` (data, loss closures, following the model, determinism
 the runtime state, the auto selector and fallback ladder), :mod:`.strategies` (the product strategies),
 :mod:`.products` (fallbacks and the derivative check), :mod:`.batching` (block products), :mod:`.parallel`
 (one process or data-parallel), :mod:`.following` (staleness and determinism, shared with :mod:`.sharded`),
-one module of per-batch functions per operator (:mod:`.hessian`, :mod:`.ggn`, :mod:`.ntk`) and
+one module of per-batch functions per operator (:mod:`.hessian`, :mod:`.ggn`, :mod:`.ntk`, :mod:`.fisher`) and
 :mod:`.factories` (the public constructors).
 """
 
@@ -92,7 +92,8 @@ from __future__ import annotations
 
 from ._autograd import default_graph_memory_budget, loss_output_hvp
 from .base import CurvatureOperator
-from .factories import ggn_operator, hessian_operator, ntk_operator
+from .factories import fisher_operator, ggn_operator, hessian_operator, ntk_operator
+from .fisher import FisherOperator
 from .ggn import GGNOperator
 from .hessian import HessianOperator
 from .modes import HvpMode, ProductMode
@@ -101,6 +102,7 @@ from .parallel import DataParallel, SingleProcess
 from .products import SWITCH_WITHIN
 from .sharded import ShardedHessianOperator
 
-__all__ = ["hessian_operator", "ggn_operator", "ntk_operator", "HessianOperator", "GGNOperator",
+__all__ = ["hessian_operator", "ggn_operator", "ntk_operator", "fisher_operator", "HessianOperator", "GGNOperator",
+           "FisherOperator",
            "NTKOperator", "CurvatureOperator", "ShardedHessianOperator", "loss_output_hvp", "HvpMode", "ProductMode",
            "DataParallel", "SingleProcess", "SWITCH_WITHIN", "default_graph_memory_budget"]

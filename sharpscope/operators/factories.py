@@ -20,6 +20,7 @@ from ..distributed import (
 )
 from ..functional import BatchNormMode, ModelFunction
 from .base import CurvatureOperator
+from .fisher import FisherKind, FisherOperator
 from .ggn import GGNOperator
 from .hessian import HessianOperator
 from .modes import FD, HvpMode
@@ -151,6 +152,29 @@ def ggn_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
         return GGNOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched,
                            parallel=parallel)
     return _make(group, "ggn_operator", build)
+
+
+def fisher_operator(model: nn.Module, loss_fn: Callable, data: Any, *, kind: FisherKind = "empirical",
+                    mc_samples: int = 1, seed: int = 0, params: Sequence[str] | str | None = None,
+                    hvp_mode: HvpMode = "auto", batchnorm: BatchNormMode = "batch",
+                    graph_memory_budget: int | None = None, batched: bool | None = None,
+                    distributed: Any = None) -> FisherOperator:
+    """The Fisher information ``J^T C J`` (:mod:`sharpscope.operators.fisher`): ``kind="empirical"`` (outer
+    products of the per-sample gradients of the data's loss) or ``kind="mc"`` (the true Fisher of
+    cross-entropy by Monte Carlo: ``mc_samples`` labels per sample from the model's softmax, drawn once per
+    batch from ``seed``; it converges to :func:`ggn_operator` as ``mc_samples`` grows). The loss must be the
+    mean of per-sample losses over the batch's first dimension (``reduction="mean"``). Other arguments as
+    :func:`ggn_operator`."""
+    group = resolve_group(distributed)
+    model = unwrap_model(model)
+    if is_fsdp_model(model):
+        return _sharded(model, loss_fn, data, group, params, hvp_mode, batchnorm, "fisher_operator")
+
+    def build(parallel=None):
+        fn = _model_function(model, loss_fn, params, batchnorm, hvp_mode, "fisher_operator", outputs=True)
+        return FisherOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched,
+                              parallel=parallel, kind=kind, mc_samples=mc_samples, seed=seed)
+    return _make(group, "fisher_operator", build)
 
 
 def ntk_operator(model: nn.Module, inputs: Any, data: Any = None, *, params: Sequence[str] | str | None = None,

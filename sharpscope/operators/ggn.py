@@ -19,6 +19,15 @@ class GGNOperator(CurvatureOperator):
 
     _closure_part = "outputs"
 
+    def _output_curvature(self, outputs: torch.Tensor, targets, u: torch.Tensor) -> torch.Tensor:
+        """The curvature on the outputs times ``u``: the loss Hessian w.r.t. the outputs (other operators of
+        the form ``J^T C J``, the Fisher, override this and :meth:`_output_curvature_rows`)."""
+        return loss_output_hvp(self.loss_fn, outputs, targets, u)
+
+    def _output_curvature_rows(self, outputs: torch.Tensor, targets, U: torch.Tensor) -> torch.Tensor:
+        """:meth:`_output_curvature` for a block ``U`` of shape ``(m, *outputs.shape)``."""
+        return loss_output_hvp_rows(self.loss_fn, outputs, targets, U)
+
     def _check_deterministic(self, first: tuple[list, bool] | None = None) -> None:
         super()._check_deterministic(first)
         if self.closure is not None and self.closure.fn is not None:
@@ -46,7 +55,7 @@ class GGNOperator(CurvatureOperator):
         vs = self.fn.unflatten(v)
         acc = torch.zeros_like(v)
         for weight, (graph, targets) in graphs:
-            hjv = loss_output_hvp(self.loss_fn, graph.outputs, targets, graph.jvp(vs))
+            hjv = self._output_curvature(graph.outputs, targets, graph.jvp(vs))
             acc.add_(self.fn.flatten(graph.vjp(hjv)), alpha=weight)
         return acc
 
@@ -54,7 +63,7 @@ class GGNOperator(CurvatureOperator):
         vs = unflatten_rows(self.fn, rows)
         acc = torch.zeros_like(rows)
         for weight, (graph, targets) in graphs:
-            hjv = loss_output_hvp_rows(self.loss_fn, graph.outputs, targets, graph.jvp_rows(vs))
+            hjv = self._output_curvature_rows(graph.outputs, targets, graph.jvp_rows(vs))
             acc.add_(flatten_rows(self.fn, graph.vjp_rows(hjv), rows.shape[0]), alpha=weight)
         return acc
 
@@ -68,7 +77,7 @@ class GGNOperator(CurvatureOperator):
             outputs, jv = torch.func.jvp(f, (primals,), (vs,))
             if not self._checked:
                 self._loss(outputs, batch)
-            hjv = loss_output_hvp(self.loss_fn, outputs, batch.targets, jv)
+            hjv = self._output_curvature(outputs, batch.targets, jv)
             _, vjp_fn = torch.func.vjp(f, primals)
             acc.add_(self.fn.flatten(vjp_fn(hjv)[0]), alpha=self._weight(batch.size))
         return acc
@@ -84,7 +93,7 @@ class GGNOperator(CurvatureOperator):
             outputs = self.fn(self.fn.params, batch.inputs)
             if not self._checked:
                 self._loss(outputs, batch)
-            hjv = loss_output_hvp(self.loss_fn, outputs, batch.targets, jv)
+            hjv = self._output_curvature(outputs, batch.targets, jv)
             jt = torch.autograd.grad(outputs, self.fn.params, hjv, allow_unused=True)
             acc.add_(self.fn.flatten(jt), alpha=self._weight(batch.size))
         return acc
