@@ -10,4 +10,4 @@ cd "$ROOT"
 # burns CPU while its partner waits for a core (2026-12-07: 308 CPU s against 72 s for this demo under
 # load, the same work; docs/bench-notes.md). scripts/measure_demo.sh --python sets the same.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-exec python -m sharpscope.demo --probe probes/quickstart.toml "$@"
+exec python -m sharpscope demo --probe probes/quickstart.toml "$@"

@@ -4,7 +4,7 @@
 # the figure to quote: on a machine shared with other jobs the wall time mostly measures the load.
 #
 # Usage: ./scripts/measure_demo.sh [--python PY] [--out DIR] [--max-cpu SECONDS]
-#   --python PY   run the demo's program (python -m sharpscope.demo, as demo.sh does, with demo.sh's
+#   --python PY   run the demo's program (python -m sharpscope demo, as demo.sh does, with demo.sh's
 #                 OMP_WAIT_POLICY) with this interpreter, the repository first on PYTHONPATH, instead
 #                 of running scripts/demo.sh itself; the .venv set-up is never counted
 #   --out DIR     the demo's output folder (default: a fresh temporary folder, removed afterwards)
@@ -26,7 +26,7 @@ if [ -z "$py" ]; then
   py="$(command -v python)"
   demo=(bash "$ROOT/scripts/demo.sh")
 else
-  demo=(env "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}" "$py" -m sharpscope.demo --probe probes/quickstart.toml)
+  demo=(env "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}" "$py" -m sharpscope demo --probe probes/quickstart.toml)
 fi
 cd "$ROOT"
 keep=1

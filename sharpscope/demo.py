@@ -134,14 +134,3 @@ def demo_command(args: argparse.Namespace) -> int:
             print(f"  {line}")
         print(f"report: {result.report} (also report.md, metrics.json, figures/)")
     return 0
-
-
-def main() -> None:
-    """``python -m sharpscope.demo``: the same as ``sharpscope demo``."""
-    from .cli import main as cli_main
-
-    raise SystemExit(cli_main(["demo", *__import__("sys").argv[1:]]))
-
-
-if __name__ == "__main__":
-    main()
