@@ -85,17 +85,18 @@ def visible_files(folder) -> list[str]:
 
 
 # -- crashes at chosen moments, in a subprocess that does not import torch (fast) -------------------------
-_PRELUDE = """
-import json, os, signal, sys, types
-for name in ("sharpscope", "sharpscope.runs"):
-    module = types.ModuleType(name)
-    module.__path__ = [os.path.join(sys.argv[1], *name.split("."))]
-    sys.modules[name] = module
-import h5py
-import numpy as np
-from sharpscope.runs import table
-from sharpscope.runs.spectra import SpectraFile
-"""
+def torch_free_prelude(*imports: str) -> str:
+    """The start of a subprocess script that imports ``sharpscope.runs`` modules without importing torch
+    (``sys.argv[1]`` is the repository root), then ``imports`` (lines)."""
+    return "\n".join(["import json, os, signal, sys, time, types",
+                      'for name in ("sharpscope", "sharpscope.runs"):',
+                      "    module = types.ModuleType(name)",
+                      '    module.__path__ = [os.path.join(sys.argv[1], *name.split("."))]',
+                      "    sys.modules[name] = module", *imports, ""])
+
+
+_PRELUDE = torch_free_prelude("import h5py", "import numpy as np", "from sharpscope.runs import table",
+                              "from sharpscope.runs.spectra import SpectraFile")
 
 _WRITE_AND_DIE = _PRELUDE + textwrap.dedent("""
     path, rows, kill = sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])

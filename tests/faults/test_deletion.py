@@ -24,7 +24,7 @@ from conftest import probe_text
 from sharpscope.cli import main
 from sharpscope.runs.spectra import spectra_path
 
-from ._run_files import ROOT, record, superseded_notes, visible_files
+from ._run_files import ROOT, record, superseded_notes, torch_free_prelude, visible_files
 
 
 def _digests(folder) -> dict[str, str]:
@@ -190,14 +190,7 @@ def test_lock_files_are_out_of_sight(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / ".sharpscope-locks").iterdir()) == ["run.h5.lock", "run.spectra.h5.lock"]
 
 
-_PRELUDE = """
-import json, os, signal, sys, time, types
-for name in ("sharpscope", "sharpscope.runs"):
-    module = types.ModuleType(name)
-    module.__path__ = [os.path.join(sys.argv[1], *name.split("."))]
-    sys.modules[name] = module
-from sharpscope.runs.locks import Lock, LockHeldError, lock_file_for
-"""
+_PRELUDE = torch_free_prelude("from sharpscope.runs.locks import Lock, LockHeldError, lock_file_for")
 
 _HOLD = _PRELUDE + textwrap.dedent("""
     lock = Lock(lock_file_for(sys.argv[2]))
