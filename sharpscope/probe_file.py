@@ -267,6 +267,7 @@ def load_probe(path: str | Path) -> Probe:
     pos_int = lambda minimum: lambda v, what: r.integer(v, what, minimum)  # noqa: E731
     lower = lambda v, what: r.text(v, what).lower()  # noqa: E731
     base_width, base_depth = r.get(model, "base_width", "model"), r.get(model, "base_depth", "model")
+    steps, samples = _train_length(r, train)
     probe = Probe(
         name=str(r.get(meta, "name", "probe", default=path.stem)), description=str(meta.get("description", "")),
         expected=str(meta.get("expected", "")), source=str(meta.get("source", "")),
@@ -278,7 +279,7 @@ def load_probe(path: str | Path) -> Probe:
         parameterizations=r.values(r.get(train, "parameterizations", "train", True), "[train] parameterizations", lower),
         optimizers=r.values(r.get(train, "optimizers", "train", True), "[train] optimizers", lower),
         lrs=r.values(r.get(train, "lrs", "train", True), "[train] lrs", lambda v, w: r.number(v, w, positive=True)),
-        steps=_train_length(r, train)[0], samples=_train_length(r, train)[1],
+        steps=steps, samples=samples,
         batch_size=r.integer(train.get("batch_size", 0), "[train] batch_size", 0),
         seeds=r.values(train.get("seeds", [0]), "[train] seeds", pos_int(0)),
         data=r.text(train.get("data", "digits"), "[train] data"),
