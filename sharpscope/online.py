@@ -112,7 +112,8 @@ class OnlineSharpness:
         loss_fn: a criterion ``loss_fn(outputs, targets)`` or a loss closure (:func:`~sharpscope.batch_loss`).
         batch: the fixed batch ``(inputs, targets)`` or, with a loss closure, a mapping of tensors.
         optimizer: the optimizer whose next step defines :math:`D` and the threshold; None: the raw Hessian.
-        tol: relative Ritz-residual tolerance, a bound on the relative eigenvalue error (module docstring).
+        tol: relative Ritz-residual tolerance: the value is within ``tol`` relative of an eigenvalue and at most
+            the top one; its error to the top one is an estimate, ``tol**2 / g`` (module docstring).
         max_basis: Lanczos basis size before a thick restart (default 20; None: :func:`~sharpscope.lanczos`'s).
         warn: called with a message once when the optimizer defines no threshold (the raw Hessian is
             measured instead) and at each skipped measurement; default :func:`warnings.warn`.
