@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import statistics
 import tempfile
 import time
@@ -71,7 +72,8 @@ def converged(model, opt, loss_fn, batch) -> float:
     params = dict(twin.named_parameters())
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[names[id(p)]] for p in g["params"]]}
               for g in opt.param_groups]
-    twin_opt = type(opt)(groups, **opt.defaults)  # the defaults hold the reference lr of D
+    accepted = inspect.signature(type(opt)).parameters  # torch's AdamW keeps a default its constructor refuses
+    twin_opt = type(opt)(groups, **{k: v for k, v in opt.defaults.items() if k in accepted})  # the reference lr of D
     twin_opt.load_state_dict(opt.state_dict())  # casts the state to float64
     if isinstance(batch, dict):
         batch = dict(batch)
@@ -130,7 +132,8 @@ def train(problem, seed: int, steps: int, every: int | None, variant: str | None
             rec.close()
         errors = []
         for step, logged, twin, state in snapshots:
-            twin_opt = type(opt)(twin.parameters(), **opt.defaults)
+            accepted = inspect.signature(type(opt)).parameters
+            twin_opt = type(opt)(twin.parameters(), **{k: v for k, v in opt.defaults.items() if k in accepted})
             twin_opt.load_state_dict(state)
             errors.append((step, logged, converged(twin, twin_opt, loss_fn, sbatch)))
     return seconds, rec, errors
@@ -230,11 +233,15 @@ def bench(name: str, reps: int, steps: int, every: int, before: bool, legacy: bo
         if kw["every"] is not None:
             cost = recs[v].online_cost
             ref = (refs[v] or run(0, steps, **kw, reference=True)[2]) if errors else []
-            err = max((abs(a - b) / abs(b) for _, a, b in ref), default=float("nan"))
-            line += (f"; products per measurement median {cost.products_median:g}, first {cost.products_first}, "
+            rel = [abs(a - b) / abs(b) for _, a, b in ref]
+            err = max(rel, default=float("nan"))
+            mid = statistics.median(rel) if rel else float("nan")
+            first = next((m.start for m in recs[v].online.history if m.skipped is None), "none")
+            line += (f"; products per measurement median {cost.products_median:g}, first {cost.products_first} "
+                     f"(from {first}), "
                      f"mean {cost.products_total / max(cost.measurements, 1):.2f}; "
                      f"{cost.seconds / cost.measurements * 1e3:.0f} ms (wall) per measurement; max relative error vs "
-                     f"lanczos(tol=1e-8) {err:.1e} over {len(ref)} checkpoints")
+                     f"lanczos(tol=1e-8) {err:.1e} (median {mid:.1e}) over {len(ref)} checkpoints")
         print(line, flush=True)
 
 

@@ -19,8 +19,9 @@ What makes it cheap enough to leave on:
   starts from the gradient the training step left in ``p.grad`` (times :math:`D^{1/2}` for the
   preconditioned operator) where every selected parameter holds a finite, nonzero one: the gradient lies
   mostly in the top eigenspace of the Hessian (Gur-Ari, Roberts & Dyer 2018, "Gradient descent happens
-  in a tiny subspace"), so the solve needs fewer products than from a random vector (28 to 22 on the MLP
-  bench of docs/bench-notes.md). Else (gradients zeroed, as a Hugging Face Trainer does before its
+  in a tiny subspace"), so the solve may need fewer products than from a random vector: 28 to 22 on the MLP
+  bench of docs/bench-notes.md (SGD); no gain on its CNN with Adam (39 products over four first solves
+  either way). Else (gradients zeroed, as a Hugging Face Trainer does before its
   callbacks; sharded parameters) a seeded random vector. The start changes how fast the solve converges,
   never what it certifies: the stop rule below is the same.
 * **A tracking tolerance.** ``tol`` (default ``1e-2``) is the relative Ritz-residual tolerance of
