@@ -1,22 +1,26 @@
 """What online sharpness costs in a training loop, and how accurate it is (docs/bench-notes.md, "Online tracking").
 
-For each problem, one interleaved run (``--reps`` rounds of: the plain loop, the loop with
-``Recorder(sharpness_every=K)``, and, with ``--legacy``, the same with the measurement as main 53faba8 made
-it -- a new operator per measurement, ``lanczos(k=1, tol=1e-4)`` warm-started, default basis) prints the
-median time ratio tracked / plain, products per measurement (median, first) and, from one more untimed
-tracked run, the largest relative error of the logged values against a converged solve (a fresh operator,
-``lanczos(tol=1e-8)``) at the same checkpoints.
+For each problem, one interleaved run (``--reps`` rounds of: the plain loop, the loop with a ``Recorder``
+that measures nothing (its own overhead), the loop with ``Recorder(sharpness_every=K)``, with ``--before``
+the same with main 67ee995's measurement (the first solve from a random vector instead of the gradient),
+and with ``--legacy`` the measurement as main 53faba8 made it -- a new operator per measurement,
+``lanczos(k=1, tol=1e-4)`` warm-started, default basis) prints the median time ratio to the plain loop,
+products per measurement (median, first, mean) and, from one more untimed tracked run, the largest relative
+error of the logged values against a converged solve (``lanczos(tol=1e-8)`` on a float64 copy) at the same
+checkpoints. Every variant runs once untimed first (imports, allocator, thread pool).
 
 Problems: ``mlp`` (the issue's bench: a 64-512-512-10 tanh MLP, SGD, full batch 1024, sharpness batch 256),
-``cnn`` (a ReLU CNN with Adam, batch 256, sharpness batch 128), ``gpt2`` (a tiny GPT-2 from
-``transformers.GPT2Config`` trained by a Hugging Face ``Trainer``, tracked through ``ss.huggingface_callback``).
+``cnn_adam`` (alias ``cnn``: a ReLU CNN with Adam, batch 256, sharpness batch 128), ``gpt2_hf`` (alias
+``gpt2``: a tiny GPT-2 from ``transformers.GPT2Config`` trained by a Hugging Face ``Trainer``, tracked
+through ``ss.huggingface_callback``; nothing downloaded).
 
-    PYTHONPATH=. python scripts/bench_online.py --problems mlp,cnn,gpt2 --reps 3 --legacy
+    PYTHONPATH=. python scripts/bench_online.py --problems mlp,cnn_adam,gpt2_hf --reps 3 --before --legacy
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import statistics
 import tempfile
 import time
@@ -30,6 +34,10 @@ import sharpscope as ss
 from sharpscope.online import OnlineSharpness
 from sharpscope.runs.capture import Recorder
 
+# the timer of the runs: wall time (default), or with --clock cpu this process's CPU time, steadier on a shared
+# machine (with --threads 1: a thread waiting for a core counts nothing)
+CLOCK = [time.perf_counter]
+
 
 class LegacyOnline(OnlineSharpness):
     """The measurement as main 53faba8 made it: a new operator at every measurement (its determinism check,
@@ -42,6 +50,19 @@ class LegacyOnline(OnlineSharpness):
         self.operator = None
         return super().measure(step)
 
+    def _gradient(self, op):
+        return None  # main 53faba8 started from a random vector
+
+
+class MainOnline(OnlineSharpness):
+    """The measurement as main 67ee995 made it: this one, with the first solve from a random vector."""
+
+    def _gradient(self, op):
+        return None
+
+
+ONLINE = {"online": None, "before": MainOnline, "legacy": LegacyOnline}
+
 
 def converged(model, opt, loss_fn, batch) -> float:
     """The reference: ``lanczos(tol=1e-8)`` on a float64 copy of the model, its optimizer state and the batch
@@ -51,7 +72,8 @@ def converged(model, opt, loss_fn, batch) -> float:
     params = dict(twin.named_parameters())
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[names[id(p)]] for p in g["params"]]}
               for g in opt.param_groups]
-    twin_opt = type(opt)(groups, **opt.defaults)  # the defaults hold the reference lr of D
+    accepted = inspect.signature(type(opt)).parameters  # torch's AdamW keeps a default its constructor refuses
+    twin_opt = type(opt)(groups, **{k: v for k, v in opt.defaults.items() if k in accepted})  # the reference lr of D
     twin_opt.load_state_dict(opt.state_dict())  # casts the state to float64
     if isinstance(batch, dict):
         batch = dict(batch)
@@ -72,27 +94,29 @@ def mlp(seed: int):
 
 def cnn(seed: int):
     torch.manual_seed(seed)
-    model = ss.models.CNN(width=16, depth=2, in_channels=3, num_classes=10, image_size=16)
+    model = ss.CNN(width=16, depth=2, in_channels=3, num_classes=10, image_size=16)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = torch.randn(256, 3, 16, 16), torch.randint(0, 10, (256,))
     return model, opt, (x, y), (x[:128], y[:128]), nn.CrossEntropyLoss()
 
 
-def train(problem, seed: int, steps: int, every: int | None, legacy: bool = False, reference: bool = False):
-    """One run; returns (seconds, Recorder or None, [(step, logged, converged)]). With ``reference``, the model and
-    optimizer state are copied at each measured step (a few ms) and the converged values computed after the
-    timed loop, on copies."""
+def train(problem, seed: int, steps: int, every: int | None, variant: str | None = None, reference: bool = False):
+    """One run; returns (seconds, Recorder or None, [(step, logged, converged)]). ``every`` None with a ``variant``:
+    a Recorder that measures nothing; ``variant`` "online", "before" or "legacy" picks the measurement
+    (:data:`ONLINE`). With ``reference``, the model and optimizer state are copied at each measured step (a few
+    ms) and the converged values computed after the timed loop, on copies."""
     model, opt, data, sbatch, loss_fn = problem(seed)
     snapshots = []
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)  # a run file without a model factory: not rebuilt here
         rec = None
-        start = time.perf_counter()
-        if every is not None:
+        start = CLOCK[0]()
+        if variant is not None:
             rec = Recorder(Path(tmp) / "run.h5", model, opt, batch=sbatch, schedule="on_demand", loss_fn=loss_fn,
                            sharpness_every=every)
-            if legacy:
-                rec.online = LegacyOnline(model, loss_fn, sbatch, opt, warn=rec._warn_once)
+            if every is not None and ONLINE[variant] is not None:
+                rec.online = ONLINE[variant](model, loss_fn, sbatch, opt, warn=rec._warn_once)
         for _ in range(steps):
             opt.zero_grad()
             loss = loss_fn(model(data[0]), data[1])
@@ -100,22 +124,23 @@ def train(problem, seed: int, steps: int, every: int | None, legacy: bool = Fals
             opt.step()
             if rec is not None:
                 rec.step(loss=loss.detach())
-                if reference and rec.step_count % every == 0 and rec.sharpness_log:
+                if reference and every and rec.step_count % every == 0 and rec.sharpness_log:
                     snapshots.append((rec.step_count, rec.sharpness_log[-1][1], copy.deepcopy(model),
                                       copy.deepcopy(opt.state_dict())))
-        seconds = time.perf_counter() - start
+        seconds = CLOCK[0]() - start
         if rec is not None:
             rec.close()
         errors = []
         for step, logged, twin, state in snapshots:
-            twin_opt = type(opt)(twin.parameters(), **opt.defaults)
+            accepted = inspect.signature(type(opt)).parameters
+            twin_opt = type(opt)(twin.parameters(), **{k: v for k, v in opt.defaults.items() if k in accepted})
             twin_opt.load_state_dict(state)
             errors.append((step, logged, converged(twin, twin_opt, loss_fn, sbatch)))
     return seconds, rec, errors
 
 
 # -- GPT-2 through the Hugging Face Trainer ----------------------------------------------------------------
-def gpt2_run(seed: int, steps: int, every: int | None, legacy: bool = False, reference: bool = False):
+def gpt2_run(seed: int, steps: int, every: int | None, variant: str | None = None, reference: bool = False):
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -137,27 +162,27 @@ def gpt2_run(seed: int, steps: int, every: int | None, legacy: bool = False, ref
                                               disable_tqdm=True)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
         callback = None
-        if every is not None:
+        if variant is not None:
             callback = ss.huggingface_callback(str(Path(tmp) / "lm.h5"), batch=sbatch, schedule="on_demand",
                                                sharpness_every=every)
             callback.attach(trainer)
-            if legacy or reference:
-                _instrument(callback, legacy, reference, errors)
-        start = time.perf_counter()
+            if every is not None and (ONLINE[variant] is not None or reference):
+                _instrument(callback, ONLINE[variant], reference, errors)
+        start = CLOCK[0]()
         trainer.train()
-        seconds = time.perf_counter() - start
+        seconds = CLOCK[0]() - start
     return seconds, callback.recorder if callback is not None else None, errors
 
 
-def _instrument(callback, legacy: bool, reference: bool, errors: list) -> None:
-    """Swap in the legacy measurement and/or record a converged reference after each measurement."""
+def _instrument(callback, kind, reference: bool, errors: list) -> None:
+    """Swap in another measurement (``kind``, a class) and/or record a converged reference after each one."""
     begin, end = callback.on_train_begin, callback.on_step_end
 
     def on_train_begin(*a, **k):
         out = begin(*a, **k)
         rec = callback.recorder
-        if legacy:
-            rec.online = LegacyOnline(rec.model, rec.loss_fn, rec.batch, rec.optimizer, warn=rec._warn_once)
+        if kind is not None:
+            rec.online = kind(rec.model, rec.loss_fn, rec.batch, rec.optimizer, warn=rec._warn_once)
         return out
 
     def on_step_end(*a, **k):
@@ -170,46 +195,61 @@ def _instrument(callback, legacy: bool, reference: bool, errors: list) -> None:
     callback.on_train_begin, callback.on_step_end = on_train_begin, on_step_end
 
 
-PROBLEMS = {"mlp": lambda *a, **k: train(mlp, *a, **k), "cnn": lambda *a, **k: train(cnn, *a, **k), "gpt2": gpt2_run}
+PROBLEMS = {"mlp": lambda *a, **k: train(mlp, *a, **k), "cnn_adam": lambda *a, **k: train(cnn, *a, **k),
+            "gpt2_hf": gpt2_run}
+ALIASES = {"cnn": "cnn_adam", "gpt2": "gpt2_hf"}
 
 
-def bench(name: str, reps: int, steps: int, every: int, legacy: bool, errors: bool = True) -> None:
+def bench(name: str, reps: int, steps: int, every: int, before: bool, legacy: bool, errors: bool = True) -> None:
     run = PROBLEMS[name]
-    variants = {"plain": dict(every=None), "online": dict(every=every)}
+    variants = {"plain": dict(every=None), "recorder": dict(every=None, variant="online"),
+                "online": dict(every=every, variant="online")}
+    if before:
+        variants["before"] = dict(every=every, variant="before")
     if legacy:
-        variants["legacy"] = dict(every=every, legacy=True)
+        variants["legacy"] = dict(every=every, variant="legacy")
     times = {v: [] for v in variants}
     recs, refs = {}, {}
-    run(0, min(steps, 10), None)  # warm-up: imports, allocator, thread pool
+    for kw in variants.values():  # warm-up: imports (lanczos, scipy), allocator, thread pool
+        run(0, min(steps, every), **kw)
     for rep in range(reps):
         for v, kw in variants.items():
             # the last round also copies the state at each measured step (the mlp and cnn; GPT-2 replays the run)
-            seconds, rec, ref = run(0, steps, **kw, reference=(errors and rep == reps - 1 and v != "plain" and name != "gpt2"))
+            reference = errors and rep == reps - 1 and kw["every"] is not None and name != "gpt2_hf"
+            seconds, rec, ref = run(0, steps, **kw, reference=reference)
             times[v].append(seconds)
             recs[v], refs[v] = rec, ref
             print(f"  round {rep}: {v} {seconds:.2f} s", flush=True)
+    clock = "CPU time" if CLOCK[0] is time.process_time else "wall time"
     print(f"\n[{name}] {steps} steps, sharpness_every={every}, {reps} interleaved rounds, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {clock}")
     print(f"  plain: median {statistics.median(times['plain']):.2f} s  ({', '.join(f'{t:.2f}' for t in times['plain'])})")
-    for v in variants:
+    for v, kw in variants.items():
         if v == "plain":
             continue
         ratios = [t / p for t, p in zip(times[v], times["plain"])]
-        cost = recs[v].online_cost
-        ref = (refs[v] or run(0, steps, every=every, legacy=(v == "legacy"), reference=True)[2]) if errors else []
-        err = max((abs(a - b) / abs(b) for _, a, b in ref), default=float("nan"))
-        print(f"  {v}: median {statistics.median(times[v]):.2f} s, ratio {statistics.median(ratios):.2f}x "
-              f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}); products per measurement median "
-              f"{cost.products_median:g}, first {cost.products_first}; {cost.seconds / cost.measurements * 1e3:.0f} ms "
-              f"per measurement, {cost.seconds / statistics.median(times[v]):.0%} of the run; max relative error vs "
-              f"lanczos(tol=1e-8) {err:.1e} over {len(ref)} checkpoints", flush=True)
+        line = (f"  {v}: median {statistics.median(times[v]):.2f} s, ratio {statistics.median(ratios):.3f}x "
+                f"(rounds {', '.join(f'{r:.3f}' for r in ratios)})")
+        if kw["every"] is not None:
+            cost = recs[v].online_cost
+            ref = (refs[v] or run(0, steps, **kw, reference=True)[2]) if errors else []
+            rel = [abs(a - b) / abs(b) for _, a, b in ref]
+            err = max(rel, default=float("nan"))
+            mid = statistics.median(rel) if rel else float("nan")
+            first = next((m.start for m in recs[v].online.history if m.skipped is None), "none")
+            line += (f"; products per measurement median {cost.products_median:g}, first {cost.products_first} "
+                     f"(from {first}), "
+                     f"mean {cost.products_total / max(cost.measurements, 1):.2f}; "
+                     f"{cost.seconds / cost.measurements * 1e3:.0f} ms (wall) per measurement; max relative error vs "
+                     f"lanczos(tol=1e-8) {err:.1e} (median {mid:.1e}) over {len(ref)} checkpoints")
+        print(line, flush=True)
 
 
 def breakdown(name: str, repeats: int = 5) -> None:
     """Where a measurement's fixed cost goes, on one operator reused across solves (medians of ``repeats``):
     a forward pass of the sharpness batch (no graph), the first product of a solve (the determinism check's two
     evaluations, the gradient graph, the product) and a later product of the same solve (the second backward)."""
-    model, opt, data, sbatch, loss_fn = {"mlp": mlp, "cnn": cnn}[name](0)
+    model, opt, data, sbatch, loss_fn = {"mlp": mlp, "cnn_adam": cnn}[name](0)
     for _ in range(3):
         opt.zero_grad()
         loss_fn(model(data[0]), data[1]).backward()
@@ -238,21 +278,26 @@ def breakdown(name: str, repeats: int = 5) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", default="mlp", help="comma-separated: mlp, cnn, gpt2 (default mlp)")
+    parser.add_argument("--problems", default="mlp", help="comma-separated: mlp, cnn_adam, gpt2_hf (default mlp)")
     parser.add_argument("--reps", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     parser.add_argument("--every", type=int, default=10, help="sharpness_every (default 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time the runs by wall time (default) or by this process's CPU time (a loaded machine)")
+    parser.add_argument("--before", action="store_true", help="also time main 67ee995's measurement (A/B)")
     parser.add_argument("--legacy", action="store_true", help="also time main 53faba8's measurement (A/B)")
     parser.add_argument("--no-errors", action="store_true", help="skip the converged reference solves")
     parser.add_argument("--breakdown", action="store_true", help="only the fixed cost per measurement (mlp, cnn)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     for name in args.problems.split(","):
+        name = ALIASES.get(name.strip(), name.strip())
         if args.breakdown:
-            breakdown(name.strip())
+            breakdown(name)
             continue
-        bench(name.strip(), args.reps, args.steps, args.every, args.legacy, not args.no_errors)
+        bench(name, args.reps, args.steps, args.every, args.before, args.legacy, not args.no_errors)
 
 
 if __name__ == "__main__":
