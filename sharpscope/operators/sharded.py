@@ -13,7 +13,6 @@ mean), and is refused with one line naming the 2-D mesh that expresses it."""
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -24,7 +23,7 @@ from ..distributed import RankGroup
 from ..finite_difference import FD_RANDOM_HINT, central_difference, check_fd_parameters, fd_step, perturbed
 from ..functional import _select, as_batches, check_loss, deterministic_mode, loss_reduction_weight, running_stats_kept
 from ..linop import NotSymmetricError, SymmetricOperator
-from .following import ModelWatch, check_same_evaluation, shard_fingerprint
+from .following import ModelWatch, check_same_evaluation, parameter_norm, shard_fingerprint
 
 HSDP_HINT = ("shard data x model over a 2-D mesh (HSDP): mesh = init_device_mesh(device, (replicas, shards), "
              "mesh_dim_names=('replicate', 'shard')); fully_shard(module, mesh=mesh)")
@@ -60,7 +59,8 @@ def mesh_layout(params: Sequence[torch.Tensor], names: Sequence[str], group: Ran
         elif p.device_mesh != mesh:
             raise ValueError(f"parameters {first} and {name} are sharded over different meshes ({mesh} and "
                              f"{p.device_mesh}): fully_shard every module with one mesh")
-        if mesh.ndim not in (1, 2) or (mesh.ndim == 2 and not p.placements[0].is_replicate()):
+        kinds = tuple("replicate" if pl.is_replicate() else "shard" if pl.is_shard() else "other" for pl in p.placements)
+        if kinds not in (("shard",), ("replicate", "shard")):
             raise ValueError(f"parameter {name} is a DTensor on a {mesh.ndim}-D mesh with placements "
                              f"{tuple(p.placements)}: sharpscope measures FSDP2's layouts, a 1-D mesh (FSDP) or a 2-D "
                              f"mesh replicated along dim 0 and sharded along dim 1 (HSDP); {HSDP_HINT}")
@@ -106,8 +106,6 @@ class ShardedHessianOperator(SymmetricOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, group: RankGroup, *,
                  params: Sequence[str] | str | None = None, batchnorm: str = "batch") -> None:
-        from torch.distributed.tensor import DTensor
-
         if batchnorm not in ("batch", "eval"):
             raise ValueError(f"batchnorm must be 'batch' or 'eval', got {batchnorm!r}")
         check_fd_parameters(model, params)
@@ -117,9 +115,8 @@ class ShardedHessianOperator(SymmetricOperator):
         self.params = [p for _, p in selected]
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.params]
-        super().__init__(sum(self.numels), self.params[0].dtype, local[0].device)
-        self.layout = mesh_layout(self.params, self.names, group)
+        self.layout = mesh_layout(self.params, self.names, group)  # every one a DTensor
+        super().__init__(sum(self.numels), self.params[0].dtype, self.params[0].to_local().device)
         self.batches = as_batches(data, self.device)
         self._all_params = [p for p in model.parameters() if p.requires_grad]
         self._deterministic_checked = False
@@ -189,7 +186,7 @@ class ShardedHessianOperator(SymmetricOperator):
                 if g is None:
                     parts.append(torch.zeros(n, dtype=self.dtype, device=self.device))
                 else:
-                    parts.append((g.full_tensor() if hasattr(g, "full_tensor") else g).reshape(-1))
+                    parts.append(g.full_tensor().reshape(-1))
             return torch.cat(parts)
         finally:
             for p, g in zip(self._all_params, grads):
@@ -198,9 +195,7 @@ class ShardedHessianOperator(SymmetricOperator):
     def parameter_norm(self) -> float:
         """``||theta||_2`` of the measured parameters in float64: local shards' squares summed over the process
         group (one ``all_reduce``), each replica's copy counted once (HSDP holds ``layout.replicas`` copies)."""
-        sq = sum(float(p.to_local().detach().double().pow(2).sum()) for p in self.params)
-        total = float(self.group.all_sum(torch.tensor([sq], dtype=torch.float64))[0])
-        return math.sqrt(total / self.layout.replicas)
+        return parameter_norm(self.params, lambda sq: self.group.all_sum(sq) / self.layout.replicas)
 
     def _check_deterministic(self) -> None:
         """Two evaluations of every batch step agree to rounding (:func:`~.following.check_same_evaluation`),
@@ -219,16 +214,10 @@ class ShardedHessianOperator(SymmetricOperator):
 
     def _directions(self, v: torch.Tensor) -> list[torch.Tensor]:
         """This rank's shards of ``v``, laid out like the sharded parameters (no communication)."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.distributed.tensor import distribute_tensor
 
-        out = []
-        for p, part in zip(self.params, torch.split(v, self.numels)):
-            full = part.view(p.shape)
-            if isinstance(p, DTensor):
-                out.append(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
-            else:
-                out.append(full)
-        return out
+        return [distribute_tensor(part.view(p.shape), p.device_mesh, p.placements, src_data_rank=None)
+                for p, part in zip(self.params, torch.split(v, self.numels))]
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         try:
