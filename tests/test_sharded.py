@@ -323,3 +323,21 @@ def test_shard_vectors_refuses_a_whole_vector_operator():
     with pytest.raises(TypeError, match="FSDP2-sharded model"):
         ss.shard_vectors(ss.hessian_operator(model, CE, batch))
     assert math.isfinite(ss.lanczos(ss.hessian_operator(model, CE, batch), k=1).eigenvalues[0].item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_fsdp_asymmetry_in_float32_names_float64(dtype):
+    """A symmetry failure of finite-difference products says, in float32, that they may be too coarse at this n."""
+    from types import SimpleNamespace
+
+    from sharpscope.linop import NotSymmetricError
+    from sharpscope.operators import ShardedHessianOperator
+
+    op = SimpleNamespace(dtype=dtype, shape=(10 ** 7, 10 ** 7))
+    error = NotSymmetricError("the operator is not symmetric: q.A p = 1 but p.A q = 2 (step 1): either ...")
+    with pytest.raises(NotSymmetricError) as info:
+        ShardedHessianOperator._after_asymmetry(op, error, 3)
+    text = str(info.value)
+    assert "products are random" in text and "\n" not in text
+    assert ("measure in float64" in text) == (dtype == torch.float32)
+
