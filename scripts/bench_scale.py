@@ -21,6 +21,18 @@ Each config runs in its own subprocess, so that its peak RSS is its own:
 * ``--ab REV`` runs the default-basis cases also from ``git archive REV`` (extracted under bench-output/), in
   their own processes, interleaved per config: before/after products, time and peak RSS in one run.
 
+* ``--fsdp 2,4`` also runs each config under FSDP2 with sharded Krylov vectors, on R gloo processes per listed R
+  (1 allowed: the same path on one rank): every rank builds the same model (in ``--fsdp-dtype``, default float64:
+  in float32 the finite-difference products of a model this size fail the Lanczos symmetry probe, whose
+  tolerance is capped at ``0.05/sqrt(n)``), calls ``fully_shard`` on each transformer block and on the root,
+  takes its rows of the batch (``tensor_split`` over the 4 sequences) and the criterion :func:`shifted_ce` (the
+  same next-token cross-entropy as ``ss.hf.causal_lm_loss()``; FSDP2 models take a criterion, not a loss
+  closure), and runs ``ss.lanczos(ss.shard_vectors(H), k, tol=--tol)`` per k with the default basis. Products
+  are finite differences (double backward through FSDP2 fails in torch 2.13). Per rank: the vector entries,
+  ``res.basis_bytes``, the solve's peak RSS and its rise (``VmHWM`` reset as above), products, wall time and the
+  product time (median of ``--product-samples``); the table gives the per-rank maxima and the top eigenvalue's
+  relative difference to the one-process solve of the same config and k.
+
 The cost model checked against these points (docs/performance.md, "Memory and the Krylov basis"): a solve's time
 is about products x the product time plus the solve's set-up (one gradient graph per solve); the basis holds
 ``basis_size + 1`` vectors of ``n`` parameters at 4 bytes (float32) or 2 (bfloat16, plus two float32 working vectors).
@@ -29,7 +41,9 @@ On a CPU the bfloat16 basis is a memory measurement, not a speed one (bfloat16 a
 
 Run:   python scripts/bench_scale.py [--configs 26M,81M,124M] [--k 1,5] [--bases old,default,host,device-bf16]
                                      [--tol 1e-3] [--reference] [--ab REV] [--json PATH]
-Smoke: python scripts/bench_scale.py --configs tiny --reference    (seconds; what the test runs)
+       python scripts/bench_scale.py --configs 26M --k 1 --bases default --fsdp 2     (one process and FSDP2 on 2)
+Smoke: python scripts/bench_scale.py --configs tiny --reference    (seconds)
+       python scripts/bench_scale.py --configs tiny --vocab 64 --k 1 --bases default --fsdp 2 (tests/test_bench_scale.py)
 """
 from __future__ import annotations
 
@@ -154,6 +168,124 @@ def worker(config: str, cases: list[dict], samples: int, vocab: int | None, devi
     return out
 
 
+def shifted_ce(outputs, labels):
+    """Next-token cross-entropy of a causal LM's outputs (logits ``0..T-2`` predict ``labels[:, 1:]``), the mean
+    over the batch's tokens: ``ss.hf.causal_lm_loss()`` as a criterion ``loss_fn(outputs, targets)``."""
+    import torch.nn.functional as F
+
+    logits = outputs.logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def fsdp_rank(rank: int, world: int, port: int, outdir: str, config: str, cases: list[dict], samples: int,
+              vocab: int | None, dtype: str) -> None:
+    """One rank of an FSDP2 run (module docstring): writes ``rank{rank}.json`` under ``outdir``."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import sharpscope as ss
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=1800))
+    try:
+        model, batch = build(config, vocab)
+        model = model.to(getattr(torch, dtype))
+        model.config.use_cache = False
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        ids = batch["input_ids"].tensor_split(world)[rank]
+        H = ss.shard_vectors(ss.hessian_operator(model, shifted_ce, (ids, ids), distributed=True))
+        v = H.vector_space.random_rows(1, torch.Generator().manual_seed(2), H.dtype, H.device)[0]
+        times = []
+        with H.pinned():
+            for i in range(samples + 1):  # the first one untimed (the determinism check runs there)
+                start = time.perf_counter()
+                H.matvec(v)
+                if i:
+                    times.append(time.perf_counter() - start)
+        out = {"config": config, "world": world, "rank": rank, "params": H.shape[0], "local": H.local_size,
+               "dtype": dtype, "product_s": statistics.median(times), "product_samples": times, "cases": []}
+        for case in cases:
+            before = _status_kib("VmRSS")
+            reset = _reset_peak()
+            start = time.perf_counter()
+            res = ss.lanczos(H, k=case["k"], tol=case["tol"], progress=False)
+            seconds = time.perf_counter() - start
+            out["cases"].append({**case, "seconds": seconds, "num_matvecs": res.num_matvecs,
+                                 "eigenvalues": res.eigenvalues.tolist(), "converged": res.converged.tolist(),
+                                 "basis_size": res.basis_size, "basis_bytes": res.basis_bytes,
+                                 "rss_before_gib": before / 2**20, "peak_rss_gib": _status_kib("VmHWM") / 2**20,
+                                 "peak_reset": reset})
+            if rank == 0:
+                print(f"[{config} fsdp R={world}] {json.dumps(out['cases'][-1])}", file=sys.stderr, flush=True)
+    except Exception as err:  # noqa: BLE001 - reported by the parent
+        out = {"error": f"{type(err).__name__}: {err}"}
+    Path(outdir, f"rank{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def fsdp_worker(config: str, world: int, cases: list[dict], samples: int, vocab: int | None, dtype: str) -> dict:
+    """``world`` gloo ranks of :func:`fsdp_rank` (spawned: each its own process and peak RSS); their records."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(fsdp_rank, args=(world, port, tmp, config, cases, samples, vocab, dtype), nprocs=world, join=True)
+        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    errors = [f"rank {r}: {o['error']}" for r, o in enumerate(ranks) if "error" in o]
+    if errors:
+        raise RuntimeError(f"FSDP2 run of {config} on {world} ranks failed: {errors[0]}")
+    return {"config": config, "world": world, "params": ranks[0]["params"], "dtype": dtype, "ranks": ranks}
+
+
+def run_fsdp(config: str, world: int, cases: list[dict], samples: int, vocab: int | None, dtype: str) -> dict:
+    """:func:`fsdp_worker` in a fresh process (this checkout's sharpscope)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--fsdp-worker", config, "--world", str(world),
+           "--cases", json.dumps(cases), "--product-samples", str(samples), "--fsdp-dtype", dtype] + \
+        (["--vocab", str(vocab)] if vocab else [])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise RuntimeError(f"FSDP2 worker {config} on {world} ranks failed (exit status {proc.returncode}; its "
+                           "stderr is above)")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fsdp_table(fsdp: list[dict], results: list[dict]) -> str:
+    """One markdown row per FSDP2 solve: per-rank maxima, and the top eigenvalue against one process."""
+    lines = ["| config | params | dtype | R | k | entries per rank (max) | basis MiB per rank (max) | peak RSS GiB per "
+             "rank (max; rise) | products | time s | product s | top eigenvalue | rel. diff to one process |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for f in fsdp:
+        ranks = f["ranks"]
+        for i, case in enumerate(ranks[0]["cases"]):
+            cs = [r["cases"][i] for r in ranks]
+            one = next((c for r in results if r["config"] == f["config"] and r["source"] == "current"
+                        for c in r["cases"] if c["k"] == case["k"] and c["label"] in ("default", "reference")), None)
+            top = case["eigenvalues"][0]
+            diff = "-" if one is None else f"{abs(top - one['eigenvalues'][0]) / abs(one['eigenvalues'][0]):.1e}"
+            peak = max(c["peak_rss_gib"] for c in cs)
+            rise = max(c["peak_rss_gib"] - c["rss_before_gib"] for c in cs)
+            lines.append(
+                f"| {f['config']} | {f['params'] / 1e6:.1f}M | {f['dtype']} | {f['world']} | {case['k']} "
+                f"| {max(r['local'] for r in ranks)} | {max(c['basis_bytes'] for c in cs) / 2**20:.0f} "
+                f"| {peak:.2f} (+{rise:.2f}) | {case['num_matvecs']} | {max(c['seconds'] for c in cs):.1f} "
+                f"| {max(r['product_s'] for r in ranks):.2f} | {top:.8g} | {diff} |")
+    return "\n".join(lines)
+
+
 def _sync(cuda: bool) -> None:
     if cuda:
         import torch
@@ -255,9 +387,20 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--device", default="cpu", help="where the model and the solves run (default cpu)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the header and table here")
     p.add_argument("--json", type=Path, default=None, help="write the results here (default bench-output/)")
+    p.add_argument("--fsdp", default="", help="also run FSDP2 with sharded vectors on these comma-separated "
+                                               "numbers of gloo processes, e.g. 2,4 (default: none)")
+    p.add_argument("--fsdp-dtype", default="float64", choices=["float64", "float32"],
+                   help="the FSDP2 runs' dtype (default float64: module docstring)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--fsdp-worker", help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cases", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.fsdp_worker:
+        result = fsdp_worker(args.fsdp_worker, args.world, json.loads(args.cases), args.product_samples, args.vocab,
+                             args.fsdp_dtype)
+        print(json.dumps(result))
+        return ""
     if args.worker:
         result = worker(args.worker, json.loads(args.cases), args.product_samples, args.vocab, args.device)
         print(json.dumps(result))
@@ -277,11 +420,18 @@ def main(argv: list[str] | None = None) -> str:
         result = run_worker(config, cases, src, args.product_samples, args.vocab, args.device)
         result["source"] = source
         results.append(result)
-    text = header + "\n\n" + table(results)
-    print("\n" + table(results))
+    fsdp = []
+    worlds = [int(w) for w in args.fsdp.split(",") if w.strip()]
+    for config in args.configs.split(",") if worlds else []:
+        cases = [{"k": int(k), "tol": args.tol, "label": "fsdp"} for k in args.k.split(",")]
+        for world in worlds:
+            print(f"[{config}] FSDP2 on {world} rank(s): {len(cases)} solves ...", flush=True)
+            fsdp.append(run_fsdp(config, world, cases, args.product_samples, args.vocab, args.fsdp_dtype))
+    text = header + "\n\n" + table(results) + ("\n\n" + fsdp_table(fsdp, results) if fsdp else "")
+    print("\n" + text.split("\n\n", 1)[1])
     path = args.json or OUT / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"header": header, "results": results}, indent=1))
+    path.write_text(json.dumps({"header": header, "results": results, "fsdp": fsdp}, indent=1))
     print(f"\nwritten: {path}")
     if args.markdown:
         args.markdown.write_text(text + "\n")

@@ -22,6 +22,15 @@ parameter, in the parameter order of the full vector, i.e. contiguous segments o
   :meth:`ShardedVectorOperator.gather` assembles full vectors where they fit, :meth:`ShardedVectorOperator.shard`
   cuts a full vector (a warm start ``v0``) to this rank's shard.
 
+Data shards x model shards (HSDP): on a 2-D ``("replicate", "shard")`` mesh of :math:`D \times R` ranks,
+the parameters are ``(Replicate(), Shard(0))``: each row of the mesh holds a copy of the sharded model, and
+every rank its own data. :math:`R` is then the shard dimension: rank :math:`(d, r)` holds shard :math:`r`, the
+same shard as its replicas :math:`(d', r)`. The model's backward averages the gradient over all
+:math:`D R` ranks, so a product needs nothing more; inner products are all-reduced over every rank and divided
+by :math:`D` (:class:`~sharpscope.vector_space.ShardedSpace`), which keeps the copies bit-identical and the
+small problems identical on every rank. A 1-D mesh inside a larger ``distributed=`` group is refused
+(:func:`~sharpscope.operators.sharded.mesh_layout`).
+
 Memory per rank: the basis is ``max_basis + 1`` rows of the local length, about :math:`1/R` of the
 one-process basis (``res.basis_bytes``); a product holds two shards of the gradient and the saved parameter
 shards. Products are finite differences: double backward through FSDP2 is not available in torch 2.13
@@ -38,7 +47,6 @@ from ._memory import memory_budget
 from .finite_difference import central_difference, fd_step, perturbed
 from .linop import SymmetricOperator
 from .operators import ShardedHessianOperator
-from .operators.following import parameter_norm
 from .vector_space import ShardedSpace
 
 __all__ = ["ShardedVectorOperator", "shard_vectors", "shard_layout"]
@@ -59,17 +67,20 @@ def shard_vectors(op: ShardedHessianOperator) -> "ShardedVectorOperator":
 def shard_layout(params: Sequence[torch.Tensor], names: Sequence[str], size: int,
                  rank: int) -> list[tuple[int, int]]:
     """``(global_start, length)`` of this rank's rows of each parameter in the flat global vector: ``Shard(0)``
-    rows ``[rank c, (rank + 1) c)``, ``c = ceil(d_0 / size)`` (FSDP2's ``torch.chunk`` split), checked against
-    the local shard's shape; one-line errors for parameters that are not ``Shard(0)`` DTensors."""
-    from torch.distributed.tensor import DTensor, Shard
+    rows ``[rank c, (rank + 1) c)`` of ``size`` shards, ``c = ceil(d_0 / size)`` (FSDP2's ``torch.chunk``
+    split), checked against the local shard's shape; one-line errors for parameters that are not sharded along
+    dim 0 (``(Shard(0),)`` on a 1-D mesh, ``(Replicate(), Shard(0))`` on HSDP's 2-D mesh)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     segments, offset = [], 0
     for name, p in zip(names, params):
-        if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),) or p.device_mesh.ndim != 1:
+        expected = (Shard(0),) if isinstance(p, DTensor) and p.device_mesh.ndim == 1 else (Replicate(), Shard(0))
+        if not isinstance(p, DTensor) or tuple(p.placements) != expected:
             what = type(p).__name__ if not isinstance(p, DTensor) else f"placements {tuple(p.placements)}"
-            raise ValueError(f"sharded vectors need every measured parameter sharded along dim 0 on a 1-D mesh "
-                             f"(fully_shard), but {name} has {what}: call fully_shard on the root module too, "
-                             "or measure with the full-vector operator")
+            raise ValueError(f"sharded vectors need every measured parameter sharded along dim 0 (fully_shard's "
+                             f"default: Shard(0) on a 1-D mesh, (Replicate(), Shard(0)) on HSDP's 2-D mesh), but "
+                             f"{name} has {what}: call fully_shard on the root module too and without "
+                             "shard_placement_fn, or measure with the full-vector operator")
         rows = p.shape[0] if p.dim() else 1
         per_row = p.numel() // max(rows, 1)
         chunk = -(-rows // size)
@@ -92,15 +103,19 @@ class ShardedVectorOperator(SymmetricOperator):
     def __init__(self, base: ShardedHessianOperator) -> None:
         super().__init__(base.shape[0], base.dtype, base.device)
         self.base = base
-        group = base.group
-        segments = shard_layout(base.params, base.names, group.size, group.rank)
-        self.vector_space = ShardedSpace(group, base.shape[0], segments)
+        layout = base.layout
+        segments = shard_layout(base.params, base.names, layout.shards, layout.shard_rank)
+        self.vector_space = ShardedSpace(base.group, base.shape[0], segments, shards=layout.shards,
+                                         shard_rank=layout.shard_rank, replicas=layout.replicas,
+                                         replica_rank=layout.replica_rank)
         self.local_size = self.vector_space.local_size
         self.hvp_mode = base.hvp_mode
 
     def __repr__(self) -> str:
-        return (f"ShardedVectorOperator(n={self.shape[0]}, local={self.local_size}, rank={self.base.group.rank}/"
-                f"{self.base.group.size}, dtype={self.dtype})")
+        space = self.vector_space
+        copies = f", replica={space.replica_rank}/{space.replicas}" if space.replicas > 1 else ""
+        return (f"ShardedVectorOperator(n={self.shape[0]}, local={self.local_size}, shard={space.shard_rank}/"
+                f"{space.shards}{copies}, dtype={self.dtype})")
 
     # -- one solve, staleness and results: the wrapped operator's ---------------------------------
     def _dependencies(self) -> tuple[SymmetricOperator, ...]:
@@ -157,7 +172,7 @@ class ShardedVectorOperator(SymmetricOperator):
         norm = float(self.vector_space.norm(v))
         if norm == 0.0:
             return torch.zeros_like(v)
-        eps = fd_step(base.dtype, parameter_norm(base.params, base.group.all_sum), norm)  # a collective
+        eps = fd_step(base.dtype, base.parameter_norm(), norm)  # a collective
         directions = self._directions(v)
         saved = [p.detach().clone() for p in base.params]
 
@@ -215,12 +230,7 @@ class ShardedVectorOperator(SymmetricOperator):
         if need > limit:
             raise ValueError(f"gathering {X.shape[1]} full vector(s) of {space.size} entries needs {need} bytes on every "
                              f"rank, above {limit}: keep them sharded, or gather fewer columns at a time")
-        full = torch.zeros(space.size, X.shape[1], dtype=X.dtype, device=X.device)
-        at = 0
-        for start, length in space.segments:
-            full[start:start + length] = X[at:at + length]
-            at += length
-        full = space.reduce(full)
+        full = space.assemble(X)
         return full[:, 0] if single else full
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,11 @@ take every inner product and norm through a space, :func:`space_of` ``(op)``:
 
   The ``all_reduce`` hands every rank the same bits, so every scalar a solver decides on (``alpha``,
   ``beta``, the Ritz problem, convergence) is identical on every rank and the ranks take the same steps.
+  With ``replicas`` copies of every shard (HSDP: each row of a ``("replicate", "shard")`` mesh holds the whole
+  vector), the ``all_reduce`` runs over all ranks and the sum is divided by ``replicas``: one collective, the
+  same bits on every rank by construction. The copies stay bit-identical, since everything that updates them
+  is: the products (the model's backward all-reduces the gradient shards over the replicas), these scalars,
+  and the random draws below.
   Random vectors are drawn per shard by a rank-independent scheme (:meth:`ShardedSpace.random_rows`): the
   global vector is cut into blocks of :data:`BLOCK` entries, block ``b`` drawn by its own generator seeded
   from ``(base, b)``, ``base`` drawn from the solver's generator (the same on every rank). A rank draws only
@@ -88,26 +93,52 @@ class ShardedSpace:
         group: the :class:`~sharpscope.distributed.RankGroup` whose ranks hold the shards.
         size: the global dimension.
         segments: this rank's segments of the global vector.
+        shards, shard_rank: how many distinct shards there are and which one this rank holds (default: one per
+            rank of ``group``, this rank's own).
+        replicas, replica_rank: how many ranks hold each shard (``group.size == shards * replicas``) and
+            which copy this is (HSDP's replicate dimension; default 1, 0).
     """
 
     sharded = True
 
-    def __init__(self, group, size: int, segments: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, group, size: int, segments: Sequence[tuple[int, int]], *, shards: int | None = None,
+                 shard_rank: int | None = None, replicas: int = 1, replica_rank: int = 0) -> None:
         self.group, self.size = group, int(size)
+        self.shards = group.size if shards is None else int(shards)
+        self.shard_rank = group.rank if shard_rank is None else int(shard_rank)
+        self.replicas, self.replica_rank = int(replicas), int(replica_rank)
+        if self.shards * self.replicas != group.size:
+            raise ValueError(f"{self.shards} shards x {self.replicas} replicas do not make the process group's "
+                             f"{group.size} ranks")
         self.segments = [(int(a), int(n)) for a, n in segments]
         self.local_size = sum(n for _, n in self.segments)
-        counts = group.all_sum(torch.tensor([float(self.local_size)], dtype=torch.float64))
-        if int(counts[0]) != self.size:
-            raise ValueError(f"the ranks' shards hold {int(counts[0])} entries in all, not the operator's dimension "
-                             f"{self.size}: every parameter must be sharded over the operator's process group")
+        counts = self.reduce(torch.tensor([float(self.local_size)], dtype=torch.float64))
+        if round(float(counts[0])) != self.size:
+            raise ValueError(f"the ranks' shards hold {round(float(counts[0]))} entries in all, not the operator's "
+                             f"dimension {self.size}: every parameter must be sharded over the operator's process group")
 
     # -- inner products ------------------------------------------------------------------------
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """``sum_r partial_r``: one ``all_reduce`` (every rank gets the same bits); float32 and wider kept."""
+        """``sum_r partial_r`` over the shards: one ``all_reduce`` over every rank (every rank gets the same
+        bits), divided by ``replicas`` (each shard's partial sum arrives once per copy); float32 and wider kept."""
         if self.group.size == 1:
             return partial
         work = partial if torch.finfo(partial.dtype).bits >= 32 else partial.float()
-        return self.group.all_sum(work.contiguous()).to(partial.dtype)
+        total = self.group.all_sum(work.contiguous())
+        if self.replicas > 1:
+            total = total / self.replicas
+        return total.to(partial.dtype)
+
+    def assemble(self, X: torch.Tensor) -> torch.Tensor:
+        """The full rows ``(size, m)`` from this rank's ``(local_size, m)``, on every rank: one ``all_reduce`` of a
+        zero-filled buffer that copy 0 of each shard fills (exact: each entry is added to zeros)."""
+        full = torch.zeros(self.size, X.shape[1], dtype=X.dtype, device=X.device)
+        if self.replica_rank == 0:
+            at = 0
+            for start, length in self.segments:
+                full[start:start + length] = X[at:at + length]
+                at += length
+        return full if self.group.size == 1 else self.group.all_sum(full)
 
     def norm(self, v: torch.Tensor) -> torch.Tensor:
         """``||v||`` as a 0-d tensor (one ``all_reduce``)."""
@@ -155,7 +186,7 @@ class ShardedSpace:
 
     def orthonormalize(self, M: torch.Tensor) -> torch.Tensor:
         """An orthonormal basis of the columns of the sharded ``M`` (:func:`tall_skinny_q`, one ``all_reduce``)."""
-        return tall_skinny_q(M, self.group.rank, self.group.size, self.reduce)
+        return tall_skinny_q(M, self.shard_rank, self.shards, self.reduce)
 
 
 def _mix(x: int) -> int:
@@ -174,7 +205,7 @@ def _block_seed(base: int, block: int) -> int:
 def tall_skinny_q(M: torch.Tensor, rank: int, size: int, reduce) -> torch.Tensor:
     r"""The orthonormal ``Q`` of a tall matrix split by rows over ``size`` ranks (TSQR; Demmel, Grigori,
     Hoemmen & Langou 2012): each rank factors its rows, :math:`M_r = Q_r R_r`; the ``c x c`` factors are
-    stacked (one ``all_reduce`` of a zero-padded ``(size c, c)`` matrix) and factored once more,
+    stacked (one ``reduce`` of a zero-padded ``(size c, c)`` matrix: the shards' sum) and factored once more,
     :math:`[R_0; \dots] = \hat Q \hat R`, identically on every rank; this rank's rows of ``Q`` are
     :math:`Q_r \hat Q_r`. Rows fewer than ``c`` (or none) on a rank are padded with zeros."""
     rows, c = M.shape

@@ -2,7 +2,8 @@
 CPU, 1, 2 and 4 processes (torch.multiprocessing.spawn), each world started once for the module. The R-rank
 results must equal the one-process ones: eigenvalues to 1e-10 in float64 on a tanh MLP whose layers split
 unevenly (a rank holds no row of the last layer with 4 ranks), estimators for the same seed, and the basis
-memory per rank about 1/R of the one-process basis."""
+memory per rank about 1/R of the one-process basis; with HSDP (a 2 x 2 ("replicate", "shard") mesh on 4
+processes, data shards x model shards) the same eigenvalues and 1/2 of the basis per rank."""
 from __future__ import annotations
 
 import datetime
@@ -76,6 +77,69 @@ def _scenario(rank: int, world: int) -> dict:
     return out
 
 
+def _hsdp_model(mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _hsdp_scenario(rank: int, world: int) -> dict:
+    """Data shards x model shards: a 2 x 2 ("replicate", "shard") mesh, every rank its own uneven data shard; then
+    each replica's shard group holding one data shard (the ranks of a row the same rows), then bad layouts."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    assert world == 4
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model, (x, y) = _hsdp_model(mesh), make_batch()
+    rows = np.array_split(np.arange(len(y)), world)[rank]
+    H = ss.shard_vectors(ss.hessian_operator(model, CE, (x[rows], y[rows]), distributed=True))
+    res = ss.lanczos(H, k=K, tol=1e-7, return_eigenvectors=True, progress=False)
+    out: dict = {"local": H.local_size, "coords": mesh.get_coordinate(), "repr": repr(H)}
+    out["lanczos"] = [res.eigenvalues.tolist(), res.all_converged, res.basis_bytes, res.basis_size]
+    out["shard_vectors"] = res.eigenvectors.T.tolist()  # this rank's shard, to compare bits with its replica
+    out["vectors"] = H.gather(res.eigenvectors).T.tolist()
+    tr = ss.hutchinson_trace(H, num_probes=4, seed=3)
+    out["trace"] = [tr.estimate, tr.samples.tolist()]
+    whole = ss.lanczos(H.base, k=1, tol=1e-7, progress=False)  # the full-vector operator on the same mesh
+    out["whole"] = whole.eigenvalues.tolist()
+    # one data shard per replica: the two ranks of a mesh row hold the same rows; the mean over the four ranks'
+    # samples is then the mean over the union of the two shards
+    rows = np.array_split(np.arange(len(y)), 2)[mesh.get_local_rank("replicate")]
+    per_replica = ss.shard_vectors(ss.hessian_operator(model, CE, (x[rows], y[rows]), distributed=True))
+    out["per_replica"] = ss.lanczos(per_replica, k=1, tol=1e-7, progress=False).eigenvalues.tolist()
+    out["exact"] = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(model.parameters(), H.base.params))
+    # a 1-D mesh of each row: with distributed= the row's group, the Hessian of the row's two data shards
+    sub = _hsdp_model(mesh["shard"])
+    mine = np.array_split(np.arange(len(y)), world)[rank]
+    row = ss.shard_vectors(ss.hessian_operator(sub, CE, (x[mine], y[mine]), distributed=mesh["shard"].get_group()))
+    out["row"] = ss.lanczos(row, k=1, tol=1e-7, progress=False).eigenvalues.tolist()
+    both = np.concatenate(np.array_split(np.arange(len(y)), world)[2 * out["coords"][0]:2 * out["coords"][0] + 2])
+    out["row_dense"] = torch.linalg.eigvalsh(ss.dense_hessian(make_model(), CE, (x[both], y[both])))[-1].item()
+    # bad layouts, each refused with one line naming the fix
+    batch = (x[rows], y[rows])  # sub under a 4-rank distributed= group: its backward averages over 2 ranks
+    cube = make_model()  # a 3-D mesh
+    mesh3 = init_device_mesh("cpu", (1, 2, 2), mesh_dim_names=("a", "b", "c"))
+    for module in cube:
+        for name, p in list(module.named_parameters(recurse=False)):
+            placed = distribute_tensor(p.detach(), mesh3, (Replicate(), Replicate(), Shard(0)))
+            setattr(module, name, nn.Parameter(placed))
+    partial = make_model()  # the last layer left unsharded, no root fully_shard: a plain parameter
+    from torch.distributed.fsdp import fully_shard
+    fully_shard(partial[0], mesh=mesh)
+    out["errors"] = [_error(lambda m=m: ss.hessian_operator(m, CE, batch, distributed=True))
+                     for m in (sub, cube, partial)]
+    return out
+
+
+SCENARIOS = {"fsdp": _scenario, "hsdp": _hsdp_scenario}
+
+
 def _error(call) -> str:
     try:
         call()
@@ -84,14 +148,14 @@ def _error(call) -> str:
     return "no error"
 
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
+def _worker(rank: int, world: int, port: int, outdir: str, scenario: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        out = _scenario(rank, world)
+        out = SCENARIOS[scenario](rank, world)
     except Exception:  # noqa: BLE001 - reported to the test
         out = {"crash": traceback.format_exc()}
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(out))
@@ -104,10 +168,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(world: int, tmp: Path) -> list[dict]:
+def _run(world: int, tmp: Path, scenario: str = "fsdp") -> list[dict]:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp), scenario), nprocs=world, join=True)
     outs = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
     for r, o in enumerate(outs):
         assert "crash" not in o, f"rank {r}/{world} crashed:\n{o['crash']}"
@@ -178,6 +242,37 @@ def test_four_ranks_equal_one_process(one, tmp_path, dense_top):
     _check_world(_run(4, tmp_path), one, dense_top)
 
 
+def test_hsdp_data_shards_times_model_shards_equal_one_process(one, two, tmp_path, dense_top):
+    outs = _run(4, tmp_path, "hsdp")
+    ref_vals, _, ref_bytes, ref_size, _ = one["lanczos"]
+    for r, o in enumerate(outs):
+        vals, converged, nbytes, size = o["lanczos"]
+        assert converged and _close(vals, ref_vals, 1e-10), (r, vals, ref_vals)
+        assert vals == outs[0]["lanczos"][0]  # the same bits on every rank
+        assert _close(o["whole"], ref_vals[:1], 1e-10) and _close(o["per_replica"], ref_vals[:1], 1e-10)
+        # shard dimension 2: each rank holds what a rank of the 2-process run holds, half the basis
+        replica, shard = o["coords"]
+        assert o["local"] == two[shard]["local"] and size == ref_size
+        assert nbytes == (size + 1) * o["local"] * 8 == two[shard]["lanczos"][2]
+        assert f"shard={shard}/2, replica={replica}/2" in o["repr"]
+        for v, ref in zip(o["vectors"], one["vectors"]):
+            v, ref = np.array(v), np.array(ref)
+            assert min(np.abs(v - ref).max(), np.abs(v + ref).max()) < 1e-6
+        scale = 1e-10 * dense_top[0] * one["n"]
+        assert np.allclose(o["trace"][1], one["trace"][1], rtol=0, atol=scale)
+        assert o["exact"] and _close(o["row"], [o["row_dense"]], 1e-9)
+        sub, cube, partial = o["errors"]
+        assert "mesh holds ranks [0, 1]" in sub or "mesh holds ranks [2, 3]" in sub
+        assert "init_device_mesh" in sub and "3-D mesh" in cube and "init_device_mesh" in cube
+        assert "plain tensor" in partial and "fully_shard" in partial
+        assert all("\n" not in e for e in o["errors"])
+    by_coords = {tuple(o["coords"]): o for o in outs}
+    assert sum(by_coords[(0, s)]["lanczos"][2] for s in range(2)) == ref_bytes  # one replica's shards: the basis
+    for s in range(2):  # the replicas' shards stay bit-identical
+        assert by_coords[(0, s)]["shard_vectors"] == by_coords[(1, s)]["shard_vectors"]
+        assert by_coords[(0, s)]["trace"] == by_coords[(1, s)]["trace"]
+
+
 # -- in one process -------------------------------------------------------------------------------
 class _Group:
     """A stand-in process group for the one-process tests: the sum over ranks is ``total``."""
@@ -228,3 +323,21 @@ def test_shard_vectors_refuses_a_whole_vector_operator():
     with pytest.raises(TypeError, match="FSDP2-sharded model"):
         ss.shard_vectors(ss.hessian_operator(model, CE, batch))
     assert math.isfinite(ss.lanczos(ss.hessian_operator(model, CE, batch), k=1).eigenvalues[0].item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_fsdp_asymmetry_in_float32_names_float64(dtype):
+    """A symmetry failure of finite-difference products says, in float32, that they may be too coarse at this n."""
+    from types import SimpleNamespace
+
+    from sharpscope.linop import NotSymmetricError
+    from sharpscope.operators import ShardedHessianOperator
+
+    op = SimpleNamespace(dtype=dtype, shape=(10 ** 7, 10 ** 7))
+    error = NotSymmetricError("the operator is not symmetric: q.A p = 1 but p.A q = 2 (step 1): either ...")
+    with pytest.raises(NotSymmetricError) as info:
+        ShardedHessianOperator._after_asymmetry(op, error, 3)
+    text = str(info.value)
+    assert "products are random" in text and "\n" not in text
+    assert ("measure in float64" in text) == (dtype == torch.float32)
+

@@ -1,8 +1,19 @@
 r"""The Hessian of an FSDP2-sharded model by central differences of its gradients (:mod:`sharpscope.finite_difference`),
-following the model and checking determinism with the same code as the other operators (:mod:`.following`)."""
+following the model and checking determinism with the same code as the other operators (:mod:`.following`).
+
+Meshes (:func:`mesh_layout`): FSDP2 shards over a 1-D mesh (``fully_shard``), or over a 2-D
+``("replicate", "shard")`` mesh (HSDP: each parameter ``(Replicate(), Shard(0))``, a full copy of the sharded
+model on each row of the mesh). Either way the model's backward averages the gradient over every rank of the
+mesh (a reduce-scatter over the shard dimension, then for HSDP an all-reduce over the replicate dimension),
+so data shards x model shards need no extra collective: every rank of the mesh holds its own data, and the
+operator is the sample-weighted mean over all of them, as for every data-parallel operator
+(:mod:`sharpscope.distributed`). The operator's process group (``distributed=``) must therefore be the mesh's
+ranks: a 1-D mesh inside a larger data-parallel group would average over the mesh only (a silent partial
+mean), and is refused with one line naming the 2-D mesh that expresses it."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -13,6 +24,62 @@ from ..finite_difference import FD_RANDOM_HINT, central_difference, check_fd_par
 from ..functional import _select, as_batches, check_loss, deterministic_mode, loss_reduction_weight, running_stats_kept
 from ..linop import NotSymmetricError, SymmetricOperator
 from .following import ModelWatch, check_same_evaluation, parameter_norm, shard_fingerprint
+
+HSDP_HINT = ("shard data x model over a 2-D mesh (HSDP): mesh = init_device_mesh(device, (replicas, shards), "
+             "mesh_dim_names=('replicate', 'shard')); fully_shard(module, mesh=mesh)")
+
+
+@dataclass(frozen=True)
+class MeshLayout:
+    """Where this rank sits in the FSDP2 mesh: ``shards`` ranks split each parameter (this one holds split
+    ``shard_rank``), ``replicas`` copies of the sharded model (this rank is in copy ``replica_rank``); the
+    mesh has ``shards * replicas`` ranks, the operator's process group."""
+
+    shards: int
+    shard_rank: int
+    replicas: int
+    replica_rank: int
+    ndim: int
+
+
+def mesh_layout(params: Sequence[torch.Tensor], names: Sequence[str], group: RankGroup) -> MeshLayout:
+    """The mesh of the measured parameters (module docstring), checked: every one a DTensor on one mesh of 1 or 2
+    dimensions (a 2-D mesh replicating along dim 0, as HSDP does), whose ranks are the process group's. One-line
+    errors naming the fix otherwise."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    mesh = None
+    for name, p in zip(names, params):
+        if not isinstance(p, DTensor):
+            raise ValueError(f"parameter {name} is a plain tensor in an FSDP2 model: its gradient is not averaged "
+                             "over the ranks; call fully_shard on the module that holds it (or on the root module)")
+        if mesh is None:
+            mesh, first = p.device_mesh, name
+        elif p.device_mesh != mesh:
+            raise ValueError(f"parameters {first} and {name} are sharded over different meshes ({mesh} and "
+                             f"{p.device_mesh}): fully_shard every module with one mesh")
+        kinds = tuple("replicate" if pl.is_replicate() else "shard" if pl.is_shard() else "other" for pl in p.placements)
+        if kinds not in (("shard",), ("replicate", "shard")):
+            raise ValueError(f"parameter {name} is a DTensor on a {mesh.ndim}-D mesh with placements "
+                             f"{tuple(p.placements)}: sharpscope measures FSDP2's layouts, a 1-D mesh (FSDP) or a 2-D "
+                             f"mesh replicated along dim 0 and sharded along dim 1 (HSDP); {HSDP_HINT}")
+    assert mesh is not None  # params is not empty (check_fd_parameters)
+    mesh_ranks = sorted(int(r) for r in mesh.mesh.flatten().tolist())
+    group_ranks = sorted(dist.get_process_group_ranks(group.group))
+    if mesh_ranks != group_ranks:
+        raise ValueError(f"the FSDP2 mesh holds ranks {_ranks(mesh_ranks)} but distributed= holds {_ranks(group_ranks)}: "
+                         "the model's backward averages over the mesh only; pass distributed= the mesh's ranks "
+                         f"(mesh.get_group() for a 1-D mesh), or {HSDP_HINT}")
+    two = mesh.ndim == 2
+    last = mesh.ndim - 1
+    return MeshLayout(shards=mesh.size(last), shard_rank=mesh.get_local_rank(last),
+                      replicas=mesh.size(0) if two else 1, replica_rank=mesh.get_local_rank(0) if two else 0,
+                      ndim=mesh.ndim)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"{ranks}" if len(ranks) <= 8 else f"[{ranks[0]}, ..., {ranks[-1]}] ({len(ranks)})"
 
 
 class ShardedHessianOperator(SymmetricOperator):
@@ -27,6 +94,9 @@ class ShardedHessianOperator(SymmetricOperator):
     gradient (``full_tensor``), and restores the parameters bit-exactly; ``.grad`` and BatchNorm buffers
     are restored too.
 
+    The mesh: 1-D (FSDP) or 2-D ``("replicate", "shard")`` (HSDP), its ranks the process group's
+    (:func:`mesh_layout`; module docstring); with HSDP each rank holds its own data too.
+
     Memory: vectors are full-size on every rank (the Lanczos basis holds ``max_basis`` of them, and each
     product gathers the full gradient twice), so the operator fits models whose full parameter vector,
     times the basis size, fits one device, although the model itself is sharded.
@@ -36,8 +106,6 @@ class ShardedHessianOperator(SymmetricOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, group: RankGroup, *,
                  params: Sequence[str] | str | None = None, batchnorm: str = "batch") -> None:
-        from torch.distributed.tensor import DTensor
-
         if batchnorm not in ("batch", "eval"):
             raise ValueError(f"batchnorm must be 'batch' or 'eval', got {batchnorm!r}")
         check_fd_parameters(model, params)
@@ -47,8 +115,8 @@ class ShardedHessianOperator(SymmetricOperator):
         self.params = [p for _, p in selected]
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.params]
-        super().__init__(sum(self.numels), self.params[0].dtype, local[0].device)
+        self.layout = mesh_layout(self.params, self.names, group)  # every one a DTensor
+        super().__init__(sum(self.numels), self.params[0].dtype, self.params[0].to_local().device)
         self.batches = as_batches(data, self.device)
         self._all_params = [p for p in model.parameters() if p.requires_grad]
         self._deterministic_checked = False
@@ -76,7 +144,12 @@ class ShardedHessianOperator(SymmetricOperator):
         return self.group.broadcast(x)
 
     def _after_asymmetry(self, error: NotSymmetricError, num_matvecs: int) -> bool:
-        raise NotSymmetricError(f"{type(self).__name__}: {str(error).split(': either')[0]}: {FD_RANDOM_HINT}") from error
+        coarse = ""
+        if torch.finfo(self.dtype).bits <= 32:  # measured: a 26M-parameter GPT-2 in float32 missed by 6%
+            coarse = (f"; or, in {str(self.dtype).replace('torch.', '')}, central differences too coarse for the "
+                      f"symmetry test at n={self.shape[0]} (it allows about 0.05/sqrt(n) of ||A||): measure in float64")
+        raise NotSymmetricError(f"{type(self).__name__}: {str(error).split(': either')[0]}: {FD_RANDOM_HINT}"
+                                f"{coarse}") from error
 
     # -- evaluation ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -118,11 +191,16 @@ class ShardedHessianOperator(SymmetricOperator):
                 if g is None:
                     parts.append(torch.zeros(n, dtype=self.dtype, device=self.device))
                 else:
-                    parts.append((g.full_tensor() if hasattr(g, "full_tensor") else g).reshape(-1))
+                    parts.append(g.full_tensor().reshape(-1))
             return torch.cat(parts)
         finally:
             for p, g in zip(self._all_params, grads):
                 p.grad = g
+
+    def parameter_norm(self) -> float:
+        """``||theta||_2`` of the measured parameters in float64: local shards' squares summed over the process
+        group (one ``all_reduce``), each replica's copy counted once (HSDP holds ``layout.replicas`` copies)."""
+        return parameter_norm(self.params, lambda sq: self.group.all_sum(sq) / self.layout.replicas)
 
     def _check_deterministic(self) -> None:
         """Two evaluations of every batch step agree to rounding (:func:`~.following.check_same_evaluation`),
@@ -141,16 +219,10 @@ class ShardedHessianOperator(SymmetricOperator):
 
     def _directions(self, v: torch.Tensor) -> list[torch.Tensor]:
         """This rank's shards of ``v``, laid out like the sharded parameters (no communication)."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.distributed.tensor import distribute_tensor
 
-        out = []
-        for p, part in zip(self.params, torch.split(v, self.numels)):
-            full = part.view(p.shape)
-            if isinstance(p, DTensor):
-                out.append(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
-            else:
-                out.append(full)
-        return out
+        return [distribute_tensor(part.view(p.shape), p.device_mesh, p.placements, src_data_rank=None)
+                for p, part in zip(self.params, torch.split(v, self.numels))]
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         try:
@@ -169,7 +241,7 @@ class ShardedHessianOperator(SymmetricOperator):
         norm = float(v.norm())
         if norm == 0.0:
             return torch.zeros_like(v)
-        eps = fd_step(self.dtype, parameter_norm(self.params, self.group.all_sum), norm)  # a collective: every product
+        eps = fd_step(self.dtype, self.parameter_norm(), norm)  # a collective: every product
         directions = self._directions(v)
         saved = [p.detach().clone() for p in self.params]
 
