@@ -22,7 +22,7 @@ import torch
 
 from .._memory import max_memory_bytes, memory_budget
 from ..vector_space import space_of
-from .backends import basis_nbytes, storage_of
+from .backends import basis_nbytes, float_head_rows, storage_of
 
 __all__ = ["LanczosConfig", "Request", "validate", "make_config", "default_basis_size", "basis_size"]
 
@@ -147,8 +147,9 @@ def basis_size(n: int, k: int, b: int, dtype: torch.dtype, basis: str, device: t
     need = k + 2 if b == 1 else k + 2 * b
     spare = 1 if b == 1 else b  # rows beyond max_basis: the pending vector (block)
     local = n if row_length is None else max(int(row_length), 1)
-    fixed = basis_nbytes(0, local, dtype, basis, device)
-    row = basis_nbytes(1, local, dtype, basis, device) - fixed
+    head = float_head_rows(basis, k) if b == 1 else 0
+    fixed = basis_nbytes(0, local, dtype, basis, device, head)
+    row = basis_nbytes(1, local, dtype, basis, device, head) - fixed
     where = torch.device("cpu") if storage_of(basis)[1] == "host" else device
     if max_basis is not None:
         m = int(max_basis)

@@ -59,7 +59,7 @@ import torch
 from ..linop import NotSymmetricError, SymmetricOperator, after_asymmetry, derivative_check_of, pinned, same_on_all_ranks
 from ..progress import Progress
 from ..vector_space import space_of
-from .backends import make_basis, resolve_backend
+from .backends import float_head_rows, make_basis, resolve_backend
 from .block import BlockLanczosState
 from .config import Request, make_config, validate
 from .result import LanczosResult
@@ -162,7 +162,8 @@ def _new_state(op, req: Request, backend: str, basis: str, bar: Progress) -> Lan
         state.start(req.v0)
         return state
     space = cfg.space  # sharded vectors: the basis holds this rank's shards, its inner products all-reduced
-    Q = make_basis(backend, basis, cfg.max_basis, space.local_size, cfg.dtype, cfg.device, space=space)
+    Q = make_basis(backend, basis, cfg.max_basis, space.local_size, cfg.dtype, cfg.device, space=space,
+                   head=float_head_rows(basis, cfg.k))
     Q.set(0, start_vector(req.v0, space, gen, cfg.dtype, cfg.device))
     return LanczosState(op, cfg, Q, gen)
 

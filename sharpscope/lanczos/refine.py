@@ -1,0 +1,144 @@
+r"""The certificate of a bfloat16 basis: explicit residuals of the returned vectors, refined until they pass.
+
+A Ritz vector of a bfloat16 basis is :math:`y = \tilde Q s`, a combination of rounded rows
+:math:`\tilde q_r = q_r + e_r` with :math:`\|e_r\| \le u = 2^{-8}`, so :math:`y` is off the Ritz vector the
+recurrence certified (:math:`Q s`, whose residual is :math:`|\beta_j s_{j,i}|`) by
+:math:`d = \sum_r s_r e_r`, of norm about :math:`u / \sqrt 3`, and its residual is off by
+:math:`(A - \theta) d`: about :math:`10^{-3} \|A\|` however small :math:`|\beta_j s_{j,i}|` is. No projected
+quantity sees :math:`d` (the rounding is not in the Krylov space), so the certificate is computed from the
+stored vectors themselves: one product per wanted vector, :math:`R = A Y - Y \Theta` after a Rayleigh-Ritz
+step on :math:`Y` (Parlett, *The Symmetric Eigenvalue Problem*, Sec. 11.4), and :math:`\|R e_i\|` is what the
+result reports.
+
+Where that residual exceeds its threshold (:func:`thresholds`: ``tol`` relative, floored at the products'
+rounding), the vectors are refined by LOBPCG (Knyazev 2001, "Toward the optimal preconditioned
+eigensolver"): Rayleigh-Ritz on :math:`[Y, D, P]`, :math:`D` the unit residuals of the pairs not yet
+converged (one product each), :math:`P` the previous step; the new pairs' products and residuals follow from
+those already taken (:math:`A [Y, D, P] C`), so every reported residual is explicit. The error :math:`d` is
+spread over the whole spectrum, most of it far from :math:`\theta`, where a step removes most of it; the
+vectors it adds are float32, so no rounding enters again. Each step takes its products from what remains of
+``max_matvecs``; without progress (the worst residual falling by less than :data:`STALL`, or rising) or
+products, the pairs are reported with their explicit residuals, unconverged.
+
+Memory: held after the Krylov basis is released, and counted in :attr:`Refined.nbytes` (the result's
+``basis_bytes`` is the larger of the two): ``Y``, ``A Y`` and ``R`` for the explicit residuals (``3 k`` vectors
+of the working dtype); a LOBPCG step holds ``Y``, ``A Y``, the directions ``D``, ``A D``, ``P``, ``A P`` and the
+next ``Y``, ``A Y``, ``P``, ``A P``: up to ``10 k`` vectors (refining the pairs one at a time against the
+others, in less memory, stalled on the test problems at residuals near 2e-5 relative).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .ritz import order
+
+__all__ = ["Refined", "refine", "thresholds", "STALL", "ROUNDING"]
+
+ROUNDING = 32.0  # explicit residuals are resolved down to ROUNDING * eps * ||A|| (4e-6 ||A|| in float32)
+STALL = 0.9  # a step must cut the worst residual (relative to tol) by 10%, else the refinement stops
+
+
+@dataclass
+class Refined:
+    """Eigenpairs with explicit residual norms ``||A y - theta y||``, ordered by ``which``."""
+
+    theta: np.ndarray
+    residuals: np.ndarray
+    vectors: torch.Tensor
+    products: int
+    steps: int
+    nbytes: int
+    atol: float  # the products' rounding the thresholds were floored at (:func:`refine`)
+
+
+def thresholds(theta: np.ndarray, tol: float, floor: float, atol: float) -> np.ndarray:
+    """The residual each pair must reach: ``max(tol * max(|theta|, floor), atol)``, ``atol`` the rounding of
+    the products (at least :data:`ROUNDING` eps ||A||), below which an explicit residual is not resolved."""
+    return np.maximum(tol * np.maximum(np.abs(theta), floor), atol)
+
+
+def refine(op, Y: torch.Tensor, which: str, tol: float, floor: float, atol: float, budget: int,
+           reduce: Callable[[torch.Tensor], torch.Tensor], n: int = 1) -> Refined:
+    r"""The pairs of ``Y`` (``(n, k)``, unit columns) with explicit residuals, refined by LOBPCG steps while
+    some residual exceeds its :func:`thresholds` and ``budget`` products remain (module docstring).
+    ``reduce`` sums partial inner products over the ranks of a sharded space. ``atol`` is raised to the
+    products' rounding as measured: the asymmetry of the projected matrices,
+    :math:`|u^\top A v - v^\top A u|` for unit float32 vectors (a projection of the products' error), times
+    :math:`\sqrt n` (``n`` the dimension)."""
+    k = Y.shape[1]
+    AY = _product(op, Y)
+    products, steps = k, 0
+    theta, Y, AY, _, asym = _rayleigh_ritz([Y], [AY], k, which, reduce)
+    atol = max(atol, math.sqrt(n) * asym)
+    R, res = _residuals(Y, AY, theta, reduce)
+    P = AP = None
+    nbytes = 3 * _bytes(Y)
+    while True:
+        scale = thresholds(theta, tol, floor, atol)
+        open_ = np.flatnonzero(res > scale)
+        if len(open_) == 0 or budget - products < len(open_):
+            break
+        D = R[:, open_] / torch.as_tensor(np.maximum(res[open_], 1e-300), dtype=R.dtype, device=R.device)
+        del R
+        AD = _product(op, D)
+        products += len(open_)
+        steps += 1
+        worst = float(np.max(res / scale))
+        blocks, prods = [Y, D] + ([P] if P is not None else []), [AY, AD] + ([AP] if P is not None else [])
+        new_theta, new_Y, new_AY, C, asym = _rayleigh_ritz(blocks, prods, k, which, reduce)
+        atol = max(atol, math.sqrt(n) * asym)
+        # LOBPCG's third block: the step just taken, without its component along Y
+        new_P = sum(b @ c for b, c in zip(blocks[1:], C[1:]))
+        new_AP = sum(b @ c for b, c in zip(prods[1:], C[1:]))
+        nbytes = max(nbytes, sum(map(_bytes, blocks + prods)) + 4 * _bytes(new_Y))
+        new_R, new_res = _residuals(new_Y, new_AY, new_theta, reduce)
+        if float(np.max(new_res / thresholds(new_theta, tol, floor, atol))) > worst:
+            break  # a step that made the worst pair worse (rounding of the products): keep the last pairs
+        theta, Y, AY, R, res, P, AP = new_theta, new_Y, new_AY, new_R, new_res, new_P, new_AP
+        if float(np.max(res / thresholds(theta, tol, floor, atol))) > STALL * worst:
+            break
+    return Refined(theta, res, Y, products, steps, nbytes, atol)
+
+
+def _product(op, V: torch.Tensor) -> torch.Tensor:
+    """``A V``, one product per column (as the recurrence takes them: sharded operators take shards)."""
+    return torch.stack([op.matvec(V[:, i].contiguous()).detach().to(V.dtype) for i in range(V.shape[1])], dim=1)
+
+
+def _bytes(V: torch.Tensor) -> int:
+    return V.element_size() * V.numel()
+
+
+def _rayleigh_ritz(blocks: list[torch.Tensor], products: list[torch.Tensor], k: int, which: str,
+                   reduce: Callable) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, list[torch.Tensor], float]:
+    """The ``k`` wanted Ritz pairs of ``A`` on the span of ``S = [blocks]`` (their products ``A B`` given): the
+    Gram matrix ``G = S^T S`` and ``H = S^T A S`` in float64, block by block, directions with ``G``'s
+    eigenvalues below 1e-10 of the largest dropped, then ``eigh``; returns ``(theta, S C, A S C, C split by
+    block, the largest |H - H^T| between unit columns)``, orthonormal columns."""
+    G = np.block([[reduce(a.T @ b).double().cpu().numpy() for b in blocks] for a in blocks])
+    H = np.block([[reduce(a.T @ b).double().cpu().numpy() for b in products] for a in blocks])
+    unit = 1.0 / np.sqrt(np.maximum(np.diag(G), 1e-300))
+    asym = float(np.max(np.abs(H - H.T) * np.outer(unit, unit)))
+    G, H = (G + G.T) / 2, (H + H.T) / 2
+    g, U = np.linalg.eigh(G)
+    keep = g > 1e-10 * g[-1]
+    W = U[:, keep] / np.sqrt(g[keep])
+    theta, Z = np.linalg.eigh(W.T @ H @ W)
+    idx = order(theta, which)[:k]
+    ref = blocks[0]
+    C = list(torch.split(torch.as_tensor(W @ Z[:, idx], dtype=ref.dtype, device=ref.device),
+                         [b.shape[1] for b in blocks]))
+    return (theta[idx], sum(b @ c for b, c in zip(blocks, C)), sum(b @ c for b, c in zip(products, C)), C, asym)
+
+
+def _residuals(Y: torch.Tensor, AY: torch.Tensor, theta: np.ndarray,
+               reduce: Callable) -> tuple[torch.Tensor, np.ndarray]:
+    """``R = A Y - Y diag(theta)`` and its column norms (float64, summed over the ranks)."""
+    R = AY - Y * torch.as_tensor(theta, dtype=Y.dtype, device=Y.device)
+    norms = reduce(torch.linalg.vector_norm(R, dim=0) ** 2)
+    return R, np.sqrt(np.maximum(norms.double().cpu().numpy(), 0.0))
