@@ -9,7 +9,7 @@ so this is a count, not a timing):
   ``--candidate EXPR`` (a formula of ``k``, e.g. ``"2*k+8"``) to try another size.
 
 ``--basis device-bf16`` runs both solves with a bfloat16 basis (``--basis device`` is the default), whose
-default (:func:`~sharpscope.lanczos.config.default_basis_size` with that basis) and certificate (explicit
+default (:func:`~sharpscope.lanczos.config.default_basis_size`, the same for every basis) and certificate (explicit
 residuals, :mod:`sharpscope.lanczos.refine`) then count; ``--reference`` adds a float32 solve at the new
 default to each row (its products, and the bfloat16 eigenvalues' difference to it).
 
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    new = args.candidate or (f"default ({default_basis_size(1, basis=args.basis)} at k=1, "
-                             f"{default_basis_size(20, basis=args.basis)} at k=20)")
+    new = args.candidate or f"default ({default_basis_size(1)} at k=1, {default_basis_size(20)} at k=20)"
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
         f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
     header = (f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {where}; torch {torch.__version__} "

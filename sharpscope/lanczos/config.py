@@ -7,8 +7,8 @@ mode, ``max_basis + 1`` otherwise). Its size, in this order of precedence:
 * ``max_memory=``: as many vectors as fit that many bytes (or that fraction of the free memory), counting
   the storage of ``basis=`` (:func:`~.backends.base.basis_nbytes`), at most ``max_matvecs`` (a basis
   never holds more vectors than products fill);
-* the default, sized to the question: :func:`default_basis_size` vectors (``2 k + 8``; a bfloat16 basis keeps
-  ``max(2 k + 20, 60)``), at most 1/4 of a GPU's free memory or 1/8 of the RAM.
+* the default, sized to the question: :func:`default_basis_size` vectors (``2 k + 8``, whatever the storage),
+  at most 1/4 of a GPU's free memory or 1/8 of the RAM.
 
 Always capped by the dimension ``n`` and at least ``k + 2`` (``k + 2 b`` for blocks of ``b``).
 """
@@ -123,19 +123,14 @@ def make_config(op, req: Request, basis: str, progress=None) -> LanczosConfig:
                          callback=req.callback, progress=progress, space=space)
 
 
-def default_basis_size(k: int, block_size: int = 1, basis: str = "device") -> int:
+def default_basis_size(k: int, block_size: int = 1) -> int:
     """The default ``max_basis``, sized to the question (before the memory cap and ``n``): ``2 k + 8`` vectors
     (``k + 3 b`` at least for blocks of ``b``). With thick restart (:meth:`.state.LanczosState.restart` keeps
     ``k + (m - k) / 2`` Ritz vectors) it costs a few percent more products than the earlier
     ``max(2 k + 20, 60)`` for several times less memory (measured by ``scripts/bench_basis_default.py``;
-    docs: performance, "Memory and the Krylov basis").
-
-    A bfloat16 basis (``basis="device-bf16"``) keeps ``max(2 k + 20, 60)``: each thick restart stores its kept
-    Ritz vectors rounded to bfloat16, and solves that restart there can end certified yet wrong (on the test
-    suite's MLP Hessian, k = 4, a basis of 32 bfloat16 rows: eigenvalues off by 7e-3 of the top one, all
-    reported converged at tol 1e-6), so its default avoids restarts where the old one did."""
-    if storage_of(basis)[0] == "bfloat16":
-        return max(2 * k + 20, 60, k + 3 * block_size)
+    docs: performance, "Memory and the Krylov basis"). The same for a bfloat16 basis (``basis="device-bf16"``),
+    whose restarts keep the wanted Ritz vectors in float32 rows and whose certificate is the returned vectors'
+    explicit residual (:mod:`.refine`); before, it kept ``max(2 k + 20, 60)``."""
     return max(2 * k + 8, k + 3 * block_size)
 
 
@@ -164,7 +159,7 @@ def basis_size(n: int, k: int, b: int, dtype: torch.dtype, basis: str, device: t
                              f"least {least} bytes, or basis='device-bf16' (half the bytes) or 'host'")
     else:
         budget = memory_budget(where, gpu_free=0.25, host=0.125)
-        m = min(default_basis_size(k, b, basis), max(need, (budget - fixed) // row - spare))
+        m = min(default_basis_size(k, b), max(need, (budget - fixed) // row - spare))
     m = min(m, n)
     if m < min(need, n):
         raise ValueError(f"max_basis={m} is too small for k={k}"

@@ -39,7 +39,7 @@ from .ritz import order
 
 __all__ = ["Refined", "refine", "thresholds", "STALL", "ROUNDING"]
 
-ROUNDING = 32.0  # explicit residuals are resolved down to ROUNDING * eps * ||A|| (4e-6 ||A|| in float32)
+ROUNDING = 64.0  # explicit residuals are resolved down to ROUNDING * eps * ||A|| (7.6e-6 ||A|| in float32)
 STALL = 0.9  # a step must cut the worst residual (relative to tol) by 10%, else the refinement stops
 
 
