@@ -21,11 +21,12 @@ ratio, since the basis holds ``max_basis + 1`` vectors of ``n`` entries).
 Problems: the models of scripts/bench_eigs.py (``mlp``: 3072-128-128-10 on 64 samples, its ``--quick`` size,
 410k parameters; ``cnn``: the 2-conv CNN on 256 samples, 25k), after 5 SGD steps from seed 0, in float32; and the
 test suite's float64 models (tests/conftest.py: ``t-mlp`` 6-12-12-4 tanh, ``t-cnn`` conv + BatchNorm,
-``t-attention``), each on its 16 samples, Hessian operator with the defaults.
+``t-attention``), each on its 16 samples, Hessian operator with the defaults; and the operators of
+tests/test_backends.py (``b-diagonal``, ``b-dense``, ``b-multiplicity``, ``b-mlp-hessian``; float32).
 
 Run: python scripts/bench_basis_default.py [--problems mlp,cnn,t-mlp,t-cnn,t-attention] [--k 1,2,5,10,20]
                                            [--tol 1e-3,1e-6] [--candidate EXPR] [--device cuda]
-                                           [--basis device-bf16] [--reference]
+                                           [--basis device-bf16] [--reference] [--summary-json]
                                            [--markdown PATH] [--json PATH]
 """
 from __future__ import annotations
@@ -57,6 +58,11 @@ def old_default(k: int) -> int:
 def build(problem: str, device: str = "cpu", float32: bool = False) -> ss.SymmetricOperator:
     """The Hessian operator of a problem (module docstring), its model and data on ``device`` (the test models
     in float32 with ``float32``: a bfloat16 basis needs a float32 operator)."""
+    if problem.startswith("b-"):
+        sys.path.insert(0, str(ROOT / "tests"))
+        import test_backends
+
+        return test_backends.OPERATORS[problem.removeprefix("b-")]()
     if problem in ("mlp", "cnn"):
         import bench_eigs
 
@@ -146,6 +152,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cpu", help="where the models and the solves run (default cpu)")
     p.add_argument("--basis", default="device", help="basis= of both solves (default device; or device-bf16)")
     p.add_argument("--reference", action="store_true", help="also a float32 solve at the new default per row")
+    p.add_argument("--summary-json", action="store_true",
+                   help="end with one JSON line of products per solve (for scripts/ab_compare.py)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table and totals here")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
@@ -164,6 +172,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  + summary(rows).replace("\n", "\n\n") + "\n")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.summary_json:
+        products = {f"{r['problem']}/k{r['k']}/{r['tol']:g}/{side}": r[side]["products"]
+                    for r in rows for side in ("old", "new")}
+        print(json.dumps({"products_old": sum(r["old"]["products"] for r in rows),
+                          "products_new": sum(r["new"]["products"] for r in rows), **products}))
     return rows
 
 

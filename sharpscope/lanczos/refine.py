@@ -17,8 +17,9 @@ converged (one product each), :math:`P` the previous step; the new pairs' produc
 those already taken (:math:`A [Y, D, P] C`), so every reported residual is explicit. The error :math:`d` is
 spread over the whole spectrum, most of it far from :math:`\theta`, where a step removes most of it; the
 vectors it adds are float32, so no rounding enters again. Each step takes its products from what remains of
-``max_matvecs``; without progress (the worst residual falling by less than :data:`STALL`, or rising) or
-products, the pairs are reported with their explicit residuals, unconverged.
+``max_matvecs``; its residuals are not monotone, so the best step is kept, and without a better one in
+:data:`PATIENCE` steps, or without products, the pairs are reported with their explicit residuals,
+unconverged.
 
 Memory: held after the Krylov basis is released, and counted in :attr:`Refined.nbytes` (the result's
 ``basis_bytes`` is the larger of the two): ``Y``, ``A Y`` and ``R`` for the explicit residuals (``3 k`` vectors
@@ -37,10 +38,10 @@ import torch
 
 from .ritz import order
 
-__all__ = ["Refined", "refine", "thresholds", "STALL", "ROUNDING"]
+__all__ = ["Refined", "refine", "thresholds", "PATIENCE", "ROUNDING"]
 
 ROUNDING = 64.0  # explicit residuals are resolved down to ROUNDING * eps * ||A|| (7.6e-6 ||A|| in float32)
-STALL = 0.9  # a step must cut the worst residual (relative to tol) by 10%, else the refinement stops
+PATIENCE = 3  # steps without a new best worst residual (relative to its threshold) before refine() stops
 
 
 @dataclass
@@ -78,30 +79,33 @@ def refine(op, Y: torch.Tensor, which: str, tol: float, floor: float, atol: floa
     R, res = _residuals(Y, AY, theta, reduce)
     P = AP = None
     nbytes = 3 * _bytes(Y)
+    best, since = (float(np.max(res / thresholds(theta, tol, floor, atol))), theta, Y, res), 0
     while True:
         scale = thresholds(theta, tol, floor, atol)
         open_ = np.flatnonzero(res > scale)
-        if len(open_) == 0 or budget - products < len(open_):
+        if len(open_) == 0 or budget - products < len(open_) or since >= PATIENCE:
             break
         D = R[:, open_] / torch.as_tensor(np.maximum(res[open_], 1e-300), dtype=R.dtype, device=R.device)
         del R
         AD = _product(op, D)
         products += len(open_)
         steps += 1
-        worst = float(np.max(res / scale))
         blocks, prods = [Y, D] + ([P] if P is not None else []), [AY, AD] + ([AP] if P is not None else [])
         new_theta, new_Y, new_AY, C, asym = _rayleigh_ritz(blocks, prods, k, which, reduce)
         atol = max(atol, math.sqrt(n) * asym)
-        # LOBPCG's third block: the step just taken, without its component along Y
+        # LOBPCG's third block: the step just taken, without its component along Y, with unit columns (the
+        # Gram matrix is formed in float32: columns of very different norms lose the small ones)
         new_P = sum(b @ c for b, c in zip(blocks[1:], C[1:]))
         new_AP = sum(b @ c for b, c in zip(prods[1:], C[1:]))
-        nbytes = max(nbytes, sum(map(_bytes, blocks + prods)) + 4 * _bytes(new_Y))
-        new_R, new_res = _residuals(new_Y, new_AY, new_theta, reduce)
-        if float(np.max(new_res / thresholds(new_theta, tol, floor, atol))) > worst:
-            break  # a step that made the worst pair worse (rounding of the products): keep the last pairs
-        theta, Y, AY, R, res, P, AP = new_theta, new_Y, new_AY, new_R, new_res, new_P, new_AP
-        if float(np.max(res / thresholds(theta, tol, floor, atol))) > STALL * worst:
-            break
+        norms = reduce(torch.linalg.vector_norm(new_P, dim=0) ** 2).sqrt().clamp_min(torch.finfo(new_P.dtype).tiny)
+        new_P, new_AP = new_P / norms, new_AP / norms
+        nbytes = max(nbytes, sum(map(_bytes, blocks + prods)) + 5 * _bytes(new_Y))
+        theta, Y, AY, P, AP = new_theta, new_Y, new_AY, new_P, new_AP
+        R, res = _residuals(Y, AY, theta, reduce)
+        worst = float(np.max(res / thresholds(theta, tol, floor, atol)))
+        # residuals of LOBPCG are not monotone (the Ritz values are): keep the best step
+        best, since = ((worst, theta, Y, res), 0) if worst < best[0] else (best, since + 1)
+    _, theta, Y, res = best
     return Refined(theta, res, Y, products, steps, nbytes, atol)
 
 
