@@ -23,9 +23,12 @@ Storage (``basis=``):
 * ``"device-bf16"``: bfloat16 rows (half the memory and traffic; float32 accumulation). Stored rows
   carry a relative rounding error of up to :math:`2^{-8}` (bfloat16's unit roundoff), so the
   recurrence itself runs on float32 copies of the last two vectors (:attr:`KrylovBasis.recent`):
-  without reorthogonalizations and restarts ``T`` is exactly float32 Lanczos'; reorthogonalization
-  against rounded rows, the kept Ritz vectors of a thick restart and the returned eigenvectors carry
-  the rounding (eigenvalues to about 1e-4 relative, eigenvectors to about 4e-3).
+  without reorthogonalizations and restarts ``T`` is exactly float32 Lanczos'. Rows ``0..k-1`` (the
+  "head", :func:`float_head_rows`) are stored in float32: a thick restart puts the k wanted Ritz vectors
+  there, so restarts do not round them (rounded, they no longer matched the Ritz values the projected matrix
+  kept for them, and restarted solves ended "converged" with wrong eigenvalues). The returned vectors still
+  combine rounded rows (residuals of about 1e-3 of the operator), so :func:`sharpscope.lanczos` certifies them
+  with explicit residuals (:mod:`sharpscope.lanczos.refine`).
 * ``"host"``: float32 rows in (pinned, on CUDA) host memory, streamed to the device in row blocks for
   each Gram-Schmidt pass: the basis no longer limits the model size, the passes become PCIe-bound
   (~25 GB/s against ~3 TB/s of HBM), which partial reorthogonalization keeps rare. On a CPU operator
