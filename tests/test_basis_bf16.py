@@ -97,6 +97,8 @@ def test_bf16_certificate_counts_its_products_and_keeps_the_cap():
                        return_eigenvectors=True, progress=False)
     assert short.num_matvecs == Counting.calls <= 30 and not short.all_converged
     check_against_dense(short, D, 1e-6)  # unconverged, with true residuals
+    with pytest.raises(ValueError, match="max_matvecs=7 is too few for basis='device-bf16' with k=4.*>= 8"):
+        ss.lanczos(counted, k=4, basis="device-bf16", max_matvecs=7)
 
 
 def test_bf16_default_basis_follows_k_and_holds_less_than_float32():

@@ -115,6 +115,9 @@ def make_config(op, req: Request, basis: str, progress=None) -> LanczosConfig:
         max_matvecs = max(300, 30 * k) * (1 if b == 1 else 2)
     if max_matvecs < b:
         raise ValueError(f"max_matvecs={max_matvecs} is smaller than one block of block_size={b}")
+    if basis == "device-bf16" and max_matvecs < 2 * k:
+        raise ValueError(f"max_matvecs={max_matvecs} is too few for basis='device-bf16' with k={k}: its certificate "
+                         f"takes k products beyond the k the solve needs at least; give max_matvecs >= {2 * k}")
     space = space_of(op)
     m = basis_size(n, k, b, dtype, basis, torch.device(op.device), req.max_basis, req.max_memory, max_matvecs,
                    row_length=space.local_size)

@@ -52,7 +52,6 @@ class Refined:
     residuals: np.ndarray
     vectors: torch.Tensor
     products: int
-    steps: int
     nbytes: int
     atol: float  # the products' rounding the thresholds were floored at (:func:`refine`)
 
@@ -73,7 +72,7 @@ def refine(op, Y: torch.Tensor, which: str, tol: float, floor: float, atol: floa
     :math:`\sqrt n` (``n`` the dimension)."""
     k = Y.shape[1]
     AY = _product(op, Y)
-    products, steps = k, 0
+    products = k
     theta, Y, AY, _, asym = _rayleigh_ritz([Y], [AY], k, which, reduce)
     atol = max(atol, math.sqrt(n) * asym)
     R, res = _residuals(Y, AY, theta, reduce)
@@ -89,7 +88,6 @@ def refine(op, Y: torch.Tensor, which: str, tol: float, floor: float, atol: floa
         del R
         AD = _product(op, D)
         products += len(open_)
-        steps += 1
         blocks, prods = [Y, D] + ([P] if P is not None else []), [AY, AD] + ([AP] if P is not None else [])
         new_theta, new_Y, new_AY, C, asym = _rayleigh_ritz(blocks, prods, k, which, reduce)
         atol = max(atol, math.sqrt(n) * asym)
@@ -106,7 +104,7 @@ def refine(op, Y: torch.Tensor, which: str, tol: float, floor: float, atol: floa
         # residuals of LOBPCG are not monotone (the Ritz values are): keep the best step
         best, since = ((worst, theta, Y, res), 0) if worst < best[0] else (best, since + 1)
     _, theta, Y, res = best
-    return Refined(theta, res, Y, products, steps, nbytes, atol)
+    return Refined(theta, res, Y, products, nbytes, atol)
 
 
 def _product(op, V: torch.Tensor) -> torch.Tensor:
