@@ -67,7 +67,7 @@ def test_max_memory_as_a_fraction_of_the_free_memory(monkeypatch):
 def test_max_memory_counts_the_storage_of_the_basis(basis, row, fixed):
     # bfloat16 rows are 2 bytes an entry plus two float32 working vectors, and the first k rows (the kept wanted
     # Ritz vectors) 4 bytes an entry; a host basis of a CPU operator keeps no working copies. tol 1e-2: the
-    # bfloat16 certificate then needs no refinement step, whose vectors (up to 10 k) could outgrow the basis
+    # bfloat16 certificate then needs no refinement step, whose vectors (up to 11 k) could outgrow the basis
     op, dense = _op(torch.float32)
     budget = fixed + 16 * row
     res = ss.lanczos(op, k=2, tol=1e-2, basis=basis, max_memory=budget)

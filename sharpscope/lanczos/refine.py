@@ -23,9 +23,9 @@ unconverged.
 
 Memory: held after the Krylov basis is released, and counted in :attr:`Refined.nbytes` (the result's
 ``basis_bytes`` is the larger of the two): ``Y``, ``A Y`` and ``R`` for the explicit residuals (``3 k`` vectors
-of the working dtype); a LOBPCG step holds ``Y``, ``A Y``, the directions ``D``, ``A D``, ``P``, ``A P`` and the
-next ``Y``, ``A Y``, ``P``, ``A P``: up to ``10 k`` vectors (refining the pairs one at a time against the
-others, in less memory, stalled on the test problems at residuals near 2e-5 relative).
+of the working dtype); a LOBPCG step holds ``Y``, ``A Y``, the directions ``D``, ``A D``, ``P``, ``A P``, the
+next ``Y``, ``A Y``, ``P``, ``A P`` and the best step's ``Y``: up to ``11 k`` vectors (refining the pairs one at
+a time against the others, in less memory, stalled on the test problems at residuals near 2e-5 relative).
 """
 from __future__ import annotations
 
