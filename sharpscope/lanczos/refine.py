@@ -29,7 +29,6 @@ a time against the others, in less memory, stalled on the test problems at resid
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,28 +52,25 @@ class Refined:
     vectors: torch.Tensor
     products: int
     nbytes: int
-    atol: float  # the products' rounding the thresholds were floored at (:func:`refine`)
 
 
 def thresholds(theta: np.ndarray, tol: float, floor: float, atol: float) -> np.ndarray:
     """The residual each pair must reach: ``max(tol * max(|theta|, floor), atol)``, ``atol`` the rounding of
-    the products (at least :data:`ROUNDING` eps ||A||), below which an explicit residual is not resolved."""
+    float32 products (:data:`ROUNDING` eps ||A||), below which an explicit residual is not resolved. Noisier
+    products (float32 autograd through deep networks) can keep a residual above it: the pair is then reported
+    unconverged, with its residual."""
     return np.maximum(tol * np.maximum(np.abs(theta), floor), atol)
 
 
 def refine(op, Y: torch.Tensor, which: str, tol: float, floor: float, atol: float, budget: int,
-           reduce: Callable[[torch.Tensor], torch.Tensor], n: int = 1) -> Refined:
+           reduce: Callable[[torch.Tensor], torch.Tensor]) -> Refined:
     r"""The pairs of ``Y`` (``(n, k)``, unit columns) with explicit residuals, refined by LOBPCG steps while
     some residual exceeds its :func:`thresholds` and ``budget`` products remain (module docstring).
-    ``reduce`` sums partial inner products over the ranks of a sharded space. ``atol`` is raised to the
-    products' rounding as measured: the asymmetry of the projected matrices,
-    :math:`|u^\top A v - v^\top A u|` for unit float32 vectors (a projection of the products' error), times
-    :math:`\sqrt n` (``n`` the dimension)."""
+    ``reduce`` sums partial inner products over the ranks of a sharded space; ``atol`` floors the thresholds."""
     k = Y.shape[1]
     AY = _product(op, Y)
     products = k
-    theta, Y, AY, _, asym = _rayleigh_ritz([Y], [AY], k, which, reduce)
-    atol = max(atol, math.sqrt(n) * asym)
+    theta, Y, AY, _ = _rayleigh_ritz([Y], [AY], k, which, reduce)
     R, res = _residuals(Y, AY, theta, reduce)
     P = AP = None
     nbytes = 3 * _bytes(Y)
@@ -89,8 +85,7 @@ def refine(op, Y: torch.Tensor, which: str, tol: float, floor: float, atol: floa
         AD = _product(op, D)
         products += len(open_)
         blocks, prods = [Y, D] + ([P] if P is not None else []), [AY, AD] + ([AP] if P is not None else [])
-        new_theta, new_Y, new_AY, C, asym = _rayleigh_ritz(blocks, prods, k, which, reduce)
-        atol = max(atol, math.sqrt(n) * asym)
+        new_theta, new_Y, new_AY, C = _rayleigh_ritz(blocks, prods, k, which, reduce)
         # LOBPCG's third block: the step just taken, without its component along Y, with unit columns (the
         # Gram matrix is formed in float32: columns of very different norms lose the small ones)
         new_P = sum(b @ c for b, c in zip(blocks[1:], C[1:]))
@@ -104,7 +99,7 @@ def refine(op, Y: torch.Tensor, which: str, tol: float, floor: float, atol: floa
         # residuals of LOBPCG are not monotone (the Ritz values are): keep the best step
         best, since = ((worst, theta, Y, res), 0) if worst < best[0] else (best, since + 1)
     _, theta, Y, res = best
-    return Refined(theta, res, Y, products, nbytes, atol)
+    return Refined(theta, res, Y, products, nbytes)
 
 
 def _product(op, V: torch.Tensor) -> torch.Tensor:
@@ -117,15 +112,13 @@ def _bytes(V: torch.Tensor) -> int:
 
 
 def _rayleigh_ritz(blocks: list[torch.Tensor], products: list[torch.Tensor], k: int, which: str,
-                   reduce: Callable) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, list[torch.Tensor], float]:
+                   reduce: Callable) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The ``k`` wanted Ritz pairs of ``A`` on the span of ``S = [blocks]`` (their products ``A B`` given): the
     Gram matrix ``G = S^T S`` and ``H = S^T A S`` in float64, block by block, directions with ``G``'s
     eigenvalues below 1e-10 of the largest dropped, then ``eigh``; returns ``(theta, S C, A S C, C split by
-    block, the largest |H - H^T| between unit columns)``, orthonormal columns."""
+    block)``, orthonormal columns."""
     G = np.block([[reduce(a.T @ b).double().cpu().numpy() for b in blocks] for a in blocks])
     H = np.block([[reduce(a.T @ b).double().cpu().numpy() for b in products] for a in blocks])
-    unit = 1.0 / np.sqrt(np.maximum(np.diag(G), 1e-300))
-    asym = float(np.max(np.abs(H - H.T) * np.outer(unit, unit)))
     G, H = (G + G.T) / 2, (H + H.T) / 2
     g, U = np.linalg.eigh(G)
     keep = g > 1e-10 * g[-1]
@@ -135,7 +128,7 @@ def _rayleigh_ritz(blocks: list[torch.Tensor], products: list[torch.Tensor], k: 
     ref = blocks[0]
     C = list(torch.split(torch.as_tensor(W @ Z[:, idx], dtype=ref.dtype, device=ref.device),
                          [b.shape[1] for b in blocks]))
-    return (theta[idx], sum(b @ c for b, c in zip(blocks, C)), sum(b @ c for b, c in zip(products, C)), C, asym)
+    return (theta[idx], sum(b @ c for b, c in zip(blocks, C)), sum(b @ c for b, c in zip(products, C)), C)
 
 
 def _residuals(Y: torch.Tensor, AY: torch.Tensor, theta: np.ndarray,

@@ -320,13 +320,12 @@ class LanczosState:
         cfg, basis_bytes, reduce = self.cfg, self.basis_bytes, self.Q._sum
         Y = self.Q.ritz_vectors(ritz.S[:, idx], self.j)
         self.Q = None  # the rounded rows are not needed any more: the refinement's vectors take their place
-        atol = ROUNDING * cfg.eps * self.anorm  # the products' rounding (refine() raises it where measured)
-        done = refine(self.op, Y, cfg.which, cfg.tol, ritz.floor, atol, cfg.max_matvecs - self.num_mv, reduce,
-                      n=cfg.n)
+        atol = ROUNDING * cfg.eps * self.anorm  # the float32 products' rounding
+        done = refine(self.op, Y, cfg.which, cfg.tol, ritz.floor, atol, cfg.max_matvecs - self.num_mv, reduce)
         self.num_mv += done.products
         res = make_result(Ritz(done.theta, np.eye(len(done.theta)), done.residuals, np.arange(len(done.theta)),
                                np.arange(len(done.theta)), ritz.floor), np.arange(len(done.theta)), cfg,
                           done.vectors if return_eigenvectors else None, num_matvecs=self.num_mv,
                           basis_bytes=max(basis_bytes, done.nbytes), **counts)
-        ok = torch.as_tensor(done.residuals <= thresholds(done.theta, cfg.tol, ritz.floor, done.atol))
+        ok = torch.as_tensor(done.residuals <= thresholds(done.theta, cfg.tol, ritz.floor, atol))
         return dataclasses.replace(res, converged=ok)
