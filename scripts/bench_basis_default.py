@@ -8,6 +8,11 @@ so this is a count, not a timing):
 * **new**: ``max_basis`` left out, the current default (:func:`sharpscope.lanczos.config.default_basis_size`), or
   ``--candidate EXPR`` (a formula of ``k``, e.g. ``"2*k+8"``) to try another size.
 
+``--basis device-bf16`` runs both solves with a bfloat16 basis (``--basis device`` is the default), whose
+default (:func:`~sharpscope.lanczos.config.default_basis_size`, the same for every basis) and certificate (explicit
+residuals, :mod:`sharpscope.lanczos.refine`) then count; ``--reference`` adds a float32 solve at the new
+default to each row (its products, and the bfloat16 eigenvalues' difference to it).
+
 Printed per row: products old/new and their ratio, basis vectors old/new, restarts, and the largest difference of
 the k eigenvalues relative to the top one, ``max_i |new_i - old_i| / |old_0|``, with both solves' convergence;
 then the totals: the products' ratio summed over rows, the worst row, and the basis vectors' ratio (the memory
@@ -16,10 +21,12 @@ ratio, since the basis holds ``max_basis + 1`` vectors of ``n`` entries).
 Problems: the models of scripts/bench_eigs.py (``mlp``: 3072-128-128-10 on 64 samples, its ``--quick`` size,
 410k parameters; ``cnn``: the 2-conv CNN on 256 samples, 25k), after 5 SGD steps from seed 0, in float32; and the
 test suite's float64 models (tests/conftest.py: ``t-mlp`` 6-12-12-4 tanh, ``t-cnn`` conv + BatchNorm,
-``t-attention``), each on its 16 samples, Hessian operator with the defaults.
+``t-attention``), each on its 16 samples, Hessian operator with the defaults; and the operators of
+tests/test_backends.py (``b-diagonal``, ``b-dense``, ``b-multiplicity``, ``b-mlp-hessian``; float32).
 
 Run: python scripts/bench_basis_default.py [--problems mlp,cnn,t-mlp,t-cnn,t-attention] [--k 1,2,5,10,20]
                                            [--tol 1e-3,1e-6] [--candidate EXPR] [--device cuda]
+                                           [--basis device-bf16] [--reference] [--summary-json]
                                            [--markdown PATH] [--json PATH]
 """
 from __future__ import annotations
@@ -48,8 +55,14 @@ def old_default(k: int) -> int:
     return max(2 * k + 20, 60)
 
 
-def build(problem: str, device: str = "cpu") -> ss.SymmetricOperator:
-    """The Hessian operator of a problem (module docstring), its model and data on ``device``."""
+def build(problem: str, device: str = "cpu", float32: bool = False) -> ss.SymmetricOperator:
+    """The Hessian operator of a problem (module docstring), its model and data on ``device`` (the test models
+    in float32 with ``float32``: a bfloat16 basis needs a float32 operator)."""
+    if problem.startswith("b-"):
+        sys.path.insert(0, str(ROOT / "tests"))
+        import test_backends
+
+        return test_backends.OPERATORS[problem.removeprefix("b-")]()
     if problem in ("mlp", "cnn"):
         import bench_eigs
 
@@ -64,31 +77,38 @@ def build(problem: str, device: str = "cpu") -> ss.SymmetricOperator:
 
         kind = problem.removeprefix("t-")
         model, data = conftest.MODELS[kind](0), conftest.make_data(kind, 0)
+        if float32:
+            model, data = model.float(), tuple(t.float() if t.is_floating_point() else t for t in data)
     return ss.hessian_operator(model.to(device), nn.CrossEntropyLoss(), tuple(t.to(device) for t in data))
 
 
-def solve(H, k: int, tol: float, max_basis: int | None) -> dict:
-    res = ss.lanczos(H, k=k, tol=tol, max_basis=max_basis, progress=False)
+def solve(H, k: int, tol: float, max_basis: int | None, basis: str = "device") -> dict:
+    res = ss.lanczos(H, k=k, tol=tol, max_basis=max_basis, basis=basis, progress=False)
     return {"products": res.num_matvecs, "basis": res.basis_size, "basis_bytes": res.basis_bytes,
             "restarts": res.num_restarts, "eigenvalues": res.eigenvalues.tolist(), "converged": res.all_converged}
 
 
 def run(problems: list[str], ks: list[int], tols: list[float], candidate: str | None,
-        device: str = "cpu") -> list[dict]:
+        device: str = "cpu", basis: str = "device", reference: bool = False) -> list[dict]:
     rows = []
     for problem in problems:
-        H = build(problem, device)
+        H = build(problem, device, float32=basis == "device-bf16")
         n = H.shape[0]
         for k in ks:
             if k >= n:
                 continue
             for tol in tols:
                 new_basis = None if candidate is None else int(eval(candidate, {"max": max, "min": min}, {"k": k}))
-                old = solve(H, k, tol, old_default(k))
-                new = solve(H, k, tol, new_basis)
+                old = solve(H, k, tol, old_default(k), basis)
+                new = solve(H, k, tol, new_basis, basis)
                 diff = max(abs(a - b) for a, b in zip(new["eigenvalues"], old["eigenvalues"]))
                 rows.append({"problem": problem, "n": n, "k": k, "tol": tol, "old": old, "new": new,
                              "rel_diff": diff / abs(old["eigenvalues"][0])})
+                if reference:
+                    ref = solve(H, k, tol, None)
+                    rows[-1]["ref"] = ref
+                    rows[-1]["ref_diff"] = max(abs(a - b) for a, b in zip(new["eigenvalues"], ref["eigenvalues"])) \
+                        / abs(ref["eigenvalues"][0])
                 print(line(rows[-1]), flush=True)
     return rows
 
@@ -99,9 +119,10 @@ HEADER = ("| problem | n | k | tol | products old | products new | ratio | basis
 
 def line(r: dict) -> str:
     o, w = r["old"], r["new"]
+    ref = f" float32: {r['ref']['products']} products, diff {r['ref_diff']:.1e} |" if "ref" in r else ""
     return (f"| {r['problem']} | {r['n']} | {r['k']} | {r['tol']:g} | {o['products']} | {w['products']} "
             f"| {w['products'] / o['products']:.2f} | {o['basis']} | {w['basis']} | {o['restarts']}/{w['restarts']} "
-            f"| {r['rel_diff']:.1e} | {o['converged']}/{w['converged']} |")
+            f"| {r['rel_diff']:.1e} | {o['converged']}/{w['converged']} |{ref}")
 
 
 def summary(rows: list[dict]) -> str:
@@ -129,6 +150,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--candidate", default=None,
                    help="a formula of k for the new basis instead of the default (e.g. '2*k+8')")
     p.add_argument("--device", default="cpu", help="where the models and the solves run (default cpu)")
+    p.add_argument("--basis", default="device", help="basis= of both solves (default device; or device-bf16)")
+    p.add_argument("--reference", action="store_true", help="also a float32 solve at the new default per row")
+    p.add_argument("--summary-json", action="store_true",
+                   help="end with one JSON line of products per solve (for scripts/ab_compare.py)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table and totals here")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
@@ -137,16 +162,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
         f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
     header = (f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {where}; torch {torch.__version__} "
-              f"({torch.get_num_threads()} threads); old: max(2k+20, 60); new: {new}")
+              f"({torch.get_num_threads()} threads); basis={args.basis!r}; old: max(2k+20, 60); new: {new}")
     print(f"{header}\n\n{HEADER}", flush=True)
     rows = run(args.problems.split(","), [int(k) for k in args.k.split(",")],
-               [float(t) for t in args.tol.split(",")], args.candidate, args.device)
+               [float(t) for t in args.tol.split(",")], args.candidate, args.device, args.basis, args.reference)
     print("\n" + summary(rows))
     if args.markdown:
         args.markdown.write_text(f"{header}\n\n{HEADER}\n" + "\n".join(line(r) for r in rows) + "\n\n"
                                  + summary(rows).replace("\n", "\n\n") + "\n")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.summary_json:
+        products = {f"{r['problem']}/k{r['k']}/{r['tol']:g}/{side}": r[side]["products"]
+                    for r in rows for side in ("old", "new")}
+        print(json.dumps({"products_old": sum(r["old"]["products"] for r in rows),
+                          "products_new": sum(r["new"]["products"] for r in rows), **products}))
     return rows
 
 

@@ -52,12 +52,15 @@ def test_backend_matches_torch(name, backend, basis, rtol):
     res = ss.lanczos(op, **kw, backend=backend, basis=basis, return_eigenvectors=True)
     rel = ((res.eigenvalues - ref.eigenvalues).abs() / ref.eigenvalues.abs().max()).max().item()
     assert rel <= rtol, (rel, res.eigenvalues, ref.eigenvalues)
-    assert res.all_converged  # the reported Ritz residuals still certify convergence at tol
+    # a bfloat16 basis certifies explicit residuals of the vectors it returns (tests/test_basis_bf16.py), which
+    # can stay short of tol 1e-6 where a pair sits at the edge of a dense bulk: the 4th of "diagonal" (1.0, next
+    # 0.9967); before, it reported every pair converged while the returned vectors' residuals were ~2e-3
+    assert res.all_converged or (basis == "device-bf16" and name == "diagonal" and res.converged[:3].all())
     assert res.eigenvectors.shape == ref.eigenvectors.shape and res.eigenvectors.dtype == torch.float32
-    if isinstance(op, Dense):  # true residuals of the returned vectors: bf16 rows limit them to ~4e-3
+    if isinstance(op, Dense):  # true residuals of the returned vectors, also from a bfloat16 basis
         V = res.eigenvectors
         true = (op.A @ V - V * res.eigenvalues.float()).norm(dim=0) / res.eigenvalues.abs().max()
-        assert true.max() <= (1e-2 if basis == "device-bf16" else 1e-4)
+        assert true.max() <= 1e-4
 
 
 def test_numpy_backend_float64_and_bad_choices():
@@ -471,9 +474,16 @@ def test_cupy_backend_matches_torch_through_restarts(basis, rtol):
     assert rel <= rtol and res.all_converged and res.eigenvectors.device.type == "cuda"
 
 
-def test_a_bf16_basis_that_loses_orthogonality_is_solved_again_in_float32():
+def test_a_bf16_basis_that_loses_orthogonality_is_solved_again_in_float32(monkeypatch):
     # rank 3 with a repeated eigenvalue, k=5 and a tiny basis: exhausted Krylov spaces between thick
-    # restarts, where the rounded kept Ritz vectors lose orthogonality (found in review)
+    # restarts, where the rounded kept Ritz vectors lost orthogonality (found in review). Now the kept wanted
+    # vectors stay float32 (backends.base.float_head_rows) and partial reorthogonalization starts omega at the
+    # rounded rows' level (state.ROUNDED_ORTHOGONALITY), which keep this case orthogonal (test_basis_bf16.py);
+    # without both the fallback must still catch it
+    from sharpscope.lanczos import solver, state
+
+    monkeypatch.setattr(state, "ROUNDED_ORTHOGONALITY", 0.0)
+    monkeypatch.setattr(solver, "float_head_rows", lambda basis, k: 0)
     torch.manual_seed(1)
     n = 60
     U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))

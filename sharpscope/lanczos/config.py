@@ -7,8 +7,8 @@ mode, ``max_basis + 1`` otherwise). Its size, in this order of precedence:
 * ``max_memory=``: as many vectors as fit that many bytes (or that fraction of the free memory), counting
   the storage of ``basis=`` (:func:`~.backends.base.basis_nbytes`), at most ``max_matvecs`` (a basis
   never holds more vectors than products fill);
-* the default, sized to the question: :func:`default_basis_size` vectors (``2 k + 8``; a bfloat16 basis keeps
-  ``max(2 k + 20, 60)``), at most 1/4 of a GPU's free memory or 1/8 of the RAM.
+* the default, sized to the question: :func:`default_basis_size` vectors (``2 k + 8``, whatever the storage),
+  at most 1/4 of a GPU's free memory or 1/8 of the RAM.
 
 Always capped by the dimension ``n`` and at least ``k + 2`` (``k + 2 b`` for blocks of ``b``).
 """
@@ -22,7 +22,7 @@ import torch
 
 from .._memory import max_memory_bytes, memory_budget
 from ..vector_space import space_of
-from .backends import basis_nbytes, storage_of
+from .backends import basis_nbytes, float_head_rows, storage_of
 
 __all__ = ["LanczosConfig", "Request", "validate", "make_config", "default_basis_size", "basis_size"]
 
@@ -115,6 +115,9 @@ def make_config(op, req: Request, basis: str, progress=None) -> LanczosConfig:
         max_matvecs = max(300, 30 * k) * (1 if b == 1 else 2)
     if max_matvecs < b:
         raise ValueError(f"max_matvecs={max_matvecs} is smaller than one block of block_size={b}")
+    if basis == "device-bf16" and max_matvecs < 2 * k:
+        raise ValueError(f"max_matvecs={max_matvecs} is too few for basis='device-bf16' with k={k}: its certificate "
+                         f"takes k products beyond the k the solve needs at least; give max_matvecs >= {2 * k}")
     space = space_of(op)
     m = basis_size(n, k, b, dtype, basis, torch.device(op.device), req.max_basis, req.max_memory, max_matvecs,
                    row_length=space.local_size)
@@ -123,19 +126,14 @@ def make_config(op, req: Request, basis: str, progress=None) -> LanczosConfig:
                          callback=req.callback, progress=progress, space=space)
 
 
-def default_basis_size(k: int, block_size: int = 1, basis: str = "device") -> int:
+def default_basis_size(k: int, block_size: int = 1) -> int:
     """The default ``max_basis``, sized to the question (before the memory cap and ``n``): ``2 k + 8`` vectors
     (``k + 3 b`` at least for blocks of ``b``). With thick restart (:meth:`.state.LanczosState.restart` keeps
     ``k + (m - k) / 2`` Ritz vectors) it costs a few percent more products than the earlier
     ``max(2 k + 20, 60)`` for several times less memory (measured by ``scripts/bench_basis_default.py``;
-    docs: performance, "Memory and the Krylov basis").
-
-    A bfloat16 basis (``basis="device-bf16"``) keeps ``max(2 k + 20, 60)``: each thick restart stores its kept
-    Ritz vectors rounded to bfloat16, and solves that restart there can end certified yet wrong (on the test
-    suite's MLP Hessian, k = 4, a basis of 32 bfloat16 rows: eigenvalues off by 7e-3 of the top one, all
-    reported converged at tol 1e-6), so its default avoids restarts where the old one did."""
-    if storage_of(basis)[0] == "bfloat16":
-        return max(2 * k + 20, 60, k + 3 * block_size)
+    docs: performance, "Memory and the Krylov basis"). The same for a bfloat16 basis (``basis="device-bf16"``),
+    whose restarts keep the wanted Ritz vectors in float32 rows and whose certificate is the returned vectors'
+    explicit residual (:mod:`.refine`); before, it kept ``max(2 k + 20, 60)``."""
     return max(2 * k + 8, k + 3 * block_size)
 
 
@@ -147,8 +145,9 @@ def basis_size(n: int, k: int, b: int, dtype: torch.dtype, basis: str, device: t
     need = k + 2 if b == 1 else k + 2 * b
     spare = 1 if b == 1 else b  # rows beyond max_basis: the pending vector (block)
     local = n if row_length is None else max(int(row_length), 1)
-    fixed = basis_nbytes(0, local, dtype, basis, device)
-    row = basis_nbytes(1, local, dtype, basis, device) - fixed
+    head = float_head_rows(basis, k) if b == 1 else 0
+    fixed = basis_nbytes(0, local, dtype, basis, device, head)
+    row = basis_nbytes(1, local, dtype, basis, device, head) - fixed
     where = torch.device("cpu") if storage_of(basis)[1] == "host" else device
     if max_basis is not None:
         m = int(max_basis)
@@ -163,7 +162,7 @@ def basis_size(n: int, k: int, b: int, dtype: torch.dtype, basis: str, device: t
                              f"least {least} bytes, or basis='device-bf16' (half the bytes) or 'host'")
     else:
         budget = memory_budget(where, gpu_free=0.25, host=0.125)
-        m = min(default_basis_size(k, b, basis), max(need, (budget - fixed) // row - spare))
+        m = min(default_basis_size(k, b), max(need, (budget - fixed) // row - spare))
     m = min(m, n)
     if m < min(need, n):
         raise ValueError(f"max_basis={m} is too small for k={k}"

@@ -59,7 +59,7 @@ import torch
 from ..linop import NotSymmetricError, SymmetricOperator, after_asymmetry, derivative_check_of, pinned, same_on_all_ranks
 from ..progress import Progress
 from ..vector_space import space_of
-from .backends import make_basis, resolve_backend
+from .backends import float_head_rows, make_basis, resolve_backend
 from .block import BlockLanczosState
 from .config import Request, make_config, validate
 from .result import LanczosResult
@@ -92,10 +92,11 @@ def lanczos(op: SymmetricOperator, k: int = 5, which: Which = "LA", tol: float =
         backend: ``"torch"`` (default), ``"cupy"``, ``"numpy"`` or ``"auto"``: where the basis algebra runs.
         return_eigenvectors: also return the Ritz vectors as columns of an ``(n, k)`` tensor.
         v0: start vector (e.g. the previous top eigenvector); in block mode an ``(n, b)`` block.
-        basis: ``"device"`` (default), ``"device-bf16"`` (half the memory; eigenvalues to ~1e-4) or
-            ``"host"`` (pinned host memory streamed per pass): see :mod:`sharpscope.lanczos.backends.base`.
-        max_basis: vectors kept before a thick restart (default ``2k + 8``, ``max(2k + 20, 60)`` for a
-            bfloat16 basis, at most 1/8 of the RAM or 1/4 of a GPU's free memory: :mod:`sharpscope.lanczos.config`).
+        basis: ``"device"`` (default), ``"device-bf16"`` (half the memory; residuals of the returned vectors
+            computed explicitly: :mod:`sharpscope.lanczos.refine`) or ``"host"`` (pinned host memory streamed
+            per pass): see :mod:`sharpscope.lanczos.backends.base`.
+        max_basis: vectors kept before a thick restart (default ``2k + 8``, at most 1/8 of the RAM or 1/4 of a
+            GPU's free memory: :mod:`sharpscope.lanczos.config`).
         max_memory: the basis's memory instead: bytes (int), or a fraction of the free memory (float).
         reorth: ``"partial"`` (default) or ``"full"`` reorthogonalization (block mode: always full).
         callback: called as ``callback(num_matvecs, ritz_values, residuals)`` after each Ritz test.
@@ -162,7 +163,8 @@ def _new_state(op, req: Request, backend: str, basis: str, bar: Progress) -> Lan
         state.start(req.v0)
         return state
     space = cfg.space  # sharded vectors: the basis holds this rank's shards, its inner products all-reduced
-    Q = make_basis(backend, basis, cfg.max_basis, space.local_size, cfg.dtype, cfg.device, space=space)
+    Q = make_basis(backend, basis, cfg.max_basis, space.local_size, cfg.dtype, cfg.device, space=space,
+                   head=float_head_rows(basis, cfg.k))
     Q.set(0, start_vector(req.v0, space, gen, cfg.dtype, cfg.device))
     return LanczosState(op, cfg, Q, gen)
 

@@ -17,6 +17,7 @@ split of scipy's ARPACK wrapper: validate, iterate, extract). One iteration is
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 from ..linop import ASYMMETRY_CAP, NOT_SYMMETRIC_HINT, NotSymmetricError
 from .backends import KrylovBasis
 from .config import LanczosConfig
+from .refine import ROUNDING, refine, thresholds
 from .result import LanczosResult, make_result
 from .ritz import Ritz, StopRule, ritz_pairs
 from .start import random_unit
@@ -33,6 +35,7 @@ from .start import random_unit
 __all__ = ["LanczosState", "CheckSchedule", "RoundedBasisLost", "probe_tolerance"]
 
 
+ROUNDED_ORTHOGONALITY = 2.0 ** -8  # a bfloat16 row's rounding: omega's floor is this / sqrt(n) (LanczosState)
 PROBE_LIMIT = 0.1  # above this, 100 sqrt(eps) leaves the probe nothing to refuse (16-bit dtypes)
 
 
@@ -111,6 +114,12 @@ class LanczosState:
         # u / sqrt(n) (u = 2^-8), which the symmetry probe must tolerate and the omega recurrence cannot see
         self.rounded = Q.storage == "bfloat16"
         self.sym_floor = 100 * 2.0 ** -8 / math.sqrt(cfg.n) if self.rounded else 0.0
+        # ... and a vector orthogonalized against rounded rows is orthogonal to the exact ones only to about
+        # u / sqrt(n): Simon's omega starts there after a reorthogonalization, not at eps (at n < 256 in float32
+        # this exceeds sqrt(eps), and partial reorthogonalization becomes full)
+        self.omega_floor = max(cfg.eps, ROUNDED_ORTHOGONALITY / math.sqrt(cfg.n)) if self.rounded else cfg.eps
+        # a rounded basis keeps k products for the explicit residuals of what it returns (extract)
+        self.cap = max(cfg.max_matvecs - cfg.k, 1) if self.rounded else cfg.max_matvecs
 
     # -- 1. expand ------------------------------------------------------------------------------
     def expand(self) -> torch.Tensor:
@@ -197,7 +206,7 @@ class LanczosState:
         return bool(np.max(np.abs(est)) > math.sqrt(self.cfg.eps))
 
     def _reset_omega(self) -> None:
-        self.omega_prev, self.omega = self.omega, np.full(self.cfg.max_basis + 1, self.cfg.eps)
+        self.omega_prev, self.omega = self.omega, np.full(self.cfg.max_basis + 1, self.omega_floor)
 
     # -- 3. Ritz test ---------------------------------------------------------------------------
     @property
@@ -208,7 +217,7 @@ class LanczosState:
     def must_check(self) -> bool:
         """Whether the Ritz problem is needed now whatever the schedule says: a restart, a breakdown, the
         last product allowed."""
-        return (self.j >= self.cfg.max_basis or self.breakdown or self.num_mv >= self.cfg.max_matvecs)
+        return (self.j >= self.cfg.max_basis or self.breakdown or self.num_mv >= self.cap)
 
     def ritz_test(self) -> Ritz | None:
         """The Ritz pairs and their residual norms ``|beta_j s_{j,i}|``, or None when no test is due."""
@@ -229,7 +238,7 @@ class LanczosState:
         if self.j >= self.cfg.k:
             self._schedule(ritz, ritz.converged(self.cfg.tol))
         finished = self.stop.finished(ritz, self.j, fresh=self.breakdown)
-        return finished or self.num_mv >= self.cfg.max_matvecs
+        return finished or self.num_mv >= self.cap
 
     def _schedule(self, ritz: Ritz, ok: np.ndarray) -> None:
         if ok.all():
@@ -261,7 +270,7 @@ class LanczosState:
         self.T[j, j - 1] = self.T[j - 1, j] = 0.0
         self.Q.set(j, q)
         self.start = j
-        self.omega_prev, self.omega = np.zeros(cfg.max_basis + 1), np.full(cfg.max_basis + 1, cfg.eps)
+        self.omega_prev, self.omega = np.zeros(cfg.max_basis + 1), np.full(cfg.max_basis + 1, self.omega_floor)
 
     def restart(self, ritz: Ritz, breakdown: bool) -> None:
         """Thick restart (Wu & Simon 2000): keep the best Ritz vectors; ``T`` becomes an arrowhead."""
@@ -277,7 +286,7 @@ class LanczosState:
         self.j = self.start = keep_n
         self.arrow = True
         self.restarts += 1
-        self.omega_prev, self.omega = np.zeros(m + 1), np.full(m + 1, self.cfg.eps)
+        self.omega_prev, self.omega = np.zeros(m + 1), np.full(m + 1, self.omega_floor)
 
     # -- the loop, and what it found ----------------------------------------------------------------
     def run(self) -> Ritz:
@@ -295,8 +304,28 @@ class LanczosState:
         return self.Q.nbytes
 
     def extract(self, ritz: Ritz, return_eigenvectors: bool) -> LanczosResult:
-        """The wanted Ritz pairs of the last test (the Ritz vectors ``Q^T S`` when asked for)."""
+        """The wanted Ritz pairs of the last test (the Ritz vectors ``Q^T S`` when asked for); from a rounded
+        basis, the Ritz vectors with explicit residuals, refined where they exceed ``tol`` (:mod:`.refine`)."""
         idx = ritz.wanted
+        counts = dict(num_restarts=self.restarts, num_reorthogonalizations=self.reorths)
+        if self.rounded:
+            return self._certified(ritz, idx, return_eigenvectors, counts)
         vectors = self.Q.ritz_vectors(ritz.S[:, idx], self.j) if return_eigenvectors else None
-        return make_result(ritz, idx, self.cfg, vectors, num_matvecs=self.num_mv, num_restarts=self.restarts,
-                           num_reorthogonalizations=self.reorths, basis_bytes=self.basis_bytes)
+        return make_result(ritz, idx, self.cfg, vectors, num_matvecs=self.num_mv, basis_bytes=self.basis_bytes,
+                           **counts)
+
+    def _certified(self, ritz: Ritz, idx: np.ndarray, return_eigenvectors: bool, counts: dict) -> LanczosResult:
+        """:meth:`extract` for a bfloat16 basis: the Ritz vectors formed in the working dtype, the basis
+        released, then :func:`.refine.refine` with the products left (at least ``k``, kept by :attr:`cap`)."""
+        cfg, basis_bytes, reduce = self.cfg, self.basis_bytes, self.Q._sum
+        Y = self.Q.ritz_vectors(ritz.S[:, idx], self.j)
+        self.Q = None  # the rounded rows are not needed any more: the refinement's vectors take their place
+        atol = ROUNDING * cfg.eps * self.anorm  # the float32 products' rounding
+        done = refine(self.op, Y, cfg.which, cfg.tol, ritz.floor, atol, cfg.max_matvecs - self.num_mv, reduce)
+        self.num_mv += done.products
+        res = make_result(Ritz(done.theta, np.eye(len(done.theta)), done.residuals, np.arange(len(done.theta)),
+                               np.arange(len(done.theta)), ritz.floor), np.arange(len(done.theta)), cfg,
+                          done.vectors if return_eigenvectors else None, num_matvecs=self.num_mv,
+                          basis_bytes=max(basis_bytes, done.nbytes), **counts)
+        ok = torch.as_tensor(done.residuals <= thresholds(done.theta, cfg.tol, ritz.floor, atol))
+        return dataclasses.replace(res, converged=ok)

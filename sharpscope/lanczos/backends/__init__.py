@@ -26,10 +26,11 @@ import warnings
 
 import torch
 
-from .base import BASIS_CHOICES, KrylovBasis, basis_nbytes, storage_of
+from .base import BASIS_CHOICES, KrylovBasis, basis_nbytes, float_head_rows, storage_of
 from .kernels import cuda_index
 
-__all__ = ["BACKEND_CHOICES", "BASIS_CHOICES", "KrylovBasis", "basis_nbytes", "resolve_backend", "make_basis",
+__all__ = ["BACKEND_CHOICES", "BASIS_CHOICES", "KrylovBasis", "basis_nbytes", "float_head_rows", "resolve_backend",
+           "make_basis",
            "cupy_status", "cuda_index", "cuda_version_mismatch", "AUTO_CUPY_DEVICES", "auto_prefers_cupy"]
 
 BACKEND_CHOICES = ("torch", "numpy", "cupy", "auto")
@@ -142,23 +143,24 @@ def _warn_once(message: str) -> None:
 
 
 def make_basis(backend: str, basis: str, m: int, n: int, dtype: torch.dtype, device: torch.device,
-               space=None) -> KrylovBasis:
+               space=None, head: int = 0) -> KrylovBasis:
     """A Krylov basis of ``m + 1`` rows of length ``n`` for a resolved backend and a ``basis=`` choice;
-    ``space``: the vector space whose inner products it takes (a sharded one: ``n`` is this rank's shard)."""
+    ``space``: the vector space whose inner products it takes (a sharded one: ``n`` is this rank's shard);
+    ``head``: rows of a bfloat16 basis kept in the working dtype (:func:`~.base.float_head_rows`)."""
     storage_of(basis)  # validates the name
     if backend == "torch":
         from .torch_basis import TorchBasis
 
-        return TorchBasis(m, n, dtype, device, basis, space=space)
+        return TorchBasis(m, n, dtype, device, basis, space=space, head=head)
     from .array_basis import ArrayBasis
 
     if backend == "numpy":
-        return ArrayBasis(m, n, dtype, device, basis, space=space)
+        return ArrayBasis(m, n, dtype, device, basis, space=space, head=head)
     if backend == "cupy":
         import cupy
 
         from .kernels import load_kernels
 
         with cupy.cuda.Device(cuda_index(device)):
-            return ArrayBasis(m, n, dtype, device, basis, xp=cupy, ops=load_kernels(), space=space)
+            return ArrayBasis(m, n, dtype, device, basis, xp=cupy, ops=load_kernels(), space=space, head=head)
     raise ValueError(f"unresolved backend {backend!r}")

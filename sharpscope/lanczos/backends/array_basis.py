@@ -8,7 +8,9 @@ updates of the tensor the recurrence holds. bfloat16 rows are ``uint16`` bit pat
 Orthogonalization (CGS2 with the DGKS test) with the CuPy kernels takes 2 sweeps over ``Q`` when one
 pass suffices and 3 when it does not (``project``; ``update_project``, which applies the first update
 and computes the second projection and ``||w||`` in the same sweep; ``update``), against torch's 2
-and 4; the NumPy references compute the same values without the fusion.
+and 4; the NumPy references compute the same values without the fusion. A bfloat16 basis keeps its first
+``h`` rows (:func:`~.base.float_head_rows`) in a separate array :attr:`ArrayBasis.head` of the working dtype
+(its passes then take one kernel call per part).
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ class ArrayBasis(KrylovBasis):
     """
 
     def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, basis: str = "device",
-                 xp=np, ops=reference, space=None) -> None:
-        super().__init__(m, n, dtype, device, basis, space)
+                 xp=np, ops=reference, space=None, head: int = 0) -> None:
+        super().__init__(m, n, dtype, device, basis, space, head)
         self.xp = xp
         self.name = "cupy" if xp is not np else "numpy"
         self.np_dtype = np.float32 if dtype == torch.float32 else np.float64
@@ -45,7 +47,8 @@ class ArrayBasis(KrylovBasis):
 
             self.Q = cupyx.empty_pinned((m + 1, n), dtype=store)
         else:
-            self.Q = xp.empty((m + 1, n), dtype=store)
+            self.Q = xp.empty((m + 1 - self.h, n), dtype=store)  # rows h..m; rows 0..h-1 in head
+        self.head = xp.empty((self.h, n), dtype=self.np_dtype)
         if xp is not np:
             self._on_operator_stream()
 
@@ -98,19 +101,30 @@ class ArrayBasis(KrylovBasis):
         return block.astype(self.np_dtype, copy=False)
 
     def _blocks(self, lo: int, hi: int):
-        """Row blocks of ``Q[lo:hi]`` on the device: one view, or streamed blocks from host memory."""
+        """Row blocks of rows ``lo..hi-1`` on the device: views (the head's rows, then the stored ones), or
+        streamed blocks from host memory."""
         if not self._host:
-            yield lo, hi, self.Q[lo:hi]
+            h = self.h
+            if lo < min(hi, h):
+                yield lo, min(hi, h), self.head[lo:min(hi, h)]
+            if hi > max(lo, h):
+                yield max(lo, h), hi, self.Q[max(lo, h) - h: hi - h]
             return
         for a, b in self._row_blocks(lo, hi):
             yield a, b, self._dev(self.Q[a:b])
 
     # -- storage ------------------------------------------------------------------------------
+    def _cols(self, hi: int, a: int, b: int):
+        """Rows ``0..hi-1``, columns ``a..b-1``, decoded to the working dtype on the device."""
+        parts = [self._decode(self._dev(block[:, a:b])) for _, _, block in self._blocks(0, hi)]
+        return parts[0] if len(parts) == 1 else self.xp.concatenate(parts)
+
     def set(self, j: int, v: torch.Tensor) -> None:
         a = self._arr(v.contiguous())
-        if self.storage == "bfloat16":
-            bits = float32_to_bf16_bits(a, xp=self.xp)
-            self.Q[j] = bits.get() if self._host else bits
+        if j < self.h:
+            self.head[j] = a
+        elif self.storage == "bfloat16":
+            self.Q[j - self.h] = float32_to_bf16_bits(a, xp=self.xp)  # (never in host memory)
         else:
             self.Q[j] = a.get() if self._host else a
         self._remember(j, v)
@@ -118,11 +132,11 @@ class ArrayBasis(KrylovBasis):
     def set_scaled(self, j: int, w: torch.Tensor, beta: float) -> None:
         a = self._arr(w)
         q = self.xp.empty_like(a)
-        if self._host or self.np_dtype != np.float32:
+        if self._host or self.np_dtype != np.float32 or j < self.h:
             self.ops.scale_store(a, 1.0 / beta, q)
             self.set(j, self._tensor(q))
         elif self.storage == "bfloat16":
-            self.ops.scale_store(a, 1.0 / beta, self.Q[j], q)  # fused: float32 copy + rounded row
+            self.ops.scale_store(a, 1.0 / beta, self.Q[j - self.h], q)  # fused: float32 copy + rounded row
             self._remember(j, self._tensor(q))
         else:
             self.ops.scale_store(a, 1.0 / beta, self.Q[j])
@@ -130,7 +144,9 @@ class ArrayBasis(KrylovBasis):
     def get(self, j: int) -> torch.Tensor:
         if j in self.recent:
             return self.recent[j]
-        row = self.Q[j]
+        if j < self.h:
+            return self._tensor(self.head[j])
+        row = self.Q[j - self.h]
         if self.storage == "float32" and not self._host:
             return self._tensor(row)
         return self._tensor(self._decode(self._dev(row)))
@@ -162,12 +178,12 @@ class ArrayBasis(KrylovBasis):
         a = self._arr(w)
         before = self.norm(w)
         h = self._sum_arr(self._project_rows(a, 0, j))
-        if self._host:
+        if self._host or j > self.h > 0:  # the fused sweep takes one array
             self._update_all(a, j, h)
             h2 = self._project_rows(a, 0, j)
             sq = self.ops.sumsq(a)
         else:
-            h2, sq = self.ops.update_project(self.Q[:j], a, h)
+            h2, sq = self.ops.update_project(self.head[:j] if self.h else self.Q[:j], a, h)
         if self.space is not None:  # the second projection and the norm in one all_reduce
             both = self._sum_arr(self.xp.concatenate([h2, self.xp.reshape(sq, (1,)).astype(h2.dtype)]))
             h2, sq = both[:-1], both[-1]
@@ -180,23 +196,25 @@ class ArrayBasis(KrylovBasis):
     def restart(self, Y: np.ndarray, m: int, keep: int) -> None:
         xp, Q = self.xp, self.Q
         Yt = xp.asarray(np.ascontiguousarray(Y.T), dtype=self.np_dtype)
+        h = self.h
         for a, b in self._col_blocks(m):  # column blocks are independent: recombine in place
-            new = Yt @ self._decode(self._dev(Q[:m, a:b]))
+            new = xp.concatenate([Yt @ self._cols(m, a, b), self._decode(self._dev(Q[m - h:m - h + 1, a:b]))])
+            self.head[: min(keep, h), a:b] = new[: min(keep, h)]  # rows 0..keep-1: the kept Ritz vectors
+            low = new[h:]  # rows h..keep (row keep: row m)
             if Q.dtype == np.uint16:
-                new = float32_to_bf16_bits(new, xp=xp)
-            Q[:keep, a:b] = new.get() if self._host else new
-            Q[keep, a:b] = Q[m, a:b]
+                low = float32_to_bf16_bits(low, xp=xp)
+            Q[: keep + 1 - h, a:b] = low.get() if self._host else low
         self._after_restart(m, keep)
 
     def stored_nbytes(self) -> int:
-        return int(self.Q.nbytes)
+        return int(self.Q.nbytes) + int(self.head.nbytes)
 
     def ritz_vectors(self, S: np.ndarray, j: int) -> torch.Tensor:
         xp = self.xp
         Sk = xp.asarray(S, dtype=self.np_dtype)
         vectors = xp.zeros((self.n, S.shape[1]), dtype=self.np_dtype)
         for a, b in self._col_blocks(j):
-            vectors[a:b] = self._decode(self._dev(self.Q[:j, a:b])).T @ Sk
+            vectors[a:b] = self._cols(j, a, b).T @ Sk
         if self.space is None:
             vectors /= xp.linalg.norm(vectors, axis=0, keepdims=True)
             return self._tensor(vectors)

@@ -23,9 +23,12 @@ Storage (``basis=``):
 * ``"device-bf16"``: bfloat16 rows (half the memory and traffic; float32 accumulation). Stored rows
   carry a relative rounding error of up to :math:`2^{-8}` (bfloat16's unit roundoff), so the
   recurrence itself runs on float32 copies of the last two vectors (:attr:`KrylovBasis.recent`):
-  without reorthogonalizations and restarts ``T`` is exactly float32 Lanczos'; reorthogonalization
-  against rounded rows, the kept Ritz vectors of a thick restart and the returned eigenvectors carry
-  the rounding (eigenvalues to about 1e-4 relative, eigenvectors to about 4e-3).
+  without reorthogonalizations and restarts ``T`` is exactly float32 Lanczos'. Rows ``0..k-1`` (the
+  "head", :func:`float_head_rows`) are stored in float32: a thick restart puts the k wanted Ritz vectors
+  there, so restarts do not round them (rounded, they no longer matched the Ritz values the projected matrix
+  kept for them, and restarted solves ended "converged" with wrong eigenvalues). The returned vectors still
+  combine rounded rows (residuals of about 1e-3 of the operator), so :func:`sharpscope.lanczos` certifies them
+  with explicit residuals (:mod:`sharpscope.lanczos.refine`).
 * ``"host"``: float32 rows in (pinned, on CUDA) host memory, streamed to the device in row blocks for
   each Gram-Schmidt pass: the basis no longer limits the model size, the passes become PCIe-bound
   (~25 GB/s against ~3 TB/s of HBM), which partial reorthogonalization keeps rare. On a CPU operator
@@ -39,7 +42,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["KrylovBasis", "BASIS_CHOICES", "storage_of", "basis_nbytes"]
+__all__ = ["KrylovBasis", "BASIS_CHOICES", "storage_of", "basis_nbytes", "float_head_rows"]
 
 BASIS_CHOICES = ("device", "device-bf16", "host")
 
@@ -58,13 +61,20 @@ def keeps_working_copies(basis: str, device: torch.device) -> bool:
     return storage == "bfloat16" or (placement == "host" and torch.device(device).type != "cpu")
 
 
-def basis_nbytes(rows: int, n: int, dtype: torch.dtype, basis: str, device: torch.device) -> int:
+def float_head_rows(basis: str, k: int) -> int:
+    """Rows ``0..k-1`` of a bfloat16 basis are stored in the working dtype (the "head"): a thick restart puts
+    the ``k`` wanted Ritz vectors there, so restarts do not round them (module docstring); 0 for other bases."""
+    return int(k) if storage_of(basis)[0] == "bfloat16" else 0
+
+
+def basis_nbytes(rows: int, n: int, dtype: torch.dtype, basis: str, device: torch.device, head: int = 0) -> int:
     """Bytes a basis of ``rows`` rows of length ``n`` holds: the stored rows (2 bytes an entry in bfloat16,
-    else ``dtype``'s size) plus, where kept, the two working copies in ``dtype``."""
+    else ``dtype``'s size; the first ``head`` rows of a bfloat16 basis in ``dtype``: :func:`float_head_rows`)
+    plus, where kept, the two working copies in ``dtype``."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     stored = 2 if storage_of(basis)[0] == "bfloat16" else itemsize
     copies = 2 * n * itemsize if keeps_working_copies(basis, device) else 0
-    return rows * n * stored + copies
+    return rows * n * stored + head * n * (itemsize - stored) + copies
 
 
 class KrylovBasis:
@@ -82,9 +92,11 @@ class KrylovBasis:
     name = "base"
 
     def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, basis: str = "device",
-                 space=None) -> None:
+                 space=None, head: int = 0) -> None:
         self.m, self.n, self.dtype, self.device = int(m), int(n), dtype, torch.device(device)
         self.storage, self.placement = storage_of(basis)
+        # rows 0..h-1 of a bfloat16 basis in the working dtype (float_head_rows): the kept wanted Ritz vectors
+        self.h = min(int(head), self.m) if self.storage == "bfloat16" else 0
         self.recent: dict[int, torch.Tensor] = {}
         self._keep_recent = keeps_working_copies(basis, self.device)
         self.space = space if space is not None and space.sharded else None  # None: nothing to reduce

@@ -3,7 +3,8 @@
 With ``basis="device"`` this is exactly the code :func:`sharpscope.lanczos` always ran (same calls,
 same results). ``"device-bf16"`` stores a ``torch.bfloat16`` tensor and converts row blocks to the
 working dtype for each pass (float32 accumulation); ``"host"`` keeps the rows in pinned host memory
-and copies row blocks to the device per pass (see :mod:`.base`).
+and copies row blocks to the device per pass (see :mod:`.base`). A bfloat16 basis keeps its first ``h`` rows
+(:func:`~.base.float_head_rows`) in a separate tensor :attr:`TorchBasis.head` of the working dtype.
 """
 from __future__ import annotations
 
@@ -21,24 +22,36 @@ class TorchBasis(KrylovBasis):
     name = "torch"
 
     def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, basis: str = "device",
-                 space=None) -> None:
-        super().__init__(m, n, dtype, device, basis, space)
+                 space=None, head: int = 0) -> None:
+        super().__init__(m, n, dtype, device, basis, space, head)
         store_dtype = torch.bfloat16 if self.storage == "bfloat16" else dtype
+        self.head = torch.empty(self.h, n, dtype=dtype, device=self.device)  # rows 0..h-1 (bfloat16 only)
         if self.placement == "host":
             pin = self.device.type == "cuda"
             self.Q = torch.empty(m + 1, n, dtype=store_dtype, device="cpu", pin_memory=pin)
         else:
-            self.Q = torch.empty(m + 1, n, dtype=store_dtype, device=self.device)
+            self.Q = torch.empty(m + 1 - self.h, n, dtype=store_dtype, device=self.device)  # rows h..m
         self._plain = self.Q.dtype == dtype and self.Q.device == self.device
 
-    def _rows(self, a: int, b: int) -> torch.Tensor:
-        return self.Q[a:b].to(device=self.device, dtype=self.dtype, non_blocking=True)
+    def _rows(self, a: int, b: int, cols: slice = slice(None)) -> torch.Tensor:
+        """Rows ``a..b-1`` (columns ``cols``) in the working dtype on the device: head rows and stored ones."""
+        h = self.h
+        low = self.Q[max(a, h) - h: max(b, h) - h, cols].to(device=self.device, dtype=self.dtype, non_blocking=True)
+        return low if a >= h else torch.cat([self.head[a:min(b, h), cols], low])
+
+    def _store(self, lo: int, values: torch.Tensor, cols: slice = slice(None)) -> None:
+        """Rows ``lo..lo+len(values)-1`` (columns ``cols``) := ``values``, rounded where stored in bfloat16."""
+        h, hi = self.h, lo + values.shape[0]
+        if lo < h:
+            self.head[lo:min(hi, h), cols].copy_(values[: min(hi, h) - lo])
+        if hi > h:
+            self.Q[max(lo, h) - h: hi - h, cols].copy_(values[max(lo, h) - lo:])
 
     def set(self, j: int, v: torch.Tensor) -> None:
         if self._plain:
             self.Q[j] = v
         else:
-            self.Q[j].copy_(v)
+            self._store(j, v.reshape(1, -1))
             self._remember(j, v)
 
     def set_scaled(self, j: int, w: torch.Tensor, beta: float) -> None:
@@ -103,13 +116,13 @@ class TorchBasis(KrylovBasis):
             return
         Yt = torch.as_tensor(Y.T, dtype=self.dtype).to(self.device)
         for a, b in self._col_blocks(m):  # column blocks are independent: recombine in place
-            block = Q[:m, a:b].to(device=self.device, dtype=self.dtype)
-            Q[:keep, a:b] = (Yt @ block).to(Q.device)
-            Q[keep, a:b] = Q[m, a:b]
+            cols = slice(a, b)
+            new = torch.cat([Yt @ self._rows(0, m, cols), self._rows(m, m + 1, cols)])
+            self._store(0, new, cols)  # rows 0..keep-1: the kept Ritz vectors; row keep: row m
         self._after_restart(m, keep)
 
     def stored_nbytes(self) -> int:
-        return self.Q.untyped_storage().nbytes()
+        return self.Q.untyped_storage().nbytes() + self.head.untyped_storage().nbytes()
 
     def _working_rows(self, lo: int, hi: int) -> torch.Tensor | None:
         return self.Q[lo:hi] if self._plain else super()._working_rows(lo, hi)
