@@ -67,6 +67,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # the sibling proc_memory, also when a test loads this file by path
+from proc_memory import reset_peak, status_kib  # noqa: E402
+
 OUT = ROOT / "bench-output"
 K = 5
 REFERENCE_TOL = 1e-10
@@ -350,22 +353,6 @@ def extract_revision(rev: str) -> Path:
 # =============================================================================================
 # subprocess workers
 # =============================================================================================
-def _proc_status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker_tool(name: str, path: Path) -> dict:
     """Run one tool on the saved problem in this (fresh) process; JSON-able result."""
     tool = tool_of(name)
@@ -386,12 +373,12 @@ def worker_tool(name: str, path: Path) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     torch.autograd.grad(loss_fn(model(data[0]), data[1]), params)
     del params
-    baseline = _proc_status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    baseline = status_kib("VmRSS")
+    reset = reset_peak()
     start = time.perf_counter()
     cold = tool.run(model, loss_fn, data, **tool.kwargs)
     cold_seconds = time.perf_counter() - start
-    peak = _proc_status_kib("VmHWM")  # memory of the first (cold) run only
+    peak = status_kib("VmHWM")  # memory of the first (cold) run only
     _reset_model(model)
     start = time.perf_counter()
     warm = tool.run(model, loss_fn, data, **tool.kwargs)

@@ -58,27 +58,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # the sibling proc_memory, also when a test loads this file by path
+from proc_memory import reset_peak, status_kib  # noqa: E402
+
 OUT = ROOT / "bench-output"
 # name: (layers, width); heads = width / 64 (GPT-2's head size), vocabulary 50257, 64 positions
 CONFIGS = {"tiny": (1, 64), "26M": (4, 384), "81M": (6, 768), "124M": (12, 768)}
 BATCH, TOKENS = 4, 64
 REFERENCE_BASIS = 40
-
-
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    """VmHWM back to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def build(config: str, vocab: int | None = None, device: str = "cpu"):
@@ -146,8 +133,8 @@ def worker(config: str, cases: list[dict], samples: int, vocab: int | None, devi
     out = {"config": config, "params": H.shape[0], "hvp_mode": H.hvp_mode, "first_product_s": first,
            "product_s": statistics.median(times), "product_samples": times, "cases": []}
     for case in cases:
-        before = _status_kib("VmRSS")
-        reset = _reset_peak()
+        before = status_kib("VmRSS")
+        reset = reset_peak()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             cuda_before = torch.cuda.memory_allocated(device)
@@ -160,7 +147,7 @@ def worker(config: str, cases: list[dict], samples: int, vocab: int | None, devi
                              "residuals": res.residuals.tolist(), "converged": res.converged.tolist(),
                              "basis_size": getattr(res, "basis_size", None),
                              "basis_bytes": getattr(res, "basis_bytes", None),
-                             "rss_before_gib": before / 2**20, "peak_rss_gib": _status_kib("VmHWM") / 2**20,
+                             "rss_before_gib": before / 2**20, "peak_rss_gib": status_kib("VmHWM") / 2**20,
                              "peak_reset": reset,
                              **({"cuda_before_gib": cuda_before / 2**30,
                                  "peak_cuda_gib": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {})})
@@ -213,15 +200,15 @@ def fsdp_rank(rank: int, world: int, port: int, outdir: str, config: str, cases:
         out = {"config": config, "world": world, "rank": rank, "params": H.shape[0], "local": H.local_size,
                "dtype": dtype, "product_s": statistics.median(times), "product_samples": times, "cases": []}
         for case in cases:
-            before = _status_kib("VmRSS")
-            reset = _reset_peak()
+            before = status_kib("VmRSS")
+            reset = reset_peak()
             start = time.perf_counter()
             res = ss.lanczos(H, k=case["k"], tol=case["tol"], progress=False)
             seconds = time.perf_counter() - start
             out["cases"].append({**case, "seconds": seconds, "num_matvecs": res.num_matvecs,
                                  "eigenvalues": res.eigenvalues.tolist(), "converged": res.converged.tolist(),
                                  "basis_size": res.basis_size, "basis_bytes": res.basis_bytes,
-                                 "rss_before_gib": before / 2**20, "peak_rss_gib": _status_kib("VmHWM") / 2**20,
+                                 "rss_before_gib": before / 2**20, "peak_rss_gib": status_kib("VmHWM") / 2**20,
                                  "peak_reset": reset})
             if rank == 0:
                 print(f"[{config} fsdp R={world}] {json.dumps(out['cases'][-1])}", file=sys.stderr, flush=True)

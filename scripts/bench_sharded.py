@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import resource
 import socket
 import sys
@@ -26,12 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # the sibling proc_memory, also when a test loads this file by path
+from proc_memory import rss_bytes  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
-
-
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _worker(rank: int, world: int, port: int, outdir: str, args: dict) -> None:
@@ -62,7 +59,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, args: dict) -> None:
     H = ss.hessian_operator(model, nn.CrossEntropyLoss(), (x[rows], y[rows]), distributed=True)
     if args["mode"] == "sharded":
         H = ss.shard_vectors(H)
-    rss_before = _rss_now()
+    rss_before = rss_bytes()
     t0 = time.perf_counter()
     res = ss.lanczos(H, k=1, tol=1e-3, max_basis=args["basis"], max_matvecs=args["basis"] + 4, progress=False)
     wall = time.perf_counter() - t0
