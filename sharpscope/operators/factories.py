@@ -61,6 +61,23 @@ def _make(group: RankGroup | None, what: str, build: Callable[..., CurvatureOper
     return op
 
 
+def _curvature(cls: type, name: str, model: nn.Module, loss_fn: Any, data: Any, params, hvp_mode: str,
+               batchnorm: str, graph_memory_budget: int | None, batched: bool | None, distributed: Any, *,
+               outputs: bool = False, **extra: Any) -> CurvatureOperator:
+    """The body of the curvature factories: an FSDP2 model to :func:`_sharded`, else ``cls`` on this process's
+    data (``outputs``: its function gives the model's outputs, not the loss), data parallel over ``distributed``."""
+    group = resolve_group(distributed)
+    model = unwrap_model(model)
+    if is_fsdp_model(model):
+        return _sharded(model, loss_fn, data, group, params, hvp_mode, batchnorm, name)
+
+    def build(parallel=None):
+        fn = _model_function(model, loss_fn, params, batchnorm, hvp_mode, name, outputs=outputs)
+        return cls(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched, parallel=parallel,
+                   **extra)
+    return _make(group, name, build)
+
+
 def _sharded(model: nn.Module, loss_fn: Callable, data: Any, group: RankGroup | None, params, hvp_mode: str,
              batchnorm: str, what: str) -> ShardedHessianOperator:
     """The Hessian of an FSDP2-sharded model: finite differences on every rank (:mod:`sharpscope.finite_difference`)."""
@@ -123,16 +140,8 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
         >>> H.shape
         (8, 8)
     """
-    group = resolve_group(distributed)
-    model = unwrap_model(model)
-    if is_fsdp_model(model):
-        return _sharded(model, loss_fn, data, group, params, hvp_mode, batchnorm, "hessian_operator")
-
-    def build(parallel=None):
-        fn = _model_function(model, loss_fn, params, batchnorm, hvp_mode, "hessian_operator")
-        return HessianOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched,
-                               parallel=parallel)
-    return _make(group, "hessian_operator", build)
+    return _curvature(HessianOperator, "hessian_operator", model, loss_fn, data, params, hvp_mode, batchnorm,
+                      graph_memory_budget, batched, distributed)
 
 
 def ggn_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
@@ -142,16 +151,8 @@ def ggn_operator(model: nn.Module, loss_fn: Callable, data: Any, *,
     """The generalized Gauss-Newton matrix ``J^T H_L J`` (same arguments as :func:`hessian_operator`;
     in ``"finite-difference"`` mode ``J v`` is a central difference of the outputs). A loss closure must
     give the outputs apart from the loss: ``ss.batch_loss(outputs=..., loss_of_outputs=...)``."""
-    group = resolve_group(distributed)
-    model = unwrap_model(model)
-    if is_fsdp_model(model):
-        return _sharded(model, loss_fn, data, group, params, hvp_mode, batchnorm, "ggn_operator")
-
-    def build(parallel=None):
-        fn = _model_function(model, loss_fn, params, batchnorm, hvp_mode, "ggn_operator", outputs=True)
-        return GGNOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched,
-                           parallel=parallel)
-    return _make(group, "ggn_operator", build)
+    return _curvature(GGNOperator, "ggn_operator", model, loss_fn, data, params, hvp_mode, batchnorm,
+                      graph_memory_budget, batched, distributed, outputs=True)
 
 
 def fisher_operator(model: nn.Module, loss_fn: Callable, data: Any, *, kind: FisherKind = "empirical",
@@ -165,16 +166,9 @@ def fisher_operator(model: nn.Module, loss_fn: Callable, data: Any, *, kind: Fis
     batch from ``seed``; it converges to :func:`ggn_operator` as ``mc_samples`` grows). The loss must be the
     mean of per-sample losses over the batch's first dimension (``reduction="mean"``). Other arguments as
     :func:`ggn_operator`."""
-    group = resolve_group(distributed)
-    model = unwrap_model(model)
-    if is_fsdp_model(model):
-        return _sharded(model, loss_fn, data, group, params, hvp_mode, batchnorm, "fisher_operator")
-
-    def build(parallel=None):
-        fn = _model_function(model, loss_fn, params, batchnorm, hvp_mode, "fisher_operator", outputs=True)
-        return FisherOperator(fn, loss_fn, data, fn.dim, hvp_mode, graph_memory_budget, batched=batched,
-                              parallel=parallel, kind=kind, mc_samples=mc_samples, seed=seed)
-    return _make(group, "fisher_operator", build)
+    return _curvature(FisherOperator, "fisher_operator", model, loss_fn, data, params, hvp_mode, batchnorm,
+                      graph_memory_budget, batched, distributed, outputs=True, kind=kind, mc_samples=mc_samples,
+                      seed=seed)
 
 
 def ntk_operator(model: nn.Module, inputs: Any, data: Any = None, *, params: Sequence[str] | str | None = None,
